@@ -1,0 +1,30 @@
+# Two commands do all the set-up: `make demo` (the main job) and `make test` (every test).
+# Each creates .venv with mig-core and every first-party plugin first if that is missing.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PLUGINS := $(sort $(wildcard plugins/*/pyproject.toml))
+STAMP := $(VENV)/.mig-installed
+
+.PHONY: demo test venv docs clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml $(PLUGINS)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]' $(foreach p,$(PLUGINS),-e $(dir $(p)))
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/mig demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+docs: $(STAMP)
+	$(BIN)/python -m mig_core.reference_doc > docs/qmp-reference.md
+
+clean:
+	rm -rf $(VENV)

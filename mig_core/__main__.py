@@ -1,0 +1,3 @@
+from mig_core.cli import main
+
+main()

@@ -1,0 +1,5 @@
+"""The ``mig`` command line."""
+
+from mig_core.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,40 @@
+"""``mig plugins``: every installed plugin per group, its distribution and version, and which is selected."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from mig_core.plugin_registry import GROUPS, PluginRegistry
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--check", is_flag=True, help="Import each plugin and report the ones that fail.")
+def plugins(as_json: bool, check: bool) -> None:
+    """List installed plugins per entry-point group."""
+    reg = PluginRegistry.from_environment()
+    rows = []
+    for group in GROUPS:
+        for e in reg.entries(group):
+            chosen = reg.choice(group, e.name)
+            status = "disabled" if reg.is_disabled(e) else ("selected" if chosen == e else "shadowed")
+            error = reg.check_loadable(e) if check else None
+            rows.append({"group": group, "name": e.name, "distribution": e.distribution, "version": e.version,
+                         "target": e.value, "status": "broken" if error else status, "error": error})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    current = None
+    for r in rows:
+        if r["group"] != current:
+            current = r["group"]
+            click.echo(f"{current}:")
+        mark = {"selected": "*", "shadowed": " ", "disabled": "-", "broken": "!"}[r["status"]]
+        line = f"  {mark} {r['name']:<16} {r['distribution']} {r['version']}  ({r['status']})"
+        if r["error"]:
+            line += f": {r['error']}"
+        click.echo(line)
+    if not rows:
+        click.echo("no plugins installed")

@@ -1,0 +1,301 @@
+"""The QMP server: asyncio, unix and tcp sockets, several clients, in-band and out-of-band commands.
+
+Each client gets the greeting, must negotiate with ``qmp_capabilities``, then
+sends commands. In-band commands of all clients run one at a time (like QEMU's
+big lock) in worker threads, so a slow command never stalls the event loop;
+``exec-oob`` commands run at once, never queued behind in-band work. Events go
+to every negotiated client. A client that misbehaves or vanishes is answered
+with an error or dropped; everyone else keeps being served.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import json
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from mig_core.errors import QMPError, command_not_found
+from mig_core.qapi import to_qmp
+from mig_core.qmp.address import MonitorAddress, parse_monitor_address
+from mig_core.qmp.dispatch import (
+    Request,
+    available_commands,
+    call_manager,
+    check_request,
+    find_command,
+    visit_arguments,
+)
+from mig_core.qmp.framing import JsonSplitter
+from mig_core.schema.common import QmpCapabilitiesArgs
+
+log = structlog.get_logger("mig.qmp")
+
+#: Largest single JSON request accepted (QEMU allows much larger; nothing in QMP needs it).
+MAX_REQUEST_BYTES = 1 << 20
+#: In-band requests a client may have queued before its reads pause.
+MAX_QUEUED = 8
+
+
+class QMPSession:
+    """One client connection."""
+
+    def __init__(self, server: QMPServer, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self._write_lock = asyncio.Lock()
+        self.negotiated = False
+        self.oob = False
+        self.queue: asyncio.Queue[Request] = asyncio.Queue(MAX_QUEUED)
+        self.closed = False
+        self.task: asyncio.Task[Any] | None = None
+        self.worker: asyncio.Task[Any] | None = None
+        self.fds: list[int] = []
+        self.peer = sock.getpeername() or sock.getsockname()
+
+    # -- output ------------------------------------------------------------------
+
+    async def send(self, msg: dict[str, Any]) -> None:
+        if self.closed:
+            return
+        try:
+            async with self._write_lock:
+                await self.loop.sock_sendall(self.sock, json.dumps(msg).encode() + b"\r\n")
+        except (ConnectionError, OSError) as e:
+            log.info("qmp_client_gone", peer=str(self.peer), error=str(e))
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.loop.remove_reader(self.sock.fileno())
+        except (ValueError, OSError):
+            pass
+        self.sock.close()
+        for task in (self.task, self.worker):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+
+    async def reply(self, req: Request | None, result: Any = None, error: QMPError | None = None) -> None:
+        msg: dict[str, Any] = {"error": error.to_qmp()} if error else {"return": result}
+        if req is not None and req.has_id:
+            msg["id"] = req.id
+        await self.send(msg)
+
+    # -- input ---------------------------------------------------------------------
+
+    async def recv(self) -> bytes:
+        """Next chunk of input; descriptors passed with SCM_RIGHTS (unix sockets) are kept for getfd."""
+        while True:
+            try:
+                data, anc, _flags, _addr = self.sock.recvmsg(65536, socket.CMSG_SPACE(16 * 4))
+            except (BlockingIOError, InterruptedError):
+                fd = self.sock.fileno()
+                fut = self.loop.create_future()
+                self.loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+                try:
+                    await fut
+                finally:
+                    if not self.closed:
+                        self.loop.remove_reader(fd)
+                continue
+            for level, typ, payload in anc:
+                if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                    self.fds.extend(fds)
+            return data
+
+    async def run(self) -> None:
+        greeting = {"QMP": {"version": to_qmp(self.server.manager.query_version()), "capabilities": ["oob"]}}
+        self.task = asyncio.current_task()
+        await self.send(greeting)
+        self.worker = asyncio.create_task(self._worker())
+        splitter = JsonSplitter(MAX_REQUEST_BYTES)
+        try:
+            while not self.closed:
+                data = await self.recv()
+                if not data:
+                    break
+                for item in splitter.feed(data):
+                    if isinstance(item, Exception):
+                        await self.reply(None, error=QMPError(str(item)))
+                        continue
+                    await self._handle_text(item)
+        except (ConnectionError, OSError) as e:
+            log.info("qmp_client_gone", peer=str(self.peer), error=str(e))
+        finally:
+            self.close()
+            self.server.sessions.discard(self)
+
+    async def _handle_text(self, text: bytes) -> None:
+        try:
+            obj = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as e:
+            msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+            await self.reply(None, error=QMPError(f"JSON parse error, {msg}"))
+            return
+        try:
+            req = check_request(obj, self.oob)
+        except QMPError as e:
+            req_id = obj.get("id") if isinstance(obj, dict) else None
+            has_id = isinstance(obj, dict) and "id" in obj
+            await self.reply(Request("", False, req_id, has_id, {}), error=e)
+            return
+        if req.oob:
+            # Out-of-band: dispatched right away, outside the in-band lock.
+            asyncio.create_task(self._execute(req, oob=True))
+        elif not self.negotiated or req.name == "qmp_capabilities":
+            await self._execute(req, oob=False)
+        else:
+            await self.queue.put(req)
+
+    async def _worker(self) -> None:
+        while True:
+            req = await self.queue.get()
+            await self._execute(req, oob=False)
+
+    async def _execute(self, req: Request, oob: bool) -> None:
+        try:
+            result = await self._dispatch(req, oob)
+        except QMPError as e:
+            await self.reply(req, error=e)
+            return
+        except Exception as e:  # noqa: BLE001 - a handler bug must not kill the session
+            log.exception("qmp_command_crashed", command=req.name)
+            await self.reply(req, error=QMPError(f"internal error in {req.name}: {e}"))
+            return
+        await self.reply(req, result)
+        if req.name == "quit":
+            self.server.manager.quit_requested.set()
+            self.server.shutdown()
+
+    async def _dispatch(self, req: Request, oob: bool) -> Any:
+        manager = self.server.manager
+        if not self.negotiated:
+            if req.name != "qmp_capabilities":
+                raise command_not_found("Expecting capabilities negotiation with 'qmp_capabilities'")
+            args = visit_arguments(find_command(manager, req), req.arguments)
+            self.oob = any(c.value == "oob" for c in (args.enable or [])) if args.enable else False
+            self.negotiated = True
+            self.server.on_negotiated(self)
+            return {}
+        if req.name == "qmp_capabilities":
+            raise command_not_found("Capabilities negotiation is already complete, command ignored")
+        cmd = find_command(manager, req)
+        args = visit_arguments(cmd, req.arguments)
+        if cmd.name == "query-commands":
+            return [{"name": c.name} for c in available_commands(manager)]
+        extra = {"session_fds": self.fds} if cmd.name in ("getfd", "closefd") else None
+        if oob:
+            return await asyncio.to_thread(call_manager, manager, cmd, args, extra)
+        return await asyncio.to_thread(self.server.run_locked, call_manager, manager, cmd, args, extra)
+
+
+class QMPServer:
+    """Serves QMP for one ``MigrationManager`` on any number of unix/tcp addresses."""
+
+    def __init__(self, manager: Any) -> None:
+        self.manager = manager
+        self.sessions: set[QMPSession] = set()
+        self._listeners: list[socket.socket] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._big_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = asyncio.Event()
+        self._unix_paths: list[Path] = []
+        manager.events.subscribe(self._on_event)
+
+    def run_locked(self, fn: Any, *args: Any) -> Any:
+        """Run an in-band command under the lock that serialises all in-band commands."""
+        with self._big_lock:
+            return fn(*args)
+
+    async def listen(self, address: str | MonitorAddress) -> MonitorAddress:
+        """Start listening; returns the bound address (the real port for tcp port 0)."""
+        self._loop = asyncio.get_running_loop()
+        addr = parse_monitor_address(address) if isinstance(address, str) else address
+        if addr.kind == "unix":
+            path = Path(addr.path)
+            if path.is_socket():
+                path.unlink()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(str(path))
+            self._unix_paths.append(path)
+            bound = addr
+        else:
+            infos = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            family, _, _, _, sockaddr = infos[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+            host, port = sock.getsockname()[:2]
+            bound = MonitorAddress("tcp", host=host, port=port)
+        sock.listen(16)
+        sock.setblocking(False)
+        self._listeners.append(sock)
+        self._tasks.add(asyncio.create_task(self._accept_loop(sock)))
+        log.info("qmp_listening", address=str(bound))
+        return bound
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = await self._loop.sock_accept(listener)  # type: ignore[union-attr]
+            except OSError:
+                return
+            conn.setblocking(False)
+            task = asyncio.create_task(self._serve(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        session = QMPSession(self, conn)
+        self.sessions.add(session)
+        log.info("qmp_client_connected", peer=str(session.peer))
+        await session.run()
+
+    def on_negotiated(self, session: QMPSession) -> None:
+        log.info("qmp_negotiated", peer=str(session.peer), oob=session.oob)
+
+    def _on_event(self, msg: dict[str, Any]) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        loop.call_soon_threadsafe(self._broadcast, msg)
+
+    def _broadcast(self, msg: dict[str, Any]) -> None:
+        for s in list(self.sessions):
+            if s.negotiated and not s.closed:
+                asyncio.ensure_future(s.send(msg))
+
+    def shutdown(self) -> None:
+        self._stopped.set()
+
+    async def serve_until_shutdown(self) -> None:
+        await self._stopped.wait()
+        await self.close()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for sock in self._listeners:
+            sock.close()
+        for s in list(self.sessions):
+            s.close()
+        for p in self._unix_paths:
+            if p.is_socket():
+                p.unlink()
+        self.manager.events.unsubscribe(self._on_event)

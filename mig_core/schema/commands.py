@@ -1,0 +1,202 @@
+"""QMP commands and events: names, argument types, return types and features.
+
+The server dispatches a command to the ``MigrationManager`` method of the same
+name in snake case; a declared command with no such method is not offered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mig_core.parameters import MigrateSetParameters, MigrationParameters
+from mig_core.qapi import UNSET, Bool, Int, Int64, QapiStruct, Str, UInt64, UnsetType
+from mig_core.schema.common import (
+    CommandInfo,
+    EmptyStruct,
+    QmpCapabilitiesArgs,
+    ShutdownEventData,
+    StatusInfo,
+    VersionInfo,
+)
+from mig_core.schema.migration import (
+    COLOExitReason,
+    COLOMode,
+    COLOStatus,
+    DirtyLimitInfo,
+    DirtyRateInfo,
+    DirtyRateMeasureMode,
+    MigrationCapabilityStatus,
+    MigrationChannel,
+    MigrationInfo,
+    MigrationStatus,
+    MigrationThreadInfo,
+    TimeUnit,
+)
+
+
+class MigrateSetCapabilitiesArgs(QapiStruct):
+    capabilities: list[MigrationCapabilityStatus]
+
+
+class MigrateContinueArgs(QapiStruct):
+    state: MigrationStatus
+
+
+class MigrateArgs(QapiStruct):
+    uri: Str | UnsetType = UNSET
+    channels: list[MigrationChannel] | UnsetType = UNSET
+    detach: Bool | UnsetType = UNSET
+    resume: Bool | UnsetType = UNSET
+
+
+class MigrateIncomingArgs(QapiStruct):
+    uri: Str | UnsetType = UNSET
+    channels: list[MigrationChannel] | UnsetType = UNSET
+    exit_on_error: Bool | UnsetType = UNSET
+
+
+class MigrateRecoverArgs(QapiStruct):
+    uri: Str
+
+
+class CalcDirtyRateArgs(QapiStruct):
+    calc_time: Int64
+    calc_time_unit: TimeUnit | UnsetType = UNSET
+    sample_pages: Int | UnsetType = UNSET
+    mode: DirtyRateMeasureMode | UnsetType = UNSET
+
+
+class QueryDirtyRateArgs(QapiStruct):
+    calc_time_unit: TimeUnit | UnsetType = UNSET
+
+
+class SetVcpuDirtyLimitArgs(QapiStruct, kw_only=True):
+    cpu_index: Int | UnsetType = UNSET
+    dirty_rate: UInt64
+
+
+class CancelVcpuDirtyLimitArgs(QapiStruct):
+    cpu_index: Int | UnsetType = UNSET
+
+
+class SnapshotSaveArgs(QapiStruct):
+    job_id: Str
+    tag: Str
+    vmstate: Str
+    devices: list[Str]
+
+
+class SnapshotLoadArgs(QapiStruct):
+    job_id: Str
+    tag: Str
+    vmstate: Str
+    devices: list[Str]
+
+
+class SnapshotDeleteArgs(QapiStruct):
+    job_id: Str
+    tag: Str
+    devices: list[Str]
+
+
+class PmemsaveArgs(QapiStruct):
+    val: Int
+    size: Int
+    filename: Str
+
+
+class GetfdArgs(QapiStruct):
+    fdname: Str
+
+
+class MigrationEventData(QapiStruct):
+    status: MigrationStatus
+
+
+class MigrationPassEventData(QapiStruct, rename={"pass_": "pass"}):
+    pass_: Int
+
+
+class ColoExitEventData(QapiStruct):
+    mode: COLOMode
+    reason: COLOExitReason
+
+
+class UnplugPrimaryEventData(QapiStruct):
+    device_id: Str
+
+
+@dataclass(frozen=True)
+class Command:
+    """One QMP command: argument struct (``boxed`` or not), reply type, OOB and features."""
+
+    name: str
+    args: type | None = None
+    returns: Any = None
+    allow_oob: bool = False
+    features: tuple[str, ...] = ()
+
+    @property
+    def method(self) -> str:
+        return self.name.replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Event:
+    name: str
+    data: type | None = None
+    features: tuple[str, ...] = field(default=())
+
+
+COMMANDS: dict[str, Command] = {
+    c.name: c
+    for c in [
+        Command("qmp_capabilities", QmpCapabilitiesArgs, EmptyStruct),
+        Command("query-version", None, VersionInfo),
+        Command("query-commands", None, list[CommandInfo]),
+        Command("query-status", None, StatusInfo),
+        Command("stop", None, EmptyStruct),
+        Command("cont", None, EmptyStruct),
+        Command("quit", None, EmptyStruct),
+        Command("pmemsave", PmemsaveArgs, EmptyStruct),
+        Command("getfd", GetfdArgs, EmptyStruct),
+        Command("closefd", GetfdArgs, EmptyStruct),
+        Command("query-migrate", None, MigrationInfo),
+        Command("migrate-set-capabilities", MigrateSetCapabilitiesArgs, EmptyStruct),
+        Command("query-migrate-capabilities", None, list[MigrationCapabilityStatus]),
+        Command("migrate-set-parameters", MigrateSetParameters, EmptyStruct),
+        Command("query-migrate-parameters", None, MigrationParameters),
+        Command("migrate-start-postcopy", None, EmptyStruct),
+        Command("migrate_cancel", None, EmptyStruct),
+        Command("migrate-continue", MigrateContinueArgs, EmptyStruct),
+        Command("migrate", MigrateArgs, EmptyStruct),
+        Command("migrate-incoming", MigrateIncomingArgs, EmptyStruct),
+        Command("migrate-recover", MigrateRecoverArgs, EmptyStruct, allow_oob=True),
+        Command("migrate-pause", None, EmptyStruct, allow_oob=True),
+        Command("x-colo-lost-heartbeat", None, EmptyStruct, features=("unstable",)),
+        Command("query-colo-status", None, COLOStatus),
+        Command("calc-dirty-rate", CalcDirtyRateArgs, EmptyStruct),
+        Command("query-dirty-rate", QueryDirtyRateArgs, DirtyRateInfo),
+        Command("set-vcpu-dirty-limit", SetVcpuDirtyLimitArgs, EmptyStruct),
+        Command("cancel-vcpu-dirty-limit", CancelVcpuDirtyLimitArgs, EmptyStruct),
+        Command("query-vcpu-dirty-limit", None, list[DirtyLimitInfo]),
+        Command("query-migrationthreads", None, list[MigrationThreadInfo]),
+        Command("snapshot-save", SnapshotSaveArgs, EmptyStruct),
+        Command("snapshot-load", SnapshotLoadArgs, EmptyStruct),
+        Command("snapshot-delete", SnapshotDeleteArgs, EmptyStruct),
+    ]
+}
+
+EVENTS: dict[str, Event] = {
+    e.name: e
+    for e in [
+        Event("MIGRATION", MigrationEventData),
+        Event("MIGRATION_PASS", MigrationPassEventData),
+        Event("STOP"),
+        Event("RESUME"),
+        Event("SHUTDOWN", ShutdownEventData),
+        Event("COLO_EXIT", ColoExitEventData),
+        Event("UNPLUG_PRIMARY", UnplugPrimaryEventData),
+    ]
+}
