@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 from collections.abc import Callable
@@ -65,6 +66,8 @@ class MigrationManager:
         #: Called with the reason when a running outgoing migration must stop (the engine registers it).
         self.cancel_outgoing: Callable[[], None] | None = None
         self._lock = threading.RLock()
+        #: Descriptors named with ``getfd`` (``fd:NAME`` migration URIs use them).
+        self.named_fds: dict[str, int] = {}
 
     # -- notifications ---------------------------------------------------------
 
@@ -185,6 +188,33 @@ class MigrationManager:
             stop = self.cancel_outgoing
         if stop is not None:
             stop()
+
+    def migrate_pause(self) -> None:
+        # Out-of-band capable. Until postcopy lands neither side can be in postcopy-active or
+        # postcopy-recover, so every call gets QEMU's state error.
+        raise QMPError("migrate-pause is currently only supported during postcopy-active or postcopy-recover state")
+
+    # -- QMP: file descriptors ---------------------------------------------------------
+
+    def getfd(self, args: Any, session_fds: list[int]) -> None:
+        """Name the most recent descriptor passed on this monitor connection (SCM_RIGHTS)."""
+        if not session_fds:
+            raise QMPError("No file descriptor supplied via SCM_RIGHTS")
+        if args.fdname[:1].isdigit():
+            raise QMPError("File descriptor names can't start with a digit")
+        fd = session_fds.pop()
+        with self._lock:
+            old = self.named_fds.pop(args.fdname, None)
+            self.named_fds[args.fdname] = fd
+        if old is not None:
+            os.close(old)
+
+    def closefd(self, args: Any, session_fds: list[int]) -> None:
+        with self._lock:
+            fd = self.named_fds.pop(args.fdname, None)
+        if fd is None:
+            raise QMPError(f"File descriptor named '{args.fdname}' not found")
+        os.close(fd)
 
     # -- helpers for the engine --------------------------------------------------------
 

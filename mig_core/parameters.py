@@ -245,8 +245,9 @@ def _zero_copy(new: dict[str, Any], old: dict[str, Any], ctx: CheckContext) -> s
 
 
 def _mapped_ram(new: dict[str, Any], old: dict[str, Any], ctx: CheckContext) -> str | None:
-    # QEMU tests the values from before this call here; migrate re-checks.
-    if ctx.caps.get(C.MAPPED_RAM) and (old["multifd-compression"] != "none" or old["tls-creds"]):
+    # QEMU tests the values from before this call (a quirk that lets the first bad change through and
+    # then refuses every later call, the repair included); mig checks the merged values, like zero-copy.
+    if ctx.caps.get(C.MAPPED_RAM) and (new["multifd-compression"] != "none" or new["tls-creds"]):
         return "Mapped-ram only available for non-compressed non-TLS multifd migration"
     return None
 

@@ -1,0 +1,126 @@
+"""Test helpers for mig and its plugins: a real ``mig run`` host process and QMP clients.
+
+Plugin authors use these in their own tests: ``Host`` starts a host serving QMP
+on a unix socket, ``RawQMP`` speaks QMP over a plain socket (for requests a
+library client refuses to send), ``connect`` returns a negotiated ``qemu.qmp``
+client.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+
+__all__ = ["Host", "RawQMP", "connect", "wait_until"]
+
+
+class Host:
+    """A ``mig run`` subprocess serving QMP on a unix socket; logs (JSON) go to ``<name>.log``."""
+
+    def __init__(self, tmp: Path, *args: str, name: str = "host", env: dict[str, str] | None = None) -> None:
+        self.sock = tmp / f"{name}.sock"
+        self.log_path = tmp / f"{name}.log"
+        self.log = open(self.log_path, "w+")
+        full_env = dict(os.environ, MIG_LOG_FORMAT="json", MIG_LOG_LEVEL="debug", **(env or {}))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mig_core", "run", "--qmp", f"unix:{self.sock}", *args],
+            stdout=subprocess.PIPE, stderr=self.log, env=full_env, text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # "mig: QMP listening on ..." once listening
+        if "listening" not in line:
+            self.proc.kill()
+            self.proc.wait()
+            raise RuntimeError(f"mig run did not start: {line!r}\n{self.logs()}")
+
+    def logs(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()
+
+    def log_events(self) -> list[dict[str, Any]]:
+        """The host's structlog events (one JSON object per line)."""
+        out = []
+        for line in self.logs().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self.log.close()
+
+
+async def connect(path: Path | str, name: str = "test") -> QMPClient:
+    """A ``qemu.qmp`` client connected to ``path`` with capabilities negotiated."""
+    client = QMPClient(name)
+    await client.connect(str(path))
+    return client
+
+
+class RawQMP:
+    """A plain socket speaking QMP line by line."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(10)
+        self.sock.connect(str(path))
+        self.buf = b""
+        self.greeting = self.recv()
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def send(self, obj: object) -> None:
+        self.send_raw(json.dumps(obj).encode() + b"\n")
+
+    def recv(self) -> dict[str, Any]:
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("server closed the connection")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def recv_reply(self) -> dict[str, Any]:
+        """The next message that is not an event."""
+        while True:
+            msg = self.recv()
+            if "event" not in msg:
+                return msg
+
+    def cmd(self, obj: object) -> dict[str, Any]:
+        self.send(obj)
+        return self.recv_reply()
+
+    def negotiate(self) -> None:
+        reply = self.cmd({"execute": "qmp_capabilities"})
+        if reply != {"return": {}}:
+            raise AssertionError(f"negotiation failed: {reply}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def wait_until(pred: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll ``pred`` until it returns something true; AssertionError on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")

@@ -1,0 +1,283 @@
+"""The QMP server against the protocol: greeting, negotiation, dispatch, events, bad clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import pytest
+from qemu.qmp import ExecuteError, QMPClient
+
+from mig_core.testing import RawQMP, connect
+
+ISSUE_COMMANDS = {
+    "qmp_capabilities", "query-version", "query-commands", "query-status", "stop", "cont", "quit",
+    "query-migrate", "migrate-set-capabilities", "query-migrate-capabilities", "migrate-set-parameters",
+    "query-migrate-parameters", "migrate_cancel",
+}
+
+
+def test_greeting_and_negotiation_shapes(raw):
+    c = raw()
+    g = c.greeting["QMP"]
+    assert g["capabilities"] == ["oob"]
+    assert g["version"]["qemu"] == {"major": 9, "minor": 1, "micro": 0}
+    assert g["version"]["package"].startswith("mig ")
+    # Before negotiation every other command is refused, as QEMU does.
+    assert c.cmd({"execute": "query-status", "id": 1}) == {
+        "error": {"class": "CommandNotFound", "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"},
+        "id": 1,
+    }
+    assert c.cmd({"execute": "qmp_capabilities", "id": "n"}) == {"return": {}, "id": "n"}
+    assert c.cmd({"execute": "qmp_capabilities"}) == {
+        "error": {"class": "CommandNotFound", "desc": "Capabilities negotiation is already complete, command ignored"}
+    }
+    assert c.cmd({"execute": "query-version"})["return"] == g["version"]
+
+
+def test_negotiation_argument_errors(raw):
+    c = raw()
+    assert c.cmd({"execute": "qmp_capabilities", "arguments": {"enable": ["bogus"]}})["error"]["desc"] == (
+        "Parameter 'null' does not accept value 'bogus'"
+    )
+    assert c.cmd({"execute": "qmp_capabilities", "arguments": {"x": 1}})["error"]["desc"] == (
+        "Parameter 'x' is unexpected"
+    )
+    assert c.cmd({"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}) == {"return": {}}
+
+
+async def test_qemu_qmp_client_drives_every_issue_command(host):
+    client = await connect(host.sock)
+    names = {c["name"] for c in await client.execute("query-commands")}
+    assert ISSUE_COMMANDS <= names
+    assert "migrate_set_speed" not in names
+    assert await client.execute("query-status") == {"running": True, "status": "running"}
+    assert await client.execute("query-migrate") == {}
+    caps = await client.execute("query-migrate-capabilities")
+    assert len(caps) == 22 and not any(c["state"] for c in caps)
+    params = await client.execute("query-migrate-parameters")
+    assert len(params) == 27  # 28 parameters; block-bitmap-mapping only once set
+    assert await client.execute("migrate_cancel") == {}  # nothing runs: silently succeeds
+    await client.execute("stop")
+    assert await client.execute("query-status") == {"running": False, "status": "paused"}
+    await client.execute("cont")
+    assert await client.execute("query-status") == {"running": True, "status": "running"}
+    await client.execute("quit")
+    await client.disconnect()
+    assert host.proc.wait(10) == 0
+
+
+def test_request_envelope_errors(raw):
+    c = raw()
+    c.negotiate()
+    cases = [
+        ([1, 2], "QMP input must be a JSON object"),
+        ("str", "QMP input must be a JSON object"),
+        ({"id": 3}, "QMP input lacks member 'execute'"),
+        ({"execute": 5}, "QMP input member 'execute' must be a string"),
+        ({"execute": "query-status", "arguments": [1]}, "QMP input member 'arguments' must be an object"),
+        ({"execute": "query-status", "foo": 1}, "QMP input member 'foo' is unexpected"),
+        ({"exec-oob": "migrate-pause"}, "QMP input member 'exec-oob' is unexpected"),  # oob not enabled
+    ]
+    for req, desc in cases:
+        reply = c.cmd(req)
+        assert reply["error"] == {"class": "GenericError", "desc": desc}, req
+    assert c.cmd({"execute": "nope", "id": [1]}) == {
+        "error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}, "id": [1]
+    }
+    assert c.cmd({"execute": "query-status", "arguments": {"x": 1}})["error"]["desc"] == (
+        "Parameter 'x' is unexpected"
+    )
+    # ids of any JSON type come back unchanged, on success too
+    assert c.cmd({"execute": "query-status", "id": {"a": [None, 1.5]}})["id"] == {"a": [None, 1.5]}
+
+
+def test_malformed_json_and_framing(raw):
+    c = raw()
+    c.negotiate()
+    c.send_raw(b'{"execute": query-status}\n')
+    err = c.recv_reply()["error"]
+    assert err["class"] == "GenericError" and err["desc"].startswith("JSON parse error, ")
+    c.send_raw(b"}\n")
+    assert c.recv_reply()["error"]["desc"].startswith("JSON parse error")
+    # two requests in one write, one request split over several writes
+    c.send_raw(b'{"execute":"query-status","id":1}{"execute":"query-status","id":2}\n')
+    assert [c.recv_reply()["id"], c.recv_reply()["id"]] == [1, 2]
+    c.send_raw(b'{"execute":')
+    time.sleep(0.05)
+    c.send_raw(b'"query-version", "id": "split"}')
+    assert c.recv_reply()["id"] == "split"
+    # still serving
+    assert c.cmd({"execute": "query-status"})["return"]["status"] == "running"
+
+
+def test_oversized_request_is_refused_and_session_survives(raw):
+    c = raw()
+    c.negotiate()
+    c.send_raw(b'{"execute": "query-status", "id": "' + b"x" * (1 << 20) + b'"}\n')
+    reply = c.recv_reply()
+    assert reply["error"]["desc"] == "JSON parse error, message exceeds 1048576 bytes"
+    assert c.cmd({"execute": "query-status", "id": 9})["id"] == 9
+
+
+def test_vanishing_clients_do_not_disturb_others(host, raw):
+    good = raw()
+    good.negotiate()
+    for _ in range(5):
+        bad = RawQMP(host.sock)
+        bad.negotiate()
+        # ask for a reply and leave before reading it (reset on close)
+        bad.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        bad.send({"execute": "query-migrate-parameters"})
+        bad.close()
+    half = socket.socket(socket.AF_UNIX)
+    half.connect(str(host.sock))
+    half.sendall(b'{"execute": "qmp_capabilities"}\n{"execute": "query-sta')
+    half.close()
+    assert good.cmd({"execute": "query-status"})["return"]["running"] is True
+    assert host.proc.poll() is None
+
+
+async def test_events_reach_every_negotiated_client(host):
+    a, b = await connect(host.sock, "a"), await connect(host.sock, "b")
+    unnegotiated = RawQMP(host.sock)
+    try:
+        await a.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+
+        async def first_events(client: QMPClient, n: int) -> list[dict]:
+            out = []
+            async for ev in client.events:
+                out.append(ev)
+                if len(out) == n:
+                    return out
+            return out
+
+        ta = asyncio.create_task(first_events(a, 2))
+        tb = asyncio.create_task(first_events(b, 2))
+        await asyncio.sleep(0.05)
+        await b.execute("stop")
+        await a.execute("cont")
+        ea, eb = await asyncio.wait_for(ta, 5), await asyncio.wait_for(tb, 5)
+        for evs in (ea, eb):
+            assert [e["event"] for e in evs] == ["STOP", "RESUME"]
+            ts = evs[0]["timestamp"]
+            assert set(ts) == {"seconds", "microseconds"} and 0 <= ts["microseconds"] < 1_000_000
+            assert abs(ts["seconds"] - time.time()) < 60
+        # a client still negotiating gets no events
+        unnegotiated.sock.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            unnegotiated.recv()
+    finally:
+        unnegotiated.close()
+        await a.disconnect()
+        await b.disconnect()
+
+
+async def test_concurrent_clients(host):
+    clients = [await connect(host.sock, f"c{i}") for i in range(6)]
+    try:
+        async def work(i: int, c: QMPClient) -> None:
+            for j in range(20):
+                await c.execute("migrate-set-parameters", {"downtime-limit": 1000 * i + j})
+                await c.execute("query-migrate-parameters")
+        await asyncio.gather(*(work(i, c) for i, c in enumerate(clients)))
+        final = (await clients[0].execute("query-migrate-parameters"))["downtime-limit"]
+        assert final % 1000 == 19
+    finally:
+        for c in clients:
+            await c.disconnect()
+
+
+def test_oob_requires_negotiation_and_allowed_commands(raw):
+    c = raw()
+    assert c.cmd({"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}) == {"return": {}}
+    assert c.cmd({"exec-oob": "query-status", "id": 1}) == {
+        "error": {"class": "GenericError", "desc": "The command query-status does not support OOB"}, "id": 1
+    }
+    reply = c.cmd({"exec-oob": "migrate-pause", "id": 2})
+    assert reply["error"]["desc"] == (
+        "migrate-pause is currently only supported during postcopy-active or postcopy-recover state"
+    )
+    assert c.cmd({"execute": "query-status", "exec-oob": "migrate-pause"})["error"]["desc"] == (
+        "QMP input must not have both 'execute' and 'exec-oob'"
+    )
+
+
+def test_tcp_monitor(start_host, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    h = start_host("--qmp", f"tcp:127.0.0.1:{port}")
+    conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+    f = conn.makefile("rwb")
+    greeting = json.loads(f.readline())
+    assert "QMP" in greeting
+    f.write(b'{"execute":"qmp_capabilities"}\n{"execute":"query-status","id":"t"}\n')
+    f.flush()
+    assert json.loads(f.readline()) == {"return": {}}
+    assert json.loads(f.readline()) == {"return": {"running": True, "status": "running"}, "id": "t"}
+    conn.close()
+    assert h.proc.poll() is None
+
+
+def test_getfd_and_closefd_over_unix_socket(raw, tmp_path):
+    c = raw()
+    c.negotiate()
+    assert c.cmd({"execute": "getfd", "arguments": {"fdname": "x"}})["error"]["desc"] == (
+        "No file descriptor supplied via SCM_RIGHTS"
+    )
+    r, w = socket.socketpair()
+    msg = json.dumps({"execute": "getfd", "arguments": {"fdname": "mine"}}).encode() + b"\n"
+    c.sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, __import__("array").array("i", [w.fileno()]))])
+    assert c.recv_reply() == {"return": {}}
+    assert c.cmd({"execute": "closefd", "arguments": {"fdname": "mine"}}) == {"return": {}}
+    assert c.cmd({"execute": "closefd", "arguments": {"fdname": "mine"}})["error"]["desc"] == (
+        "File descriptor named 'mine' not found"
+    )
+    r.close()
+    w.close()
+
+
+async def test_execute_errors_through_qemu_qmp(qmp):
+    with pytest.raises(ExecuteError) as e:
+        await qmp.execute("migrate-set-parameters", {"downtime-limit": "abc"})
+    assert e.value.error.error.desc == "Parameter 'downtime-limit' expects uint64"
+    assert e.value.error.error.class_ == "GenericError"
+
+
+def test_oob_command_overtakes_a_stuck_in_band_command(tmp_path):
+    """An exec-oob command is answered while an in-band command holds the in-band lock."""
+    from mig_core.manager import MigrationManager
+    from mig_core.qmp.server import QMPServer
+
+    manager = MigrationManager()
+    loop = asyncio.new_event_loop()
+    server_box: dict = {}
+    path = tmp_path / "oob.sock"
+
+    async def start() -> None:
+        server_box["server"] = QMPServer(manager)
+        await server_box["server"].listen(f"unix:{path}")
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    server = server_box["server"]
+    c = RawQMP(path)
+    try:
+        assert c.cmd({"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}) == {"return": {}}
+        server._big_lock.acquire()  # an in-band command that takes long
+        c.send({"execute": "query-status", "id": "slow"})
+        c.send({"exec-oob": "migrate-pause", "id": "fast"})
+        first = c.recv_reply()
+        assert first["id"] == "fast"
+        server._big_lock.release()
+        assert c.recv_reply() == {"return": {"running": True, "status": "running"}, "id": "slow"}
+    finally:
+        c.close()
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
