@@ -22,23 +22,28 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _new_uffd() -> int:
-    """Create a userfaultfd by syscall, falling back to /dev/userfaultfd."""
-    fd = _libc.syscall(_SYS_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK)
-    if fd >= 0:
-        return fd
-    err = ctypes.get_errno()
+    """Create a userfaultfd as QEMU does: /dev/userfaultfd first, then the syscall.
+
+    When both fail, the syscall's error is the one reported (the device is often
+    simply absent or inaccessible; the syscall says why the kernel refuses).
+    """
+    flags = os.O_CLOEXEC | os.O_NONBLOCK
     try:
         dev = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
     except OSError:
-        raise OSError(err, os.strerror(err)) from None
-    try:
-        fd = _libc.ioctl(dev, _USERFAULTFD_IOC_NEW, os.O_CLOEXEC | os.O_NONBLOCK)
-        if fd < 0:
-            e = ctypes.get_errno()
-            raise OSError(e, os.strerror(e))
+        dev = -1
+    if dev >= 0:
+        try:
+            fd = _libc.ioctl(dev, _USERFAULTFD_IOC_NEW, flags)
+        finally:
+            os.close(dev)
+        if fd >= 0:
+            return fd
+    fd = _libc.syscall(_SYS_USERFAULTFD, flags)
+    if fd >= 0:
         return fd
-    finally:
-        os.close(dev)
+    err = ctypes.get_errno()
+    raise OSError(err, os.strerror(err))
 
 
 @functools.cache

@@ -24,15 +24,19 @@ __all__ = ["Host", "RawQMP", "connect", "wait_until"]
 
 
 class Host:
-    """A ``mig run`` subprocess serving QMP on a unix socket; logs (JSON) go to ``<name>.log``."""
+    """A ``mig run`` subprocess serving QMP on a unix socket; logs (JSON) go to ``<name>.log``.
 
-    def __init__(self, tmp: Path, *args: str, name: str = "host", env: dict[str, str] | None = None) -> None:
+    ``wrapper`` is a command prefix (e.g. ``unshare``/``setpriv``) to run the host in a restricted setting.
+    """
+
+    def __init__(self, tmp: Path, *args: str, name: str = "host", env: dict[str, str] | None = None,
+                 wrapper: list[str] | None = None) -> None:
         self.sock = tmp / f"{name}.sock"
         self.log_path = tmp / f"{name}.log"
         self.log = open(self.log_path, "w+")
         full_env = dict(os.environ, MIG_LOG_FORMAT="json", MIG_LOG_LEVEL="debug", **(env or {}))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mig_core", "run", "--qmp", f"unix:{self.sock}", *args],
+            [*(wrapper or []), sys.executable, "-m", "mig_core", "run", "--qmp", f"unix:{self.sock}", *args],
             stdout=subprocess.PIPE, stderr=self.log, env=full_env, text=True,
         )
         assert self.proc.stdout is not None
