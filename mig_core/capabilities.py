@@ -91,7 +91,23 @@ class CapabilityContext(Protocol):
         """True if the dirty tracker (or the host) attributes writes to vCPUs."""
 
 
-Rule = Callable[[dict[C, bool], dict[C, bool], CapabilityContext], str | None]
+Caps = dict[C, bool]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One set-time check: when ``applies(new, old, ctx)`` the request fails with ``error``.
+
+    ``error`` is QEMU's text, or a callable building it when it depends on the host.
+    """
+
+    doc: str
+    error: str | Callable[[CapabilityContext], str]
+    applies: Callable[[Caps, Caps, CapabilityContext], bool]
+
+    def message(self, ctx: CapabilityContext) -> str:
+        return self.error if isinstance(self.error, str) else self.error(ctx)
+
 
 #: Checked in this order when background-snapshot is on (QEMU's list).
 BACKGROUND_SNAPSHOT_INCOMPATIBLE = (
@@ -103,109 +119,67 @@ BACKGROUND_SNAPSHOT_INCOMPATIBLE = (
 ZERO_COPY_TEXT = "Zero copy only available for non-compressed non-TLS multifd migration"
 
 
-def _colo(new: dict[C, bool], old: dict[C, bool], ctx: CapabilityContext) -> str | None:
-    if new[C.X_COLO] and not ctx.replication_available():
-        log.warning("colo_unavailable", hint="install the mig-replication-colo plugin")
-        return "QEMU compiled without replication module can't enable COLO"
-    return None
+def _newly(cap: C) -> Callable[[Caps, Caps], bool]:
+    return lambda new, old: new[cap] and not old[cap]
 
 
-def _postcopy(new: dict[C, bool], old: dict[C, bool], ctx: CapabilityContext) -> str | None:
-    if not new[C.POSTCOPY_RAM]:
-        return None
-    if not old[C.POSTCOPY_RAM] and ctx.runstate is RunState.INMIGRATE:
-        reason = ctx.postcopy_unsupported()
-        if reason:
-            return f"Postcopy is not supported: {reason}"
-    if new[C.X_IGNORE_SHARED]:
-        return "Postcopy is not compatible with ignore-shared"
-    return None
-
-
-def _background_snapshot(new: dict[C, bool], old: dict[C, bool], ctx: CapabilityContext) -> str | None:
-    if not new[C.BACKGROUND_SNAPSHOT]:
-        return None
-    if ctx.background_snapshot_unsupported():
-        return "Background-snapshot is not supported by host kernel"
-    if ctx.memory_unsuitable_for_background_snapshot():
-        return "Background-snapshot is not compatible with guest memory configuration"
-    for cap in BACKGROUND_SNAPSHOT_INCOMPATIBLE:
-        if new[cap]:
-            return f"Background-snapshot is not compatible with {cap.value}"
-    return None
-
-
-def _zero_copy(new: dict[C, bool], old: dict[C, bool], ctx: CapabilityContext) -> str | None:
-    if new[C.ZERO_COPY_SEND] and (
-        not new[C.MULTIFD] or new[C.XBZRLE] or ctx.multifd_compression() != "none" or ctx.tls_enabled()
-    ):
-        return ZERO_COPY_TEXT
-    return None
-
-
-def _preempt(new: dict[C, bool], old: dict[C, bool], ctx: CapabilityContext) -> str | None:
-    if new[C.POSTCOPY_PREEMPT]:
-        if not new[C.POSTCOPY_RAM]:
-            return "Postcopy preempt requires postcopy-ram"
-        if not old[C.POSTCOPY_PREEMPT] and ctx.incoming_started():
-            return "Postcopy preempt must be set before incoming starts"
-    return None
-
-
-def _multifd_incoming(new: dict[C, bool], old: dict[C, bool], ctx: CapabilityContext) -> str | None:
-    if new[C.MULTIFD] and not old[C.MULTIFD] and ctx.incoming_started():
-        return "Multifd must be set before incoming starts"
-    return None
-
-
-def _switchover_ack(new: dict[C, bool], old: dict[C, bool], ctx: CapabilityContext) -> str | None:
-    if new[C.SWITCHOVER_ACK] and not new[C.RETURN_PATH]:
-        return "Capability 'switchover-ack' requires capability 'return-path'"
-    return None
-
-
-def _dirty_limit(new: dict[C, bool], old: dict[C, bool], ctx: CapabilityContext) -> str | None:
-    if new[C.DIRTY_LIMIT]:
-        if new[C.AUTO_CONVERGE]:
-            return "dirty-limit conflicts with auto-converge either of then available currently"
-        if not ctx.per_vcpu_dirty_available():
-            # QEMU needs a KVM dirty ring; mig needs writes attributed to vCPUs.
-            return ("dirty-limit requires per-vCPU dirty page attribution "
-                    "(the 'host' dirty tracker or vCPU threads that report their writes)")
-    return None
-
-
-def _multifd_xbzrle(new: dict[C, bool], old: dict[C, bool], ctx: CapabilityContext) -> str | None:
-    if new[C.MULTIFD] and new[C.XBZRLE]:
-        return "Multifd is not compatible with xbzrle"
-    return None
-
-
-def _mapped_ram(new: dict[C, bool], old: dict[C, bool], ctx: CapabilityContext) -> str | None:
-    if new[C.MAPPED_RAM]:
-        if new[C.XBZRLE]:
-            return "Mapped-ram migration is incompatible with xbzrle"
-        if new[C.POSTCOPY_RAM]:
-            return "Mapped-ram migration is incompatible with postcopy"
-    return None
-
-
-def _rdma(new: dict[C, bool], old: dict[C, bool], ctx: CapabilityContext) -> str | None:
-    if ctx.incoming_rdma():
-        if new[C.XBZRLE]:
-            return "RDMA and XBZRLE can't be used together"
-        if new[C.MULTIFD]:
-            return "RDMA and multifd can't be used together"
-        if new[C.POSTCOPY_RAM]:
-            return "RDMA and postcopy-ram can't be used together"
-    return None
-
-
-#: QEMU's order: the first rule that fails decides the error.
 RULES: tuple[Rule, ...] = (
-    _colo, _postcopy, _background_snapshot, _zero_copy, _preempt, _multifd_incoming, _switchover_ack,
-    _dirty_limit, _multifd_xbzrle, _mapped_ram, _rdma,
+    Rule("x-colo needs a replication plugin (mig_core.replication: colo)",
+         "QEMU compiled without replication module can't enable COLO",
+         lambda new, old, ctx: new[C.X_COLO] and not ctx.replication_available()),
+    Rule("postcopy-ram newly enabled on a destination (run state inmigrate) probes userfaultfd",
+         lambda ctx: f"Postcopy is not supported: {ctx.postcopy_unsupported()}",
+         lambda new, old, ctx: _newly(C.POSTCOPY_RAM)(new, old) and ctx.runstate is RunState.INMIGRATE
+         and ctx.postcopy_unsupported() is not None),
+    Rule("postcopy-ram conflicts with x-ignore-shared", "Postcopy is not compatible with ignore-shared",
+         lambda new, old, ctx: new[C.POSTCOPY_RAM] and new[C.X_IGNORE_SHARED]),
+    Rule("background-snapshot needs userfaultfd write-protect",
+         "Background-snapshot is not supported by host kernel",
+         lambda new, old, ctx: new[C.BACKGROUND_SNAPSHOT] and ctx.background_snapshot_unsupported() is not None),
+    Rule("background-snapshot needs RAM it can write-protect",
+         "Background-snapshot is not compatible with guest memory configuration",
+         lambda new, old, ctx: new[C.BACKGROUND_SNAPSHOT] and ctx.memory_unsuitable_for_background_snapshot()),
+    *(
+        Rule(f"background-snapshot conflicts with {other.value}",
+             f"Background-snapshot is not compatible with {other.value}",
+             lambda new, old, ctx, other=other: new[C.BACKGROUND_SNAPSHOT] and new[other])
+        for other in BACKGROUND_SNAPSHOT_INCOMPATIBLE
+    ),
+    Rule("zero-copy-send needs multifd, no xbzrle, multifd-compression none and no TLS", ZERO_COPY_TEXT,
+         lambda new, old, ctx: new[C.ZERO_COPY_SEND] and (
+             not new[C.MULTIFD] or new[C.XBZRLE] or ctx.multifd_compression() != "none" or ctx.tls_enabled())),
+    Rule("postcopy-preempt requires postcopy-ram", "Postcopy preempt requires postcopy-ram",
+         lambda new, old, ctx: new[C.POSTCOPY_PREEMPT] and not new[C.POSTCOPY_RAM]),
+    Rule("postcopy-preempt cannot be newly enabled once the destination listens",
+         "Postcopy preempt must be set before incoming starts",
+         lambda new, old, ctx: _newly(C.POSTCOPY_PREEMPT)(new, old) and ctx.incoming_started()),
+    Rule("multifd cannot be newly enabled once the destination listens",
+         "Multifd must be set before incoming starts",
+         lambda new, old, ctx: _newly(C.MULTIFD)(new, old) and ctx.incoming_started()),
+    Rule("switchover-ack requires return-path", "Capability 'switchover-ack' requires capability 'return-path'",
+         lambda new, old, ctx: new[C.SWITCHOVER_ACK] and not new[C.RETURN_PATH]),
+    Rule("dirty-limit conflicts with auto-converge",
+         "dirty-limit conflicts with auto-converge either of then available currently",
+         lambda new, old, ctx: new[C.DIRTY_LIMIT] and new[C.AUTO_CONVERGE]),
+    # QEMU needs a KVM dirty ring here; mig needs writes attributed to vCPUs.
+    Rule("dirty-limit needs per-vCPU dirty attribution",
+         "dirty-limit requires per-vCPU dirty page attribution "
+         "(the 'host' dirty tracker or vCPU threads that report their writes)",
+         lambda new, old, ctx: new[C.DIRTY_LIMIT] and not ctx.per_vcpu_dirty_available()),
+    Rule("multifd conflicts with xbzrle", "Multifd is not compatible with xbzrle",
+         lambda new, old, ctx: new[C.MULTIFD] and new[C.XBZRLE]),
+    Rule("mapped-ram conflicts with xbzrle", "Mapped-ram migration is incompatible with xbzrle",
+         lambda new, old, ctx: new[C.MAPPED_RAM] and new[C.XBZRLE]),
+    Rule("mapped-ram conflicts with postcopy-ram", "Mapped-ram migration is incompatible with postcopy",
+         lambda new, old, ctx: new[C.MAPPED_RAM] and new[C.POSTCOPY_RAM]),
+    Rule("an rdma destination cannot use xbzrle", "RDMA and XBZRLE can't be used together",
+         lambda new, old, ctx: ctx.incoming_rdma() and new[C.XBZRLE]),
+    Rule("an rdma destination cannot use multifd", "RDMA and multifd can't be used together",
+         lambda new, old, ctx: ctx.incoming_rdma() and new[C.MULTIFD]),
+    Rule("an rdma destination cannot use postcopy-ram", "RDMA and postcopy-ram can't be used together",
+         lambda new, old, ctx: ctx.incoming_rdma() and new[C.POSTCOPY_RAM]),
 )
+"""QEMU's order: the first rule that applies decides the error."""
 
 
 def defaults() -> dict[C, bool]:
@@ -216,10 +190,11 @@ def check(new: dict[C, bool], old: dict[C, bool], ctx: CapabilityContext) -> Non
     """Raise QMPError with QEMU's text if the capability set ``new`` is not allowed."""
     if new[C.ZERO_BLOCKS]:
         log.warning("zero_blocks_deprecated", msg="zero-blocks capability is deprecated")
+    if new[C.X_COLO] and not ctx.replication_available():
+        log.warning("colo_unavailable", hint="install the mig-replication-colo plugin")
     for rule in RULES:
-        err = rule(new, old, ctx)
-        if err:
-            raise QMPError(err)
+        if rule.applies(new, old, ctx):
+            raise QMPError(rule.message(ctx))
 
 
 def overlay(current: dict[C, bool], request: Iterable[MigrationCapabilityStatus]) -> dict[C, bool]:

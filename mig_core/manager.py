@@ -117,9 +117,6 @@ class MigrationManager:
     def per_vcpu_dirty_available(self) -> bool:
         return False
 
-    def compressor_names(self) -> list[str]:
-        return self.registry.names("mig_core.compressors")
-
     # -- QMP: machine ------------------------------------------------------------
 
     def query_version(self) -> VersionInfo:
@@ -157,7 +154,7 @@ class MigrationManager:
 
     def migrate_set_parameters(self, args: Any) -> None:
         with self._lock:
-            ctx = params_mod.CheckContext(caps=self.caps, compressors=self.compressor_names)
+            ctx = params_mod.CheckContext(caps=self.caps, registry=self.registry)
             self.params = params_mod.merge(self.params, args, ctx)
         log.info("parameters_set", changed=sorted(to_qmp(args)))
 

@@ -8,13 +8,14 @@ the checks of ``migrate-set-parameters`` and the generated reference.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import msgspec
 
 from mig_core.errors import QMPError
+from mig_core.plugin_registry import PluginNotFound, PluginRegistry
 from mig_core.qapi import UNSET, Bool, Size, Str, StrOrNull, UInt8, UInt32, UInt64, Unstable, UnsetType
 from mig_core.schema.migration import BitmapMigrationNodeAlias, MigMode, MigrationCapability as C, ZeroPageDetection
 
@@ -51,6 +52,8 @@ class ParameterSpec:
     nullable: bool = False
     unstable: bool = False
     unit: str = ""
+    #: Extra validity rule in prose, for the reference (when a plain range does not say it all).
+    rule: str = ""
 
     @property
     def attr(self) -> str:
@@ -112,16 +115,19 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
       unit="ms"),
     P("x-checkpoint-delay", UInt32, 20000, "COLO checkpoint period.", unstable=True, unit="ms"),
     P("multifd-channels", UInt8, 2, "Number of parallel multifd channels.", _between("multifd_channels", 1, 255)),
-    P("xbzrle-cache-size", Size, 67108864, "Size of the xbzrle page cache: a power of two, at least one page.",
-      unit="bytes"),
+    P("xbzrle-cache-size", Size, 67108864, "Size of the xbzrle page cache.",
+      Range(TARGET_PAGE_SIZE, SIZE_MAX,
+            "Parameter 'xbzrle_cache_size' expects a power of two no less than the target page size"),
+      unit="bytes", rule="a power of two, at least the target page size (4096)"),
     P("max-postcopy-bandwidth", Size, 0, "Rate limit of background pages during postcopy (0: unlimited).",
       unit="bytes/s"),
     P("max-cpu-throttle", UInt8, 99, "Highest auto-converge throttle.",
       Range(0, 99, "Parameter 'max_cpu_throttle' expects an integer in the range of cpu_throttle_initial to 99"),
-      unit="%"),
+      unit="%", rule="from cpu-throttle-initial to 99 (checked on the merged values)"),
     P("multifd-compression", Str, "none",
       "Compression of multifd pages: QEMU's names (none, zlib, zstd, qpl, uadk) or a name an installed "
-      "compressor plugin registers."),
+      "compressor plugin registers.",
+      rule="a QEMU name whose plugin is not installed is refused, naming the plugin to install"),
     P("multifd-zlib-level", UInt8, 1, "zlib level for multifd compression.", _between("multifd_zlib_level", 0, 9)),
     P("multifd-zstd-level", UInt8, 1, "zstd level for multifd compression.", _between("multifd_zstd_level", 0, 20)),
     P("block-bitmap-mapping", list[BitmapMigrationNodeAlias], UNSET,
@@ -163,10 +169,10 @@ MigrationParameters = _struct("MigrationParameters", for_input=False)
 
 @dataclass
 class CheckContext:
-    """What parameter checks need besides the values: capabilities and compressor names."""
+    """What parameter checks need besides the values: capabilities and the installed plugins."""
 
     caps: Mapping[C, bool]
-    compressors: Callable[[], Iterable[str]] = lambda: ("none",)
+    registry: PluginRegistry
     direct_io_supported: bool = True
 
 
@@ -222,9 +228,9 @@ def _range(name: str) -> Callable[[dict[str, Any], dict[str, Any], CheckContext]
 
 def _xbzrle_cache_size(new: dict[str, Any], old: dict[str, Any], ctx: CheckContext) -> str | None:
     v = new["xbzrle-cache-size"]
-    if v < TARGET_PAGE_SIZE or v & (v - 1):
-        return "Parameter 'xbzrle_cache_size' expects a power of two no less than the target page size"
-    return None
+    spec = SPECS["xbzrle-cache-size"].range
+    assert spec is not None
+    return spec.error if v < spec.lo or v & (v - 1) else None
 
 
 def _max_cpu_throttle(new: dict[str, Any], old: dict[str, Any], ctx: CheckContext) -> str | None:
@@ -274,18 +280,21 @@ def defaults() -> dict[str, Any]:
 
 
 def check_compression(name: str, ctx: CheckContext) -> None:
-    """Refuse a compression method no installed plugin provides; name the plugin to install."""
-    available = set(ctx.compressors())
-    if name in available:
+    """Refuse a compression method no installed plugin provides (naming the plugin) or that fails to load."""
+    group = "mig_core.compressors"
+    try:
+        ctx.registry.load(group, name)
         return
-    plugin = QEMU_COMPRESSORS.get(name, "")
+    except PluginNotFound as e:
+        if name in ctx.registry.names(group):
+            raise QMPError(f"Compression method '{name}' is installed but cannot be used: {e}") from None
+    plugin = QEMU_COMPRESSORS.get(name)
     if plugin:
         raise QMPError(
             f"Compression method '{name}' is not available: install the {plugin} plugin "
             f"(pip install {plugin})"
         )
-    if name not in QEMU_COMPRESSORS:
-        raise QMPError(f"Parameter 'multifd-compression' does not accept value '{name}'")
+    raise QMPError(f"Parameter 'multifd-compression' does not accept value '{name}'")
 
 
 def merge(current: dict[str, Any], request: msgspec.Struct, ctx: CheckContext) -> dict[str, Any]:

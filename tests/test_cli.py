@@ -1,0 +1,92 @@
+"""The mig command line: demo, run, the generated reference, logging formats."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mig_core import reference_doc
+from mig_core.testing import RawQMP
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def mig(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mig_core", *args], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, **(env or {})))
+
+
+def test_demo_runs_and_exits_zero():
+    out = mig("demo")
+    assert out.returncode == 0, out.stderr
+    assert "greeting: mig 0.1.0 speaking QEMU 9.1.0 QMP" in out.stdout
+    assert "refused as QEMU would: Parameter 'multifd_channels' expects a value between 1 and 255" in out.stdout
+    assert "events seen: STOP, RESUME, SHUTDOWN" in out.stdout
+    assert out.stdout.rstrip().endswith("demo: host exited cleanly after quit")
+
+
+def test_run_refuses_bad_monitor_address():
+    for bad, text in [("udp:1", "must be unix:PATH or tcp:HOST:PORT"), ("tcp:localhost", "error parsing address"),
+                      ("unix:", "invalid Unix socket address"), ("tcp:h:99999", "error parsing address")]:
+        out = mig("run", "--qmp", bad)
+        assert out.returncode == 2 and text in out.stderr, out.stderr
+
+
+def test_run_states_and_json_logs(tmp_path):
+    sock = tmp_path / "m.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "mig_core", "--log-format", "json", "run", "--qmp",
+                             f"unix:{sock}", "-S"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "listening" in proc.stdout.readline()
+        c = RawQMP(sock)
+        c.negotiate()
+        assert c.cmd({"execute": "query-status"})["return"] == {"running": False, "status": "prelaunch"}
+        assert c.cmd({"execute": "cont"}) == {"return": {}}
+        assert c.cmd({"execute": "quit"}) == {"return": {}}
+        c.close()
+        assert proc.wait(10) == 0
+        lines = [json.loads(line) for line in proc.stderr.read().splitlines()]
+        assert any(ln.get("event") == "runstate_changed" and (ln["old"], ln["new"]) == ("prelaunch", "running")
+                   for ln in lines)
+        assert all({"event", "level", "timestamp"} <= set(ln) for ln in lines)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_incoming_defer_host(tmp_path):
+    sock = tmp_path / "d.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "mig_core", "run", "--qmp", f"unix:{sock}", "--incoming",
+                             "defer"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        proc.stdout.readline()
+        c = RawQMP(sock)
+        c.negotiate()
+        assert c.cmd({"execute": "query-status"})["return"] == {"running": False, "status": "inmigrate"}
+        assert c.cmd({"execute": "cont"})["error"]["desc"] == "Migration is not finalized yet"
+        c.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0  # SIGTERM: orderly exit
+
+
+def test_reference_doc_is_current():
+    committed = (REPO / "docs" / "qmp-reference.md").read_text()
+    assert committed == reference_doc.render(), "run `make docs` to regenerate docs/qmp-reference.md"
+
+
+def test_qmp_shell_drives_mig_unchanged(host):
+    shell = Path(sys.executable).parent / "qmp-shell"
+    script = ("query-status\nmigrate-set-parameters downtime-limit=77 multifd-channels=8\n"
+              "query-migrate-parameters\nmigrate-set-parameters multifd-channels=0\nstop\nquery-status\n")
+    out = subprocess.run([str(shell), str(host.sock)], input=script, capture_output=True, text=True, timeout=30)
+    replies = [json.loads(line.split("(QEMU) ", 1)[1]) for line in out.stdout.splitlines()
+               if line.startswith("(QEMU) {")]
+    assert replies[0] == {"return": {"running": True, "status": "running"}}
+    assert replies[2]["return"]["downtime-limit"] == 77 and replies[2]["return"]["multifd-channels"] == 8
+    assert replies[3] == {"error": {"class": "GenericError",
+                                    "desc": "Parameter 'multifd_channels' expects a value between 1 and 255"}}
+    assert replies[5] == {"return": {"running": False, "status": "paused"}}
