@@ -1,0 +1,225 @@
+"""The dirty-tracking extension point (``mig_core.dirty_trackers``) and the built-in ``host`` tracker.
+
+Contract, for every tracker: a consumer's ``collect()`` returns every page
+possibly written since that consumer's previous call (its first call: every
+page that may not be zero); never one missed, a superset allowed. Several
+consumers (a migration, calc-dirty-rate, dirty-limit) each get their own
+bitmap; one never clears another's bits. A tracker that can tell which vCPU
+wrote says so (``attributes_vcpus``) and reports per-vCPU page counts.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import structlog
+
+from mig_core.machine.ram import RAMBlock
+from mig_core.machine.vcpu import current_vcpu
+from mig_core.plugin_registry import PluginNotFound, PluginRegistry
+
+log = structlog.get_logger("mig.dirty")
+
+
+@dataclass
+class DirtyReport:
+    """One collect(): dirty page indices per block and, where known, pages written per vCPU."""
+
+    pages: dict[str, np.ndarray]
+    vcpu_pages: dict[int, int] | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(len(p) for p in self.pages.values())
+
+
+class DirtyConsumer(ABC):
+    """One user of a tracker, with its own view of what is dirty."""
+
+    def __init__(self, tracker: DirtyTracker, name: str) -> None:
+        self.tracker = tracker
+        self.name = name
+
+    @abstractmethod
+    def collect(self) -> DirtyReport:
+        """Every page possibly written since this consumer's last call (get-and-reset)."""
+
+    def sent(self, block: RAMBlock, pages: np.ndarray, data: np.ndarray) -> None:
+        """The sender delivered exactly ``data`` (one row per page) for ``pages``; content trackers record it."""
+
+    def close(self) -> None:
+        self.tracker._remove(self)
+
+
+class DirtyTracker(ABC):
+    """A dirty-tracking method over a set of RAM blocks. Plugins subclass this."""
+
+    #: The name in the ``mig_core.dirty_trackers`` group.
+    name: ClassVar[str]
+    #: False if collect() may report pages that were not written (a superset).
+    exact: ClassVar[bool] = True
+    #: True if it can say which vCPU wrote a page.
+    attributes_vcpus: ClassVar[bool] = False
+    #: Order of auto-selection: lower is tried first.
+    preference: ClassVar[int] = 100
+
+    def __init__(self, blocks: Sequence[RAMBlock]) -> None:
+        self.blocks = list(blocks)
+        self._consumers: list[DirtyConsumer] = []
+        self._lock = threading.Lock()
+
+    @classmethod
+    def unavailable(cls, blocks: Sequence[RAMBlock], host_marks_writes: bool) -> str | None:
+        """Why this tracker cannot serve these blocks here (None if it can)."""
+        return None
+
+    def consumer(self, name: str, *, sends: bool = False) -> DirtyConsumer:
+        """A new consumer; ``sends`` if it delivers pages and reports them with ``sent()`` (a migration)."""
+        c = self._make_consumer(name, sends)
+        with self._lock:
+            self._consumers.append(c)
+        return c
+
+    @abstractmethod
+    def _make_consumer(self, name: str, sends: bool) -> DirtyConsumer: ...
+
+    def _remove(self, c: DirtyConsumer) -> None:
+        with self._lock:
+            if c in self._consumers:
+                self._consumers.remove(c)
+
+    def close(self) -> None:
+        """Stop tracking; consumers must not be used afterwards."""
+
+
+# ---------------------------------------------------------------------------
+# trackers with one get-and-reset source shared by all consumers
+
+
+class _BitmapConsumer(DirtyConsumer):
+    def __init__(self, tracker: HarvestingTracker, name: str) -> None:
+        super().__init__(tracker, name)
+        self.bitmaps = {b.name: np.zeros(b.npages, dtype=bool) for b in tracker.blocks}
+        for b in tracker.blocks:  # the first call reports everything that may not be zero
+            self.bitmaps[b.name][b.populated_pages()] = True
+        self.vcpu_pages: dict[int, int] = {}
+
+    def collect(self) -> DirtyReport:
+        tracker = self.tracker
+        assert isinstance(tracker, HarvestingTracker)
+        with tracker._lock:
+            tracker._harvest_into_consumers()
+            pages = {name: np.flatnonzero(bm) for name, bm in self.bitmaps.items()}
+            for bm in self.bitmaps.values():
+                bm[:] = False
+            vcpu = dict(self.vcpu_pages) if tracker.attributes_vcpus else None
+            self.vcpu_pages.clear()
+        return DirtyReport(pages, vcpu)
+
+
+class HarvestingTracker(DirtyTracker):
+    """A tracker whose source is read-and-reset once and fanned out to every consumer's bitmap."""
+
+    @abstractmethod
+    def harvest(self) -> tuple[dict[str, np.ndarray], dict[int, int]]:
+        """Pages written since the last harvest per block (get-and-reset), and per-vCPU page counts."""
+
+    def _make_consumer(self, name: str, sends: bool) -> DirtyConsumer:
+        with self._lock:
+            self._harvest_into_consumers()  # older consumers keep what was written before this one
+        return _BitmapConsumer(self, name)
+
+    def _harvest_into_consumers(self) -> None:
+        pages, vcpus = self.harvest()
+        for c in self._consumers:
+            assert isinstance(c, _BitmapConsumer)
+            for name, idx in pages.items():
+                c.bitmaps[name][idx] = True
+            for v, n in vcpus.items():
+                c.vcpu_pages[v] = c.vcpu_pages.get(v, 0) + n
+
+
+class HostTracker(HarvestingTracker):
+    """The host calls ``mark_dirty(block, offset, length)`` after it writes; exact, attributes vCPUs."""
+
+    name = "host"
+    attributes_vcpus = True
+    preference = 20
+
+    def __init__(self, blocks: Sequence[RAMBlock]) -> None:
+        super().__init__(blocks)
+        self._by_name = {b.name: b for b in self.blocks}
+        self._marks = {b.name: np.zeros(b.npages, dtype=bool) for b in self.blocks}
+        self._vcpu: dict[int, int] = {}
+        self._mark_lock = threading.Lock()
+
+    @classmethod
+    def unavailable(cls, blocks: Sequence[RAMBlock], host_marks_writes: bool) -> str | None:
+        return None if host_marks_writes else "the host does not report its writes with mark_dirty()"
+
+    def mark_dirty(self, block: str, offset: int, length: int) -> None:
+        """Record that ``length`` bytes at ``offset`` of ``block`` were written (by the calling vCPU, if any)."""
+        b = self._by_name.get(block)
+        if b is None:
+            raise KeyError(f"no RAM block named '{block}'")
+        if offset < 0 or length < 0 or offset + length > b.size:
+            raise ValueError(f"mark_dirty range {offset}+{length} is outside RAM block '{block}' ({b.size} bytes)")
+        if length == 0:
+            return
+        first, last = offset // b.page_size, (offset + length - 1) // b.page_size
+        vcpu = current_vcpu()
+        with self._mark_lock:
+            self._marks[block][first:last + 1] = True
+            if vcpu is not None:
+                self._vcpu[vcpu] = self._vcpu.get(vcpu, 0) + last - first + 1
+
+    def harvest(self) -> tuple[dict[str, np.ndarray], dict[int, int]]:
+        with self._mark_lock:
+            marks, self._marks = self._marks, {b.name: np.zeros(b.npages, dtype=bool) for b in self.blocks}
+            vcpu, self._vcpu = self._vcpu, {}
+        return {name: np.flatnonzero(m) for name, m in marks.items()}, vcpu
+
+
+# ---------------------------------------------------------------------------
+# selection
+
+
+GROUP = "mig_core.dirty_trackers"
+
+
+@dataclass
+class TrackerChoice:
+    """The tracker class chosen and why each better one was passed over."""
+
+    cls: type[DirtyTracker]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def select_tracker(blocks: Sequence[RAMBlock], registry: PluginRegistry, *, name: str | None = None,
+                   host_marks_writes: bool = False) -> TrackerChoice:
+    """The named tracker, or the best installed one that works for these blocks here."""
+    if name is not None:
+        cls = registry.load(GROUP, name)
+        why = cls.unavailable(blocks, host_marks_writes)
+        if why:
+            raise ValueError(f"dirty tracker '{name}' cannot be used: {why}")
+        return TrackerChoice(cls)
+    skipped: dict[str, str] = {}
+    candidates = []
+    for n in registry.names(GROUP):
+        try:
+            candidates.append(registry.load(GROUP, n))
+        except PluginNotFound as e:
+            skipped[n] = str(e)
+    for cls in sorted(candidates, key=lambda c: (c.preference, c.name)):
+        why = cls.unavailable(blocks, host_marks_writes)
+        if why is None:
+            log.info("dirty_tracker_selected", tracker=cls.name, skipped=skipped)
+            return TrackerChoice(cls, skipped)
+        skipped[cls.name] = why
+    raise ValueError("no dirty tracker works here: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))

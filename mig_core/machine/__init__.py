@@ -1,0 +1,1 @@
+"""The machine model: RAM blocks, userfaultfd registrations, vCPU threads, devices (``machine.Machine``)."""

@@ -1,0 +1,178 @@
+"""Devices: state that migrates beside RAM, with handlers shaped like QEMU's SaveVMHandlers.
+
+A device registers an id, an instance number and a version. Small devices
+implement ``save_state``/``load_state`` (encoded with msgpack). Devices with
+large state also stream it during precopy: ``save_setup``, ``save_iterate``
+(called in the migration thread while the machine runs), ``pending_bytes``,
+then ``save_state`` with the machine stopped. A loader refuses state from a
+newer version than it knows, or older than it still loads.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import structlog
+
+log = structlog.get_logger("mig.device")
+
+
+class DeviceStateError(ValueError):
+    """Device state that cannot be loaded here; the message names the device and the reason."""
+
+
+class Device:
+    """Base of a migratable device; override what the device needs. Runs in the migration thread."""
+
+    #: Unique name of the device model or instance (QEMU's idstr).
+    id: str = ""
+    #: Distinguishes several devices with the same id.
+    instance: int = 0
+    #: Version of the state this code saves.
+    version: int = 1
+    #: Oldest version this code can still load.
+    minimum_version: int = 1
+
+    # -- source ------------------------------------------------------------------
+
+    def save_setup(self) -> None:
+        """Before the first pass: prepare to stream (QEMU's save_setup)."""
+
+    def save_iterate(self, max_bytes: int) -> bytes | None:
+        """While the machine runs: the next chunk of large state, at most ``max_bytes`` (None: nothing now)."""
+        return None
+
+    def pending_bytes(self) -> int:
+        """How much iterative state is still to be sent (QEMU's state_pending_*)."""
+        return 0
+
+    def save_state(self) -> Any:
+        """With the machine stopped: the device's complete remaining state, msgpack-serialisable."""
+        return None
+
+    def save_cleanup(self) -> None:
+        """After the migration ended, however it ended."""
+
+    # -- destination -------------------------------------------------------------------
+
+    def load_setup(self) -> None:
+        """Before any state arrives."""
+
+    def load_iterate(self, chunk: bytes) -> None:
+        """A chunk produced by the source's ``save_iterate``."""
+
+    def load_state(self, state: Any, version: int) -> None:
+        """The final state saved by a source of ``version`` (already checked to be loadable)."""
+
+    def load_cleanup(self) -> None:
+        """After loading ended, however it ended."""
+
+
+@dataclass(frozen=True)
+class DeviceSection:
+    """One device's state as it travels: who it is, which version, and the msgpack payload."""
+
+    id: str
+    instance: int
+    version: int
+    payload: bytes
+
+
+def _key(dev_id: str, instance: int) -> str:
+    return f"'{dev_id}' instance {instance}"
+
+
+class DeviceRegistry:
+    """The devices of one machine, in registration order."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._devices: dict[tuple[str, int], Device] = {}
+
+    def register(self, dev: Device) -> None:
+        if not dev.id:
+            raise ValueError("a device needs a non-empty id")
+        if not 1 <= dev.minimum_version <= dev.version:
+            raise ValueError(f"device {_key(dev.id, dev.instance)}: versions must satisfy 1 <= minimum_version "
+                             f"({dev.minimum_version}) <= version ({dev.version})")
+        with self._lock:
+            if (dev.id, dev.instance) in self._devices:
+                raise ValueError(f"device {_key(dev.id, dev.instance)} is already registered")
+            self._devices[(dev.id, dev.instance)] = dev
+
+    def unregister(self, dev: Device) -> None:
+        with self._lock:
+            self._devices.pop((dev.id, dev.instance), None)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        with self._lock:
+            return iter(list(self._devices.values()))
+
+    def __len__(self) -> int:
+        return len(self._devices)
+
+    def get(self, dev_id: str, instance: int) -> Device | None:
+        return self._devices.get((dev_id, instance))
+
+    # -- saving ----------------------------------------------------------------
+
+    def save(self, dev: Device) -> DeviceSection:
+        """The final state of one device as a section."""
+        try:
+            payload = msgpack.packb(dev.save_state(), use_bin_type=True)
+        except (TypeError, ValueError) as e:
+            raise DeviceStateError(f"device {_key(dev.id, dev.instance)}: state cannot be encoded: {e}") from None
+        return DeviceSection(dev.id, dev.instance, dev.version, payload)
+
+    def save_all(self) -> list[DeviceSection]:
+        return [self.save(d) for d in self]
+
+    # -- loading -----------------------------------------------------------------
+
+    def lookup(self, dev_id: str, instance: int, version: int) -> Device:
+        """The device that will load a section, after the version check."""
+        dev = self.get(dev_id, instance)
+        if dev is None:
+            raise DeviceStateError(f"the stream has state for device {_key(dev_id, instance)}, "
+                                   "which this host does not have")
+        if version > dev.version:
+            raise DeviceStateError(f"device {_key(dev_id, instance)}: the stream has version {version}, newer than "
+                                   f"this host's version {dev.version}")
+        if version < dev.minimum_version:
+            raise DeviceStateError(f"device {_key(dev_id, instance)}: the stream has version {version}, older than "
+                                   f"the oldest this host loads ({dev.minimum_version})")
+        return dev
+
+    def load(self, section: DeviceSection) -> None:
+        dev = self.lookup(section.id, section.instance, section.version)
+        try:
+            state = msgpack.unpackb(section.payload, raw=False, strict_map_key=False)
+        except (ValueError, msgpack.UnpackException) as e:
+            raise DeviceStateError(f"device {_key(section.id, section.instance)}: corrupt state: {e}") from None
+        dev.load_state(state, section.version)
+
+    # -- buffered form (COLO checkpoints) --------------------------------------------------
+
+    def save_to_buffer(self) -> bytes:
+        """Every device's state in one buffer, to be applied all at once later."""
+        return msgpack.packb([[s.id, s.instance, s.version, s.payload] for s in self.save_all()], use_bin_type=True)
+
+    def load_from_buffer(self, buf: bytes) -> None:
+        """Check every section of a buffer first, then apply them all: a bad buffer changes nothing."""
+        try:
+            raw = msgpack.unpackb(buf, raw=False)
+            sections = [DeviceSection(str(i), int(n), int(v), bytes(p)) for i, n, v, p in raw]
+        except (ValueError, TypeError, msgpack.UnpackException) as e:
+            raise DeviceStateError(f"corrupt device state buffer: {e}") from None
+        decoded = []
+        for s in sections:
+            dev = self.lookup(s.id, s.instance, s.version)
+            try:
+                decoded.append((dev, msgpack.unpackb(s.payload, raw=False, strict_map_key=False), s.version))
+            except (ValueError, msgpack.UnpackException) as e:
+                raise DeviceStateError(f"device {_key(s.id, s.instance)}: corrupt state: {e}") from None
+        for dev, state, version in decoded:
+            dev.load_state(state, version)

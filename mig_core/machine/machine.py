@@ -1,0 +1,127 @@
+"""The machine model host software hands to mig: RAM blocks, devices, vCPU threads, run state."""
+
+from __future__ import annotations
+
+import os
+import uuid as uuid_mod
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+
+from mig_core.dirty import DirtyTracker, TrackerChoice, select_tracker
+from mig_core.machine.device import Device, DeviceRegistry
+from mig_core.machine.ram import Backing, RAMBlock, allocate, from_buffer
+from mig_core.machine.vcpu import VcpuController
+from mig_core.plugin_registry import PluginRegistry
+from mig_core.runstate import RunStateMachine
+from mig_core.schema.common import RunState
+
+log = structlog.get_logger("mig.machine")
+
+__all__ = ["Machine", "RAMBlock", "Backing", "Device", "block_layout"]
+
+
+class Machine:
+    """RAM, devices, vCPUs and run state of one program; the migration engine works on this."""
+
+    def __init__(self, *, runstate: RunState = RunState.RUNNING, uuid: str | None = None,
+                 registry: PluginRegistry | None = None) -> None:
+        self.uuid = str(uuid_mod.UUID(uuid)) if uuid else str(uuid_mod.UUID(int=0))
+        self.blocks: list[RAMBlock] = []
+        self.devices = DeviceRegistry()
+        self.vcpus = VcpuController()
+        self.run = RunStateMachine(runstate)
+        self.run.add_listener(self._follow_runstate)
+        if not self.run.running:
+            self.vcpus.hold()  # vCPUs that register now park until the machine runs
+        self.registry = registry or PluginRegistry.from_environment()
+        #: Set by a host that calls ``mark_dirty`` after every write (enables the ``host`` tracker).
+        self.host_marks_writes = False
+        #: A tracker name to use instead of auto-selection (``MIG_DIRTY_TRACKER``).
+        self.tracker_name: str | None = os.environ.get("MIG_DIRTY_TRACKER") or None
+        self._tracker: DirtyTracker | None = None
+
+    # -- RAM -------------------------------------------------------------------
+
+    def add_ram(self, name: str, size: int, **kwargs: Any) -> RAMBlock:
+        """Allocate a RAM block (memfd-backed unless ``backing`` says otherwise) and add it."""
+        self._check_new_block(name)
+        block = allocate(name, size, **kwargs)
+        self.blocks.append(block)
+        return block
+
+    def add_host_ram(self, name: str, buffer: Any, **kwargs: Any) -> RAMBlock:
+        """Add the host's own buffer as a RAM block."""
+        self._check_new_block(name)
+        block = from_buffer(name, buffer, **kwargs)
+        self.blocks.append(block)
+        return block
+
+    def _check_new_block(self, name: str) -> None:
+        if any(b.name == name for b in self.blocks):
+            raise ValueError(f"a RAM block named '{name}' already exists")
+        if self._tracker is not None:
+            raise RuntimeError("RAM blocks cannot be added while dirty tracking runs")
+
+    def block(self, name: str) -> RAMBlock:
+        for b in self.blocks:
+            if b.name == name:
+                return b
+        raise KeyError(f"no RAM block named '{name}'")
+
+    @property
+    def ram_size(self) -> int:
+        return sum(b.size for b in self.blocks)
+
+    def guest_physical(self, addr: int, size: int) -> list[tuple[RAMBlock, int, int]]:
+        """(block, offset, length) pieces of a guest-physical range: blocks laid end to end in order."""
+        if addr < 0 or size < 0 or addr + size > self.ram_size:
+            raise ValueError(f"range {addr:#x}+{size:#x} is outside guest RAM (size {self.ram_size:#x})")
+        pieces, base = [], 0
+        for b in self.blocks:
+            lo, hi = max(addr, base), min(addr + size, base + b.size)
+            if lo < hi:
+                pieces.append((b, lo - base, hi - lo))
+            base += b.size
+        return pieces
+
+    # -- dirty tracking --------------------------------------------------------------
+
+    def tracker(self) -> DirtyTracker:
+        """The machine's dirty tracker, chosen and started on first use."""
+        if self._tracker is None:
+            choice: TrackerChoice = select_tracker(self.blocks, self.registry, name=self.tracker_name,
+                                                   host_marks_writes=self.host_marks_writes)
+            self._tracker = choice.cls(self.blocks)
+        return self._tracker
+
+    def mark_dirty(self, block: str, offset: int, length: int) -> None:
+        """The host wrote ``length`` bytes at ``offset`` of ``block`` (needed by the ``host`` tracker)."""
+        t = self._tracker
+        if t is not None and hasattr(t, "mark_dirty"):
+            t.mark_dirty(block, offset, length)
+
+    # -- devices and run state --------------------------------------------------------
+
+    def add_device(self, dev: Device) -> None:
+        self.devices.register(dev)
+
+    def _follow_runstate(self, old: RunState, new: RunState, running: bool) -> None:
+        if running:
+            self.vcpus.resume_all()
+        elif old in (RunState.RUNNING, RunState.COLO):
+            self.vcpus.stop_all()
+
+    def close(self) -> None:
+        if self._tracker is not None:
+            self._tracker.close()
+            self._tracker = None
+        for b in self.blocks:
+            b.close()
+        self.blocks.clear()
+
+
+def block_layout(blocks: Sequence[RAMBlock]) -> list[tuple[str, int, int]]:
+    """(name, size, page size) of each block, in order: what source and destination must agree on."""
+    return [(b.name, b.size, b.page_size) for b in blocks]

@@ -1,0 +1,121 @@
+"""PAGEMAP_SCAN (Linux 6.7+): which pages of a range are present or written, as numpy page indices.
+
+One ioctl on ``/proc/self/pagemap`` walks the page tables of a range and returns
+runs of pages matching a category; with ``WP_MATCHING`` it also write-protects
+what it reports (the uffd-wp dirty tracker's get-and-reset).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import os
+import threading
+
+import numpy as np
+
+PAGEMAP_SCAN = 0xC0606610
+PM_SCAN_WP_MATCHING = 1
+PM_SCAN_CHECK_WPASYNC = 2
+
+PAGE_IS_WPALLOWED = 1
+PAGE_IS_WRITTEN = 2
+PAGE_IS_FILE = 4
+PAGE_IS_PRESENT = 8
+PAGE_IS_SWAPPED = 0x10
+PAGE_IS_PFNZERO = 0x20
+
+_VEC_LEN = 1 << 16
+
+
+class _ScanArg(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages",
+        "category_inverted", "category_mask", "category_anyof_mask", "return_mask")]
+
+
+class _Region(ctypes.Structure):
+    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64), ("categories", ctypes.c_uint64)]
+
+
+class PagemapScanner:
+    """Issues PAGEMAP_SCAN on this process's page tables; one per thread of use (it owns a vector)."""
+
+    def __init__(self, pid: int | str = "self") -> None:
+        self._fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        self._vec = (_Region * _VEC_LEN)()
+        self._vec_np = np.ctypeslib.as_array(ctypes.cast(self._vec, ctypes.POINTER(ctypes.c_uint64)),
+                                             shape=(_VEC_LEN * 3,))
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def scan(self, start: int, length: int, page_size: int, *, flags: int = 0, category_inverted: int = 0,
+             category_mask: int = 0, anyof_mask: int = 0, return_mask: int = 0) -> np.ndarray:
+        """Page indices (relative to ``start``) of the matching pages, sorted, as int64."""
+        end = start + length
+        runs: list[np.ndarray] = []
+        with self._lock:
+            arg = _ScanArg(size=ctypes.sizeof(_ScanArg), flags=flags, start=start, end=end,
+                           vec=ctypes.addressof(self._vec), vec_len=_VEC_LEN, category_inverted=category_inverted,
+                           category_mask=category_mask,
+                           category_anyof_mask=anyof_mask, return_mask=return_mask)
+            while True:
+                n = fcntl.ioctl(self._fd, PAGEMAP_SCAN, arg, True)
+                if n:
+                    runs.append(self._vec_np[: n * 3].reshape(n, 3)[:, :2].copy())
+                if arg.walk_end >= end or n < _VEC_LEN:
+                    break
+                arg.start = arg.walk_end
+        if not runs:
+            return np.empty(0, dtype=np.int64)
+        regions = np.concatenate(runs)
+        return runs_to_pages((regions[:, 0] - start) // page_size, (regions[:, 1] - start) // page_size)
+
+
+def runs_to_pages(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Expand half-open page runs [start, end) into sorted page indices, without a Python loop."""
+    starts = starts.astype(np.int64)
+    lengths = ends.astype(np.int64) - starts
+    total = int(lengths.sum())
+    if total == 0:
+        return np.empty(0, dtype=np.int64)
+    # offset of each output element within its run, added to the run's start
+    run_of = np.repeat(np.arange(len(starts)), lengths)
+    first = np.cumsum(lengths) - lengths
+    return starts[run_of] + (np.arange(total) - first[run_of])
+
+
+def pages_to_runs(pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Group sorted page indices into half-open runs [start, end)."""
+    if len(pages) == 0:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = pages[np.concatenate(([0], breaks))]
+    ends = pages[np.concatenate((breaks - 1, [len(pages) - 1]))] + 1
+    return starts.astype(np.int64), ends.astype(np.int64)
+
+
+_local = threading.local()
+
+
+def scanner() -> PagemapScanner:
+    """This thread's scanner for the current process."""
+    s = getattr(_local, "scanner", None)
+    if s is None:
+        s = _local.scanner = PagemapScanner()
+    return s
+
+
+def supported() -> bool:
+    """True if the kernel knows PAGEMAP_SCAN (6.7+)."""
+    buf = np.zeros(4096, dtype=np.uint8)
+    try:
+        scanner().scan(buf.ctypes.data & ~4095, 4096, 4096, anyof_mask=PAGE_IS_PRESENT, return_mask=PAGE_IS_PRESENT)
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,207 @@
+"""RAM blocks: named, page-aligned memory that mig allocates (or a host lends) and migrates.
+
+mig allocates a block from a memfd by default, so that a helper process can map
+the same pages later (postcopy, background snapshots); anonymous memory or a
+file on request. Each block records its backing so that a feature needing a
+particular one refuses a block that cannot serve it, with a precise error.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import mmap
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+
+from mig_core.machine import pagemap
+
+log = structlog.get_logger("mig.ram")
+
+_MADV_POPULATE_WRITE = 23  # Linux 5.14
+DEFAULT_PAGE_SIZE = mmap.PAGESIZE
+
+
+class Backing(enum.Enum):
+    """Where a block's pages live."""
+
+    MEMFD = "memfd"  # shared memory with a descriptor: can be mapped by a helper process
+    ANONYMOUS = "anonymous"  # private memory of this process
+    FILE = "file"  # a shared mapping of a regular file
+    HOST = "host"  # a buffer the host passed in; mig does not own its mapping
+
+
+class BackingError(ValueError):
+    """A feature needs a backing this block does not have."""
+
+
+@dataclass(eq=False)
+class RAMBlock:
+    """One named block of RAM; ``view`` and ``array`` are live, writable views of it."""
+
+    name: str
+    size: int
+    page_size: int
+    backing: Backing
+    view: memoryview
+    fd: int = -1
+    path: Path | None = None
+    _mmap: mmap.mmap | None = field(default=None, repr=False)
+    _owner: Any = field(default=None, repr=False)
+
+    @property
+    def npages(self) -> int:
+        return self.size // self.page_size
+
+    @property
+    def array(self) -> np.ndarray:
+        """The block as a flat uint8 numpy array (no copy)."""
+        return np.frombuffer(self.view, dtype=np.uint8)
+
+    @property
+    def pages(self) -> np.ndarray:
+        """The block as a (npages, page_size) uint8 array (no copy)."""
+        return self.array.reshape(self.npages, self.page_size)
+
+    @property
+    def address(self) -> int:
+        """Virtual address of the first byte in this process."""
+        return int(self.array.ctypes.data)
+
+    def require(self, *kinds: Backing, feature: str) -> None:
+        """Raise BackingError unless this block's backing is one of ``kinds``."""
+        if self.backing not in kinds:
+            wanted = " or ".join(k.value for k in kinds)
+            raise BackingError(f"{feature} needs RAM block '{self.name}' to be {wanted}-backed, "
+                               f"but it is {self.backing.value}-backed")
+
+    def populated_pages(self) -> np.ndarray:
+        """Indices of pages ever populated (never-touched pages are known zero and cost nothing to send).
+
+        A memfd or file asks the file itself (SEEK_DATA/SEEK_HOLE: exact, swapped-out pages included).
+        Other memory asks the page tables (PAGEMAP_SCAN); there, userfaultfd write-protect markers look
+        like swap entries, so while swap is active they make the answer a (safe) superset.
+        """
+        if self.fd >= 0:
+            return self._file_data_pages()
+        wanted = pagemap.PAGE_IS_PRESENT | (pagemap.PAGE_IS_SWAPPED if swap_active() else 0)
+        return pagemap.scanner().scan(
+            self.address, self.size, self.page_size,
+            category_inverted=pagemap.PAGE_IS_PFNZERO,
+            category_mask=pagemap.PAGE_IS_PFNZERO,
+            anyof_mask=wanted,
+            return_mask=wanted,
+        )
+
+    def _file_data_pages(self) -> np.ndarray:
+        starts, ends = [], []
+        pos = 0
+        while pos < self.size:
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after pos
+                break
+            if data >= self.size:
+                break
+            hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), self.size)
+            starts.append(data // self.page_size)
+            ends.append(-(-hole // self.page_size))
+            pos = hole
+        return pagemap.runs_to_pages(np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64))
+
+    def discard(self) -> None:
+        """Drop every page: the block reads as zero and holds no memory (a fresh destination)."""
+        if self.backing is Backing.HOST:
+            self.array[:] = 0
+            return
+        assert self._mmap is not None
+        if self.backing in (Backing.MEMFD, Backing.FILE):
+            self._mmap.madvise(mmap.MADV_REMOVE)
+        else:
+            self._mmap.madvise(mmap.MADV_DONTNEED)
+
+    def close(self) -> None:
+        """Release the mapping; views handed out before must no longer be used."""
+        self.view.release()
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:
+                log.warning("ram_block_still_exported", block=self.name)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def swap_active() -> bool:
+    """True if any swap device is in use on this host."""
+    try:
+        with open("/proc/swaps") as f:
+            return len(f.readlines()) > 1
+    except OSError:
+        return True
+
+
+def _check_geometry(name: str, size: int, page_size: int) -> None:
+    if not name or len(name.encode()) > 255:
+        raise ValueError(f"RAM block name must be 1 to 255 bytes, not {name!r}")
+    if page_size <= 0 or page_size & (page_size - 1) or page_size % mmap.PAGESIZE:
+        raise ValueError(f"RAM block '{name}': page size {page_size} must be a power of two multiple of "
+                         f"the host page size {mmap.PAGESIZE}")
+    if size <= 0 or size % page_size:
+        raise ValueError(f"RAM block '{name}': size {size} must be a positive multiple of its page size {page_size}")
+
+
+def allocate(name: str, size: int, *, page_size: int = DEFAULT_PAGE_SIZE, backing: Backing = Backing.MEMFD,
+             path: str | os.PathLike[str] | None = None, prealloc: bool = False) -> RAMBlock:
+    """Allocate a block; ``prealloc`` faults every page in now (like ``-mem-prealloc``)."""
+    _check_geometry(name, size, page_size)
+    fd = -1
+    file_path = None
+    if backing is Backing.MEMFD:
+        fd = os.memfd_create(f"mig:{name}", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    elif backing is Backing.ANONYMOUS:
+        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                       prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    elif backing is Backing.FILE:
+        if path is None:
+            raise ValueError(f"RAM block '{name}': a file backing needs a path")
+        file_path = Path(path)
+        fd = os.open(file_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    else:
+        raise ValueError("use from_buffer() for host buffers")
+    if prealloc:
+        try:
+            mm.madvise(_MADV_POPULATE_WRITE)
+        except OSError:
+            np.frombuffer(mm, dtype=np.uint8)[::page_size] = 0  # older kernels: touch each page
+    block = RAMBlock(name, size, page_size, backing, memoryview(mm), fd, file_path, mm)
+    log.info("ram_block_allocated", block=name, size=size, page_size=page_size, backing=backing.value,
+             prealloc=prealloc)
+    return block
+
+
+def from_buffer(name: str, buffer: Any, *, page_size: int = DEFAULT_PAGE_SIZE) -> RAMBlock:
+    """Wrap a host's own writable, contiguous buffer (bytearray, numpy array, mmap ...) as a block."""
+    view = memoryview(buffer)
+    if view.readonly:
+        raise ValueError(f"RAM block '{name}': the host buffer is read-only")
+    if not view.c_contiguous:
+        raise ValueError(f"RAM block '{name}': the host buffer must be contiguous")
+    view = view.cast("B")
+    _check_geometry(name, view.nbytes, page_size)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    if addr % mmap.PAGESIZE:
+        raise ValueError(f"RAM block '{name}': the host buffer must start on a page boundary "
+                         f"(address {addr:#x})")
+    return RAMBlock(name, view.nbytes, page_size, Backing.HOST, view, _owner=buffer)

@@ -1,0 +1,78 @@
+"""uffd-wp: the kernel records every write (userfaultfd write-protect, async mode); PAGEMAP_SCAN reads
+and re-arms it in one call. Exact, no cooperation from the host, ~1.5 µs on the first write to a page
+in each round; it cannot tell which vCPU wrote.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Sequence
+
+import numpy as np
+import structlog
+
+from mig_core.dirty import HarvestingTracker
+from mig_core.host_features import uffd_features
+from mig_core.machine import pagemap, uffd
+from mig_core.machine.ram import RAMBlock
+
+__all__ = ["UffdWpTracker"]
+
+log = structlog.get_logger("mig.tracker.uffd-wp")
+
+_SCAN = dict(flags=pagemap.PM_SCAN_WP_MATCHING | pagemap.PM_SCAN_CHECK_WPASYNC,
+             category_mask=pagemap.PAGE_IS_WRITTEN, return_mask=pagemap.PAGE_IS_WRITTEN)
+
+
+class UffdWpTracker(HarvestingTracker):
+    name = "uffd-wp"
+    exact = True
+    attributes_vcpus = False
+    preference = 10
+
+    @classmethod
+    def unavailable(cls, blocks: Sequence[RAMBlock], host_marks_writes: bool) -> str | None:
+        try:
+            feats = uffd_features()
+        except OSError as e:
+            return f"userfaultfd is not available: {e.strerror}"
+        if not feats & uffd.FEATURE_WP_ASYNC:
+            return "the kernel lacks userfaultfd WP_ASYNC (Linux 6.7+)"
+        if not pagemap.supported():
+            return "the kernel lacks PAGEMAP_SCAN (Linux 6.7+)"
+        return None
+
+    def __init__(self, blocks: Sequence[RAMBlock]) -> None:
+        super().__init__(blocks)
+        self._regs: dict[str, uffd.Registration] = {}
+        try:
+            for b in self.blocks:
+                self._arm(b)
+        except BaseException:
+            self.close()
+            raise
+
+    def _arm(self, b: RAMBlock) -> None:
+        reg = uffd.REGISTRY.register(b, uffd.Mode.WP_ASYNC, owner="dirty tracker uffd-wp")
+        self._regs[b.name] = reg
+        reg.writeprotect()
+
+    def harvest(self) -> tuple[dict[str, np.ndarray], dict[int, int]]:
+        out = {}
+        for b in self.blocks:
+            try:
+                out[b.name] = pagemap.scanner().scan(b.address, b.size, b.page_size, **_SCAN)
+            except OSError as e:
+                if e.errno != errno.EPERM:
+                    raise
+                # The registration was lost (block remapped): everything may be dirty; arm again.
+                log.warning("uffd_wp_rearm", block=b.name)
+                uffd.REGISTRY.unregister(self._regs.pop(b.name))
+                self._arm(b)
+                out[b.name] = np.arange(b.npages, dtype=np.int64)
+        return out, {}
+
+    def close(self) -> None:
+        for reg in self._regs.values():
+            uffd.REGISTRY.unregister(reg)
+        self._regs.clear()

@@ -1,0 +1,212 @@
+"""Every dirty tracker under concurrent writers: a shadow copy built only from reported pages equals memory."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from mig_core.dirty import DirtyTracker, HostTracker, select_tracker
+from mig_core.machine.machine import Machine
+from mig_core.machine.ram import Backing, BackingError
+from mig_core.plugin_registry import PluginRegistry
+
+TRACKERS = ["uffd-wp", "hash", "host"]
+
+
+def make_machine(tracker: str) -> Machine:
+    m = Machine()
+    m.add_ram("ram0", 8 << 20)  # memfd
+    m.add_ram("ram1", 4 << 20, backing=Backing.ANONYMOUS)
+    m.blocks[0].pages[:64] = 3  # some state from before tracking starts
+    m.tracker_name = tracker
+    m.host_marks_writes = tracker == "host"
+    return m
+
+
+def writers(m: Machine, stop: threading.Event, n: int = 3) -> list[threading.Thread]:
+    """Threads that write random pages by numpy fancy index, by slices and by memoryview; they mark writes."""
+
+    def body(seed: int) -> None:
+        v = m.vcpus.register()
+        rng = np.random.default_rng(seed)
+        try:
+            while not stop.is_set():
+                b = m.blocks[rng.integers(len(m.blocks))]
+                kind = seed % 3
+                if kind == 0:
+                    idx = rng.integers(0, b.npages, 32)
+                    b.pages[idx, rng.integers(0, b.page_size)] = rng.integers(1, 255)
+                    for p in idx:
+                        m.mark_dirty(b.name, int(p) * b.page_size, 1)
+                elif kind == 1:
+                    p = int(rng.integers(0, b.npages - 4))
+                    b.pages[p:p + 4] = rng.integers(0, 255, (4, b.page_size), dtype=np.uint8)
+                    m.mark_dirty(b.name, p * b.page_size, 4 * b.page_size)
+                else:
+                    off = int(rng.integers(0, b.size - 16))
+                    b.view[off:off + 16] = bytes(rng.integers(0, 255, 16, dtype=np.uint8))
+                    m.mark_dirty(b.name, off, 16)
+                v.safe_point()
+        finally:
+            v.unregister()
+
+    threads = [threading.Thread(target=body, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+class Shadow:
+    """What a destination would hold after receiving exactly the reported pages."""
+
+    def __init__(self, m: Machine, consumer) -> None:
+        self.m, self.consumer = m, consumer
+        self.copy = {b.name: np.zeros_like(b.pages) for b in m.blocks}
+        self.rounds = 0
+
+    def round(self) -> int:
+        report = self.consumer.collect()
+        for b in self.m.blocks:
+            idx = report.pages[b.name]
+            data = b.pages[idx]  # copy first, then deliver that copy
+            self.copy[b.name][idx] = data
+            self.consumer.sent(b, idx, data)
+        self.rounds += 1
+        return report.total
+
+    def equals_memory(self) -> bool:
+        return all(np.array_equal(self.copy[b.name], b.pages) for b in self.m.blocks)
+
+
+@pytest.mark.parametrize("tracker", TRACKERS)
+def test_shadow_copy_equals_memory(tracker):
+    m = make_machine(tracker)
+    try:
+        t = m.tracker()
+        assert t.name == tracker
+        mig = Shadow(m, t.consumer("migration", sends=True))
+        rate = Shadow(m, t.consumer("dirty-rate"))
+        stop = threading.Event()
+        threads = writers(m, stop)
+        deadline = time.monotonic() + 1.0
+        i = 0
+        while time.monotonic() < deadline:
+            mig.round()
+            if i % 3 == 0:
+                rate.round()  # a second consumer at its own pace never steals the first one's pages
+            i += 1
+        stop.set()
+        for th in threads:
+            th.join()
+        mig.round()
+        rate.round()
+        assert mig.equals_memory() and rate.equals_memory()
+        assert mig.round() == 0  # nothing written since: nothing reported
+        assert mig.rounds > 3
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("tracker", TRACKERS)
+def test_first_collect_reports_populated_pages_only(tracker):
+    m = make_machine(tracker)
+    try:
+        c = m.tracker().consumer("c", sends=True)
+        r = c.collect()
+        assert list(r.pages["ram0"]) == list(range(64))
+        assert len(r.pages["ram1"]) == 0
+    finally:
+        m.close()
+
+
+def test_page_changed_and_changed_back_is_not_missed_by_hash():
+    m = make_machine("hash")
+    try:
+        c = m.tracker().consumer("migration", sends=True)
+        b = m.blocks[0]
+        shadow = Shadow(m, c)
+        shadow.round()
+        b.pages[5] = 9
+        report = c.collect()  # the page is dirty now ...
+        assert 5 in report.pages["ram0"]
+        sent = b.pages[report.pages["ram0"]]  # ... and this copy is what is delivered
+        b.pages[5] = 3  # then it changes back to what the other side held before
+        c.sent(b, report.pages["ram0"], sent)
+        shadow.copy["ram0"][report.pages["ram0"]] = sent
+        assert 5 in c.collect().pages["ram0"]  # differs from what was delivered: reported again
+    finally:
+        m.close()
+
+
+def test_host_tracker_attributes_vcpus():
+    m = make_machine("host")
+    try:
+        c = m.tracker().consumer("dirty-limit")
+        c.collect()
+        done = threading.Barrier(3)
+
+        def vcpu_body(pages: int) -> None:
+            v = m.vcpus.register()
+            for p in range(pages):
+                m.mark_dirty("ram0", p * 4096, 4096)
+            done.wait()
+            v.unregister()
+
+        ts = [threading.Thread(target=vcpu_body, args=(n,)) for n in (10, 25)]
+        for t in ts:
+            t.start()
+        done.wait()
+        for t in ts:
+            t.join()
+        m.mark_dirty("ram1", 0, 4096)  # not a vCPU: counted as dirty, attributed to nobody
+        r = c.collect()
+        assert sorted(r.vcpu_pages.values()) == [10, 25]
+        assert len(r.pages["ram0"]) == 25 and list(r.pages["ram1"]) == [0]
+        with pytest.raises(ValueError, match="outside RAM block 'ram0'"):
+            m.mark_dirty("ram0", 8 << 20, 1)
+    finally:
+        m.close()
+
+
+def test_auto_selection_and_refusals():
+    m = make_machine("uffd-wp")
+    try:
+        reg = PluginRegistry()
+        choice = select_tracker(m.blocks, reg)
+        assert choice.cls.name == "uffd-wp"  # exact and needs no host cooperation
+        assert not choice.cls.attributes_vcpus
+        with pytest.raises(ValueError, match="dirty tracker 'host' cannot be used: the host does not report"):
+            select_tracker(m.blocks, reg, name="host")
+        reg.disable("uffd-wp")
+        choice = select_tracker(m.blocks, reg)
+        assert choice.cls.name == "hash" and "uffd-wp" not in choice.skipped
+        assert select_tracker(m.blocks, reg, host_marks_writes=True).cls is HostTracker
+        assert issubclass(choice.cls, DirtyTracker)
+    finally:
+        m.close()
+
+
+def test_uffd_wp_and_postcopy_cannot_share_a_block():
+    from mig_core.machine import uffd
+
+    m = make_machine("uffd-wp")
+    try:
+        m.tracker()
+        with pytest.raises(uffd.UffdError, match="already registered with userfaultfd for wp-async \\(dirty "
+                                                 "tracking, by dirty tracker uffd-wp\\); it cannot also serve "
+                                                 "missing \\(postcopy\\)"):
+            uffd.REGISTRY.register(m.blocks[0], uffd.Mode.MISSING, owner="postcopy")
+    finally:
+        m.close()
+    # closing the tracker released the registration
+    m2 = make_machine("uffd-wp")
+    try:
+        reg = uffd.REGISTRY.register(m2.blocks[0], uffd.Mode.MISSING, owner="postcopy")
+        uffd.REGISTRY.unregister(reg)
+        with pytest.raises(BackingError, match="needs RAM block 'ram1' to be memfd-backed, but it is anonymous"):
+            uffd.REGISTRY.register(m2.blocks[1], uffd.Mode.MISSING, owner="postcopy")
+    finally:
+        m2.close()
