@@ -1,0 +1,243 @@
+"""Channels: what a transport hands the stream layer, with the abilities it declares.
+
+A channel moves bytes in order. It may support several channels per migration
+(multifd), a return path, zero-copy sends (then ``flush_zero_copy`` must be
+called before reusing buffers), positioned writes (files). Every channel can
+be aborted from another thread, which unblocks a stuck send or receive at
+once. ``SocketChannel`` wraps any connected stream socket; ``loopback_pair``
+is an in-memory pair for unit tests.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+Buffer = Any  # bytes, bytearray, memoryview or a contiguous numpy array
+
+#: Linux limits one sendmsg to IOV_MAX buffers.
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+class ChannelError(ConnectionError):
+    """The channel failed; the message says how."""
+
+
+class ChannelAborted(ChannelError):
+    """The channel was aborted (``abort()``) while or before it was used."""
+
+
+class ChannelEOF(ChannelError):
+    """The peer closed the channel before the expected bytes arrived."""
+
+
+@dataclass(frozen=True)
+class ChannelAbilities:
+    """What a channel (and its transport) can do."""
+
+    multiple_channels: bool = False
+    return_path: bool = False
+    zero_copy: bool = False
+    positioned: bool = False
+
+
+class Channel(ABC):
+    """An ordered byte channel; subclasses implement the primitive operations."""
+
+    abilities: ChannelAbilities = ChannelAbilities()
+
+    def __init__(self) -> None:
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.abort_reason: str | None = None
+
+    # -- sending -----------------------------------------------------------------
+
+    @abstractmethod
+    def _sendv(self, buffers: Sequence[Buffer]) -> int:
+        """Send as much of ``buffers`` as possible in one call; return the byte count."""
+
+    def sendv(self, buffers: Sequence[Buffer]) -> None:
+        """Send every byte of ``buffers``, in order (scatter-gather, no joining copy)."""
+        views = [memoryview(b).cast("B") for b in buffers]
+        views = [v for v in views if v.nbytes]
+        while views:
+            self._check_abort()
+            n = self._sendv(views[:IOV_MAX])
+            self.bytes_sent += n
+            while n and views:
+                if n >= views[0].nbytes:
+                    n -= views[0].nbytes
+                    views.pop(0)
+                else:
+                    views[0] = views[0][n:]
+                    n = 0
+
+    def send(self, data: Buffer) -> None:
+        self.sendv([data])
+
+    def flush_zero_copy(self) -> None:
+        """Wait until the kernel no longer needs buffers passed to zero-copy sends."""
+
+    # -- receiving -----------------------------------------------------------------
+
+    @abstractmethod
+    def _recv_into(self, view: memoryview) -> int:
+        """Receive up to ``len(view)`` bytes; 0 means end of stream."""
+
+    def recv_into(self, buf: Buffer) -> None:
+        """Fill ``buf`` completely or raise ChannelEOF / ChannelAborted."""
+        view = memoryview(buf).cast("B")
+        got = 0
+        while got < view.nbytes:
+            self._check_abort()
+            n = self._recv_into(view[got:])
+            if n == 0:
+                self._check_abort()
+                raise ChannelEOF(f"the stream ended {view.nbytes - got} bytes early (wanted {view.nbytes})")
+            got += n
+            self.bytes_received += n
+
+    def recv_exact(self, n: int) -> bytes:
+        buf = bytearray(n)
+        self.recv_into(buf)
+        return bytes(buf)
+
+    # -- positioned I/O (file transports) -------------------------------------------------
+
+    def pwritev(self, buffers: Sequence[Buffer], offset: int) -> None:
+        raise ChannelError(f"{type(self).__name__} has no positioned writes")
+
+    def preadv_into(self, buf: Buffer, offset: int) -> None:
+        raise ChannelError(f"{type(self).__name__} has no positioned reads")
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def abort(self, reason: str = "aborted") -> None:
+        """Make every pending and future operation fail with ChannelAborted; callable from any thread."""
+        if self.abort_reason is None:
+            self.abort_reason = reason
+        self._unblock()
+
+    @abstractmethod
+    def _unblock(self) -> None: ...
+
+    def _check_abort(self) -> None:
+        if self.abort_reason is not None:
+            raise ChannelAborted(self.abort_reason)
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Channel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SocketChannel(Channel):
+    """A connected stream socket (tcp, unix, vsock, a socketpair); abort shuts it down."""
+
+    abilities = ChannelAbilities(multiple_channels=True, return_path=True)
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        sock.setblocking(True)
+        self.sock = sock
+
+    def _sendv(self, buffers: Sequence[Buffer]) -> int:
+        try:
+            return self.sock.sendmsg(buffers)
+        except OSError as e:
+            self._check_abort()
+            raise ChannelError(f"send failed: {e.strerror or e}") from None
+
+    def _recv_into(self, view: memoryview) -> int:
+        try:
+            return self.sock.recv_into(view)
+        except OSError as e:
+            self._check_abort()
+            raise ChannelError(f"receive failed: {e.strerror or e}") from None
+
+    def _unblock(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _Pipe:
+    """One direction of an in-memory channel: a bounded byte buffer."""
+
+    def __init__(self, capacity: int) -> None:
+        self.buf = bytearray()
+        self.capacity = capacity
+        self.closed = False
+        self.cond = threading.Condition()
+
+
+class LoopbackChannel(Channel):
+    """One end of an in-memory channel pair (see ``loopback_pair``)."""
+
+    abilities = ChannelAbilities(multiple_channels=True, return_path=True)
+
+    def __init__(self, out: _Pipe, inp: _Pipe) -> None:
+        super().__init__()
+        self._out, self._in = out, inp
+
+    def _sendv(self, buffers: Sequence[Buffer]) -> int:
+        p = self._out
+        with p.cond:
+            while len(p.buf) >= p.capacity and not p.closed and self.abort_reason is None:
+                p.cond.wait()
+            self._check_abort()
+            if p.closed:
+                raise ChannelError("send failed: the peer closed the channel")
+            room = p.capacity - len(p.buf)
+            n = 0
+            for b in buffers:
+                take = memoryview(b)[: room - n]
+                p.buf += take
+                n += take.nbytes
+                if n == room:
+                    break
+            p.cond.notify_all()
+            return n
+
+    def _recv_into(self, view: memoryview) -> int:
+        p = self._in
+        with p.cond:
+            while not p.buf and not p.closed and self.abort_reason is None:
+                p.cond.wait()
+            self._check_abort()
+            n = min(len(p.buf), view.nbytes)
+            view[:n] = p.buf[:n]
+            del p.buf[:n]
+            p.cond.notify_all()
+            return n
+
+    def _unblock(self) -> None:
+        for p in (self._out, self._in):
+            with p.cond:
+                p.cond.notify_all()
+
+    def close(self) -> None:
+        for p in (self._out, self._in):
+            with p.cond:
+                p.closed = True
+                p.cond.notify_all()
+
+
+def loopback_pair(capacity: int = 4 << 20) -> tuple[LoopbackChannel, LoopbackChannel]:
+    """Two connected in-memory channels; each direction buffers at most ``capacity`` bytes."""
+    a, b = _Pipe(capacity), _Pipe(capacity)
+    return LoopbackChannel(a, b), LoopbackChannel(b, a)

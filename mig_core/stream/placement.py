@@ -1,0 +1,60 @@
+"""Where received pages land: one interface (plain copy now; UFFDIO_COPY for postcopy and a
+checkpoint cache for COLO later), which also keeps a received-pages bitmap per block."""
+
+from __future__ import annotations
+
+import mmap
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import numpy as np
+
+from mig_core.machine.pagemap import pages_to_runs
+from mig_core.machine.ram import Backing, RAMBlock
+
+
+class PagePlacer(ABC):
+    """Puts received pages into RAM blocks and remembers which pages arrived."""
+
+    def __init__(self, blocks: Sequence[RAMBlock]) -> None:
+        self.blocks = list(blocks)
+        self.received = {b.name: np.zeros(b.npages, dtype=bool) for b in self.blocks}
+
+    def direct_view(self, block: RAMBlock, pages: np.ndarray) -> memoryview | None:
+        """A view to receive ``pages`` straight into, when they can land without staging (else None)."""
+        return None
+
+    @abstractmethod
+    def place(self, block: RAMBlock, pages: np.ndarray, data: np.ndarray | None) -> None:
+        """Pages arrived: ``data`` holds one row per page, or None if they were received via direct_view."""
+
+    @abstractmethod
+    def place_zero(self, block: RAMBlock, pages: np.ndarray) -> None:
+        """These pages are zero now."""
+
+
+class CopyPlacer(PagePlacer):
+    """Copies pages into the block (precopy); zero pages free their memory instead of being written."""
+
+    def direct_view(self, block: RAMBlock, pages: np.ndarray) -> memoryview | None:
+        first, n = int(pages[0]), len(pages)
+        if int(pages[-1]) - first + 1 != n or not np.all(np.diff(pages) == 1):
+            return None
+        return block.view[first * block.page_size:(first + n) * block.page_size]
+
+    def place(self, block: RAMBlock, pages: np.ndarray, data: np.ndarray | None) -> None:
+        if data is not None:
+            block.pages[pages] = data
+        self.received[block.name][pages] = True
+
+    def place_zero(self, block: RAMBlock, pages: np.ndarray) -> None:
+        # Writing zeros would populate memory; dropping the pages reads back as zero and frees it.
+        ps = block.page_size
+        starts, ends = pages_to_runs(np.sort(pages))
+        if block.backing is Backing.HOST or block._mmap is None:
+            block.pages[pages] = 0
+        else:
+            advice = mmap.MADV_REMOVE if block.backing in (Backing.MEMFD, Backing.FILE) else mmap.MADV_DONTNEED
+            for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+                block._mmap.madvise(advice, s * ps, (e - s) * ps)
+        self.received[block.name][pages] = True

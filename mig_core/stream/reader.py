@@ -1,0 +1,222 @@
+"""Reading a stream: every field is checked before anything lands in RAM.
+
+A wrong magic, version, block, size, offset or count, a truncated or garbage
+stream raises ``StreamError`` with a precise message; nothing is ever written
+outside a block, and a peer that closes early ends the read (no hang).
+"""
+
+from __future__ import annotations
+
+import uuid as uuid_mod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from mig_core.channel import Channel, ChannelEOF
+from mig_core.machine.device import DeviceSection
+from mig_core.machine.ram import RAMBlock
+from mig_core.stream.format import (
+    HEADER,
+    MAGIC,
+    MAX_BATCH_BYTES,
+    MAX_BATCH_PAGES,
+    MAX_BLOCKS,
+    MAX_META_BYTES,
+    META_HEADER,
+    PAGES_HEADER,
+    VERSION,
+    Command,
+    PageEncoding,
+    Section,
+)
+from mig_core.stream.placement import PagePlacer
+
+
+class StreamError(ValueError):
+    """The incoming stream is not one this host can load; the message says exactly why."""
+
+
+@dataclass(frozen=True)
+class PagesReceived:
+    block: RAMBlock
+    pages: np.ndarray
+    encoding: PageEncoding
+
+
+@dataclass(frozen=True)
+class DevicePart:
+    id: str
+    instance: int
+    version: int
+    chunk: bytes
+
+
+@dataclass(frozen=True)
+class CommandReceived:
+    command: Command
+    argument: Any
+
+
+@dataclass(frozen=True)
+class PassEnd:
+    number: int
+
+
+@dataclass(frozen=True)
+class End:
+    pass
+
+
+Item = PagesReceived | DeviceSection | DevicePart | CommandReceived | PassEnd | End
+
+
+def _expect(cond: bool, message: str) -> None:
+    if not cond:
+        raise StreamError(message)
+
+
+class StreamReader:
+    """Reads one stream from a channel into local RAM blocks through a page placer."""
+
+    def __init__(self, channel: Channel, blocks: Sequence[RAMBlock], placer: PagePlacer) -> None:
+        self.channel = channel
+        self.local = {b.name: b for b in blocks}
+        self.placer = placer
+        self.source_uuid = ""
+        self.version = 0
+        self._blocks: list[RAMBlock] = []  # indexed as the source numbered them
+        self._staging = np.empty(0, dtype=np.uint8)
+
+    def _recv(self, n: int, what: str) -> bytes:
+        try:
+            return self.channel.recv_exact(n)
+        except ChannelEOF as e:
+            raise StreamError(f"truncated stream: it ended inside {what} ({e})") from None
+
+    def _recv_into(self, buf: Any, what: str) -> None:
+        try:
+            self.channel.recv_into(buf)
+        except ChannelEOF as e:
+            raise StreamError(f"truncated stream: it ended inside {what} ({e})") from None
+
+    # -- header ----------------------------------------------------------------
+
+    def read_header(self) -> None:
+        """Check magic, version and the source's block list against this host's blocks."""
+        magic, version, _flags, raw_uuid = HEADER.unpack(self._recv(HEADER.size, "the stream header"))
+        _expect(magic == MAGIC, f"not a mig migration stream (bad magic {magic!r})")
+        _expect(version != 0 and version <= VERSION,
+                f"the stream has format version {version}; this host reads version {VERSION}")
+        self.version = version
+        self.source_uuid = str(uuid_mod.UUID(bytes=raw_uuid))
+        (section,) = self._recv(1, "the block list")
+        _expect(section == Section.BLOCKS, f"the stream must start with its block list, not section {section:#04x}")
+        blocks = self._meta(Section.BLOCKS)
+        _expect(isinstance(blocks, list) and 0 < len(blocks) <= MAX_BLOCKS,
+                "corrupt block list: expected 1 to 4096 blocks")
+        seen: set[str] = set()
+        for entry in blocks:
+            _expect(isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+                    and all(isinstance(x, int) and not isinstance(x, bool) for x in entry[1:]),
+                    f"corrupt block list entry {entry!r}")
+            name, size, page_size = entry
+            _expect(name not in seen, f"the block list names RAM block '{name}' twice")
+            seen.add(name)
+            local = self.local.get(name)
+            _expect(local is not None, f"the source has RAM block '{name}' ({size} bytes), which this host "
+                                       "does not have")
+            assert local is not None
+            _expect(size == local.size, f"RAM block '{name}' is {size} bytes on the source but {local.size} here")
+            _expect(page_size == local.page_size, f"RAM block '{name}' has page size {page_size} on the source "
+                                                  f"but {local.page_size} here")
+            self._blocks.append(local)
+        missing = sorted(set(self.local) - seen)
+        _expect(not missing, f"this host has RAM block '{missing[0]}', which the source does not send"
+                if missing else "")
+
+    # -- sections ----------------------------------------------------------------
+
+    def _meta(self, section: Section) -> Any:
+        rest = self._recv(META_HEADER.size - 1, f"a {section.name} section header")
+        (length,) = META_HEADER.unpack(bytes([section]) + rest)[1:]
+        _expect(length <= MAX_META_BYTES, f"{section.name} section of {length} bytes exceeds the "
+                                          f"{MAX_META_BYTES >> 20} MiB limit")
+        payload = self._recv(length, f"a {section.name} section")
+        try:
+            return msgpack.unpackb(payload, raw=False, strict_map_key=False)
+        except (ValueError, msgpack.UnpackException) as e:
+            raise StreamError(f"corrupt {section.name} section: {e}") from None
+
+    def next(self) -> Item:
+        """Read and apply the next section."""
+        (raw,) = self._recv(1, "a section type")
+        try:
+            section = Section(raw)
+        except ValueError:
+            raise StreamError(f"unknown section type {raw:#04x} at stream byte "
+                              f"{self.channel.bytes_received - 1}") from None
+        if section is Section.PAGES:
+            return self._pages()
+        if section is Section.END:
+            return End()
+        _expect(section is not Section.BLOCKS, "a second block list in the stream")
+        obj = self._meta(section)
+        if section in (Section.DEVICE, Section.DEVICE_PART):
+            _expect(isinstance(obj, list) and len(obj) == 4 and isinstance(obj[0], str)
+                    and isinstance(obj[1], int) and isinstance(obj[2], int) and isinstance(obj[3], bytes),
+                    f"corrupt {section.name} section")
+            cls = DeviceSection if section is Section.DEVICE else DevicePart
+            return cls(obj[0], obj[1], obj[2], obj[3])
+        if section is Section.COMMAND:
+            _expect(isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], int), "corrupt COMMAND section")
+            try:
+                return CommandReceived(Command(obj[0]), obj[1])
+            except ValueError:
+                raise StreamError(f"unknown command {obj[0]}") from None
+        _expect(isinstance(obj, list) and len(obj) == 1 and isinstance(obj[0], int), "corrupt PASS section")
+        return PassEnd(obj[0])
+
+    def _pages(self) -> PagesReceived:
+        rest = self._recv(PAGES_HEADER.size - 1, "a PAGES section header")
+        _, enc, index, count = PAGES_HEADER.unpack(bytes([Section.PAGES]) + rest)
+        try:
+            encoding = PageEncoding(enc)
+        except ValueError:
+            raise StreamError(f"unknown page encoding {enc}") from None
+        _expect(index < len(self._blocks), f"page batch for block index {index}, but the source listed "
+                                           f"{len(self._blocks)} blocks")
+        block = self._blocks[index]
+        _expect(0 < count <= MAX_BATCH_PAGES, f"page batch of {count} pages (allowed: 1 to {MAX_BATCH_PAGES})")
+        nbytes = count * block.page_size
+        _expect(encoding is PageEncoding.ZERO or nbytes <= MAX_BATCH_BYTES,
+                f"page batch of {nbytes} bytes exceeds the {MAX_BATCH_BYTES >> 20} MiB limit")
+        pages = np.empty(count, dtype="<u8")
+        self._recv_into(pages, "a page batch's offsets")
+        _expect(bool((pages < block.npages).all()), f"page batch for RAM block '{block.name}' names page "
+                                                    f"{int(pages.max())}, beyond its {block.npages} pages")
+        pages = pages.astype(np.int64)
+        if encoding is PageEncoding.ZERO:
+            self.placer.place_zero(block, pages)
+            return PagesReceived(block, pages, encoding)
+        direct = self.placer.direct_view(block, pages)
+        if direct is not None:
+            self._recv_into(direct, "a page batch's data")
+            self.placer.place(block, pages, None)
+        else:
+            if self._staging.nbytes < nbytes:
+                self._staging = np.empty(nbytes, dtype=np.uint8)
+            data = self._staging[:nbytes]
+            self._recv_into(data, "a page batch's data")
+            self.placer.place(block, pages, data.reshape(count, block.page_size))
+        return PagesReceived(block, pages, encoding)
+
+    def __iter__(self) -> Iterator[Item]:
+        """Every section up to and including the end marker."""
+        while True:
+            item = self.next()
+            yield item
+            if isinstance(item, End):
+                return

@@ -1,0 +1,106 @@
+"""Writing a stream: header, block list, page batches, device state, commands, end marker."""
+
+from __future__ import annotations
+
+import uuid as uuid_mod
+from collections.abc import Sequence
+
+import msgpack
+import numpy as np
+
+from mig_core.channel import IOV_MAX, Channel
+from mig_core.machine.device import DeviceSection
+from mig_core.machine.pagemap import pages_to_runs
+from mig_core.machine.ram import RAMBlock
+from mig_core.stream.format import (
+    HEADER,
+    MAGIC,
+    MAX_BATCH_BYTES,
+    MAX_BATCH_PAGES,
+    META_HEADER,
+    PAGES_HEADER,
+    VERSION,
+    Command,
+    PageEncoding,
+    Section,
+)
+
+#: Scatter-gather from RAM when a batch has at most this many runs; gather-copy otherwise.
+_MAX_RUNS = IOV_MAX - 3
+
+
+class StreamWriter:
+    """Frames sections onto a channel; page data goes out with sendmsg straight from RAM when it can."""
+
+    def __init__(self, channel: Channel, blocks: Sequence[RAMBlock]) -> None:
+        self.channel = channel
+        self.blocks = list(blocks)
+        self._index = {b.name: i for i, b in enumerate(self.blocks)}
+
+    def write_header(self, source_uuid: str) -> None:
+        """Magic, version, uuid, then the block list (the destination checks it against its own)."""
+        self.channel.send(HEADER.pack(MAGIC, VERSION, 0, uuid_mod.UUID(source_uuid).bytes))
+        self._meta(Section.BLOCKS, [[b.name, b.size, b.page_size] for b in self.blocks])
+
+    def _meta(self, section: Section, obj: object) -> None:
+        payload = msgpack.packb(obj, use_bin_type=True)
+        self.channel.sendv([META_HEADER.pack(section, len(payload)), payload])
+
+    def max_batch(self, block: RAMBlock) -> int:
+        """Most pages one batch of this block may carry."""
+        return max(1, min(MAX_BATCH_PAGES, MAX_BATCH_BYTES // block.page_size))
+
+    def write_pages(self, block: RAMBlock, pages: np.ndarray, data: np.ndarray | None = None) -> int:
+        """Send ``pages`` of ``block`` (sorted indices); ``data`` (one row per page) instead of RAM if given.
+
+        Returns the bytes written. Batches larger than the limit are split.
+        """
+        step = self.max_batch(block)
+        total = 0
+        for i in range(0, len(pages), step):
+            part = pages[i:i + step]
+            total += self._batch(block, part, None if data is None else data[i:i + step])
+        return total
+
+    def _batch(self, block: RAMBlock, pages: np.ndarray, data: np.ndarray | None) -> int:
+        idx = np.ascontiguousarray(pages, dtype="<u8")
+        head = PAGES_HEADER.pack(Section.PAGES, PageEncoding.RAW, self._index[block.name], len(idx))
+        ps = block.page_size
+        if data is not None:
+            bufs = [head, idx, np.ascontiguousarray(data)]
+        else:
+            starts, ends = pages_to_runs(pages)
+            if len(starts) <= _MAX_RUNS:
+                view = block.view
+                bufs = [head, idx, *(view[s * ps:e * ps] for s, e in zip(starts.tolist(), ends.tolist(),
+                                                                       strict=True))]
+            else:
+                bufs = [head, idx, block.pages[pages]]  # numpy gather: one copy, no per-page work
+        self.channel.sendv(bufs)
+        return PAGES_HEADER.size + idx.nbytes + len(pages) * ps
+
+    def write_zero_pages(self, block: RAMBlock, pages: np.ndarray) -> int:
+        """Tell the destination these pages are zero now (no page data travels)."""
+        step = MAX_BATCH_PAGES
+        total = 0
+        for i in range(0, len(pages), step):
+            idx = np.ascontiguousarray(pages[i:i + step], dtype="<u8")
+            self.channel.sendv([PAGES_HEADER.pack(Section.PAGES, PageEncoding.ZERO, self._index[block.name],
+                                                  len(idx)), idx])
+            total += PAGES_HEADER.size + idx.nbytes
+        return total
+
+    def write_device(self, section: DeviceSection) -> None:
+        self._meta(Section.DEVICE, [section.id, section.instance, section.version, section.payload])
+
+    def write_device_part(self, dev_id: str, instance: int, version: int, chunk: bytes) -> None:
+        self._meta(Section.DEVICE_PART, [dev_id, instance, version, chunk])
+
+    def write_command(self, command: Command, argument: object = None) -> None:
+        self._meta(Section.COMMAND, [int(command), argument])
+
+    def write_pass(self, number: int) -> None:
+        self._meta(Section.PASS, [number])
+
+    def write_end(self) -> None:
+        self.channel.send(bytes([Section.END]))
