@@ -20,7 +20,7 @@ from mig_core.events import EventEmitter
 from mig_core.hooks import make_plugin_manager
 from mig_core.plugin_registry import PluginRegistry
 from mig_core.qapi import UNSET, to_qmp
-from mig_core.runstate import RunStateMachine
+from mig_core.machine.machine import Machine
 from mig_core.schema.commands import MigrateSetCapabilitiesArgs, MigrationEventData
 from mig_core.schema.common import RunState, ShutdownCause, ShutdownEventData, StatusInfo, VersionInfo, VersionTriple
 from mig_core.schema.migration import MigrationCapability as C
@@ -43,15 +43,17 @@ class MigrationManager:
 
     def __init__(
         self,
+        machine: Machine | None = None,
         *,
         runstate: RunState = RunState.RUNNING,
         registry: PluginRegistry | None = None,
         pm: pluggy.PluginManager | None = None,
     ) -> None:
-        self.registry = registry or PluginRegistry.from_environment()
+        self.registry = registry or (machine.registry if machine else PluginRegistry.from_environment())
+        self.machine = machine or Machine(runstate=runstate, registry=self.registry)
         self.pm = pm or make_plugin_manager(self.registry)
         self.events = EventEmitter(self.pm)
-        self.run = RunStateMachine(runstate)
+        self.run = self.machine.run
         self.run.add_listener(self._on_runstate)
         self.source = StatusMachine(Side.SOURCE, self._on_status)
         self.destination = StatusMachine(Side.DESTINATION, self._on_status)
@@ -115,7 +117,10 @@ class MigrationManager:
         return "colo" in self.registry.names("mig_core.replication")
 
     def per_vcpu_dirty_available(self) -> bool:
-        return False
+        try:
+            return self.machine.tracker_class().attributes_vcpus
+        except (ValueError, LookupError):
+            return False
 
     # -- QMP: machine ------------------------------------------------------------
 
@@ -134,6 +139,20 @@ class MigrationManager:
     def quit(self) -> None:
         self.events.emit("SHUTDOWN", ShutdownEventData(guest=False, reason=ShutdownCause.HOST_QMP_QUIT))
         self.quit_requested.set()
+
+    def pmemsave(self, args: Any) -> None:
+        """Write guest-physical memory (RAM blocks end to end, in order) to a file."""
+        try:
+            pieces = self.machine.guest_physical(args.val, args.size)
+        except ValueError:
+            raise QMPError(f"Invalid addr 0x{args.val & (2**64 - 1):016x}/size {args.size} specified") from None
+        try:
+            f = open(args.filename, "wb")
+        except OSError as e:
+            raise QMPError(f"Could not open '{args.filename}': {e.strerror}") from None
+        with f:
+            for block, offset, length in pieces:
+                f.write(block.view[offset:offset + length])
 
     # -- QMP: capabilities and parameters ------------------------------------------
 

@@ -40,11 +40,12 @@ class Host:
             stdout=subprocess.PIPE, stderr=self.log, env=full_env, text=True,
         )
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()  # "mig: QMP listening on ..." once listening
-        if "listening" not in line:
-            self.proc.kill()
-            self.proc.wait()
-            raise RuntimeError(f"mig run did not start: {line!r}\n{self.logs()}")
+        for _ in range(1 + args.count("--qmp")):  # one "mig: QMP listening on ..." line per monitor
+            line = self.proc.stdout.readline()
+            if "listening" not in line:
+                self.proc.kill()
+                self.proc.wait()
+                raise RuntimeError(f"mig run did not start: {line!r}\n{self.logs()}")
 
     def logs(self) -> str:
         self.log.flush()

@@ -88,12 +88,16 @@ class Machine:
 
     # -- dirty tracking --------------------------------------------------------------
 
+    def tracker_class(self) -> type[DirtyTracker]:
+        """The tracker that would serve this machine (named, or the best that works here)."""
+        choice: TrackerChoice = select_tracker(self.blocks, self.registry, name=self.tracker_name,
+                                               host_marks_writes=self.host_marks_writes)
+        return choice.cls
+
     def tracker(self) -> DirtyTracker:
         """The machine's dirty tracker, chosen and started on first use."""
         if self._tracker is None:
-            choice: TrackerChoice = select_tracker(self.blocks, self.registry, name=self.tracker_name,
-                                                   host_marks_writes=self.host_marks_writes)
-            self._tracker = choice.cls(self.blocks)
+            self._tracker = self.tracker_class()(self.blocks)
         return self._tracker
 
     def mark_dirty(self, block: str, offset: int, length: int) -> None:
