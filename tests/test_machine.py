@@ -1,0 +1,301 @@
+"""The machine model: RAM blocks, vCPU stop/throttle/resume, run-state callbacks, devices."""
+
+from __future__ import annotations
+
+import mmap
+import threading
+import time
+
+import msgpack
+import numpy as np
+import pytest
+
+from mig_core.machine import uffd
+from mig_core.machine.device import Device, DeviceRegistry, DeviceSection, DeviceStateError
+from mig_core.machine.machine import Machine, block_layout
+from mig_core.machine.ram import Backing, BackingError, allocate, from_buffer
+from mig_core.machine.vcpu import VcpuController, VcpuStopTimeout
+from mig_core.schema.common import RunState
+from mig_core.testing import wait_until
+
+# --- RAM --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backing", [Backing.MEMFD, Backing.ANONYMOUS, Backing.FILE])
+def test_blocks_of_each_backing(backing, tmp_path):
+    kw = {"path": tmp_path / "ram.img"} if backing is Backing.FILE else {}
+    b = allocate("ram", 1 << 20, backing=backing, **kw)
+    try:
+        assert (b.npages, b.page_size, b.backing) == (256, mmap.PAGESIZE, backing)
+        assert len(b.populated_pages()) == 0
+        b.pages[7] = 1
+        b.array[10 * 4096 + 5] = 2
+        b.view[200 * 4096] = 3
+        assert list(b.populated_pages()) == [7, 10, 200]
+        assert (b.fd >= 0) == (backing is not Backing.ANONYMOUS)
+        b.discard()
+        assert len(b.populated_pages()) == 0 and not b.array.any()
+    finally:
+        b.close()
+
+
+def test_prealloc_populates_every_page():
+    b = allocate("ram", 4 << 20, prealloc=True)
+    try:
+        assert len(b.populated_pages()) == b.npages
+    finally:
+        b.close()
+
+
+def test_never_touched_gib_costs_nothing_to_scan():
+    b = allocate("big", 1 << 30)
+    try:
+        assert len(b.populated_pages()) == 0  # its speed is measured in benchmarks/, not asserted here
+        assert b.array.nbytes == 1 << 30
+    finally:
+        b.close()
+
+
+def test_host_buffers_and_their_limits():
+    buf = mmap.mmap(-1, 1 << 16)
+    b = from_buffer("host", buf)
+    assert b.backing is Backing.HOST and b.npages == 16
+    b.pages[1] = 5
+    assert buf[4096] == 5  # the host's own memory
+    with pytest.raises(BackingError, match="userfaultfd missing \\(postcopy\\) needs RAM block 'host' to be "
+                                           "memfd-backed, but it is host-backed"):
+        uffd.REGISTRY.register(b, uffd.Mode.MISSING, owner="postcopy")
+    with pytest.raises(ValueError, match="read-only"):
+        from_buffer("ro", bytes(4096))
+    with pytest.raises(ValueError, match="must start on a page boundary"):
+        from_buffer("odd", memoryview(buf)[1:4097])
+    with pytest.raises(ValueError, match="size 100 must be a positive multiple of its page size 4096"):
+        from_buffer("small", bytearray(100))
+    with pytest.raises(ValueError, match="page size 1000 must be a power of two"):
+        allocate("x", 4096, page_size=1000)
+
+
+def test_machine_blocks_and_guest_physical_layout():
+    m = Machine()
+    try:
+        a = m.add_ram("a", 8192)
+        b = m.add_ram("b", 4096 * 4, backing=Backing.ANONYMOUS)
+        with pytest.raises(ValueError, match="a RAM block named 'a' already exists"):
+            m.add_ram("a", 4096)
+        assert block_layout(m.blocks) == [("a", 8192, 4096), ("b", 16384, 4096)]
+        pieces = m.guest_physical(4096, 8192)
+        assert [(p[0].name, p[1], p[2]) for p in pieces] == [("a", 4096, 4096), ("b", 0, 4096)]
+        with pytest.raises(ValueError, match="outside guest RAM"):
+            m.guest_physical(0, 8192 + 16384 + 1)
+        assert m.ram_size == 8192 + 16384 and a is m.block("a") and b is m.block("b")
+    finally:
+        m.close()
+
+
+# --- vCPUs and run state ---------------------------------------------------------------
+
+
+def spin_vcpus(c: VcpuController, n: int, stop: threading.Event, counts: list[int]):
+    def body(v):
+        while not stop.is_set():
+            counts[v.index] += 1
+            v.safe_point()
+
+    return c.run(body, n)
+
+
+def test_stop_and_resume_eight_vcpus():
+    c = VcpuController()
+    stop = threading.Event()
+    counts = [0] * 8
+    threads = spin_vcpus(c, 8, stop, counts)
+    try:
+        while len(c.vcpus) < 8:
+            time.sleep(0.01)
+        for _ in range(5):
+            latency = c.stop_all(timeout=5)
+            assert latency >= 0 and all(v.parked for v in c.vcpus)
+            frozen = list(counts)
+            time.sleep(0.05)
+            assert counts == frozen  # nobody runs while stopped
+            c.resume_all()
+            wait_until(lambda: all(x > y for x, y in zip(counts, frozen, strict=True)))  # every vCPU runs again
+        assert c.last_stop_latency == latency
+    finally:
+        stop.set()
+        c.resume_all()
+        for t in threads:
+            t.join()
+
+
+def test_stop_times_out_naming_the_late_vcpu():
+    c = VcpuController()
+    release = threading.Event()
+    registered = threading.Event()
+
+    def never_safe():
+        v = c.register("stubborn")
+        registered.set()
+        release.wait()
+        v.safe_point()
+        v.unregister()
+
+    t = threading.Thread(target=never_safe)
+    t.start()
+    registered.wait()
+    with pytest.raises(VcpuStopTimeout, match="vCPUs did not reach a safe point within 0.2 s: stubborn"):
+        c.stop_all(timeout=0.2)
+    assert not c.stopped  # a failed stop leaves the machine running
+    release.set()
+    t.join()
+
+
+def test_throttle_takes_its_share_and_ends():
+    c = VcpuController()
+    stop = threading.Event()
+    counts = [0] * 2
+    threads = spin_vcpus(c, 2, stop, counts)
+    try:
+        time.sleep(0.05)
+        c.set_throttle(80)
+        time.sleep(0.5)
+        slept = [v.throttled_seconds for v in c.vcpus]
+        assert all(0.2 < s < 0.5 for s in slept), slept  # about 80 % of 0.5 s each
+        c.set_throttle(0)
+        before = [v.throttled_seconds for v in c.vcpus]
+        time.sleep(0.1)
+        assert [v.throttled_seconds for v in c.vcpus] == before  # full speed again
+        with pytest.raises(ValueError):
+            c.set_throttle(100)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
+def test_run_state_stops_vcpus_and_calls_listeners():
+    m = Machine(runstate=RunState.PRELAUNCH)
+    seen = []
+    m.run.add_listener(lambda old, new, running: seen.append((old.value, new.value, running)))
+    stop = threading.Event()
+    counts = [0]
+    threads = spin_vcpus(m.vcpus, 1, stop, counts)
+    try:
+        time.sleep(0.05)
+        assert counts[0] == 0  # prelaunch: the vCPU parked at its first safe point
+        m.run.cont()
+        time.sleep(0.05)
+        assert counts[0] > 0
+        m.run.stop()
+        frozen = counts[0]
+        time.sleep(0.05)
+        assert counts[0] == frozen
+        assert seen == [("prelaunch", "running", True), ("running", "paused", False)]
+    finally:
+        stop.set()
+        m.run.cont()
+        for t in threads:
+            t.join()
+        m.close()
+
+
+# --- devices ----------------------------------------------------------------------
+
+
+class Counter(Device):
+    id = "counter"
+    version = 3
+    minimum_version = 2
+
+    def __init__(self, value: int = 0) -> None:
+        self.value = value
+        self.loaded_version = 0
+
+    def save_state(self):
+        return {"value": self.value, "blob": b"\x00\x01"}
+
+    def load_state(self, state, version):
+        self.value = state["value"]
+        self.loaded_version = version
+
+
+def test_device_save_load_and_version_checks():
+    src, dst = DeviceRegistry(), DeviceRegistry()
+    src.register(Counter(41))
+    d = Counter()
+    dst.register(d)
+    (section,) = src.save_all()
+    assert section == DeviceSection("counter", 0, 3, msgpack.packb({"value": 41, "blob": b"\x00\x01"},
+                                                                    use_bin_type=True))
+    dst.load(section)
+    assert (d.value, d.loaded_version) == (41, 3)
+    with pytest.raises(DeviceStateError, match="device 'counter' instance 0: the stream has version 4, newer "
+                                               "than this host's version 3"):
+        dst.load(DeviceSection("counter", 0, 4, section.payload))
+    with pytest.raises(DeviceStateError, match="older than the oldest this host loads \\(2\\)"):
+        dst.load(DeviceSection("counter", 0, 1, section.payload))
+    with pytest.raises(DeviceStateError, match="the stream has state for device 'disk' instance 0, which this "
+                                               "host does not have"):
+        dst.load(DeviceSection("disk", 0, 1, section.payload))
+    with pytest.raises(DeviceStateError, match="corrupt state"):
+        dst.load(DeviceSection("counter", 0, 3, b"\xc1"))
+    with pytest.raises(ValueError, match="already registered"):
+        dst.register(Counter())
+
+
+def test_buffered_form_is_all_or_nothing():
+    src, dst = DeviceRegistry(), DeviceRegistry()
+    src.register(Counter(7))
+    d = Counter(1)
+    dst.register(d)
+    buf = src.save_to_buffer()
+    dst.load_from_buffer(buf)
+    assert d.value == 7
+    other = DeviceRegistry()
+    c2 = Counter(99)
+    other.register(c2)
+
+    class Extra(Device):
+        id = "extra"
+
+    src.register(Extra())
+    with pytest.raises(DeviceStateError, match="device 'extra' instance 0, which this host does not have"):
+        other.load_from_buffer(src.save_to_buffer())
+    assert c2.value == 99  # nothing applied from a buffer that failed its checks
+    with pytest.raises(DeviceStateError, match="corrupt device state buffer"):
+        other.load_from_buffer(b"garbage")
+
+
+def test_device_state_must_encode():
+    class Bad(Device):
+        id = "bad"
+
+        def save_state(self):
+            return {"x": object()}
+
+    reg = DeviceRegistry()
+    reg.register(Bad())
+    with pytest.raises(DeviceStateError, match="device 'bad' instance 0: state cannot be encoded"):
+        reg.save_all()
+
+
+def test_uffd_modes_on_memfd_and_anonymous():
+    a = allocate("m", 1 << 20)
+    n = allocate("n", 1 << 20, backing=Backing.ANONYMOUS)
+    try:
+        r1 = uffd.REGISTRY.register(a, uffd.Mode.WP_SYNC, owner="snapshot")
+        r2 = uffd.REGISTRY.register(n, uffd.Mode.WP_ASYNC, owner="tracker")
+        assert uffd.REGISTRY.registration(a) is r1 and r1.features & uffd.FEATURE_WP_UNPOPULATED
+        with pytest.raises(uffd.UffdError, match="already registered .* for wp-sync \\(background snapshot, by "
+                                                 "snapshot\\); it cannot also serve wp-async"):
+            uffd.REGISTRY.register(a, uffd.Mode.WP_ASYNC, owner="tracker")
+        r1.writeprotect()
+        r1.writeprotect(protect=False)
+        uffd.REGISTRY.unregister(r1)
+        uffd.REGISTRY.unregister(r2)
+        assert uffd.REGISTRY.registration(a) is None
+        r3 = uffd.REGISTRY.register(a, uffd.Mode.MISSING, owner="postcopy")
+        uffd.REGISTRY.unregister(r3)
+    finally:
+        a.close()
+        n.close()
