@@ -28,3 +28,7 @@ docs: $(STAMP)
 
 clean:
 	rm -rf $(VENV)
+
+.PHONY: bench
+bench: $(STAMP)
+	MIG_LOG_LEVEL=warning $(BIN)/python -m benchmarks
