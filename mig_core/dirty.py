@@ -41,6 +41,9 @@ class DirtyReport:
 class DirtyConsumer(ABC):
     """One user of a tracker, with its own view of what is dirty."""
 
+    #: True if the sender must deliver copies and report them with ``sent()`` (content trackers).
+    wants_copies: bool = False
+
     def __init__(self, tracker: DirtyTracker, name: str) -> None:
         self.tracker = tracker
         self.name = name
@@ -177,6 +180,19 @@ class HostTracker(HarvestingTracker):
             self._marks[block][first:last + 1] = True
             if vcpu is not None:
                 self._vcpu[vcpu] = self._vcpu.get(vcpu, 0) + last - first + 1
+
+    def mark_pages(self, block: str, pages: np.ndarray) -> None:
+        """Record writes to whole pages of ``block`` given as an index array (vectorised ``mark_dirty``)."""
+        b = self._by_name.get(block)
+        if b is None:
+            raise KeyError(f"no RAM block named '{block}'")
+        if len(pages) and (int(pages.min()) < 0 or int(pages.max()) >= b.npages):
+            raise ValueError(f"mark_pages: page outside RAM block '{block}' ({b.npages} pages)")
+        vcpu = current_vcpu()
+        with self._mark_lock:
+            self._marks[block][pages] = True
+            if vcpu is not None:
+                self._vcpu[vcpu] = self._vcpu.get(vcpu, 0) + len(pages)
 
     def harvest(self) -> tuple[dict[str, np.ndarray], dict[int, int]]:
         with self._mark_lock:

@@ -15,18 +15,30 @@ import mig_core
 from mig_core import capabilities as caps_mod
 from mig_core import host_features
 from mig_core import parameters as params_mod
+from mig_core.engine.globalstate import GlobalState
+from mig_core.engine.incoming import IncomingMigration
+from mig_core.engine.outgoing import OutgoingMigration
 from mig_core.errors import QMPError
 from mig_core.events import EventEmitter
 from mig_core.hooks import make_plugin_manager
 from mig_core.plugin_registry import PluginRegistry
 from mig_core.qapi import UNSET, to_qmp
 from mig_core.machine.machine import Machine
-from mig_core.schema.commands import MigrateSetCapabilitiesArgs, MigrationEventData
+from mig_core.schema.commands import (
+    MigrateArgs,
+    MigrateContinueArgs,
+    MigrateIncomingArgs,
+    MigrateSetCapabilitiesArgs,
+    MigrationEventData,
+    MigrationPassEventData,
+)
 from mig_core.schema.common import RunState, ShutdownCause, ShutdownEventData, StatusInfo, VersionInfo, VersionTriple
 from mig_core.schema.migration import MigrationCapability as C
 from mig_core.schema.migration import MigrationCapabilityStatus, MigrationInfo
 from mig_core.schema.migration import MigrationStatus as S
 from mig_core.status import POSTCOPY_STATES, RUNNING_STATES, Side, StatusMachine
+from mig_core.transport import Listener, Transport, TransportContext, TransportError, TransportRegistry
+from mig_core.schema.migration import MigrationAddress, MigrationAddressType
 
 log = structlog.get_logger("mig.manager")
 
@@ -61,7 +73,6 @@ class MigrationManager:
         self.params: dict[str, Any] = params_mod.defaults()
         self.migration_id = ""
         self.error_desc: str | None = None
-        self._incoming_listening = False
         self._incoming_rdma = False
         #: Set after ``quit`` has been answered; the host process exits when it sees it.
         self.quit_requested = threading.Event()
@@ -70,6 +81,14 @@ class MigrationManager:
         self._lock = threading.RLock()
         #: Descriptors named with ``getfd`` (``fd:NAME`` migration URIs use them).
         self.named_fds: dict[str, int] = {}
+        self.transports = TransportRegistry(self.registry)
+        self.outgoing: OutgoingMigration | None = None
+        self.incoming: IncomingMigration | None = None
+        self._listener: Listener | None = None
+        #: Called as ``(error, exit_on_error)`` when an incoming migration fails; ``mig run`` exits there.
+        self.on_incoming_failed: Callable[[str, bool], None] | None = None
+        self.global_state = GlobalState()
+        self.machine.add_device(self.global_state)
 
     # -- notifications ---------------------------------------------------------
 
@@ -93,7 +112,7 @@ class MigrationManager:
         return self.run.state
 
     def incoming_started(self) -> bool:
-        return self._incoming_listening
+        return self._listener is not None or self.destination.state is not S.NONE
 
     def incoming_rdma(self) -> bool:
         return self._incoming_rdma
@@ -182,14 +201,148 @@ class MigrationManager:
     def query_migrate(self) -> MigrationInfo:
         info = MigrationInfo()
         incoming = self.destination.state
+        listener = self._listener
+        if listener is not None and listener.socket_addresses:
+            info.socket_address = listener.socket_addresses
         if incoming in _REPORTED_INCOMING:
             info.status = incoming
         outgoing = self.source.state
         if outgoing is not S.NONE:
             info.status = outgoing
+            out = self.outgoing
+            if out is not None and outgoing not in (S.SETUP, S.FAILED, S.CANCELLED, S.WAIT_UNPLUG, S.COLO):
+                c = out.counters
+                c.tick()
+                info.setup_time = c.setup_ms or 0
+                info.total_time = c.total_time()
+                if outgoing is S.COMPLETED:
+                    info.downtime = c.downtime_ms or 0
+                else:
+                    info.expected_downtime = c.expected_downtime or self.params["downtime-limit"]
+                info.ram = c.to_stats()
+                if self.machine.vcpus.throttle_pct:
+                    info.cpu_throttle_percentage = self.machine.vcpus.throttle_pct
         if self.error_desc and info.status is not UNSET:
             info.error_desc = self.error_desc
         return info
+
+    def set_error(self, error: str) -> None:
+        """Store the first error of this migration (QEMU keeps the first and drops later ones)."""
+        with self._lock:
+            if self.error_desc is None:
+                self.error_desc = error
+
+    def migration_pass(self, number: int, dirty_bytes: int) -> None:
+        if self.caps[C.EVENTS]:
+            self.events.emit("MIGRATION_PASS", MigrationPassEventData(pass_=number))
+        self.pm.hook.mig_pass_completed(migration_id=self.migration_id, pass_number=number, dirty_bytes=dirty_bytes)
+
+    def caps_by_name(self, name: str) -> bool:
+        return self.caps[C(name)]
+
+    # -- QMP: migrate --------------------------------------------------------------------
+
+    def _transport_context(self) -> TransportContext:
+        return TransportContext(named_fds=self.named_fds, take_fd=self._take_fd)
+
+    def _take_fd(self, name: str) -> int | None:
+        with self._lock:
+            return self.named_fds.pop(name, None)
+
+    def _address(self, uri: Any, channels: Any, incoming: bool) -> tuple[type[Transport], MigrationAddress]:
+        if (uri is UNSET) == (channels is UNSET):
+            raise QMPError("need either 'uri' or 'channels' argument")
+        if uri is not UNSET:
+            return self.transports.parse(uri)
+        if incoming and len(channels) != 1:
+            raise QMPError("Channel list must have only one entry, for type 'main'")
+        seen: set[str] = set()
+        for ch in channels:
+            if ch.channel_type.value in seen:
+                raise QMPError(f"Channel list has more than one {ch.channel_type.value} entry")
+            seen.add(ch.channel_type.value)
+        addr = channels[0].addr
+        return self.transports.for_address(addr), addr
+
+    def _check_transport_caps(self, addr: MigrationAddress) -> None:
+        if self.caps[C.MAPPED_RAM] and addr.tag is not MigrationAddressType.FILE:
+            raise QMPError("Migration requires seekable transport (e.g. file)")
+        multi = addr.tag is MigrationAddressType.SOCKET and addr.value.tag.value in ("inet", "unix", "vsock")
+        if (self.caps[C.MULTIFD] or self.caps[C.POSTCOPY_PREEMPT]) and not (
+                multi or (addr.tag is MigrationAddressType.FILE and self.caps[C.MAPPED_RAM])):
+            raise QMPError("Migration requires multi-channel URIs (e.g. tcp)")
+        for cap in (C.MULTIFD, C.POSTCOPY_RAM, C.X_COLO, C.XBZRLE, C.BACKGROUND_SNAPSHOT, C.MAPPED_RAM,
+                    C.AUTO_CONVERGE, C.DIRTY_LIMIT, C.SWITCHOVER_ACK):
+            if self.caps[cap]:
+                raise QMPError(f"mig cannot migrate with capability {cap.value} yet")
+
+    def migrate(self, args: MigrateArgs) -> None:
+        cls, addr = self._address(args.uri, args.channels, incoming=False)
+        self._check_transport_caps(addr)
+        if args.resume is True:
+            raise QMPError("Cannot resume if there is no paused migration")
+        with self._lock:
+            if self.source.state in RUNNING_STATES:
+                raise QMPError("There's a migration process in progress")
+            if self.run.state is RunState.INMIGRATE:
+                raise QMPError("Guest is waiting for an incoming migration")
+            if self.run.state is RunState.POSTMIGRATE:
+                raise QMPError("Can't migrate the vm that was paused due to previous migration")
+            if self.caps[C.MAPPED_RAM] and self.tls_enabled():
+                raise QMPError("Cannot use TLS with mapped-ram")
+            if self.caps[C.MAPPED_RAM] and self.multifd_compression() != "none":
+                raise QMPError("Cannot use compression with mapped-ram")
+            transport = cls(self._transport_context())
+            transport.check_address(addr, incoming=False)
+            self.new_migration_id()
+            self.error_desc = None
+            out = OutgoingMigration(self, transport, addr)
+            self.outgoing = out
+            self.cancel_outgoing = out.cancel
+            self.source.cas(self.source.state, S.SETUP)
+            if self.tls_enabled():
+                # TLS objects do not exist in mig: a named credential is never found (QEMU: async failure)
+                self.set_error(f"No TLS credentials with id '{self.params['tls-creds']}'")
+                self.source.cas(S.SETUP, S.FAILED)
+                return
+            out.start()
+
+    def migrate_continue(self, args: MigrateContinueArgs) -> None:
+        state = self.source.state
+        if state is not args.state:
+            raise QMPError(f"Migration not in expected state: {state.value}")
+        out = self.outgoing
+        if state is S.PRE_SWITCHOVER and out is not None:
+            out.continue_event.set()
+
+    # -- QMP: migrate-incoming ---------------------------------------------------------------
+
+    def migrate_incoming(self, args: MigrateIncomingArgs) -> None:
+        with self._lock:
+            if self.incoming is not None or self.destination.state is not S.NONE:
+                raise QMPError("The incoming migration has already been started")
+            if self.run.state is not RunState.INMIGRATE:
+                raise QMPError("'-incoming' was not specified on the command line")
+            cls, addr = self._address(args.uri, args.channels, incoming=True)
+            self._check_transport_caps(addr)
+            transport = cls(self._transport_context())
+            transport.check_address(addr, incoming=True)
+            listener = transport.listen(addr)
+            self._listener = listener
+            self.new_migration_id()
+            self.error_desc = None
+            self.destination.cas(S.NONE, S.SETUP)
+            exit_on_error = args.exit_on_error is not False
+            self.incoming = IncomingMigration(self, listener, exit_on_error)
+            self.incoming.start()
+
+    def incoming_listener_closed(self) -> None:
+        self._listener = None
+
+    def incoming_failed(self, error: str, exit_on_error: bool) -> None:
+        cb = self.on_incoming_failed
+        if cb is not None:
+            cb(error, exit_on_error)
 
     def migrate_cancel(self) -> None:
         with self._lock:
@@ -204,6 +357,9 @@ class MigrationManager:
             stop = self.cancel_outgoing
         if stop is not None:
             stop()
+        out = self.outgoing
+        if out is not None and out.thread.ident is None:
+            self.source.cas(S.CANCELLING, S.CANCELLED)  # cancelled before its thread started
 
     def migrate_pause(self) -> None:
         # Out-of-band capable. Until postcopy lands neither side can be in postcopy-active or

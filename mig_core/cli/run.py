@@ -1,17 +1,22 @@
-"""``mig run``: a host process that serves QMP (the reference host grows with the machine model)."""
+"""``mig run``: the reference host — RAM, a dirtying workload, one device — serving QMP."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 
 import click
 import structlog
 
+from mig_core.errors import QMPError
+from mig_core.machine.machine import Machine
 from mig_core.manager import MigrationManager
 from mig_core.qmp.address import parse_monitor_address
 from mig_core.qmp.server import QMPServer
+from mig_core.reference_host import CounterDevice, Workload, fill, parse_ram, parse_size
+from mig_core.schema.commands import MigrateIncomingArgs
 from mig_core.schema.common import RunState
 
 log = structlog.get_logger("mig.run")
@@ -24,21 +29,74 @@ def _monitor_address(_ctx: click.Context, _param: click.Parameter, values: tuple
         raise click.BadParameter(str(e)) from None
 
 
+def _rams(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> list[object]:
+    try:
+        return [parse_ram(v, i) for i, v in enumerate(values or ("64M",))]
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _size(_ctx: click.Context, param: click.Parameter, value: str) -> int:
+    try:
+        return parse_size(value, param.name or "size")
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 @click.command()
 @click.option("--qmp", "qmp", multiple=True, required=True, callback=_monitor_address,
               metavar="unix:PATH|tcp:HOST:PORT", help="Serve QMP here (repeatable).")
-@click.option("-S", "paused", is_flag=True, help="Start paused (prelaunch); a destination stays paused after loading.")
+@click.option("--ram", "rams", multiple=True, callback=_rams, metavar="[NAME=]SIZE[,page-size=N]",
+              help="A RAM block (repeatable; default pc.ram=64M). K, M, G are powers of 1024.")
+@click.option("--ram-fill", type=click.Choice(["zero", "random", "half", "text"]), default="zero",
+              help="Initial RAM contents: never touched, random, half random, or text-like.")
+@click.option("--mem-prealloc", is_flag=True, help="Fault every RAM page in at start.")
+@click.option("--vcpus", type=click.IntRange(1, 64), default=1, help="vCPU threads running the workload.")
+@click.option("--dirty-rate", default="0", callback=_size, metavar="RATE",
+              help="Bytes per second the vCPUs dirty, all together (suffixes K, M, G).")
+@click.option("-S", "paused", is_flag=True, help="Start paused; a destination stays paused after loading.")
 @click.option("--incoming", metavar="URI|defer", help="Wait for an incoming migration ('defer': migrate-incoming).")
-def run(qmp: list[object], paused: bool, incoming: str | None) -> None:
-    """Run a host process serving QMP until 'quit' or a signal."""
+@click.option("--uuid", help="The machine's uuid (validate-uuid compares it).")
+def run(qmp: list[object], rams: list[object], ram_fill: str, mem_prealloc: bool, vcpus: int, dirty_rate: int,
+        paused: bool, incoming: str | None, uuid: str | None) -> None:
+    """Run the reference host serving QMP until 'quit' or a signal."""
     if incoming is not None:
         state = RunState.INMIGRATE
     else:
         state = RunState.PRELAUNCH if paused else RunState.RUNNING
-    manager = MigrationManager(runstate=state)
+    try:
+        machine = Machine(runstate=state, uuid=uuid)
+    except ValueError:
+        raise click.BadParameter(f"'{uuid}' is not a UUID", param_hint="--uuid") from None
+    machine.host_marks_writes = True  # the workload reports its writes, so the host tracker may serve
+    for spec in rams:
+        try:
+            machine.add_ram(spec.name, spec.size, page_size=spec.page_size, prealloc=mem_prealloc)  # type: ignore[attr-defined]
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--ram") from None
     if paused:
-        manager.run.autostart = False
+        machine.run.autostart = False
+    device = CounterDevice(vcpus, dirty_rate)
+    machine.add_device(device)
+    manager = MigrationManager(machine)
+    if incoming is None:
+        fill(machine, ram_fill)
+    workload = Workload(machine, vcpus, dirty_rate, device)
+
+    def incoming_failed(error: str, exit_on_error: bool) -> None:
+        if exit_on_error:
+            print(f"mig: {error}", file=sys.stderr, flush=True)
+            os._exit(1)
+
+    manager.on_incoming_failed = incoming_failed
+    if incoming not in (None, "defer"):
+        try:
+            manager.migrate_incoming(MigrateIncomingArgs(uri=incoming))
+        except QMPError as e:
+            raise click.ClickException(f"-incoming {incoming}: {e.desc}") from None
+    workload.start()
     asyncio.run(_serve(manager, qmp))
+    workload.stop.set()
 
 
 async def _serve(manager: MigrationManager, addresses: list[object]) -> None:
@@ -52,3 +110,4 @@ async def _serve(manager: MigrationManager, addresses: list[object]) -> None:
         loop.add_signal_handler(sig, server.shutdown)
     await server.serve_until_shutdown()
     log.info("mig_run_exit")
+

@@ -106,6 +106,12 @@ class Machine:
         if t is not None and hasattr(t, "mark_dirty"):
             t.mark_dirty(block, offset, length)
 
+    def mark_pages(self, block: str, pages: Any) -> None:
+        """The host wrote these whole pages of ``block`` (an index array; for the ``host`` tracker)."""
+        t = self._tracker
+        if t is not None and hasattr(t, "mark_pages"):
+            t.mark_pages(block, pages)
+
     # -- devices and run state --------------------------------------------------------
 
     def add_device(self, dev: Device) -> None:

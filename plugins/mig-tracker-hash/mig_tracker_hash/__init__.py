@@ -38,6 +38,7 @@ class _HashConsumer(DirtyConsumer):
     def __init__(self, tracker: HashTracker, name: str, records_sent: bool) -> None:
         super().__init__(tracker, name)
         self.records_sent = records_sent
+        self.wants_copies = records_sent
         # the other side starts with zero pages
         self.recorded = {b.name: np.full(b.npages, tracker.zero_hash[b.page_size], dtype=np.uint64)
                          for b in tracker.blocks}

@@ -1,0 +1,1 @@
+"""The migration engine: outgoing precopy (source), incoming load (destination), statistics."""

@@ -1,0 +1,154 @@
+"""The destination side: accept the source's connection, check and load the stream, then run.
+
+setup (listening) → active (connected, loading) → completed once everything is
+loaded and the machine runs (or stays paused under ``-S``), confirmed to the
+source over the return path. A bad stream fails the load with a precise
+error; the host's ``on_incoming_failed`` callback decides what happens next
+(``mig run`` exits with status 1 unless ``exit-on-error`` was false, as QEMU).
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid as uuid_mod
+from typing import TYPE_CHECKING
+
+import structlog
+
+from mig_core.channel import Channel, ChannelAborted, ChannelError
+from mig_core.machine.device import DeviceSection, DeviceStateError
+from mig_core.schema.common import RunState
+from mig_core.schema.migration import MigrationStatus as S
+from mig_core.stream.format import Command
+from mig_core.stream.placement import CopyPlacer
+from mig_core.stream.reader import CommandReceived, DevicePart, End, StreamError, StreamReader
+from mig_core.stream.writer import StreamWriter
+
+if TYPE_CHECKING:
+    from mig_core.manager import MigrationManager
+    from mig_core.transport import Listener
+
+log = structlog.get_logger("mig.incoming")
+
+_NIL_UUID = str(uuid_mod.UUID(int=0))
+
+
+class IncomingMigration:
+    """One incoming migration, loaded in a thread named ``mig/dst/main``."""
+
+    def __init__(self, manager: MigrationManager, listener: Listener, exit_on_error: bool) -> None:
+        self.m = manager
+        self.machine = manager.machine
+        self.listener = listener
+        self.exit_on_error = exit_on_error
+        self.channel: Channel | None = None
+        self.return_path = False
+        self.thread = threading.Thread(target=self._run, name="mig/dst/main", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Abandon the incoming migration (host shutdown)."""
+        self.listener.close()
+        if self.channel is not None:
+            self.channel.abort("incoming migration stopped")
+
+    def _run(self) -> None:
+        m = self.m
+        try:
+            self.channel = self.listener.accept()
+            self.listener.close()
+            m.incoming_listener_closed()
+            m.destination.cas(S.SETUP, S.ACTIVE)
+            self._load()
+        except (ChannelError, StreamError, DeviceStateError, ValueError) as e:
+            if isinstance(e, ChannelAborted) and m.destination.state is S.SETUP:
+                log.info("incoming_abandoned")
+                return
+            self._fail(f"load of migration failed: {e}")
+        except Exception as e:  # noqa: BLE001 - report, never crash the host
+            log.exception("incoming_thread_crashed")
+            self._fail(f"load of migration failed: internal error: {type(e).__name__}: {e}")
+        finally:
+            if self.channel is not None:
+                self.channel.close()
+
+    def _load(self) -> None:
+        m, machine = self.m, self.machine
+        assert self.channel is not None
+        for b in machine.blocks:
+            b.discard()  # what the source does not send must read as zero
+        placer = CopyPlacer(machine.blocks)
+        reader = StreamReader(self.channel, machine.blocks, placer)
+        reader.read_header()
+        for dev in machine.devices:
+            dev.load_setup()
+        loaded: set[tuple[str, int]] = set()
+        try:
+            for item in reader:
+                if isinstance(item, DeviceSection):
+                    machine.devices.load(item)
+                    loaded.add((item.id, item.instance))
+                elif isinstance(item, DevicePart):
+                    machine.devices.lookup(item.id, item.instance, item.version).load_iterate(item.chunk)
+                elif isinstance(item, CommandReceived):
+                    self._command(item, reader.source_uuid)
+                elif isinstance(item, End):
+                    break
+        finally:
+            for dev in machine.devices:
+                dev.load_cleanup()
+        missing = [f"'{d.id}' instance {d.instance}" for d in machine.devices if (d.id, d.instance) not in loaded]
+        if missing:
+            raise DeviceStateError(f"the stream carried no state for device {missing[0]}")
+        self._start_machine()
+        if self.return_path:
+            StreamWriter(self.channel, []).write_command(Command.RP_LOADED, 0)
+        m.destination.cas(S.ACTIVE, S.COMPLETED)
+        log.info("incoming_completed", runstate=machine.run.state.value)
+
+    def _command(self, item: CommandReceived, source_uuid: str) -> None:
+        if item.command is Command.OPEN_RETURN_PATH:
+            self.return_path = True
+        elif item.command is Command.CONFIG:
+            cfg = item.argument if isinstance(item.argument, dict) else {}
+            for cap in ("mapped-ram", "x-ignore-shared"):
+                mine = self.m.caps_by_name(cap)
+                theirs = bool(cfg.get(cap, False))
+                if mine != theirs:
+                    raise StreamError(f"Capability {cap} is {'on' if mine else 'off'}, but received capability "
+                                      f"is {'on' if theirs else 'off'}")
+            if cfg.get("validate-uuid"):
+                local = self.machine.uuid
+                if local == _NIL_UUID:
+                    log.warning("uuid_not_validated", reason="this host has no uuid", received=source_uuid)
+                elif local != source_uuid:
+                    raise StreamError(f"UUID received is {source_uuid} and local is {local}")
+        elif item.command is Command.PING:
+            if self.return_path and self.channel is not None:
+                StreamWriter(self.channel, []).write_command(Command.RP_PONG, item.argument)
+
+    def _start_machine(self) -> None:
+        """QEMU's rule: run if the source ran and we may autostart; -S: paused; else adopt the source's state."""
+        run = self.machine.run
+        source_state = self.m.global_state.received_runstate
+        self.m.pm.hook.mig_switchover(migration_id=self.m.migration_id, side=self.m.destination.side)
+        if source_state in (None, RunState.RUNNING, RunState.FINISH_MIGRATE):
+            run.set(RunState.RUNNING if run.autostart else RunState.PAUSED)
+        else:
+            run.set(source_state)
+
+    def _fail(self, error: str) -> None:
+        m = self.m
+        m.set_error(error)
+        state = m.destination.state
+        if state in (S.SETUP, S.ACTIVE):
+            m.destination.cas(state, S.FAILED)
+        if self.return_path and self.channel is not None:
+            try:
+                StreamWriter(self.channel, []).write_command(Command.RP_SHUT, 1)
+            except ChannelError:
+                pass
+        log.error("incoming_failed", error=error)
+        m.incoming_failed(error, self.exit_on_error)

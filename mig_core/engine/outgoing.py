@@ -1,0 +1,318 @@
+"""The source side of a precopy migration, run in its own thread.
+
+setup (connect, header, first dirty sync) → active (passes: sync, send what is
+dirty, until the rest fits downtime-limit at the measured bandwidth) → stop the
+machine → (pre-switchover) → device (last pass, device state, end) → completed,
+after the destination confirms over the return path when there is one. Any
+failure or a cancel leaves the source running with its RAM and devices as they
+were, and a new migration can start.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import structlog
+
+from mig_core.channel import Channel, ChannelAborted, ChannelError
+from mig_core.dirty import DirtyConsumer
+from mig_core.engine.stats import MigrationCounters, RateLimiter, now_ms
+from mig_core.machine.device import DeviceStateError
+from mig_core.machine.ram import RAMBlock
+from mig_core.machine.vcpu import VcpuStopTimeout
+from mig_core.schema.common import RunState
+from mig_core.schema.migration import MigrationCapability as C
+from mig_core.schema.migration import MigrationStatus as S
+from mig_core.stream.format import Command
+from mig_core.stream.placement import CopyPlacer
+from mig_core.stream.reader import CommandReceived, StreamError, StreamReader
+from mig_core.stream.writer import StreamWriter
+
+if TYPE_CHECKING:
+    from mig_core.manager import MigrationManager
+    from mig_core.schema.migration import MigrationAddress
+    from mig_core.transport import Transport
+
+log = structlog.get_logger("mig.outgoing")
+
+#: Pages handed to one write (4 MiB of 4 KiB pages): small enough for prompt cancel and rate limiting.
+BATCH_PAGES = 1024
+
+
+class MigrationFailed(Exception):
+    """Ends the migration as failed, with ``error-desc`` = the message."""
+
+
+class Cancelled(Exception):
+    """migrate_cancel was called."""
+
+
+@dataclass
+class _Confirmation:
+    event: threading.Event
+    code: int | None = None
+    error: str | None = None
+
+
+class OutgoingMigration:
+    """One outgoing migration; ``start()`` runs it in a thread named ``live_migration``."""
+
+    def __init__(self, manager: MigrationManager, transport: Transport, addr: MigrationAddress) -> None:
+        self.m = manager
+        self.machine = manager.machine
+        self.transport = transport
+        self.addr = addr
+        self.caps = dict(manager.caps)
+        self.counters = MigrationCounters(page_size=min((b.page_size for b in self.machine.blocks), default=4096))
+        self.counters.total = self.machine.ram_size
+        self.channel: Channel | None = None
+        self.cancel_requested = threading.Event()
+        self.continue_event = threading.Event()
+        self.limiter = RateLimiter(manager.params["max-bandwidth"])
+        self.thread = threading.Thread(target=self._run, name="live_migration", daemon=True)
+        self._confirm = _Confirmation(threading.Event())
+        self._rp_thread: threading.Thread | None = None
+        self._consumer: DirtyConsumer | None = None
+        #: pages the destination may hold non-zero (so a page that becomes zero must be sent as zero)
+        self._sent_nonzero = {b.name: np.zeros(b.npages, dtype=bool) for b in self.machine.blocks}
+        self._runstate_before: RunState | None = None
+        self._first_word = {b.name: b.array.view(np.uint64).reshape(b.npages, b.page_size // 8)[:, 0]
+                            for b in self.machine.blocks}
+
+    # -- control from other threads ---------------------------------------------------
+
+    def start(self) -> None:
+        self.counters.start()
+        self.thread.start()
+
+    def cancel(self) -> None:
+        """Unblock whatever the migration thread waits on; it then ends as cancelled."""
+        self.cancel_requested.set()
+        self.continue_event.set()
+        self._confirm.event.set()
+        if self.channel is not None:
+            self.channel.abort("migration cancelled")
+
+    def _check_cancel(self) -> None:
+        if self.cancel_requested.is_set():
+            raise Cancelled()
+
+    # -- the migration thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        status = self.m.source
+        try:
+            self._setup()
+            self._iterate()
+            self._complete()
+        except Cancelled:
+            self._end_unsuccessfully(None)
+        except (MigrationFailed, ChannelError, StreamError, DeviceStateError, VcpuStopTimeout, OSError) as e:
+            if self.cancel_requested.is_set() or isinstance(e, ChannelAborted):
+                self._end_unsuccessfully(None)
+            else:
+                self._end_unsuccessfully(str(e) or type(e).__name__)
+        except Exception as e:  # noqa: BLE001 - a bug must still leave the source intact
+            log.exception("migration_thread_crashed")
+            self._end_unsuccessfully(f"internal error: {type(e).__name__}: {e}")
+        finally:
+            self._cleanup()
+        log.info("migration_thread_exit", status=status.state.value)
+
+    def _end_unsuccessfully(self, error: str | None) -> None:
+        """Restore the source's run state, then land in cancelled or failed."""
+        c = self.counters
+        c.end_ms = now_ms()
+        if self._runstate_before is not None and self.machine.run.state is RunState.FINISH_MIGRATE:
+            self.machine.run.set(self._runstate_before)
+        status = self.m.source
+        state = status.state
+        if state is S.CANCELLING or error is None:
+            if state is not S.CANCELLING:
+                status.cas(state, S.CANCELLING)
+            status.cas(S.CANCELLING, S.CANCELLED)
+            log.info("migration_cancelled")
+        else:
+            self.m.set_error(error)
+            status.cas(state, S.FAILED)
+            log.error("migration_failed", error=error)
+
+    def _cleanup(self) -> None:
+        self.machine.vcpus.set_throttle(0)
+        if self._consumer is not None:
+            self._consumer.close()
+        for dev in self.machine.devices:
+            dev.save_cleanup()
+        if self.channel is not None:
+            self.channel.abort("migration ended")
+            self.channel.close()
+        if self._rp_thread is not None:
+            self._rp_thread.join(5)
+
+    # -- setup -------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        m, c = self.m, self.counters
+        self.channel = self.transport.connect(self.addr, self.cancel_requested.is_set)
+        self._check_cancel()
+        t0 = now_ms()
+        self.writer = StreamWriter(self.channel, self.machine.blocks)
+        self.writer.write_header(self.machine.uuid)
+        self.writer.write_command(Command.CONFIG, {
+            "validate-uuid": self.caps[C.VALIDATE_UUID],
+            "mapped-ram": self.caps[C.MAPPED_RAM],
+            "x-ignore-shared": self.caps[C.X_IGNORE_SHARED],
+        })
+        if self.caps[C.RETURN_PATH]:
+            self.writer.write_command(Command.OPEN_RETURN_PATH)
+            self._rp_thread = threading.Thread(target=self._return_path, name="return_path", daemon=True)
+            self._rp_thread.start()
+        for dev in self.machine.devices:
+            dev.save_setup()
+        self._consumer = self.machine.tracker().consumer("migration", sends=True)
+        self.pending = self._sync()
+        # never-populated pages are zero pages that cost nothing: counted as QEMU counts zero pages
+        c.duplicate += sum(b.npages - len(self.pending[b.name]) for b in self.machine.blocks)
+        c.setup_ms = now_ms() - t0
+        if not m.source.cas(S.SETUP, S.ACTIVE):
+            self._check_cancel()
+            raise MigrationFailed("migration status changed during setup")
+
+    def _sync(self) -> dict[str, np.ndarray]:
+        """One dirty-bitmap sync: a MIGRATION_PASS."""
+        assert self._consumer is not None
+        report = self._consumer.collect()
+        self.counters.synced(report.total)
+        self.m.migration_pass(self.counters.dirty_sync_count, report.total * self.counters.page_size)
+        return report.pages
+
+    # -- passes ---------------------------------------------------------------------------
+
+    def _threshold(self) -> float:
+        """Bytes that fit into downtime-limit at the switchover bandwidth (0 before any measurement)."""
+        avail = self.m.params["avail-switchover-bandwidth"]
+        bandwidth = avail / 1000 if avail else self.counters.bandwidth
+        return bandwidth * self.m.params["downtime-limit"]
+
+    def _iterate(self) -> None:
+        while True:
+            self._send_all(self.pending, running=True)
+            self.pending = self._sync()
+            remaining = sum(len(p) * b.page_size for b, p in self._pending_blocks())
+            if remaining <= self._threshold():
+                return
+            self._check_cancel()
+
+    def _pending_blocks(self) -> list[tuple[RAMBlock, np.ndarray]]:
+        return [(b, self.pending[b.name]) for b in self.machine.blocks]
+
+    def _send_all(self, pages: dict[str, np.ndarray], running: bool) -> None:
+        for b in self.machine.blocks:
+            idx = pages[b.name]
+            for i in range(0, len(idx), BATCH_PAGES):
+                self._check_cancel()
+                self.limiter.set_limit(self.m.params["max-bandwidth"] if running else 0)
+                self._send_batch(b, idx[i:i + BATCH_PAGES], running)
+                self.counters.remaining = max(0, self.counters.remaining - min(BATCH_PAGES, len(idx) - i) *
+                                              b.page_size)
+
+    def _send_batch(self, b: RAMBlock, pages: np.ndarray, running: bool) -> None:
+        c = self.counters
+        zero_detection = self.m.params["zero-page-detection"].value != "none"
+        if zero_detection:
+            maybe_zero = self._first_word[b.name][pages] == 0
+            if maybe_zero.any():
+                cand = pages[maybe_zero]
+                is_zero = np.zeros(len(pages), dtype=bool)
+                is_zero[maybe_zero] = ~b.pages[cand].any(axis=1)
+                zero = pages[is_zero]
+                pages = pages[~is_zero]
+                c.duplicate += len(zero)
+                stale = zero[self._sent_nonzero[b.name][zero]]
+                if len(stale):
+                    nbytes = self.writer.write_zero_pages(b, stale)
+                    self._sent_nonzero[b.name][stale] = False
+                    c.sent(nbytes, len(stale), running)
+                    self._consumer.sent(b, stale, np.zeros((len(stale), b.page_size), dtype=np.uint8))  # type: ignore[union-attr]
+        if not len(pages):
+            return
+        if self._consumer.wants_copies:  # type: ignore[union-attr]
+            data = b.pages[pages]  # the copy that is both sent and recorded
+            nbytes = self.writer.write_pages(b, pages, data)
+            self._consumer.sent(b, pages, data)  # type: ignore[union-attr]
+        else:
+            nbytes = self.writer.write_pages(b, pages)
+        self._sent_nonzero[b.name][pages] = True
+        c.normal += len(pages)
+        c.sent(nbytes, len(pages), running)
+        delay = self.limiter.wait_time(nbytes)
+        if delay:
+            self.cancel_requested.wait(delay)
+
+    # -- completion ----------------------------------------------------------------------
+
+    def _complete(self) -> None:
+        m, c, run = self.m, self.counters, self.machine.run
+        self._runstate_before = run.state
+        self.m.global_state.saved_runstate = run.state
+        c.downtime_start_ms = now_ms()
+        run.set(RunState.FINISH_MIGRATE)  # stops the vCPUs (raises VcpuStopTimeout if they do not park)
+        self.m.pm.hook.mig_switchover(migration_id=m.migration_id, side=m.source.side)
+        if self.caps[C.PAUSE_BEFORE_SWITCHOVER]:
+            if not m.source.cas(S.ACTIVE, S.PRE_SWITCHOVER):
+                self._check_cancel()
+            self.continue_event.wait()
+            self._check_cancel()
+            if not m.source.cas(S.PRE_SWITCHOVER, S.DEVICE):
+                self._check_cancel()
+        elif not m.source.cas(S.ACTIVE, S.DEVICE):
+            self._check_cancel()
+        self.writer.write_command(Command.SWITCHOVER_START)
+        final = self._sync()
+        merged = {name: np.union1d(self.pending[name], final[name]) for name in final}
+        self._send_all(merged, running=False)
+        for dev in self.machine.devices:
+            before = self.channel.bytes_sent  # type: ignore[union-attr]
+            self.writer.write_device(self.machine.devices.save(dev))
+            c.sent(self.channel.bytes_sent - before, 0, False)  # type: ignore[union-attr]
+        self.writer.write_end()
+        if self._rp_thread is not None:
+            self._await_destination()
+        c.finish()
+        if not m.source.cas(S.DEVICE, S.COMPLETED):
+            self._check_cancel()
+        run.set(RunState.POSTMIGRATE)
+        log.info("migration_completed", total_ms=c.total_time(), downtime_ms=c.downtime_ms,
+                 transferred=c.transferred)
+
+    def _await_destination(self) -> None:
+        """With a return path: complete only once the destination confirms it loaded everything."""
+        conf = self._confirm
+        conf.event.wait()
+        self._check_cancel()
+        if conf.error is not None:
+            raise MigrationFailed(conf.error)
+        if conf.code:
+            raise MigrationFailed(f"Sibling indicated error {conf.code}")
+
+    def _return_path(self) -> None:
+        """Read the destination's messages until it confirms (or the channel ends)."""
+        assert self.channel is not None
+        reader = StreamReader(self.channel, [], CopyPlacer([]))
+        conf = self._confirm
+        try:
+            while True:
+                item = reader.next()
+                if isinstance(item, CommandReceived) and item.command in (Command.RP_LOADED, Command.RP_SHUT):
+                    conf.code = int(item.argument or 0)
+                    return
+        except (ChannelError, StreamError) as e:
+            if conf.code is None:
+                conf.error = f"return path: {e}"
+        finally:
+            conf.event.set()
+

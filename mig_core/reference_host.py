@@ -1,0 +1,176 @@
+"""The reference host behind ``mig run``: RAM, a dirtying workload on vCPU threads, one device.
+
+Each vCPU thread writes pages at its share of ``--dirty-rate``, walking a random
+permutation of its own pages (distinct pages within a window, every page
+rewritten over time), and keeps a record in page 0 of the first block: a
+counter, a heartbeat (ns since the epoch) and the pages it wrote. So
+continuation after migration and the true downtime can be read from memory.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import structlog
+
+from mig_core.machine.device import Device
+from mig_core.machine.machine import Machine
+from mig_core.machine.vcpu import Vcpu
+
+log = structlog.get_logger("mig.run")
+
+_SUFFIX = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+#: per vCPU record in page 0 of the first block: counter, heartbeat ns, pages written
+RECORD = struct.Struct("<QQQ")
+RECORD_STRIDE = 64
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """``4096``, ``64K``, ``1.5G`` (K, M, G, T are powers of 1024)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGTB]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"invalid {what} '{text}': use a number with an optional K, M, G or T suffix")
+    return int(float(m.group(1)) * _SUFFIX[m.group(2).upper()])
+
+
+@dataclass(frozen=True)
+class RamSpec:
+    name: str
+    size: int
+    page_size: int
+
+
+def parse_ram(text: str, index: int) -> RamSpec:
+    """``[NAME=]SIZE[,page-size=N]``."""
+    main, *opts = text.split(",")
+    name, eq, size = main.rpartition("=")
+    if not eq:
+        name = "pc.ram" if index == 0 else f"ram{index}"
+    page_size = 4096
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        if key != "page-size":
+            raise ValueError(f"unknown --ram option '{key}' (known: page-size)")
+        page_size = parse_size(value, "page size")
+    return RamSpec(name, parse_size(size, "RAM size"), page_size)
+
+
+def fill(machine: Machine, how: str, seed: int = 1) -> None:
+    """``zero`` (never touched), ``random``, ``half`` (first half random, second zero), ``text``."""
+    rng = np.random.default_rng(seed)
+    words = np.frombuffer(b"migrate live state of running programs between hosts quickly and safely ", np.uint8)
+    for b in machine.blocks:
+        a = b.array
+        if how == "zero":
+            continue
+        if how == "random":
+            a[:] = rng.integers(0, 256, a.size, dtype=np.uint8)
+        elif how == "half":
+            a[: a.size // 2] = rng.integers(0, 256, a.size // 2, dtype=np.uint8)
+        elif how == "text":
+            reps = -(-a.size // len(words))
+            a[:] = np.tile(words, reps)[: a.size]
+            a[:: 997] = rng.integers(0x41, 0x5B, a[::997].size, dtype=np.uint8)
+        else:
+            raise ValueError(f"unknown fill '{how}' (zero, random, half, text)")
+        machine.mark_pages(b.name, np.arange(b.npages))
+    machine.blocks[0].array[:RECORD_STRIDE * 64] = 0  # the vCPU records start from zero
+
+
+class CounterDevice(Device):
+    """The reference host's device: a tick counter and its configuration."""
+
+    id = "mig-run-counter"
+    version = 1
+
+    def __init__(self, vcpus: int, dirty_rate: int) -> None:
+        self.ticks = 0
+        self.config = {"vcpus": vcpus, "dirty-rate": dirty_rate}
+        self.lock = threading.Lock()
+
+    def tick(self) -> None:
+        with self.lock:
+            self.ticks += 1
+
+    def save_state(self) -> Any:
+        with self.lock:
+            return {"ticks": self.ticks, "config": self.config}
+
+    def load_state(self, state: Any, version: int) -> None:
+        if state.get("config") != self.config:
+            raise ValueError(f"mig-run-counter: the source ran with {state.get('config')}, this host with "
+                             f"{self.config}")
+        with self.lock:
+            self.ticks = int(state["ticks"])
+
+
+class Workload:
+    """vCPU threads that dirty memory at a set rate and keep their records in RAM."""
+
+    def __init__(self, machine: Machine, vcpus: int, dirty_rate: int, device: CounterDevice) -> None:
+        self.machine = machine
+        self.nvcpus = vcpus
+        self.dirty_rate = dirty_rate
+        self.device = device
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+        if RECORD_STRIDE * vcpus > machine.blocks[0].page_size:
+            raise ValueError(f"at most {machine.blocks[0].page_size // RECORD_STRIDE} vCPUs fit the record page")
+
+    def start(self) -> None:
+        self.threads = self.machine.vcpus.run(self._vcpu, self.nvcpus, name="vcpu")
+
+    def _pages_of(self, index: int) -> list[tuple[str, np.ndarray]]:
+        """This vCPU's pages (every nvcpus-th page of each block; never the record page), permuted."""
+        rng = np.random.default_rng(100 + index)
+        out = []
+        for bi, b in enumerate(self.machine.blocks):
+            pages = np.arange(index, b.npages, self.nvcpus)
+            if bi == 0:
+                pages = pages[pages != 0]
+            out.append((b.name, rng.permutation(pages)))
+        return out
+
+    def _vcpu(self, v: Vcpu) -> None:
+        m = self.machine
+        rec = m.blocks[0].view[v.index * RECORD_STRIDE:v.index * RECORD_STRIDE + RECORD.size]
+        mine = self._pages_of(v.index)
+        share = self.dirty_rate / self.nvcpus
+        pos = [0] * len(mine)
+        written = 0.0
+        last = time.monotonic()
+        while not self.stop.is_set():
+            v.safe_point()
+            now = time.monotonic()
+            budget = share * (now - last) / m.blocks[0].page_size
+            last = now
+            written += budget
+            n = int(written)
+            if n and share:
+                written -= n
+                bi = int(np.random.default_rng().integers(len(mine))) if len(mine) > 1 else 0
+                name, perm = mine[bi]
+                if len(perm):
+                    take = np.take(perm, np.arange(pos[bi], pos[bi] + n), mode="wrap")
+                    pos[bi] = (pos[bi] + n) % len(perm)
+                    b = m.block(name)
+                    counter = RECORD.unpack_from(rec)[0]
+                    b.array.view(np.uint64).reshape(b.npages, -1)[take, 0] = counter
+                    m.mark_pages(name, take)
+            counter, _hb, pages = RECORD.unpack_from(rec)
+            RECORD.pack_into(rec, 0, counter + 1, time.time_ns(), pages + n)
+            m.mark_dirty(m.blocks[0].name, v.index * RECORD_STRIDE, RECORD.size)
+            if v.index == 0:
+                self.device.tick()
+            time.sleep(0.001)
+
+    def records(self) -> list[tuple[int, int, int]]:
+        """(counter, heartbeat ns, pages written) of each vCPU, read from RAM."""
+        view = self.machine.blocks[0].view
+        return [RECORD.unpack_from(view, i * RECORD_STRIDE) for i in range(self.nvcpus)]

@@ -1,0 +1,113 @@
+"""The transport extension point (``mig_core.transports``): addresses in, channels out.
+
+A transport plugin serves one ``MigrationAddressType`` (its entry-point name)
+and declares the URI schemes it parses. The core turns a ``uri`` or a
+``channels`` entry into a ``MigrationAddress`` through the plugin that claims
+the scheme, then asks the same plugin to connect (source) or listen
+(destination). A transport never looks inside the stream.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from mig_core.channel import Channel, ChannelAbilities
+from mig_core.errors import QMPError
+from mig_core.plugin_registry import PluginNotFound, PluginRegistry
+from mig_core.schema.migration import MigrationAddress
+from mig_core.schema.sockets import SocketAddress
+
+GROUP = "mig_core.transports"
+
+
+class TransportError(QMPError):
+    """An address that cannot be parsed or used, or a connection that failed; QEMU's wording."""
+
+
+@dataclass
+class TransportContext:
+    """What transports may need from the host: named descriptors (``getfd``) and connection options."""
+
+    named_fds: dict[str, int] = field(default_factory=dict)
+    #: Take a named descriptor for good (it is removed from the table), as QEMU's fd: migration does.
+    take_fd: Callable[[str], int | None] | None = None
+    keepalive: bool = True
+    #: Seconds of unacknowledged data after which a connection counts as dead (TCP_USER_TIMEOUT).
+    user_timeout: float = 30.0
+
+
+class Listener(ABC):
+    """A destination waiting for the source's connection(s)."""
+
+    @property
+    def socket_addresses(self) -> list[SocketAddress]:
+        """The bound addresses, for ``query-migrate``'s ``socket-address`` (empty if not a socket)."""
+        return []
+
+    @abstractmethod
+    def accept(self) -> Channel:
+        """Wait for the next connection; raises ChannelAborted once ``close()`` was called."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop listening; a blocked ``accept`` returns with an error at once."""
+
+
+class Transport(ABC):
+    """One migration address type. Plugins subclass this; entry-point name = the address type."""
+
+    #: The MigrationAddressType value served.
+    address_type: ClassVar[str]
+    #: URI schemes parsed (``tcp``, ``unix`` ...), without the colon.
+    uri_schemes: ClassVar[tuple[str, ...]]
+    abilities: ClassVar[ChannelAbilities] = ChannelAbilities()
+
+    def __init__(self, ctx: TransportContext) -> None:
+        self.ctx = ctx
+
+    @classmethod
+    @abstractmethod
+    def parse_uri(cls, uri: str) -> MigrationAddress:
+        """Turn a URI of one of ``uri_schemes`` into an address; TransportError with QEMU's text if bad."""
+
+    def check_address(self, addr: MigrationAddress, incoming: bool) -> None:
+        """Refuse an address this transport cannot use (before any state changes)."""
+
+    @abstractmethod
+    def connect(self, addr: MigrationAddress, abort_check: Callable[[], bool]) -> Channel:
+        """Open the outgoing channel (in the migration thread); give up when ``abort_check()`` turns true."""
+
+    @abstractmethod
+    def listen(self, addr: MigrationAddress) -> Listener:
+        """Start listening for an incoming migration (synchronously: errors reach the QMP caller)."""
+
+
+class TransportRegistry:
+    """Finds the transport plugin for a URI scheme or an address type."""
+
+    def __init__(self, registry: PluginRegistry) -> None:
+        self.registry = registry
+
+    def classes(self) -> dict[str, type[Transport]]:
+        return self.registry.load_all(GROUP)
+
+    def for_uri(self, uri: str) -> type[Transport]:
+        scheme = uri.split(":", 1)[0] if ":" in uri else ""
+        for cls in self.classes().values():
+            if scheme in cls.uri_schemes:
+                return cls
+        raise TransportError(f"unknown migration protocol: {uri}")
+
+    def for_address(self, addr: MigrationAddress) -> type[Transport]:
+        name = addr.tag.value
+        try:
+            return self.registry.load(GROUP, name)
+        except PluginNotFound as e:
+            raise TransportError(f"migration transport '{name}' is not available: {e}") from None
+
+    def parse(self, uri: str) -> tuple[type[Transport], MigrationAddress]:
+        cls = self.for_uri(uri)
+        return cls, cls.parse_uri(uri)

@@ -1,0 +1,310 @@
+"""The socket migration transport: tcp, unix, fd and vsock, in URIs and in the channels form."""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+from collections.abc import Callable
+
+import structlog
+
+from mig_core.channel import Channel, ChannelAbilities, ChannelAborted, SocketChannel
+from mig_core.schema.migration import MigrationAddress, MigrationAddressType
+from mig_core.schema.sockets import (
+    InetSocketAddress,
+    SocketAddress,
+    SocketAddressType,
+    String,
+    UnixSocketAddress,
+    VsockSocketAddress,
+)
+from mig_core.transport import Listener, Transport, TransportContext, TransportError
+
+__all__ = ["SocketTransport", "parse_socket_uri"]
+
+log = structlog.get_logger("mig.transport.socket")
+
+_BOOL_OPTS = {"ipv4", "ipv6", "numeric", "keep-alive", "mptcp"}
+_INT_OPTS = {"to": 65535, "keep-alive-count": 2**32 - 1, "keep-alive-idle": 2**32 - 1,
+             "keep-alive-interval": 2**32 - 1}
+
+
+def _parse_inet(text: str) -> InetSocketAddress:
+    """QEMU's inet_parse: HOST:PORT or [V6]:PORT, then ,options."""
+    addr, *opts = text.split(",")
+    if addr.startswith("["):
+        host, sep, port = addr[1:].partition("]:")
+        if not sep or not host:
+            raise TransportError(f"error parsing IPv6 address '{text}'")
+    else:
+        host, sep, port = addr.rpartition(":")
+        if not sep:
+            raise TransportError(f"error parsing address '{text}'")
+    if not port:
+        raise TransportError(f"error parsing address '{text}'")
+    kw: dict[str, object] = {}
+    for opt in opts:
+        key, eq, value = opt.partition("=")
+        if key in _BOOL_OPTS:
+            if eq and value not in ("on", "off"):
+                raise TransportError(f"error parsing '{key}' flag '{value}'")
+            kw[key.replace("-", "_")] = not eq or value == "on"
+        elif key in _INT_OPTS:
+            if not value.isdigit() or int(value) > _INT_OPTS[key]:
+                raise TransportError(f"error parsing {key} '{value}'")
+            kw[key.replace("-", "_")] = int(value)
+        else:
+            raise TransportError(f"error parsing address '{text}'")
+    return InetSocketAddress(host=host, port=port, **kw)
+
+
+def parse_socket_uri(uri: str) -> SocketAddress:
+    scheme, _, rest = uri.partition(":")
+    if scheme == "tcp":
+        return SocketAddress("inet", _parse_inet(rest))
+    if scheme == "unix":
+        if not rest:
+            raise TransportError("invalid Unix socket address")
+        return SocketAddress("unix", UnixSocketAddress(path=rest))
+    if scheme == "vsock":
+        cid, sep, port = rest.partition(":")
+        if not sep or not cid.isdigit() or not port[:1].isdigit():
+            raise TransportError(f"error parsing address '{rest}'")
+        digits = len(port) - len(port.lstrip("0123456789"))
+        if digits != len(port):
+            raise TransportError(f"trailing characters in address '{rest}'")
+        return SocketAddress("vsock", VsockSocketAddress(cid=cid, port=port))
+    if scheme == "fd":
+        if not rest:
+            raise TransportError("invalid file descriptor address")
+        return SocketAddress("fd", String(str=rest))
+    raise TransportError(f"unknown migration protocol: {uri}")
+
+
+def _describe(sa: SocketAddress) -> str:
+    v = sa.value
+    if sa.tag is SocketAddressType.INET:
+        return f"{v.host}:{v.port}"
+    if sa.tag is SocketAddressType.UNIX:
+        return v.path
+    if sa.tag is SocketAddressType.VSOCK:
+        return f"{v.cid}:{v.port}"
+    return v.str
+
+
+def _inet_family(v: InetSocketAddress) -> int:
+    if v.ipv4 is True and v.ipv6 is not True:
+        return socket.AF_INET
+    if v.ipv6 is True and v.ipv4 is not True:
+        return socket.AF_INET6
+    return socket.AF_UNSPEC
+
+
+def _resolve(v: InetSocketAddress, passive: bool) -> list[tuple]:
+    flags = socket.AI_PASSIVE if passive else 0
+    if v.numeric is True:
+        flags |= socket.AI_NUMERICHOST
+    try:
+        return socket.getaddrinfo(v.host or None, v.port, _inet_family(v), socket.SOCK_STREAM, 0, flags)
+    except socket.gaierror as e:
+        raise TransportError(f"address resolution failed for {v.host}:{v.port}: {e.strerror}") from None
+
+
+class _SocketListener(Listener):
+    def __init__(self, socks: list[socket.socket], addresses: list[SocketAddress], unlink: str | None) -> None:
+        self._socks = socks
+        self._addresses = addresses
+        self._unlink = unlink
+        self._closed = False
+
+    @property
+    def socket_addresses(self) -> list[SocketAddress]:
+        return list(self._addresses)
+
+    def accept(self) -> Channel:
+        while True:
+            if self._closed:
+                raise ChannelAborted("the incoming listener was closed")
+            try:
+                ready, _, _ = select.select(self._socks, [], [], 0.1)
+            except (OSError, ValueError):
+                raise ChannelAborted("the incoming listener was closed") from None
+            for s in ready:
+                try:
+                    conn, _peer = s.accept()
+                except OSError as e:
+                    if self._closed:
+                        raise ChannelAborted("the incoming listener was closed") from None
+                    log.warning("accept_failed", error=str(e))
+                    continue
+                return SocketChannel(conn)
+
+    def close(self) -> None:
+        self._closed = True
+        for s in self._socks:
+            try:
+                s.close()
+            except OSError:
+                pass
+        if self._unlink:
+            try:
+                os.unlink(self._unlink)
+            except OSError:
+                pass
+
+
+class _OnceListener(Listener):
+    """An incoming fd: the descriptor is the stream itself."""
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel: Channel | None = channel
+
+    def accept(self) -> Channel:
+        if self._channel is None:
+            raise ChannelAborted("the incoming descriptor was already used")
+        ch, self._channel = self._channel, None
+        return ch
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+
+class SocketTransport(Transport):
+    """``socket``: tcp, unix, fd and vsock."""
+
+    address_type = MigrationAddressType.SOCKET.value
+    uri_schemes = ("tcp", "unix", "fd", "vsock")
+    abilities = ChannelAbilities(multiple_channels=True, return_path=True, zero_copy=True)
+
+    @classmethod
+    def parse_uri(cls, uri: str) -> MigrationAddress:
+        return MigrationAddress("socket", parse_socket_uri(uri))
+
+    # -- outgoing ------------------------------------------------------------------
+
+    def _tune(self, sock: socket.socket) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ctx.keepalive:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.ctx.user_timeout * 1000))
+
+    def _connect_one(self, family: int, sockaddr: object, what: str, abort_check: Callable[[], bool]) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            err = sock.connect_ex(sockaddr)  # type: ignore[arg-type]
+            while err in (errno.EINPROGRESS, errno.EALREADY, errno.EAGAIN):
+                if abort_check():
+                    raise ChannelAborted("connect cancelled")
+                _, w, _ = select.select([], [sock], [], 0.1)
+                if w:
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    break
+            if err:
+                raise TransportError(f"Failed to connect to '{what}': {os.strerror(err)}")
+        except BaseException:
+            sock.close()
+            raise
+        sock.setblocking(True)
+        return sock
+
+    def connect(self, addr: MigrationAddress, abort_check: Callable[[], bool]) -> Channel:
+        sa: SocketAddress = addr.value
+        v = sa.value
+        what = _describe(sa)
+        if sa.tag is SocketAddressType.INET:
+            last: TransportError | None = None
+            for family, _, _, _, sockaddr in _resolve(v, passive=False):
+                try:
+                    sock = self._connect_one(family, sockaddr, what, abort_check)
+                    break
+                except TransportError as e:
+                    last = e
+            else:
+                raise last or TransportError(f"Failed to connect to '{what}'")
+        elif sa.tag is SocketAddressType.UNIX:
+            path = ("\0" + v.path) if v.abstract is True else v.path
+            sock = self._connect_one(socket.AF_UNIX, path, what, abort_check)
+        elif sa.tag is SocketAddressType.VSOCK:
+            try:
+                sock = self._connect_one(socket.AF_VSOCK, (int(v.cid), int(v.port)), what, abort_check)
+            except OSError as e:  # the address family itself may be missing
+                raise TransportError(f"Failed to connect to '{what}': {e.strerror}") from None
+        else:
+            sock = self._named_fd_socket(v.str, incoming=False)
+        self._tune(sock)
+        return SocketChannel(sock)
+
+    def _named_fd_socket(self, name: str, incoming: bool) -> socket.socket:
+        fd = self.ctx.take_fd(name) if self.ctx.take_fd else self.ctx.named_fds.pop(name, None)
+        if fd is None:
+            if not incoming or not name[:1].isdigit():
+                raise TransportError(f"File descriptor named '{name}' has not been found")
+            if not name.isdigit():
+                raise TransportError(f"Invalid file descriptor number '{name}'")
+            fd = os.dup(int(name))
+        try:
+            return socket.socket(fileno=fd)
+        except OSError:
+            os.close(fd)
+            raise TransportError(f"file descriptor '{name}' is not a socket") from None
+
+    # -- incoming ------------------------------------------------------------------------
+
+    def listen(self, addr: MigrationAddress) -> Listener:
+        sa: SocketAddress = addr.value
+        v = sa.value
+        if sa.tag is SocketAddressType.INET:
+            socks, bound = [], []
+            for family, _, _, _, sockaddr in _resolve(v, passive=True):
+                s = socket.socket(family, socket.SOCK_STREAM)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    s.bind(sockaddr)
+                    s.listen(8)
+                except OSError as e:
+                    s.close()
+                    for o in socks:
+                        o.close()
+                    raise TransportError(f"Failed to bind socket: {e.strerror}") from None
+                host, port = s.getsockname()[:2]
+                socks.append(s)
+                fam = {"ipv4": True} if family == socket.AF_INET else {"ipv6": True}
+                bound.append(SocketAddress("inet", InetSocketAddress(host=host, port=str(port), **fam)))
+                if v.port == "0":
+                    break  # one family, one port: what QEMU reports for port 0
+            return _SocketListener(socks, bound, None)
+        if sa.tag is SocketAddressType.UNIX:
+            path = ("\0" + v.path) if v.abstract is True else v.path
+            if v.abstract is not True and os.path.exists(v.path):
+                os.unlink(v.path)  # QEMU replaces a stale socket file
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.bind(path)
+                s.listen(8)
+            except OSError as e:
+                s.close()
+                raise TransportError(f"Failed to bind socket to {v.path}: {e.strerror}") from None
+            return _SocketListener([s], [SocketAddress("unix", UnixSocketAddress(path=v.path))],
+                                   None if v.abstract is True else v.path)
+        if sa.tag is SocketAddressType.VSOCK:
+            try:
+                s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+                s.bind((int(v.cid), int(v.port)))
+                s.listen(8)
+            except OSError as e:
+                raise TransportError(f"Failed to bind socket: {e.strerror}") from None
+            return _SocketListener([s], [sa], None)
+        sock = self._named_fd_socket(v.str, incoming=True)
+        return _OnceListener(SocketChannel(sock))
+
