@@ -20,7 +20,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-__all__ = ["Host", "RawQMP", "connect", "wait_until"]
+__all__ = ["Host", "RawQMP", "connect", "wait_until", "wait_for_status", "ram_digest", "vcpu_records"]
 
 
 class Host:
@@ -129,3 +129,34 @@ def wait_until(pred: Callable[[], Any], timeout: float = 10.0, interval: float =
             return v
         time.sleep(interval)
     raise AssertionError("condition not met in time")
+
+
+async def wait_for_status(client: QMPClient, states: set[str] | tuple[str, ...], timeout: float = 30.0) -> dict[str, Any]:
+    """Poll ``query-migrate`` until its status is one of ``states``; return that reply."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        info = await client.execute("query-migrate")
+        if info.get("status") in states:  # type: ignore[union-attr]
+            return info  # type: ignore[return-value]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"status {info.get('status')} not in {states} after {timeout} s: {info}")  # type: ignore[union-attr]
+        await asyncio.sleep(0.02)
+
+
+async def ram_digest(client: QMPClient, size: int, path: Path) -> str:
+    """sha256 of the first ``size`` bytes of guest RAM, read with ``pmemsave``."""
+    import hashlib
+
+    await client.execute("pmemsave", {"val": 0, "size": size, "filename": str(path)})
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def vcpu_records(client: QMPClient, vcpus: int, path: Path) -> list[tuple[int, int, int]]:
+    """The reference host's per-vCPU records (counter, heartbeat ns, pages written) from guest RAM."""
+    from mig_core.reference_host import RECORD, RECORD_STRIDE
+
+    await client.execute("pmemsave", {"val": 0, "size": 4096, "filename": str(path)})
+    data = path.read_bytes()
+    return [RECORD.unpack_from(data, i * RECORD_STRIDE) for i in range(vcpus)]

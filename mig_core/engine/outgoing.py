@@ -20,6 +20,7 @@ import structlog
 
 from mig_core.channel import Channel, ChannelAborted, ChannelError
 from mig_core.dirty import DirtyConsumer
+from mig_core.errors import QMPError
 from mig_core.engine.stats import MigrationCounters, RateLimiter, now_ms
 from mig_core.machine.device import DeviceStateError
 from mig_core.machine.ram import RAMBlock
@@ -111,11 +112,12 @@ class OutgoingMigration:
             self._complete()
         except Cancelled:
             self._end_unsuccessfully(None)
-        except (MigrationFailed, ChannelError, StreamError, DeviceStateError, VcpuStopTimeout, OSError) as e:
+        except (MigrationFailed, QMPError, ChannelError, StreamError, DeviceStateError, VcpuStopTimeout,
+                OSError) as e:
             if self.cancel_requested.is_set() or isinstance(e, ChannelAborted):
                 self._end_unsuccessfully(None)
             else:
-                self._end_unsuccessfully(str(e) or type(e).__name__)
+                self._end_unsuccessfully((e.desc if isinstance(e, QMPError) else str(e)) or type(e).__name__)
         except Exception as e:  # noqa: BLE001 - a bug must still leave the source intact
             log.exception("migration_thread_crashed")
             self._end_unsuccessfully(f"internal error: {type(e).__name__}: {e}")

@@ -184,6 +184,11 @@ class SocketTransport(Transport):
     def parse_uri(cls, uri: str) -> MigrationAddress:
         return MigrationAddress("socket", parse_socket_uri(uri))
 
+    def check_address(self, addr: MigrationAddress, incoming: bool) -> None:
+        sa: SocketAddress = addr.value
+        if sa.tag is SocketAddressType.FD and not incoming and sa.value.str not in self.ctx.named_fds:
+            raise TransportError(f"File descriptor named '{sa.value.str}' has not been found")
+
     # -- outgoing ------------------------------------------------------------------
 
     def _tune(self, sock: socket.socket) -> None:

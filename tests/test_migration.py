@@ -1,0 +1,135 @@
+"""Live precopy migration between two real mig run processes, driven through qemu.qmp."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from mig_core.testing import connect, ram_digest, vcpu_records, wait_for_status
+
+RAM = 32 << 20
+WORKLOAD = ("--ram", "32M", "--ram-fill", "half", "--vcpus", "2", "--dirty-rate", "8M")
+
+
+async def pair(start_host, *, src_args=WORKLOAD, dst_args=WORKLOAD + ("-S",), caps=("events",)):
+    src_h = start_host(*src_args, name="src")
+    dst_h = start_host(*dst_args, "--incoming", "defer", name="dst")
+    src, dst = await connect(src_h.sock, "src"), await connect(dst_h.sock, "dst")
+    for c in (src, dst):
+        if caps:
+            await c.execute("migrate-set-capabilities",
+                            {"capabilities": [{"capability": x, "state": True} for x in caps]})
+    return src_h, dst_h, src, dst
+
+
+async def collect_events(client, into: list):
+    async for ev in client.events:
+        into.append(ev)
+
+
+def addr_args(form: str, kind: str, tmp_path, port: str = "0"):
+    if kind == "tcp":
+        if form == "uri":
+            return {"uri": f"tcp:127.0.0.1:{port}"}
+        return {"channels": [{"channel-type": "main", "addr": {"transport": "socket", "type": "inet",
+                                                                "host": "127.0.0.1", "port": port}}]}
+    path = str(tmp_path / "mig.sock")
+    if form == "uri":
+        return {"uri": f"unix:{path}"}
+    return {"channels": [{"channel-type": "main", "addr": {"transport": "socket", "type": "unix", "path": path}}]}
+
+
+@pytest.mark.parametrize("form", ["uri", "channels"])
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+async def test_live_migration(start_host, tmp_path, kind, form):
+    src_h, dst_h, src, dst = await pair(start_host, caps=("events", "return-path"))
+    src_events, dst_events = [], []
+    tasks = [asyncio.create_task(collect_events(src, src_events)),
+             asyncio.create_task(collect_events(dst, dst_events))]
+    try:
+        await dst.execute("migrate-incoming", addr_args(form, kind, tmp_path))
+        listening = await dst.execute("query-migrate")
+        assert listening["status"] == "setup"
+        port = "0"
+        if kind == "tcp":
+            (sa,) = listening["socket-address"]
+            assert sa["type"] == "inet" and sa["host"] == "127.0.0.1" and int(sa["port"]) > 0
+            port = sa["port"]
+        else:
+            assert listening["socket-address"] == [{"type": "unix", "path": str(tmp_path / "mig.sock")}]
+        await src.execute("migrate-set-parameters", {"max-bandwidth": 0})
+        await src.execute("migrate", addr_args(form, kind, tmp_path, port))
+        done = await wait_for_status(src, {"completed", "failed"})
+        assert done["status"] == "completed", done
+        ram = done["ram"]
+        assert ram["total"] == RAM and ram["remaining"] == 0 and ram["page-size"] == 4096
+        assert ram["normal"] >= RAM // 2 // 4096 and ram["duplicate"] > 0
+        assert ram["normal-bytes"] == ram["normal"] * 4096
+        assert ram["transferred"] >= ram["normal-bytes"] and ram["dirty-sync-count"] >= 2
+        assert ram["precopy-bytes"] + ram["downtime-bytes"] == ram["transferred"]
+        assert done["total-time"] >= done["downtime"] >= 0 and done["setup-time"] >= 0
+        await wait_for_status(dst, {"completed"})
+        assert await src.execute("query-status") == {"running": False, "status": "postmigrate"}
+        assert await dst.execute("query-status") == {"running": False, "status": "paused"}  # -S
+        # both sides paused: RAM equal byte for byte
+        assert await ram_digest(src, RAM, tmp_path / "s.mem") == await ram_digest(dst, RAM, tmp_path / "d.mem")
+        before = await vcpu_records(dst, 2, tmp_path / "r1")
+        assert all(c > 0 for c, _, _ in before)
+        await dst.execute("cont")
+        await asyncio.sleep(0.3)
+        after = await vcpu_records(dst, 2, tmp_path / "r2")
+        assert all(a[0] > b[0] for a, b in zip(after, before, strict=True))  # the workload continues there
+        await asyncio.sleep(0.2)
+        names = lambda evs: [e["data"]["status"] for e in evs if e["event"] == "MIGRATION"]  # noqa: E731
+        assert names(src_events) == ["setup", "active", "device", "completed"]
+        assert names(dst_events) == ["setup", "active", "completed"]
+        passes = [e["data"]["pass"] for e in src_events if e["event"] == "MIGRATION_PASS"]
+        assert passes == list(range(1, len(passes) + 1)) and len(passes) == ram["dirty-sync-count"]
+        assert [e["event"] for e in dst_events if e["event"] in ("STOP", "RESUME")] == ["RESUME"]
+        assert [e["event"] for e in src_events if e["event"] in ("STOP", "RESUME")] == ["STOP"]
+        # a source in postmigrate refuses another migrate until it is continued
+        with pytest.raises(Exception, match="Can't migrate the vm that was paused due to previous migration"):
+            await src.execute("migrate", {"uri": "tcp:127.0.0.1:1"})
+    finally:
+        for t in tasks:
+            t.cancel()
+        for c in (src, dst):
+            with contextlib.suppress(Exception):
+                await c.disconnect()
+
+
+async def test_pause_before_switchover(start_host, tmp_path):
+    src_h, dst_h, src, dst = await pair(start_host, caps=("events", "pause-before-switchover"))
+    try:
+        await dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/p.sock"})
+        await src.execute("migrate", {"uri": f"unix:{tmp_path}/p.sock"})
+        info = await wait_for_status(src, {"pre-switchover"})
+        assert info["expected-downtime"] >= 0 and "downtime" not in info
+        assert (await src.execute("query-status"))["status"] == "finish-migrate"
+        with pytest.raises(Exception, match="Migration not in expected state: pre-switchover"):
+            await src.execute("migrate-continue", {"state": "active"})
+        await src.execute("migrate-continue", {"state": "pre-switchover"})
+        assert (await wait_for_status(src, {"completed", "failed"}))["status"] == "completed"
+        await wait_for_status(dst, {"completed"})
+        assert await ram_digest(src, RAM, tmp_path / "s") == await ram_digest(dst, RAM, tmp_path / "d")
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
+
+
+async def test_destination_runs_without_dash_s(start_host, tmp_path):
+    src_h, dst_h, src, dst = await pair(start_host, dst_args=WORKLOAD, caps=())
+    try:
+        await dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/r.sock"})
+        await src.execute("migrate", {"uri": f"unix:{tmp_path}/r.sock"})
+        assert (await wait_for_status(src, {"completed", "failed"}))["status"] == "completed"
+        await wait_for_status(dst, {"completed"})
+        assert await dst.execute("query-status") == {"running": True, "status": "running"}
+        # the source, continued, may migrate again: it runs again and its workload goes on
+        await src.execute("cont")
+        assert await src.execute("query-status") == {"running": True, "status": "running"}
+    finally:
+        await src.disconnect()
+        await dst.disconnect()

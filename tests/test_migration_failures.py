@@ -1,0 +1,287 @@
+"""Failure semantics: cancel in every phase, dying destinations, bad streams, bad arguments."""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import time
+
+import numpy as np
+import pytest
+from qemu.qmp import ExecuteError
+
+from mig_core.channel import SocketChannel
+from mig_core.machine.ram import allocate
+from mig_core.stream.writer import StreamWriter
+from mig_core.testing import RawQMP, connect, ram_digest, wait_for_status
+
+RAM = 32 << 20
+WORKLOAD = ("--ram", "32M", "--ram-fill", "random", "--vcpus", "2", "--dirty-rate", "4M")
+
+
+async def error_of(coro) -> str:
+    with pytest.raises(ExecuteError) as e:
+        await coro
+    return e.value.error.error.desc
+
+
+async def source_and_dest(start_host, dst_extra=()):
+    s = start_host(*WORKLOAD, name="src")
+    d = start_host(*WORKLOAD, "--incoming", "defer", *dst_extra, name="dst")
+    return s, d, await connect(s.sock, "src"), await connect(d.sock, "dst")
+
+
+async def assert_source_healthy_and_migrates_again(start_host, src, tmp_path):
+    """The source runs (its vCPU counters advance) and a fresh migration completes."""
+    assert (await src.execute("query-status"))["status"] == "running"
+    d2 = start_host(*WORKLOAD, "--incoming", "defer", name="dst2")
+    dst2 = await connect(d2.sock, "dst2")
+    try:
+        await dst2.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/again.sock"})
+        await src.execute("migrate-set-parameters", {"max-bandwidth": 0})
+        await src.execute("migrate", {"uri": f"unix:{tmp_path}/again.sock"})
+        assert (await wait_for_status(src, {"completed", "failed"}))["status"] == "completed"
+        assert (await wait_for_status(dst2, {"completed", "failed"}))["status"] == "completed"
+    finally:
+        await dst2.disconnect()
+
+
+async def test_destination_killed_mid_migration(start_host, tmp_path):
+    s, d, src, dst = await source_and_dest(start_host)
+    await src.execute("stop")  # the workload holds still, so the source's RAM must come out unchanged
+    before = await ram_digest(src, RAM, tmp_path / "before")
+    await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+    port = (await dst.execute("query-migrate"))["socket-address"][0]["port"]
+    await src.execute("migrate-set-parameters", {"max-bandwidth": 4 << 20})
+    await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+    await wait_for_status(src, {"active"})
+    await asyncio.sleep(0.3)
+    d.proc.send_signal(signal.SIGKILL)
+    info = await wait_for_status(src, {"failed"}, timeout=20)
+    assert info["error-desc"], info
+    assert (await src.execute("query-status"))["status"] == "paused"  # as it was before the migration
+    assert await ram_digest(src, RAM, tmp_path / "after") == before
+    await src.execute("cont")
+    await assert_source_healthy_and_migrates_again(start_host, src, tmp_path)
+    await src.disconnect()
+
+
+async def test_cancel_in_setup_active_and_pre_switchover(start_host, tmp_path):
+    s = start_host(*WORKLOAD, name="src")
+    src = await connect(s.sock, "src")
+    # setup: a listener whose backlog is full never completes the TCP handshake
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(0)
+    port = blocker.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        f = socket.socket()
+        f.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            f.connect(("127.0.0.1", port))
+        fillers.append(f)
+    await src.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+    await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+    await asyncio.sleep(0.3)
+    assert (await src.execute("query-migrate"))["status"] == "setup"
+    t = time.monotonic()
+    await src.execute("migrate_cancel")
+    assert time.monotonic() - t < 1.0
+    assert (await wait_for_status(src, {"cancelled"}, timeout=1.0))["status"] == "cancelled"
+    for f in fillers:
+        f.close()
+    blocker.close()
+
+    for phase in ("active", "pre-switchover"):
+        d = start_host(*WORKLOAD, "--incoming", "defer", name=f"dst-{phase}")
+        dst = await connect(d.sock, "dst")
+        caps = [{"capability": "pause-before-switchover", "state": phase == "pre-switchover"}]
+        await src.execute("migrate-set-capabilities", {"capabilities": caps})
+        await src.execute("migrate-set-parameters",
+                          {"max-bandwidth": (1 << 20) if phase == "active" else 0})
+        await dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/{phase}.sock", "exit-on-error": False})
+        await src.execute("migrate", {"uri": f"unix:{tmp_path}/{phase}.sock"})
+        await wait_for_status(src, {phase})
+        t = time.monotonic()
+        await src.execute("migrate_cancel")
+        assert time.monotonic() - t < 1.0
+        assert (await wait_for_status(src, {"cancelled"}, timeout=1.0))["status"] == "cancelled"
+        assert (await src.execute("query-status"))["status"] == "running"
+        info = await wait_for_status(dst, {"failed"}, timeout=10)  # the destination fails cleanly
+        assert "load of migration failed" in info["error-desc"]
+        await dst.disconnect()
+    await src.execute("migrate-set-capabilities",
+                      {"capabilities": [{"capability": "pause-before-switchover", "state": False}]})
+    await assert_source_healthy_and_migrates_again(start_host, src, tmp_path)
+    await src.disconnect()
+
+
+def destination(start_host, *extra):
+    return start_host("--ram", "32M", "--incoming", "defer", *extra, name="dst")
+
+
+async def feed(start_host, tmp_path, payload: bytes, exit_on_error: bool):
+    """Send raw bytes to a destination's incoming port; return (host, final query-migrate or None)."""
+    d = destination(start_host)
+    dst = await connect(d.sock, "dst")
+    path = tmp_path / "in.sock"
+    await dst.execute("migrate-incoming", {"uri": f"unix:{path}", "exit-on-error": exit_on_error})
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(path))
+        s.sendall(payload)
+    if exit_on_error:
+        with contextlib.suppress(Exception):
+            await dst.disconnect()
+        return d, None
+    info = await wait_for_status(dst, {"failed"}, timeout=10)
+    await dst.disconnect()
+    return d, info
+
+
+def valid_prefix(npages: int) -> bytes:
+    """The start of a real stream for a 32 MiB pc.ram machine: header, block list, some pages."""
+    blk = allocate("pc.ram", 32 << 20)
+    blk.pages[:npages] = 7
+    a, b = socket.socketpair()
+    w = StreamWriter(SocketChannel(a), [blk])
+    w.write_header("00000000-0000-0000-0000-000000000000")
+    w.write_pages(blk, np.arange(npages))
+    a.close()
+    data = b""
+    while chunk := b.recv(1 << 20):
+        data += chunk
+    b.close()
+    return data
+
+
+@pytest.mark.parametrize("payload,error", [
+    (b"GARBAGE!" * 8, "load of migration failed: not a mig migration stream (bad magic b'GARBAGE!')"),
+    (valid_prefix(16)[:-5000], "load of migration failed: truncated stream: it ended inside a page batch's data"),
+    (valid_prefix(4) + b"\x99" * 64, "load of migration failed: unknown section type 0x99 at stream byte"),
+])
+async def test_bad_streams_fail_the_destination_cleanly(start_host, tmp_path, payload, error):
+    d, info = await feed(start_host, tmp_path, payload, exit_on_error=False)
+    assert info["status"] == "failed" and info["error-desc"].startswith(error), info
+    assert d.proc.poll() is None  # exit-on-error false: the host stays up
+
+
+async def test_fuzzed_streams(start_host, tmp_path):
+    rng = np.random.default_rng(7)
+    prefix = valid_prefix(2)
+    for i in range(4):
+        junk = rng.integers(0, 256, 512, dtype=np.uint8).tobytes()
+        sub = tmp_path / str(i)
+        sub.mkdir()
+        d, info = await feed(start_host, sub, prefix[: len(prefix) // (i + 2)] + junk, exit_on_error=False)
+        assert info["status"] == "failed" and info["error-desc"].startswith("load of migration failed: ")
+
+
+async def test_bad_stream_exits_the_destination_by_default(start_host, tmp_path):
+    d, _ = await feed(start_host, tmp_path, b"\x00" * 40, exit_on_error=True)
+    assert d.proc.wait(10) == 1
+    assert "load of migration failed" in d.logs()
+
+
+async def test_mismatched_blocks_and_uuid(start_host, tmp_path):
+    s = start_host(*WORKLOAD, "--uuid", "11111111-2222-3333-4444-555555555555", name="src")
+    src = await connect(s.sock, "src")
+    await src.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": "return-path", "state": True}, {"capability": "validate-uuid", "state": True}]})
+    cases = [
+        (("--ram", "16M"), "load of migration failed: RAM block 'pc.ram' is 33554432 bytes on the source but "
+                           "16777216 here"),
+        (("--ram", "32M", "--ram", "extra=4M"), "load of migration failed: this host has RAM block 'extra', "
+                                                 "which the source does not send"),
+        (("--ram", "32M", "--uuid", "99999999-2222-3333-4444-555555555555"),
+         "load of migration failed: UUID received is 11111111-2222-3333-4444-555555555555 and local is "
+         "99999999-2222-3333-4444-555555555555"),
+        (("--ram", "32M", "--vcpus", "3"), "load of migration failed: mig-run-counter: the source ran with"),
+    ]
+    for i, (args, error) in enumerate(cases):
+        d = start_host(*args, "--incoming", "defer", name=f"dst{i}")
+        dst = await connect(d.sock, "dst")
+        await dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/{i}.sock", "exit-on-error": False})
+        await src.execute("migrate", {"uri": f"unix:{tmp_path}/{i}.sock"})
+        info = await wait_for_status(dst, {"failed"})
+        assert info["error-desc"].startswith(error), info
+        src_info = await wait_for_status(src, {"failed"})
+        assert src_info["error-desc"]  # the return path told the source
+        assert (await src.execute("query-status"))["status"] == "running"
+        await dst.disconnect()
+    await src.disconnect()
+
+
+async def test_fd_migration_with_getfd(start_host, tmp_path):
+    s, d, src, dst = await source_and_dest(start_host)
+    a, b = socket.socketpair()
+    for host, fd in ((s, a), (d, b)):
+        raw = RawQMP(host.sock)
+        raw.negotiate()
+        msg = json.dumps({"execute": "getfd", "arguments": {"fdname": "mig"}}).encode() + b"\n"
+        raw.sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd.fileno()]))])
+        assert raw.recv_reply() == {"return": {}}
+        raw.close()
+    a.close()
+    b.close()
+    await dst.execute("migrate-incoming", {"uri": "fd:mig"})
+    await src.execute("migrate", {"channels": [{"channel-type": "main", "addr": {
+        "transport": "socket", "type": "fd", "str": "mig"}}]})
+    assert (await wait_for_status(src, {"completed", "failed"}))["status"] == "completed"
+    assert (await wait_for_status(dst, {"completed", "failed"}))["status"] == "completed"
+    assert "fd:mig" not in str(await src.execute("query-migrate"))
+    assert await error_of(src.execute("closefd", {"fdname": "mig"})) == "File descriptor named 'mig' not found"
+    await src.disconnect()
+    await dst.disconnect()
+
+
+async def test_argument_and_state_errors(start_host, tmp_path):
+    s, d, src, dst = await source_and_dest(start_host)
+    cases = [
+        ({"uri": "foo:bar"}, "unknown migration protocol: foo:bar"),
+        ({}, "need either 'uri' or 'channels' argument"),
+        ({"uri": "tcp:1:2", "channels": []}, "need either 'uri' or 'channels' argument"),
+        ({"uri": "tcp:localhost"}, "error parsing address 'localhost'"),
+        ({"uri": "tcp:[::1"}, "error parsing IPv6 address '[::1'"),
+        ({"uri": "unix:"}, "invalid Unix socket address"),
+        ({"uri": "vsock:3"}, "error parsing address '3'"),
+        ({"uri": "vsock:3:1024x"}, "trailing characters in address '3:1024x'"),
+        ({"uri": "fd:"}, "invalid file descriptor address"),
+        ({"uri": "fd:nope"}, "File descriptor named 'nope' has not been found"),
+        ({"uri": "tcp:127.0.0.1:1", "resume": True}, "Cannot resume if there is no paused migration"),
+        ({"channels": [{"channel-type": "main", "addr": {"transport": "exec", "args": ["cat"]}}]},
+         "migration transport 'exec' is not available"),
+    ]
+    for args, text in cases:
+        err = await error_of(src.execute("migrate", args))
+        assert err.startswith(text), (args, err)
+    assert (await src.execute("query-migrate")) == {}  # nothing started
+    # an async connect failure: migrate succeeds, the migration fails with the reason
+    await src.execute("migrate", {"uri": "tcp:127.0.0.1:1"})
+    info = await wait_for_status(src, {"failed"})
+    assert info["error-desc"] == "Failed to connect to '127.0.0.1:1': Connection refused"
+    await src.execute("migrate", {"uri": "vsock:1:1234"})
+    info = await wait_for_status(src, {"failed"})
+    assert info["error-desc"].startswith("Failed to connect to '1:1234': ")
+    # destination-side rules
+    assert await error_of(dst.execute("migrate", {"uri": "tcp:127.0.0.1:1"})) == (
+        "Guest is waiting for an incoming migration")
+    assert await error_of(src.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})) == (
+        "'-incoming' was not specified on the command line")
+    assert await error_of(dst.execute("migrate-incoming", {"channels": []})) == (
+        "Channel list must have only one entry, for type 'main'")
+    assert await error_of(dst.execute("migrate-incoming", {"uri": "bogus"})) == "unknown migration protocol: bogus"
+    await dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/x.sock"})
+    assert await error_of(dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/y.sock"})) == (
+        "The incoming migration has already been started")
+    assert await error_of(dst.execute("cont")) == "Migration is not finalized yet"
+    assert await error_of(dst.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": "multifd", "state": True}]})) == "Multifd must be set before incoming starts"
+    await src.disconnect()
+    await dst.disconnect()
+    assert os.path.exists(tmp_path / "x.sock")
