@@ -86,6 +86,7 @@ class PluginRegistry:
     disabled: set[str] = field(default_factory=set)
     load_errors: dict[tuple[str, str, str], str] = field(default_factory=dict)
     _loaded: dict[tuple[str, str], Any] = field(default_factory=dict)
+    _entries: dict[str, list[PluginEntry]] = field(default_factory=dict)
 
     @classmethod
     def from_environment(cls) -> PluginRegistry:
@@ -105,8 +106,11 @@ class PluginRegistry:
     # -- listing ---------------------------------------------------------------
 
     def entries(self, group: str) -> list[PluginEntry]:
-        """Every entry point of a group, deduplicated, in a deterministic order."""
+        """Every entry point of a group, deduplicated, in a deterministic order (read once, then cached)."""
         group = _full(group)
+        cached = self._entries.get(group)
+        if cached is not None:
+            return cached
         seen = set()
         out = []
         for dist in md.distributions():
@@ -116,7 +120,13 @@ class PluginRegistry:
                 if ep.group == group and key not in seen:
                     seen.add(key)
                     out.append(PluginEntry(group, ep.name, ep.value, dname, dist.version))
-        return sorted(out, key=lambda e: (e.name, e.distribution.lower(), e.value))
+        self._entries[group] = sorted(out, key=lambda e: (e.name, e.distribution.lower(), e.value))
+        return self._entries[group]
+
+    def rescan(self) -> None:
+        """Forget what was found and loaded (after installing or removing distributions)."""
+        self._entries.clear()
+        self._loaded.clear()
 
     def is_disabled(self, entry: PluginEntry) -> bool:
         return bool({entry.name, f"{_short(entry.group)}:{entry.name}", entry.distribution} & self.disabled)

@@ -34,7 +34,7 @@ class Host:
         self.sock = tmp / f"{name}.sock"
         self.log_path = tmp / f"{name}.log"
         self.log = open(self.log_path, "w+")
-        full_env = dict(os.environ, MIG_LOG_FORMAT="json", MIG_LOG_LEVEL="debug", **(env or {}))
+        full_env = {**os.environ, "MIG_LOG_FORMAT": "json", "MIG_LOG_LEVEL": "debug", **(env or {})}
         self.proc = subprocess.Popen(
             [*(wrapper or []), sys.executable, "-m", "mig_core", "run", "--qmp", f"unix:{self.sock}", *args],
             stdout=subprocess.PIPE, stderr=self.log, env=full_env, text=True,

@@ -79,6 +79,11 @@ def run(qmp: list[object], rams: list[object], ram_fill: str, mem_prealloc: bool
     device = CounterDevice(vcpus, dirty_rate)
     machine.add_device(device)
     manager = MigrationManager(machine)
+    try:
+        log.info("dirty_tracker", tracker=machine.tracker_class().name)  # chosen now, not at migrate time
+    except ValueError as e:
+        log.warning("no_dirty_tracker", error=str(e))
+    manager.transports.classes()  # load transport plugins now, not inside a migration's setup
     if incoming is None:
         fill(machine, ram_fill)
     workload = Workload(machine, vcpus, dirty_rate, device)

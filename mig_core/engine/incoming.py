@@ -77,8 +77,6 @@ class IncomingMigration:
     def _load(self) -> None:
         m, machine = self.m, self.machine
         assert self.channel is not None
-        for b in machine.blocks:
-            b.discard()  # what the source does not send must read as zero
         placer = CopyPlacer(machine.blocks)
         reader = StreamReader(self.channel, machine.blocks, placer)
         reader.read_header()
@@ -102,11 +100,24 @@ class IncomingMigration:
         missing = [f"'{d.id}' instance {d.instance}" for d in machine.devices if (d.id, d.instance) not in loaded]
         if missing:
             raise DeviceStateError(f"the stream carried no state for device {missing[0]}")
+        self._drop_unsent(placer)
         self._start_machine()
         if self.return_path:
             StreamWriter(self.channel, []).write_command(Command.RP_LOADED, 0)
         m.destination.cas(S.ACTIVE, S.COMPLETED)
         log.info("incoming_completed", runstate=machine.run.state.value)
+
+    def _drop_unsent(self, placer: CopyPlacer) -> None:
+        """Pages the source never sent are zero there: drop whatever this host held in them.
+
+        Done at the end rather than by discarding all RAM first, so a preallocated destination keeps
+        its pages for what does arrive (no page faults while loading).
+        """
+        for b in self.machine.blocks:
+            populated = b.populated_pages()
+            stale = populated[~placer.received[b.name][populated]]
+            if len(stale):
+                placer.place_zero(b, stale)
 
     def _command(self, item: CommandReceived, source_uuid: str) -> None:
         if item.command is Command.OPEN_RETURN_PATH:

@@ -81,6 +81,7 @@ class OutgoingMigration:
         #: pages the destination may hold non-zero (so a page that becomes zero must be sent as zero)
         self._sent_nonzero = {b.name: np.zeros(b.npages, dtype=bool) for b in self.machine.blocks}
         self._runstate_before: RunState | None = None
+        self._accounted = 0
         self._first_word = {b.name: b.array.view(np.uint64).reshape(b.npages, b.page_size // 8)[:, 0]
                             for b in self.machine.blocks}
 
@@ -184,6 +185,12 @@ class OutgoingMigration:
             self._check_cancel()
             raise MigrationFailed("migration status changed during setup")
 
+    def _account(self, pages: int, running: bool) -> None:
+        """Count what the channel sent since the last call (page data, headers, commands alike)."""
+        sent = self.channel.bytes_sent  # type: ignore[union-attr]
+        self.counters.sent(sent - self._accounted, pages, running)
+        self._accounted = sent
+
     def _sync(self) -> dict[str, np.ndarray]:
         """One dirty-bitmap sync: a MIGRATION_PASS."""
         assert self._consumer is not None
@@ -236,9 +243,9 @@ class OutgoingMigration:
                 c.duplicate += len(zero)
                 stale = zero[self._sent_nonzero[b.name][zero]]
                 if len(stale):
-                    nbytes = self.writer.write_zero_pages(b, stale)
+                    self.writer.write_zero_pages(b, stale)
                     self._sent_nonzero[b.name][stale] = False
-                    c.sent(nbytes, len(stale), running)
+                    self._account(len(stale), running)
                     self._consumer.sent(b, stale, np.zeros((len(stale), b.page_size), dtype=np.uint8))  # type: ignore[union-attr]
         if not len(pages):
             return
@@ -250,7 +257,7 @@ class OutgoingMigration:
             nbytes = self.writer.write_pages(b, pages)
         self._sent_nonzero[b.name][pages] = True
         c.normal += len(pages)
-        c.sent(nbytes, len(pages), running)
+        self._account(len(pages), running)
         delay = self.limiter.wait_time(nbytes)
         if delay:
             self.cancel_requested.wait(delay)
@@ -274,14 +281,14 @@ class OutgoingMigration:
         elif not m.source.cas(S.ACTIVE, S.DEVICE):
             self._check_cancel()
         self.writer.write_command(Command.SWITCHOVER_START)
+        self._account(0, running=True)  # what was written before the machine stopped
         final = self._sync()
         merged = {name: np.union1d(self.pending[name], final[name]) for name in final}
         self._send_all(merged, running=False)
         for dev in self.machine.devices:
-            before = self.channel.bytes_sent  # type: ignore[union-attr]
             self.writer.write_device(self.machine.devices.save(dev))
-            c.sent(self.channel.bytes_sent - before, 0, False)  # type: ignore[union-attr]
         self.writer.write_end()
+        self._account(0, running=False)
         if self._rp_thread is not None:
             self._await_destination()
         c.finish()

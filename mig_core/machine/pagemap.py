@@ -25,7 +25,7 @@ PAGE_IS_PRESENT = 8
 PAGE_IS_SWAPPED = 0x10
 PAGE_IS_PFNZERO = 0x20
 
-_VEC_LEN = 1 << 16
+_VEC_LEN = 1 << 12
 
 
 class _ScanArg(ctypes.Structure):

@@ -55,7 +55,10 @@ class UffdWpTracker(HarvestingTracker):
     def _arm(self, b: RAMBlock) -> None:
         reg = uffd.REGISTRY.register(b, uffd.Mode.WP_ASYNC, owner="dirty tracker uffd-wp")
         self._regs[b.name] = reg
-        reg.writeprotect()
+        # One write-protecting scan arms the whole block: it protects present pages and puts markers on
+        # never-populated ones (2-3x cheaper than UFFDIO_WRITEPROTECT over the range). What it reports
+        # is everything populated so far, which consumers take from populated_pages() instead.
+        pagemap.scanner().scan(b.address, b.size, b.page_size, **_SCAN)
 
     def harvest(self) -> tuple[dict[str, np.ndarray], dict[int, int]]:
         out = {}
