@@ -109,7 +109,10 @@ class _BitmapConsumer(DirtyConsumer):
         super().__init__(tracker, name)
         self.bitmaps = {b.name: np.zeros(b.npages, dtype=bool) for b in tracker.blocks}
         for b in tracker.blocks:  # the first call reports everything that may not be zero
-            self.bitmaps[b.name][b.populated_pages()] = True
+            bm = self.bitmaps[b.name]
+            starts, ends = b.populated_runs()
+            for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+                bm[s:e] = True
         self.vcpu_pages: dict[int, int] = {}
 
     def collect(self) -> DirtyReport:

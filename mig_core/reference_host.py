@@ -26,8 +26,9 @@ from mig_core.machine.vcpu import Vcpu
 log = structlog.get_logger("mig.run")
 
 _SUFFIX = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-#: per vCPU record in page 0 of the first block: counter, heartbeat ns, pages written
-RECORD = struct.Struct("<QQQ")
+#: per vCPU record in page 0 of the first block: counter, heartbeat ns, pages written, longest gap
+#: between two heartbeats in ns (after a migration: the downtime the workload itself saw)
+RECORD = struct.Struct("<QQQQ")
 RECORD_STRIDE = 64
 
 
@@ -147,10 +148,14 @@ class Workload:
         last = time.monotonic()
         while not self.stop.is_set():
             v.safe_point()
+            counter, hb, pages, gap = RECORD.unpack_from(rec)
+            t_ns = time.time_ns()
+            if hb:
+                gap = max(gap, t_ns - hb)
             now = time.monotonic()
-            budget = share * (now - last) / m.blocks[0].page_size
+            # writes owed since the last tick, but never a backlog from time spent stopped or throttled
+            written += share * min(now - last, 0.01) / m.blocks[0].page_size
             last = now
-            written += budget
             n = int(written)
             if n and share:
                 written -= n
@@ -160,17 +165,15 @@ class Workload:
                     take = np.take(perm, np.arange(pos[bi], pos[bi] + n), mode="wrap")
                     pos[bi] = (pos[bi] + n) % len(perm)
                     b = m.block(name)
-                    counter = RECORD.unpack_from(rec)[0]
                     b.array.view(np.uint64).reshape(b.npages, -1)[take, 0] = counter
                     m.mark_pages(name, take)
-            counter, _hb, pages = RECORD.unpack_from(rec)
-            RECORD.pack_into(rec, 0, counter + 1, time.time_ns(), pages + n)
+            RECORD.pack_into(rec, 0, counter + 1, t_ns, pages + n, gap)
             m.mark_dirty(m.blocks[0].name, v.index * RECORD_STRIDE, RECORD.size)
             if v.index == 0:
                 self.device.tick()
-            time.sleep(0.001)
+            time.sleep(0.001 if share else 0.005)  # an idle workload wakes less often
 
-    def records(self) -> list[tuple[int, int, int]]:
-        """(counter, heartbeat ns, pages written) of each vCPU, read from RAM."""
+    def records(self) -> list[tuple[int, int, int, int]]:
+        """(counter, heartbeat ns, pages written, longest gap ns) of each vCPU, read from RAM."""
         view = self.machine.blocks[0].view
         return [RECORD.unpack_from(view, i * RECORD_STRIDE) for i in range(self.nvcpus)]

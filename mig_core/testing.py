@@ -153,8 +153,8 @@ async def ram_digest(client: QMPClient, size: int, path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-async def vcpu_records(client: QMPClient, vcpus: int, path: Path) -> list[tuple[int, int, int]]:
-    """The reference host's per-vCPU records (counter, heartbeat ns, pages written) from guest RAM."""
+async def vcpu_records(client: QMPClient, vcpus: int, path: Path) -> list[tuple[int, int, int, int]]:
+    """The reference host's per-vCPU records (counter, heartbeat ns, pages written, longest gap ns)."""
     from mig_core.reference_host import RECORD, RECORD_STRIDE
 
     await client.execute("pmemsave", {"val": 0, "size": 4096, "filename": str(path)})

@@ -86,6 +86,10 @@ def run(qmp: list[object], rams: list[object], ram_fill: str, mem_prealloc: bool
     manager.transports.classes()  # load transport plugins now, not inside a migration's setup
     if incoming is None:
         fill(machine, ram_fill)
+        try:
+            machine.start_tracking()  # arm the tracker now: migrations then start without that cost
+        except ValueError as e:
+            log.warning("dirty_tracking_unavailable", error=str(e))
     workload = Workload(machine, vcpus, dirty_rate, device)
 
     def incoming_failed(error: str, exit_on_error: bool) -> None:

@@ -78,6 +78,8 @@ class IncomingMigration:
         m, machine = self.m, self.machine
         assert self.channel is not None
         placer = CopyPlacer(machine.blocks)
+        # pages this host holds before loading; those the source does not send are dropped at the end
+        self._held = {b.name: b.populated_pages() for b in machine.blocks}
         reader = StreamReader(self.channel, machine.blocks, placer)
         reader.read_header()
         for dev in machine.devices:
@@ -114,8 +116,8 @@ class IncomingMigration:
         its pages for what does arrive (no page faults while loading).
         """
         for b in self.machine.blocks:
-            populated = b.populated_pages()
-            stale = populated[~placer.received[b.name][populated]]
+            held = self._held[b.name]
+            stale = held[~placer.received[b.name][held]]
             if len(stale):
                 placer.place_zero(b, stale)
 

@@ -81,6 +81,7 @@ class OutgoingMigration:
         #: pages the destination may hold non-zero (so a page that becomes zero must be sent as zero)
         self._sent_nonzero = {b.name: np.zeros(b.npages, dtype=bool) for b in self.machine.blocks}
         self._runstate_before: RunState | None = None
+        self._dirty_pass_bandwidth = 0.0
         self._accounted = 0
         self._first_word = {b.name: b.array.view(np.uint64).reshape(b.npages, b.page_size // 8)[:, 0]
                             for b in self.machine.blocks}
@@ -201,18 +202,32 @@ class OutgoingMigration:
 
     # -- passes ---------------------------------------------------------------------------
 
-    def _threshold(self) -> float:
-        """Bytes that fit into downtime-limit at the switchover bandwidth (0 before any measurement)."""
+    def _switchover_bandwidth(self) -> float:
+        """Bytes per ms the rest will go at: avail-switchover-bandwidth, else what the last dirty pass achieved.
+
+        The first pass sends mostly contiguous RAM and is faster than sending scattered dirty pages, so
+        its rate would promise too short a downtime; until a dirty pass was measured there is no
+        estimate (0), and only an empty remainder switches over.
+        """
         avail = self.m.params["avail-switchover-bandwidth"]
-        bandwidth = avail / 1000 if avail else self.counters.bandwidth
-        return bandwidth * self.m.params["downtime-limit"]
+        return avail / 1000 if avail else self._dirty_pass_bandwidth
 
     def _iterate(self) -> None:
+        first = True
         while True:
+            sent_before, t0 = self.counters.transferred, time.monotonic()
             self._send_all(self.pending, running=True)
+            sent = self.counters.transferred - sent_before
+            elapsed_ms = (time.monotonic() - t0) * 1000
             self.pending = self._sync()
+            if not first and sent > (1 << 20) and elapsed_ms > 0:
+                self._dirty_pass_bandwidth = sent / elapsed_ms
+            first = False
             remaining = sum(len(p) * b.page_size for b, p in self._pending_blocks())
-            if remaining <= self._threshold():
+            bandwidth = self._switchover_bandwidth()
+            if bandwidth:
+                self.counters.expected_downtime = int(remaining / bandwidth)
+            if remaining == 0 or remaining <= bandwidth * self.m.params["downtime-limit"]:
                 return
             self._check_cancel()
 
@@ -266,6 +281,8 @@ class OutgoingMigration:
 
     def _complete(self) -> None:
         m, c, run = self.m, self.counters, self.machine.run
+        log.info("switchover", expected_downtime_ms=c.expected_downtime, remaining=c.remaining,
+                 bandwidth_bytes_per_ms=round(c.bandwidth, 1), passes=c.dirty_sync_count)
         self._runstate_before = run.state
         self.m.global_state.saved_runstate = run.state
         c.downtime_start_ms = now_ms()

@@ -73,8 +73,6 @@ class MigrationCounters:
             self.bandwidth = self._window_bytes / (elapsed * 1000)
             self.mbps = self._window_bytes * 8 / elapsed / 1e6
             self.pages_per_second = int(self._window_pages / elapsed)
-            if self.bandwidth and self._window_bytes > 10000:
-                self.expected_downtime = int(self.remaining / self.bandwidth)
             self._window_start, self._window_bytes, self._window_pages = t, 0, 0
 
     def synced(self, dirty_pages: int) -> None:
@@ -83,6 +81,9 @@ class MigrationCounters:
         with self._lock:
             self.dirty_sync_count += 1
             self.remaining = dirty_pages * self.page_size
+            if self.bandwidth and not self.expected_downtime:
+                # until a dirty pass was measured: dirty bytes at this sync / the window bandwidth (QEMU's way)
+                self.expected_downtime = int(self.remaining / self.bandwidth)
             self._rate_pages += dirty_pages
             if t - self._rate_start >= 1.0:
                 self.dirty_pages_rate = int(self._rate_pages / (t - self._rate_start))

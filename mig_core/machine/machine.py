@@ -100,6 +100,10 @@ class Machine:
             self._tracker = self.tracker_class()(self.blocks)
         return self._tracker
 
+    def start_tracking(self) -> None:
+        """Start dirty tracking now (not at the first migration), so arming it costs no setup time later."""
+        self.tracker()
+
     def mark_dirty(self, block: str, offset: int, length: int) -> None:
         """The host wrote ``length`` bytes at ``offset`` of ``block`` (needed by the ``host`` tracker)."""
         t = self._tracker

@@ -87,18 +87,22 @@ class RAMBlock:
         Other memory asks the page tables (PAGEMAP_SCAN); there, userfaultfd write-protect markers look
         like swap entries, so while swap is active they make the answer a (safe) superset.
         """
+        return pagemap.runs_to_pages(*self.populated_runs())
+
+    def populated_runs(self) -> tuple[np.ndarray, np.ndarray]:
+        """The populated pages as half-open runs [start, end) (see ``populated_pages``)."""
         if self.fd >= 0:
-            return self._file_data_pages()
+            return self._file_data_runs()
         wanted = pagemap.PAGE_IS_PRESENT | (pagemap.PAGE_IS_SWAPPED if swap_active() else 0)
-        return pagemap.scanner().scan(
+        return pagemap.pages_to_runs(pagemap.scanner().scan(
             self.address, self.size, self.page_size,
             category_inverted=pagemap.PAGE_IS_PFNZERO,
             category_mask=pagemap.PAGE_IS_PFNZERO,
             anyof_mask=wanted,
             return_mask=wanted,
-        )
+        ))
 
-    def _file_data_pages(self) -> np.ndarray:
+    def _file_data_runs(self) -> tuple[np.ndarray, np.ndarray]:
         starts, ends = [], []
         pos = 0
         while pos < self.size:
@@ -112,7 +116,7 @@ class RAMBlock:
             starts.append(data // self.page_size)
             ends.append(-(-hole // self.page_size))
             pos = hole
-        return pagemap.runs_to_pages(np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64))
+        return np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64)
 
     def discard(self) -> None:
         """Drop every page: the block reads as zero and holds no memory (a fresh destination)."""

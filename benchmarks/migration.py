@@ -1,0 +1,180 @@
+"""Live-migration benchmarks between two ``mig run`` processes, each against a limit measured alongside."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mig_core.testing import Host, connect, vcpu_records, wait_for_status
+
+GIB = 1 << 30
+ENV = {"MIG_LOG_LEVEL": "info"}
+
+_RAW_RECEIVER = r"""
+import socket, sys, numpy as np
+size = int(sys.argv[1])
+buf = np.ones(size, dtype=np.uint8)  # faulted in, like a preallocated destination
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(1)
+print(s.getsockname()[1], flush=True)
+c, _ = s.accept()
+mv = memoryview(buf); got = 0
+while got < size:
+    n = c.recv_into(mv[got:])
+    if not n: break
+    got += n
+c.sendall(b"k")
+"""
+
+
+def raw_loopback(size: int = GIB) -> float:
+    """Seconds for one process to sendall 4 MiB slices of random data to another that recv_into's them."""
+    import numpy as np
+
+    data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
+    rx = subprocess.Popen([sys.executable, "-c", _RAW_RECEIVER, str(size)], stdout=subprocess.PIPE, text=True)
+    port = int(rx.stdout.readline())
+    s = socket.create_connection(("127.0.0.1", port))
+    mv = memoryview(data)
+    t = time.perf_counter()
+    for i in range(0, size, 4 << 20):
+        s.sendall(mv[i:i + (4 << 20)])
+    s.recv(1)
+    elapsed = time.perf_counter() - t
+    s.close()
+    rx.wait()
+    return elapsed
+
+
+async def _migrate(tmp: Path, src_args: tuple[str, ...], dst_args: tuple[str, ...], params: dict,
+                   watch: bool = False) -> dict:
+    s = Host(tmp, *src_args, name="src", env=ENV)
+    d = Host(tmp, *dst_args, "--incoming", "defer", name="dst", env=ENV)
+    try:
+        src, dst = await connect(s.sock), await connect(d.sock)
+        await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+        port = (await dst.execute("query-migrate"))["socket-address"][0]["port"]
+        await src.execute("migrate-set-parameters", params)
+        await src.execute("migrate-set-capabilities",
+                          {"capabilities": [{"capability": "return-path", "state": True}]})
+        await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        expected = None
+        while True:
+            info = await src.execute("query-migrate")
+            if info["status"] == "active":
+                expected = info.get("expected-downtime", expected)
+            if info["status"] in ("completed", "failed", "cancelled"):
+                break
+            await asyncio.sleep(0.005 if watch else 0.02)
+        assert info["status"] == "completed", info
+        await wait_for_status(dst, {"completed"})
+        out = {"info": info, "expected_downtime": expected}
+        for ev in s.log_events():  # the value the source computed last, just before it switched over
+            if ev.get("event") == "switchover":
+                out["expected_downtime"] = ev["expected_downtime_ms"]
+        if watch:
+            await asyncio.sleep(0.2)
+            recs = await vcpu_records(dst, 2, tmp / "rec")
+            out["true_gap_ms"] = max(r[3] for r in recs) / 1e6
+        out["rss"] = {name: _rss(h.proc.pid) for name, h in (("src", s), ("dst", d))}
+        await src.disconnect()
+        await dst.disconnect()
+        return out
+    finally:
+        s.stop()
+        d.stop()
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def idle_rss(args: tuple[str, ...]) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        h = Host(Path(tmp), *args, name="idle", env=ENV)
+        time.sleep(1.0)
+        rss = _rss(h.proc.pid)
+        h.stop()
+        return rss
+
+
+def throughput(reps: int = 7) -> dict:
+    """1 GiB random RAM over tcp loopback (destination preallocated), interleaved with the raw limit."""
+    raw, mig, rss = [], [], []
+    for _ in range(reps):
+        raw.append(raw_loopback())
+        with tempfile.TemporaryDirectory() as tmp:
+            r = asyncio.run(_migrate(Path(tmp), ("--ram", "1G", "--ram-fill", "random"),
+                                     ("--ram", "1G", "--mem-prealloc", "-S"), {"max-bandwidth": 0}))
+        mig.append(r["info"]["total-time"] / 1000)
+        rss.append(r["rss"])
+    idle = idle_rss(("--ram", "1G", "--ram-fill", "random"))
+    return {"raw_s": statistics.median(raw), "mig_s": statistics.median(mig),
+            "raw_gib_s": 1 / statistics.median(raw), "mig_gib_s": 1 / statistics.median(mig),
+            "rss_over_idle": {k: statistics.median(r[k] for r in rss) - idle for k in ("src", "dst")},
+            "idle_rss": idle}
+
+
+def special_ram(reps: int = 7) -> dict:
+    """1 GiB never touched, and 1 GiB written with zeros (preallocated): total-time."""
+    out = {}
+    for label, args in (("never-touched", ("--ram", "1G")), ("zeros", ("--ram", "1G", "--mem-prealloc"))):
+        times = []
+        for _ in range(reps):
+            with tempfile.TemporaryDirectory() as tmp:
+                r = asyncio.run(_migrate(Path(tmp), args, ("--ram", "1G", "-S"), {"max-bandwidth": 0}))
+            times.append(r["info"]["total-time"])
+        out[label] = statistics.median(times)
+    return out
+
+
+def downtime(reps: int = 7) -> list[dict]:
+    """Workload dirtying 50 MiB/s on 2 vCPUs; downtime-limit 300 and 20 ms."""
+    rows = []
+    for limit in (300, 20):
+        got = []
+        for _ in range(reps):
+            with tempfile.TemporaryDirectory() as tmp:
+                wl = ("--ram", "512M", "--ram-fill", "random", "--vcpus", "2", "--dirty-rate", "50M")
+                r = asyncio.run(_migrate(Path(tmp), wl, wl, {"max-bandwidth": 0, "downtime-limit": limit},
+                                         watch=True))
+            got.append((r["info"]["downtime"], r["true_gap_ms"], r["expected_downtime"], r["info"]["total-time"]))
+        med = [statistics.median(x[i] for x in got) for i in range(4)]
+        rows.append({"limit": limit, "downtime": med[0], "true_gap": med[1], "expected": med[2], "total": med[3],
+                     "runs": got})
+    return rows
+
+
+def main() -> None:
+    t = throughput()
+    print("### Live migration, 1 GiB random RAM, tcp loopback, one channel (median of 7, interleaved)\n")
+    print("| | seconds | GiB/s |\n|---|---|---|")
+    print(f"| raw Python loopback (sendall 4 MiB / recv_into, two processes) | {t['raw_s']:.3f} | "
+          f"{t['raw_gib_s']:.2f} |")
+    print(f"| mig migrate (total-time), destination preallocated | {t['mig_s']:.3f} | {t['mig_gib_s']:.2f} |")
+    print(f"\nratio mig / raw: {t['mig_gib_s'] / t['raw_gib_s']:.2f}")
+    print(f"RSS above an idle host with the same RAM ({t['idle_rss'] >> 20} MiB): source "
+          f"{t['rss_over_idle']['src'] / GIB * 100:.1f} %, destination {t['rss_over_idle']['dst'] / GIB * 100:.1f} % "
+          "of RAM")
+    s = special_ram()
+    print("\n### 1 GiB of RAM that costs nothing (total-time, ms, median of 7)\n")
+    print(f"never touched: {s['never-touched']:.0f} ms; written with zeros (preallocated source): {s['zeros']:.0f} ms")
+    print("\n### Downtime under a workload dirtying 50 MiB/s (2 vCPUs, 512 MiB, median of 7)\n")
+    print("| downtime-limit | downtime | true gap (heartbeats) | last expected-downtime | total-time |")
+    print("|---|---|---|---|---|")
+    for r in downtime():
+        print(f"| {r['limit']} | {r['downtime']:.0f} | {r['true_gap']:.0f} | {r['expected']} | {r['total']:.0f} |")
+
+
+if __name__ == "__main__":
+    os.environ.update(ENV)
+    main()
