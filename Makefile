@@ -31,4 +31,4 @@ clean:
 
 .PHONY: bench
 bench: $(STAMP)
-	MIG_LOG_LEVEL=warning $(BIN)/python -m benchmarks
+	MIG_LOG_LEVEL=warning $(BIN)/python -m benchmarks $(WHICH)

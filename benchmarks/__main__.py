@@ -6,7 +6,9 @@ import os
 import platform
 import subprocess
 
-from benchmarks import machine
+import sys
+
+from benchmarks import machine, migration
 from mig_core.logconfig import configure_logging
 
 
@@ -21,7 +23,15 @@ def _cpu() -> str:
 
 def main() -> None:
     configure_logging(level=os.environ.get("MIG_LOG_LEVEL", "warning"))
+    which = sys.argv[1:] or ["machine", "migration"]
     print(f"machine: {_cpu()}\n")
+    if "machine" in which:
+        data_path()
+    if "migration" in which:
+        migration.main()
+
+
+def data_path() -> None:
     print("### Dirty trackers: one collect() per GiB (ms, median of 5)\n")
     print("| tracker | 0 % | 1 % | 10 % | 100 % |\n|---|---|---|---|---|")
     for r in machine.trackers():

@@ -6,6 +6,8 @@ import click
 
 from mig_core import __version__
 from mig_core.cli.demo import demo
+from mig_core.cli.operator import info_cmd, migrate_cmd, qmp_cmd
+from mig_core.cli.shell import shell_cmd
 from mig_core.cli.plugins import plugins
 from mig_core.cli.run import run
 from mig_core.logconfig import configure_logging
@@ -25,6 +27,8 @@ def cli(log_format: str | None, log_level: str | None) -> None:
 cli.add_command(run)
 cli.add_command(plugins)
 cli.add_command(demo)
+for _cmd in (qmp_cmd, info_cmd, migrate_cmd, shell_cmd):
+    cli.add_command(_cmd)
 
 
 def main() -> None:

@@ -82,9 +82,13 @@ class OutgoingMigration:
         self._sent_nonzero = {b.name: np.zeros(b.npages, dtype=bool) for b in self.machine.blocks}
         self._runstate_before: RunState | None = None
         self._dirty_pass_bandwidth = 0.0
+        self._rtt_ms = 0.0
+        self._sync_ms = 0.0
+        self._pong = threading.Condition()
+        self._pong_seen = -1
         self._accounted = 0
-        self._first_word = {b.name: b.array.view(np.uint64).reshape(b.npages, b.page_size // 8)[:, 0]
-                            for b in self.machine.blocks}
+        self._words = {b.name: b.array.view(np.uint64).reshape(b.npages, b.page_size // 8)
+                       for b in self.machine.blocks}
 
     # -- control from other threads ---------------------------------------------------
 
@@ -175,6 +179,7 @@ class OutgoingMigration:
             self.writer.write_command(Command.OPEN_RETURN_PATH)
             self._rp_thread = threading.Thread(target=self._return_path, name="return_path", daemon=True)
             self._rp_thread.start()
+            self._ping(0)  # its round trip feeds the downtime estimate
         for dev in self.machine.devices:
             dev.save_setup()
         self._consumer = self.machine.tracker().consumer("migration", sends=True)
@@ -195,12 +200,34 @@ class OutgoingMigration:
     def _sync(self) -> dict[str, np.ndarray]:
         """One dirty-bitmap sync: a MIGRATION_PASS."""
         assert self._consumer is not None
+        t0 = time.monotonic()
         report = self._consumer.collect()
+        self._sync_ms = (time.monotonic() - t0) * 1000
+        log.debug("dirty_sync", ms=round(self._sync_ms, 3), pages=report.total)
         self.counters.synced(report.total)
         self.m.migration_pass(self.counters.dirty_sync_count, report.total * self.counters.page_size)
         return report.pages
 
     # -- passes ---------------------------------------------------------------------------
+
+    def _ping(self, token: int) -> float:
+        """PING the destination and wait for its PONG: everything sent before has been loaded then.
+
+        Returns the milliseconds it took (0 without a return path).
+        """
+        if self._rp_thread is None:
+            return 0.0
+        t0 = time.monotonic()
+        self.writer.write_command(Command.PING, token)
+        with self._pong:
+            while self._pong_seen < token and not self._confirm.event.is_set():
+                self._check_cancel()
+                self._pong.wait(0.1)
+        self._check_cancel()
+        ms = (time.monotonic() - t0) * 1000
+        if token == 0:
+            self._rtt_ms = ms
+        return ms
 
     def _switchover_bandwidth(self) -> float:
         """Bytes per ms the rest will go at: avail-switchover-bandwidth, else what the last dirty pass achieved.
@@ -217,6 +244,9 @@ class OutgoingMigration:
         while True:
             sent_before, t0 = self.counters.transferred, time.monotonic()
             self._send_all(self.pending, running=True)
+            # with a return path, a pass ends when the destination has loaded it: the rate measured is
+            # then what the destination achieves, and no backlog is left in socket buffers at switchover
+            self._ping(self.counters.dirty_sync_count)
             sent = self.counters.transferred - sent_before
             elapsed_ms = (time.monotonic() - t0) * 1000
             self.pending = self._sync()
@@ -225,9 +255,11 @@ class OutgoingMigration:
             first = False
             remaining = sum(len(p) * b.page_size for b, p in self._pending_blocks())
             bandwidth = self._switchover_bandwidth()
+            # what a switchover costs besides sending: stopping, the last sync, the destination's answer
+            fixed_ms = self._sync_ms + self._rtt_ms + 1.0
             if bandwidth:
-                self.counters.expected_downtime = int(remaining / bandwidth)
-            if remaining == 0 or remaining <= bandwidth * self.m.params["downtime-limit"]:
+                self.counters.expected_downtime = int(remaining / bandwidth + fixed_ms)
+            if remaining == 0 or remaining <= bandwidth * max(0.0, self.m.params["downtime-limit"] - fixed_ms):
                 return
             self._check_cancel()
 
@@ -248,11 +280,24 @@ class OutgoingMigration:
         c = self.counters
         zero_detection = self.m.params["zero-page-detection"].value != "none"
         if zero_detection:
-            maybe_zero = self._first_word[b.name][pages] == 0
-            if maybe_zero.any():
-                cand = pages[maybe_zero]
+            words = self._words[b.name]
+            first, last = int(pages[0]), int(pages[-1])
+            if last - first + 1 == len(pages):
+                # a contiguous run: test the pages in place, no gather copy
+                maybe_zero = words[first:last + 1, 0] == 0
                 is_zero = np.zeros(len(pages), dtype=bool)
-                is_zero[maybe_zero] = ~b.pages[cand].any(axis=1)
+                if maybe_zero.all():
+                    run = words[first:last + 1]
+                    # one flat test first: an all-zero run (preallocated, zeroed RAM) needs no per-page pass
+                    is_zero = np.ones(len(pages), dtype=bool) if not run.any() else ~run.any(axis=1)
+                elif maybe_zero.any():
+                    is_zero[maybe_zero] = ~words[first:last + 1][maybe_zero].any(axis=1)
+            else:
+                maybe_zero = words[pages, 0] == 0
+                is_zero = np.zeros(len(pages), dtype=bool)
+                if maybe_zero.any():
+                    is_zero[maybe_zero] = ~words[pages[maybe_zero]].any(axis=1)
+            if is_zero.any():
                 zero = pages[is_zero]
                 pages = pages[~is_zero]
                 c.duplicate += len(zero)
@@ -299,13 +344,18 @@ class OutgoingMigration:
             self._check_cancel()
         self.writer.write_command(Command.SWITCHOVER_START)
         self._account(0, running=True)  # what was written before the machine stopped
+        log.debug("switchover_stopped", ms_since_stop=now_ms() - (c.downtime_start_ms or 0))
         final = self._sync()
         merged = {name: np.union1d(self.pending[name], final[name]) for name in final}
+        log.debug("switchover_synced", ms_since_stop=now_ms() - (c.downtime_start_ms or 0),
+                  pages=sum(len(p) for p in merged.values()))
         self._send_all(merged, running=False)
+        log.debug("switchover_ram_sent", ms_since_stop=now_ms() - (c.downtime_start_ms or 0))
         for dev in self.machine.devices:
             self.writer.write_device(self.machine.devices.save(dev))
         self.writer.write_end()
         self._account(0, running=False)
+        log.debug("switchover_sent", ms_since_stop=now_ms() - (c.downtime_start_ms or 0))
         if self._rp_thread is not None:
             self._await_destination()
         c.finish()
@@ -333,7 +383,11 @@ class OutgoingMigration:
         try:
             while True:
                 item = reader.next()
-                if isinstance(item, CommandReceived) and item.command in (Command.RP_LOADED, Command.RP_SHUT):
+                if isinstance(item, CommandReceived) and item.command is Command.RP_PONG:
+                    with self._pong:
+                        self._pong_seen = max(self._pong_seen, int(item.argument or 0))
+                        self._pong.notify_all()
+                elif isinstance(item, CommandReceived) and item.command in (Command.RP_LOADED, Command.RP_SHUT):
                     conf.code = int(item.argument or 0)
                     return
         except (ChannelError, StreamError) as e:

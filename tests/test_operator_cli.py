@@ -1,0 +1,105 @@
+"""mig qmp / info / migrate / shell against real hosts."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+from prompt_toolkit.document import Document
+
+from mig_core.cli.shell import QMPCompleter, argument_names, parse_line
+
+
+def mig(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mig_core", *args], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, COLUMNS="200"))
+
+
+def test_mig_qmp_sends_one_command(host):
+    out = mig("qmp", f"unix:{host.sock}", "migrate-set-parameters", "downtime-limit=123", "multifd-channels=4")
+    assert out.returncode == 0 and json.loads(out.stdout) == {"return": {}}
+    out = mig("qmp", str(host.sock), "query-migrate-parameters")
+    params = json.loads(out.stdout)["return"]
+    assert params["downtime-limit"] == 123 and params["multifd-channels"] == 4
+    out = mig("qmp", str(host.sock), "migrate-set-capabilities",
+              '{"capabilities": [{"capability": "events", "state": true}]}')
+    assert json.loads(out.stdout) == {"return": {}}
+    out = mig("qmp", str(host.sock), "migrate-set-parameters", "multifd-channels=0")
+    assert out.returncode == 1
+    assert json.loads(out.stdout)["error"] == {
+        "class": "GenericError", "desc": "Parameter 'multifd_channels' expects a value between 1 and 255"}
+    out = mig("qmp", "unix:/nonexistent.sock", "query-status")
+    assert out.returncode == 1 and "cannot connect to unix:/nonexistent.sock" in out.stderr
+
+
+def test_mig_migrate_and_info(start_host, tmp_path):
+    src = start_host("--ram", "16M", "--ram-fill", "random", name="src")
+    dst = start_host("--ram", "16M", "--incoming", f"unix:{tmp_path}/m.sock", "-S", name="dst")
+    out = mig("migrate", f"unix:{src.sock}", f"unix:{tmp_path}/m.sock", "--cap", "events=on",
+              "--param", "max-bandwidth=0")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "migration summary" in out.stdout and "completed" in out.stdout
+    info = mig("info", f"unix:{src.sock}")
+    assert info.returncode == 0 and "run state: postmigrate" in info.stdout and '"status": "completed"' in info.stdout
+    assert "run state: paused" in mig("info", str(dst.sock)).stdout
+    bad = mig("migrate", f"unix:{src.sock}", "bogus:uri")
+    assert bad.returncode == 1 and "unknown migration protocol: bogus:uri" in bad.stdout
+
+
+def test_shell_completion_and_parsing():
+    assert "downtime-limit" in argument_names("migrate-set-parameters")
+    assert argument_names("migrate") == ["uri", "channels", "detach", "resume"]
+    comp = QMPCompleter(["migrate", "migrate-set-parameters", "query-status"])
+    names = [c.text for c in comp.get_completions(Document("migrate-se"), None)]
+    assert names == ["migrate-set-parameters"]
+    args = [c.text for c in comp.get_completions(Document("migrate-set-parameters downtime"), None)]
+    assert args == ["downtime-limit="]
+    assert parse_line("migrate-set-parameters downtime-limit=5 tls-creds=x") == (
+        "migrate-set-parameters", {"downtime-limit": 5, "tls-creds": "x"})
+    assert parse_line('migrate {"uri": "tcp:h:1"}') == ("migrate", {"uri": "tcp:h:1"})
+
+
+def test_shell_session_on_a_terminal(host, tmp_path):
+    """The interactive shell under a real pseudo-terminal: commands, replies and events."""
+    master, slave = pty.openpty()
+    env = dict(os.environ, MIG_SHELL_HISTORY=str(tmp_path / "hist"), TERM="dumb")
+    proc = subprocess.Popen([sys.executable, "-m", "mig_core", "shell", str(host.sock)],
+                            stdin=slave, stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    buf = b""
+
+    def read_until(token: bytes, timeout: float = 15) -> bytes:
+        nonlocal buf
+        deadline = time.monotonic() + timeout
+        while token not in buf and time.monotonic() < deadline:
+            r, _, _ = select.select([master], [], [], 0.1)
+            if r:
+                try:
+                    buf += os.read(master, 65536)
+                except OSError:
+                    break
+        assert token in buf, buf[-2000:]
+        return buf
+
+    try:
+        read_until(b"(mig)")
+        os.write(master, b"migrate-set-capabilities capabilities=[{\"capability\":\"events\",\"state\":true}]\r")
+        read_until(b'{"return": {}}')
+        os.write(master, b"stop\r")
+        read_until(b'"event": "STOP"')
+        os.write(master, b"query-status\r")
+        read_until(b'"status": "paused"')
+        os.write(master, b"migrate-set-parameters multifd-channels=0\r")
+        read_until(b"expects a value between 1 and 255")
+        os.write(master, b"\x04")  # Ctrl-D ends the shell
+        assert proc.wait(10) == 0
+        assert b"query-status" in (tmp_path / "hist").read_bytes()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
