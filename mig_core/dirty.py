@@ -180,9 +180,10 @@ class HostTracker(HarvestingTracker):
         first, last = offset // b.page_size, (offset + length - 1) // b.page_size
         vcpu = current_vcpu()
         with self._mark_lock:
-            self._marks[block][first:last + 1] = True
-            if vcpu is not None:
-                self._vcpu[vcpu] = self._vcpu.get(vcpu, 0) + last - first + 1
+            marks = self._marks[block][first:last + 1]
+            if vcpu is not None:  # like a dirty ring: a page counts once per window, for the vCPU that dirtied it
+                self._vcpu[vcpu] = self._vcpu.get(vcpu, 0) + int(np.count_nonzero(~marks))
+            marks[:] = True
 
     def mark_pages(self, block: str, pages: np.ndarray) -> None:
         """Record writes to whole pages of ``block`` given as an index array (vectorised ``mark_dirty``)."""
@@ -193,9 +194,10 @@ class HostTracker(HarvestingTracker):
             raise ValueError(f"mark_pages: page outside RAM block '{block}' ({b.npages} pages)")
         vcpu = current_vcpu()
         with self._mark_lock:
-            self._marks[block][pages] = True
+            marks = self._marks[block]
             if vcpu is not None:
-                self._vcpu[vcpu] = self._vcpu.get(vcpu, 0) + len(pages)
+                self._vcpu[vcpu] = self._vcpu.get(vcpu, 0) + int(np.count_nonzero(~marks[pages]))
+            marks[pages] = True
 
     def harvest(self) -> tuple[dict[str, np.ndarray], dict[int, int]]:
         with self._mark_lock:

@@ -15,6 +15,8 @@ import mig_core
 from mig_core import capabilities as caps_mod
 from mig_core import host_features
 from mig_core import parameters as params_mod
+from mig_core.dirtylimit import DirtyLimiter
+from mig_core.dirtyrate import DirtyRateMeter
 from mig_core.engine.globalstate import GlobalState
 from mig_core.engine.incoming import IncomingMigration
 from mig_core.engine.outgoing import OutgoingMigration
@@ -89,6 +91,8 @@ class MigrationManager:
         self.on_incoming_failed: Callable[[str, bool], None] | None = None
         self.global_state = GlobalState()
         self.machine.add_device(self.global_state)
+        self.dirty_rate = DirtyRateMeter(self.machine)
+        self.dirty_limiter = DirtyLimiter(self.machine)
 
     # -- notifications ---------------------------------------------------------
 
@@ -222,6 +226,9 @@ class MigrationManager:
                 info.ram = c.to_stats()
                 if self.machine.vcpus.throttle_pct:
                     info.cpu_throttle_percentage = self.machine.vcpus.throttle_pct
+                if out.caps[C.DIRTY_LIMIT] and out.convergence.dirty_limit_applied is not None:
+                    info.dirty_limit_throttle_time_per_round = self.dirty_limiter.throttle_time_per_round_us()
+                    info.dirty_limit_ring_full_time = self.dirty_limiter.ring_full_time_us()
         if self.error_desc and info.status is not UNSET:
             info.error_desc = self.error_desc
         return info
@@ -272,7 +279,7 @@ class MigrationManager:
                 multi or (addr.tag is MigrationAddressType.FILE and self.caps[C.MAPPED_RAM])):
             raise QMPError("Migration requires multi-channel URIs (e.g. tcp)")
         for cap in (C.MULTIFD, C.POSTCOPY_RAM, C.X_COLO, C.XBZRLE, C.BACKGROUND_SNAPSHOT, C.MAPPED_RAM,
-                    C.AUTO_CONVERGE, C.DIRTY_LIMIT, C.SWITCHOVER_ACK):
+                    C.SWITCHOVER_ACK):
             if self.caps[cap]:
                 raise QMPError(f"mig cannot migrate with capability {cap.value} yet")
 
@@ -335,6 +342,45 @@ class MigrationManager:
             exit_on_error = args.exit_on_error is not False
             self.incoming = IncomingMigration(self, listener, exit_on_error)
             self.incoming.start()
+
+    # -- QMP: dirty rate, dirty limit, threads ------------------------------------------
+
+    def calc_dirty_rate(self, args: Any) -> None:
+        self.dirty_rate.calc(args.calc_time, args.calc_time_unit or None,
+                             None if args.sample_pages is UNSET else args.sample_pages, args.mode or None)
+
+    def query_dirty_rate(self, args: Any) -> Any:
+        return self.dirty_rate.query(args.calc_time_unit or None)
+
+    def _dirty_limit_migration_running(self) -> bool:
+        return self.source.state in RUNNING_STATES and self.caps[C.DIRTY_LIMIT]
+
+    def set_vcpu_dirty_limit(self, args: Any) -> None:
+        if self._dirty_limit_migration_running():
+            raise QMPError("can't set dirty page rate limit while migration is running")
+        self.dirty_limiter.set_limit(None if args.cpu_index is UNSET else args.cpu_index, args.dirty_rate)
+
+    def cancel_vcpu_dirty_limit(self, args: Any) -> None:
+        if self._dirty_limit_migration_running():
+            raise QMPError("can't cancel dirty page rate limit while migration is running")
+        self.dirty_limiter.cancel(None if args.cpu_index is UNSET else args.cpu_index)
+
+    def query_vcpu_dirty_limit(self) -> Any:
+        return self.dirty_limiter.query()
+
+    def query_migrationthreads(self) -> Any:
+        """The migration's threads that are alive now, with their OS thread ids."""
+        from mig_core.schema.migration import MigrationThreadInfo
+
+        threads = []
+        out, inc = self.outgoing, self.incoming
+        candidates = [out.thread if out else None, out._rp_thread if out else None, inc.thread if inc else None,
+                      getattr(inc, "announce", None) if inc else None, self.dirty_limiter._thread,
+                      self.dirty_rate.thread]
+        for t in candidates:
+            if t is not None and t.is_alive() and t.native_id is not None:
+                threads.append(MigrationThreadInfo(name=t.name, thread_id=t.native_id))
+        return threads
 
     def incoming_listener_closed(self) -> None:
         self._listener = None

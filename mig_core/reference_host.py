@@ -114,10 +114,12 @@ class CounterDevice(Device):
 class Workload:
     """vCPU threads that dirty memory at a set rate and keep their records in RAM."""
 
-    def __init__(self, machine: Machine, vcpus: int, dirty_rate: int, device: CounterDevice) -> None:
+    def __init__(self, machine: Machine, rates: list[float], device: CounterDevice) -> None:
+        """``rates``: bytes per second each vCPU dirties."""
         self.machine = machine
-        self.nvcpus = vcpus
-        self.dirty_rate = dirty_rate
+        self.nvcpus = len(rates)
+        self.rates = rates
+        vcpus = self.nvcpus
         self.device = device
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
@@ -142,7 +144,7 @@ class Workload:
         m = self.machine
         rec = m.blocks[0].view[v.index * RECORD_STRIDE:v.index * RECORD_STRIDE + RECORD.size]
         mine = self._pages_of(v.index)
-        share = self.dirty_rate / self.nvcpus
+        share = self.rates[v.index] if v.index < self.nvcpus else 0.0
         pos = [0] * len(mine)
         written = 0.0
         last = time.monotonic()

@@ -36,9 +36,9 @@ def _rams(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...])
         raise click.BadParameter(str(e)) from None
 
 
-def _size(_ctx: click.Context, param: click.Parameter, value: str) -> int:
+def _rates(_ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
     try:
-        return parse_size(value, param.name or "size")
+        return [parse_size(v, "dirty rate") for v in value.split(",")]
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
 
@@ -52,13 +52,15 @@ def _size(_ctx: click.Context, param: click.Parameter, value: str) -> int:
               help="Initial RAM contents: never touched, random, half random, or text-like.")
 @click.option("--mem-prealloc", is_flag=True, help="Fault every RAM page in at start.")
 @click.option("--vcpus", type=click.IntRange(1, 64), default=1, help="vCPU threads running the workload.")
-@click.option("--dirty-rate", default="0", callback=_size, metavar="RATE",
-              help="Bytes per second the vCPUs dirty, all together (suffixes K, M, G).")
+@click.option("--dirty-rate", default="0", callback=_rates, metavar="RATE|R1,R2,...",
+              help="Bytes per second the vCPUs dirty, all together, or one rate per vCPU (suffixes K, M, G).")
 @click.option("-S", "paused", is_flag=True, help="Start paused; a destination stays paused after loading.")
 @click.option("--incoming", metavar="URI|defer", help="Wait for an incoming migration ('defer': migrate-incoming).")
 @click.option("--uuid", help="The machine's uuid (validate-uuid compares it).")
-def run(qmp: list[object], rams: list[object], ram_fill: str, mem_prealloc: bool, vcpus: int, dirty_rate: int,
+def run(qmp: list[object], rams: list[object], ram_fill: str, mem_prealloc: bool, vcpus: int, dirty_rate: list[int],
         paused: bool, incoming: str | None, uuid: str | None) -> None:
+    if len(dirty_rate) not in (1, vcpus):  # type: ignore[arg-type]
+        raise click.BadParameter(f"give one rate or {vcpus} (one per vCPU)", param_hint="--dirty-rate")
     """Run the reference host serving QMP until 'quit' or a signal."""
     if incoming is not None:
         state = RunState.INMIGRATE
@@ -76,7 +78,8 @@ def run(qmp: list[object], rams: list[object], ram_fill: str, mem_prealloc: bool
             raise click.BadParameter(str(e), param_hint="--ram") from None
     if paused:
         machine.run.autostart = False
-    device = CounterDevice(vcpus, dirty_rate)
+    rates = dirty_rate if len(dirty_rate) == vcpus else [dirty_rate[0] / vcpus] * vcpus
+    device = CounterDevice(vcpus, sum(dirty_rate))
     machine.add_device(device)
     manager = MigrationManager(machine)
     try:
@@ -90,7 +93,7 @@ def run(qmp: list[object], rams: list[object], ram_fill: str, mem_prealloc: bool
             machine.start_tracking()  # arm the tracker now: migrations then start without that cost
         except ValueError as e:
             log.warning("dirty_tracking_unavailable", error=str(e))
-    workload = Workload(machine, vcpus, dirty_rate, device)
+    workload = Workload(machine, rates, device)
 
     def incoming_failed(error: str, exit_on_error: bool) -> None:
         if exit_on_error:

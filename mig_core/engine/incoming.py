@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from mig_core.channel import Channel, ChannelAborted, ChannelError
+from mig_core.engine.announce import start_announce
 from mig_core.machine.device import DeviceSection, DeviceStateError
 from mig_core.schema.common import RunState
 from mig_core.schema.migration import MigrationStatus as S
@@ -108,6 +109,7 @@ class IncomingMigration:
             StreamWriter(self.channel, []).write_command(Command.RP_LOADED, 0)
         m.destination.cas(S.ACTIVE, S.COMPLETED)
         log.info("incoming_completed", runstate=machine.run.state.value)
+        self.announce = start_announce(m.pm, dict(m.params))
 
     def _drop_unsent(self, placer: CopyPlacer) -> None:
         """Pages the source never sent are zero there: drop whatever this host held in them.

@@ -21,6 +21,7 @@ import structlog
 from mig_core.channel import Channel, ChannelAborted, ChannelError
 from mig_core.dirty import DirtyConsumer
 from mig_core.errors import QMPError
+from mig_core.engine.convergence import ConvergenceTrigger
 from mig_core.engine.stats import MigrationCounters, RateLimiter, now_ms
 from mig_core.machine.device import DeviceStateError
 from mig_core.machine.ram import RAMBlock
@@ -84,6 +85,10 @@ class OutgoingMigration:
         self._dirty_pass_bandwidth = 0.0
         self._rtt_ms = 0.0
         self._sync_ms = 0.0
+        mode = ("auto-converge" if self.caps[C.AUTO_CONVERGE]
+                else "dirty-limit" if self.caps[C.DIRTY_LIMIT] else None)
+        self.convergence = ConvergenceTrigger(mode, lambda: manager.params, self.machine.vcpus,
+                                              manager.dirty_limiter)
         self._pong = threading.Condition()
         self._pong_seen = -1
         self._accounted = 0
@@ -150,7 +155,7 @@ class OutgoingMigration:
             log.error("migration_failed", error=error)
 
     def _cleanup(self) -> None:
-        self.machine.vcpus.set_throttle(0)
+        self.convergence.stop()
         if self._consumer is not None:
             self._consumer.close()
         for dev in self.machine.devices:
@@ -177,7 +182,7 @@ class OutgoingMigration:
         })
         if self.caps[C.RETURN_PATH]:
             self.writer.write_command(Command.OPEN_RETURN_PATH)
-            self._rp_thread = threading.Thread(target=self._return_path, name="return_path", daemon=True)
+            self._rp_thread = threading.Thread(target=self._return_path, name="mig/src/rp_thr", daemon=True)
             self._rp_thread.start()
             self._ping(0)  # its round trip feeds the downtime estimate
         for dev in self.machine.devices:
@@ -187,6 +192,7 @@ class OutgoingMigration:
         # never-populated pages are zero pages that cost nothing: counted as QEMU counts zero pages
         c.duplicate += sum(b.npages - len(self.pending[b.name]) for b in self.machine.blocks)
         c.setup_ms = now_ms() - t0
+        self.convergence.start(c.transferred)
         if not m.source.cas(S.SETUP, S.ACTIVE):
             self._check_cancel()
             raise MigrationFailed("migration status changed during setup")
@@ -205,6 +211,8 @@ class OutgoingMigration:
         self._sync_ms = (time.monotonic() - t0) * 1000
         log.debug("dirty_sync", ms=round(self._sync_ms, 3), pages=report.total)
         self.counters.synced(report.total)
+        if self.counters.dirty_sync_count > 1:
+            self.convergence.on_sync(report.total, self.counters.transferred, self.counters.page_size)
         self.m.migration_pass(self.counters.dirty_sync_count, report.total * self.counters.page_size)
         return report.pages
 

@@ -51,7 +51,7 @@ class Vcpu:
         c = self.controller
         if c._stop_requested:
             c._park(self)
-        pct = c.throttle_pct
+        pct = max(c.throttle_pct, c.vcpu_throttle.get(self.index, 0))
         if pct:
             now = time.monotonic()
             if now >= c._throttle_due.get(self.index, 0.0):
@@ -77,6 +77,8 @@ class VcpuController:
         self._wake = threading.Event()
         self._throttle_due: dict[int, float] = {}
         self.throttle_pct = 0
+        #: Per-vCPU throttle (dirty-limit), applied on top of the global one (the larger wins).
+        self.vcpu_throttle: dict[int, int] = {}
         #: Seconds the most recent stop_all() took until every vCPU was parked.
         self.last_stop_latency = 0.0
 
@@ -156,6 +158,15 @@ class VcpuController:
             self._throttle_due.clear()
             if not self._stop_requested:
                 self._wake.clear()
+
+    def set_vcpu_throttle(self, index: int, pct: int) -> None:
+        """Throttle one vCPU (dirty-limit); 0 removes its own throttle."""
+        if not 0 <= pct < 100:
+            raise ValueError(f"throttle percentage {pct} must be in 0..99")
+        if pct:
+            self.vcpu_throttle[index] = pct
+        else:
+            self.vcpu_throttle.pop(index, None)
 
     def run(self, target: Callable[[Vcpu], None], count: int, name: str = "vcpu") -> list[threading.Thread]:
         """Start ``count`` daemon threads, each registered as a vCPU, running ``target(vcpu)``."""

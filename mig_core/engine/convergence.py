@@ -1,0 +1,98 @@
+"""Making a busy program's migration converge: auto-converge and dirty-limit, on QEMU's trigger.
+
+At each dirty sync, once a period of at least a second has passed: if the bytes
+dirtied in the period exceed ``throttle-trigger-threshold`` % of the bytes sent
+in it, a counter goes up, and every second time (QEMU's rule, not two in a
+row) throttling steps: auto-converge raises the vCPU sleep share
+(``cpu-throttle-initial``, then ``cpu-throttle-increment`` — or less with
+``cpu-throttle-tailslow`` — up to ``max-cpu-throttle``); dirty-limit holds each
+vCPU to ``vcpu-dirty-limit`` MB/s.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from mig_core.dirtylimit import DirtyLimiter
+from mig_core.machine.vcpu import VcpuController
+
+log = structlog.get_logger("mig.convergence")
+
+PERIOD_S = 1.0
+
+
+class ConvergenceTrigger:
+    """QEMU's period accounting and step rule; ``mode`` is ``auto-converge``, ``dirty-limit`` or None."""
+
+    def __init__(self, mode: str | None, params: Callable[[], dict[str, Any]], vcpus: VcpuController,
+                 limiter: DirtyLimiter | None) -> None:
+        self.mode = mode
+        self.params = params
+        self.vcpus = vcpus
+        self.limiter = limiter
+        self.steps: list[int] = []  # throttle percentages applied, in order (auto-converge)
+        self.dirty_limit_applied: int | None = None
+        self._period_start = 0.0
+        self._xfer_start = 0
+        self._dirty_pages = 0
+        self._over = 0
+
+    def start(self, transferred: int) -> None:
+        self._period_start = time.monotonic()
+        self._xfer_start = transferred
+
+    def on_sync(self, dirty_pages: int, transferred: int, page_size: int) -> None:
+        if self.mode is None:
+            return
+        self._dirty_pages += dirty_pages
+        now = time.monotonic()
+        if now - self._period_start < PERIOD_S:
+            return
+        xfer = transferred - self._xfer_start
+        dirty = self._dirty_pages * page_size
+        threshold = xfer * self.params()["throttle-trigger-threshold"] / 100
+        log.debug("convergence_period", dirty=dirty, threshold=threshold, over=self._over)
+        if dirty > threshold:
+            self._over += 1
+            if self._over >= 2:
+                self._over = 0
+                self._step(dirty, threshold)
+        self._period_start, self._xfer_start, self._dirty_pages = now, transferred, 0
+
+    def _step(self, dirty: float, threshold: float) -> None:
+        p = self.params()
+        if self.mode == "dirty-limit":
+            assert self.limiter is not None
+            rate = p["vcpu-dirty-limit"]
+            self.limiter.period_ms = p["x-vcpu-dirty-limit-period"]
+            if rate != self.dirty_limit_applied:
+                self.limiter.set_limit(None, rate)
+                self.dirty_limit_applied = rate
+                log.info("dirty_limit_applied", mb_per_s=rate)
+            return
+        pct = self.vcpus.throttle_pct
+        if not pct:
+            new = p["cpu-throttle-initial"]
+        else:
+            inc = p["cpu-throttle-increment"]
+            if p["cpu-throttle-tailslow"]:
+                cpu_now = 100 - pct
+                cpu_ideal = cpu_now * threshold / dirty
+                inc = max(0, min(inc, int(cpu_now - cpu_ideal)))
+            new = pct + inc
+        new = max(1, min(new, p["max-cpu-throttle"], 99))
+        self.vcpus.set_throttle(new)
+        self.steps.append(new)
+        log.info("throttle_step", percentage=new)
+
+    def stop(self) -> None:
+        """However the migration ended: full speed again."""
+        if self.mode == "auto-converge":
+            self.vcpus.set_throttle(0)
+        if self.dirty_limit_applied is not None and self.limiter is not None:
+            self.limiter.cancel(None)
+            self.dirty_limit_applied = None
