@@ -8,7 +8,9 @@ import subprocess
 
 import sys
 
-from benchmarks import machine, migration
+from pathlib import Path
+
+from benchmarks import convergence, machine, migration
 from mig_core.logconfig import configure_logging
 
 
@@ -23,12 +25,14 @@ def _cpu() -> str:
 
 def main() -> None:
     configure_logging(level=os.environ.get("MIG_LOG_LEVEL", "warning"))
-    which = sys.argv[1:] or ["machine", "migration"]
+    which = sys.argv[1:] or ["machine", "migration", "convergence"]
     print(f"machine: {_cpu()}\n")
     if "machine" in which:
         data_path()
     if "migration" in which:
         migration.main()
+    if "convergence" in which:
+        convergence.main(Path(__file__).resolve().parent.parent / "docs" / "convergence.png")
 
 
 def data_path() -> None:
