@@ -20,7 +20,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-__all__ = ["Host", "RawQMP", "connect", "wait_until", "wait_for_status", "ram_digest", "vcpu_records"]
+__all__ = ["Host", "RawQMP", "connect", "wait_until", "wait_for_status", "ram_digest", "vcpu_records", "qmp_error"]
 
 
 class Host:
@@ -160,3 +160,14 @@ async def vcpu_records(client: QMPClient, vcpus: int, path: Path) -> list[tuple[
     await client.execute("pmemsave", {"val": 0, "size": 4096, "filename": str(path)})
     data = path.read_bytes()
     return [RECORD.unpack_from(data, i * RECORD_STRIDE) for i in range(vcpus)]
+
+
+async def qmp_error(awaitable: Any) -> str:
+    """The ``desc`` of the QMP error a command must fail with (AssertionError if it succeeds)."""
+    from qemu.qmp import ExecuteError
+
+    try:
+        await awaitable
+    except ExecuteError as e:
+        return e.error.error.desc
+    raise AssertionError("the command succeeded")

@@ -8,17 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-from qemu.qmp import ExecuteError
 
-from mig_core.testing import Host, connect, vcpu_records, wait_for_status
+from mig_core.testing import Host, connect, vcpu_records, wait_for_status, qmp_error
 
 HOST_TRACKER = {"MIG_DIRTY_TRACKER": "host"}
-
-
-async def error_of(coro) -> str:
-    with pytest.raises(ExecuteError) as e:
-        await coro
-    return e.value.error.error.desc
 
 
 async def measure(client, args: dict, tmp: Path) -> tuple[dict, list[float]]:
@@ -76,9 +69,9 @@ async def test_calc_dirty_rate_errors(start_host):
             ({"calc-time": "1"}, "Invalid parameter type for 'calc-time', expected: integer"),
         ]
         for args, text in cases:
-            assert await error_of(c.execute("calc-dirty-rate", args)) == text
+            assert await qmp_error(c.execute("calc-dirty-rate", args)) == text
         await c.execute("calc-dirty-rate", {"calc-time": 1, "mode": "dirty-bitmap"})
-        assert await error_of(c.execute("calc-dirty-rate", {"calc-time": 1})) == (
+        assert await qmp_error(c.execute("calc-dirty-rate", {"calc-time": 1})) == (
             "the dirty rate is already being measured.")
         assert (await c.execute("query-dirty-rate"))["status"] == "measuring"
         names = [t["name"] for t in await c.execute("query-migrationthreads")]
@@ -90,7 +83,7 @@ async def test_calc_dirty_rate_errors(start_host):
 async def test_vcpu_dirty_limit(start_host, tmp_path):
     plain = start_host("--ram", "64M", name="plain")
     c = await connect(plain.sock)
-    assert await error_of(c.execute("set-vcpu-dirty-limit", {"dirty-rate": 5})) == (
+    assert await qmp_error(c.execute("set-vcpu-dirty-limit", {"dirty-rate": 5})) == (
         "dirty page limit requires per-vCPU dirty page attribution "
         "(the 'host' dirty tracker or vCPU threads that report their writes)")
     await c.execute("cancel-vcpu-dirty-limit")  # nothing to cancel: silently fine, as QEMU
@@ -99,7 +92,7 @@ async def test_vcpu_dirty_limit(start_host, tmp_path):
     h = start_host("--ram", "256M", "--vcpus", "2", "--dirty-rate", "16M,16M", env=HOST_TRACKER, name="limited")
     c = await connect(h.sock)
     try:
-        assert await error_of(c.execute("set-vcpu-dirty-limit", {"cpu-index": 7, "dirty-rate": 5})) == (
+        assert await qmp_error(c.execute("set-vcpu-dirty-limit", {"cpu-index": 7, "dirty-rate": 5})) == (
             "incorrect cpu index specified")
         await c.execute("set-vcpu-dirty-limit", {"cpu-index": 1, "dirty-rate": 4})
         await asyncio.sleep(4)
@@ -201,7 +194,7 @@ async def test_dirty_limit_migration(start_host, tmp_path):
         while (info := await src.execute("query-migrate"))["status"] in ("setup", "active"):
             if "dirty-limit-throttle-time-per-round" in info:
                 limited = True
-                assert await error_of(src.execute("set-vcpu-dirty-limit", {"dirty-rate": 5})) == (
+                assert await qmp_error(src.execute("set-vcpu-dirty-limit", {"dirty-rate": 5})) == (
                     "can't set dirty page rate limit while migration is running")
             await asyncio.sleep(0.05)
         assert info["status"] == "completed", info

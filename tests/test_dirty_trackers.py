@@ -151,7 +151,8 @@ def test_host_tracker_attributes_vcpus():
         def vcpu_body(pages: int) -> None:
             v = m.vcpus.register()
             for p in range(pages):
-                m.mark_dirty("ram0", p * 4096, 4096)
+                m.mark_dirty("ram0", (pages * 40 + p) * 4096, 4096)  # disjoint page ranges
+                m.mark_dirty("ram0", (pages * 40 + p) * 4096, 16)  # a page counts once per window
             done.wait()
             v.unregister()
 
@@ -164,7 +165,7 @@ def test_host_tracker_attributes_vcpus():
         m.mark_dirty("ram1", 0, 4096)  # not a vCPU: counted as dirty, attributed to nobody
         r = c.collect()
         assert sorted(r.vcpu_pages.values()) == [10, 25]
-        assert len(r.pages["ram0"]) == 25 and list(r.pages["ram1"]) == [0]
+        assert len(r.pages["ram0"]) == 35 and list(r.pages["ram1"]) == [0]
         with pytest.raises(ValueError, match="outside RAM block 'ram0'"):
             m.mark_dirty("ram0", 8 << 20, 1)
     finally:

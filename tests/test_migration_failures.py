@@ -13,21 +13,14 @@ import time
 
 import numpy as np
 import pytest
-from qemu.qmp import ExecuteError
 
 from mig_core.channel import SocketChannel
 from mig_core.machine.ram import allocate
 from mig_core.stream.writer import StreamWriter
-from mig_core.testing import RawQMP, connect, ram_digest, wait_for_status
+from mig_core.testing import RawQMP, connect, ram_digest, wait_for_status, qmp_error
 
 RAM = 32 << 20
 WORKLOAD = ("--ram", "32M", "--ram-fill", "random", "--vcpus", "2", "--dirty-rate", "4M")
-
-
-async def error_of(coro) -> str:
-    with pytest.raises(ExecuteError) as e:
-        await coro
-    return e.value.error.error.desc
 
 
 async def source_and_dest(start_host, dst_extra=()):
@@ -235,7 +228,7 @@ async def test_fd_migration_with_getfd(start_host, tmp_path):
     assert (await wait_for_status(src, {"completed", "failed"}))["status"] == "completed"
     assert (await wait_for_status(dst, {"completed", "failed"}))["status"] == "completed"
     assert "fd:mig" not in str(await src.execute("query-migrate"))
-    assert await error_of(src.execute("closefd", {"fdname": "mig"})) == "File descriptor named 'mig' not found"
+    assert await qmp_error(src.execute("closefd", {"fdname": "mig"})) == "File descriptor named 'mig' not found"
     await src.disconnect()
     await dst.disconnect()
 
@@ -258,7 +251,7 @@ async def test_argument_and_state_errors(start_host, tmp_path):
          "migration transport 'exec' is not available"),
     ]
     for args, text in cases:
-        err = await error_of(src.execute("migrate", args))
+        err = await qmp_error(src.execute("migrate", args))
         assert err.startswith(text), (args, err)
     assert (await src.execute("query-migrate")) == {}  # nothing started
     # an async connect failure: migrate succeeds, the migration fails with the reason
@@ -269,18 +262,18 @@ async def test_argument_and_state_errors(start_host, tmp_path):
     info = await wait_for_status(src, {"failed"})
     assert info["error-desc"].startswith("Failed to connect to '1:1234': ")
     # destination-side rules
-    assert await error_of(dst.execute("migrate", {"uri": "tcp:127.0.0.1:1"})) == (
+    assert await qmp_error(dst.execute("migrate", {"uri": "tcp:127.0.0.1:1"})) == (
         "Guest is waiting for an incoming migration")
-    assert await error_of(src.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})) == (
+    assert await qmp_error(src.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})) == (
         "'-incoming' was not specified on the command line")
-    assert await error_of(dst.execute("migrate-incoming", {"channels": []})) == (
+    assert await qmp_error(dst.execute("migrate-incoming", {"channels": []})) == (
         "Channel list must have only one entry, for type 'main'")
-    assert await error_of(dst.execute("migrate-incoming", {"uri": "bogus"})) == "unknown migration protocol: bogus"
+    assert await qmp_error(dst.execute("migrate-incoming", {"uri": "bogus"})) == "unknown migration protocol: bogus"
     await dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/x.sock"})
-    assert await error_of(dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/y.sock"})) == (
+    assert await qmp_error(dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/y.sock"})) == (
         "The incoming migration has already been started")
-    assert await error_of(dst.execute("cont")) == "Migration is not finalized yet"
-    assert await error_of(dst.execute("migrate-set-capabilities", {"capabilities": [
+    assert await qmp_error(dst.execute("cont")) == "Migration is not finalized yet"
+    assert await qmp_error(dst.execute("migrate-set-capabilities", {"capabilities": [
         {"capability": "multifd", "state": True}]})) == "Multifd must be set before incoming starts"
     await src.disconnect()
     await dst.disconnect()

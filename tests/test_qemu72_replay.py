@@ -33,6 +33,7 @@ DIFFERENCES: dict[str, tuple[dict | None, str]] = {
     # 01: session and defaults
     "query-dirty-rate before any calc": (None, "calc-dirty-rate lands with the convergence issue"),
     "query-jobs": (None, "jobs (query-jobs) land with snapshots"),
+    "query-migrationthreads idle": ({"return": []}, "7.2's build did not offer it; the schema has it"),
     "migration-related command names present (derived)": (None, "derived list, not a reply"),
     "query-commands": (None, "7.2 lists every QEMU command; mig lists the migration control plane it serves"),
     # 02: parameters

@@ -84,6 +84,10 @@ class MigrationCounters:
             if self.bandwidth and not self.expected_downtime:
                 # until a dirty pass was measured: dirty bytes at this sync / the window bandwidth (QEMU's way)
                 self.expected_downtime = int(self.remaining / self.bandwidth)
+            if self.dirty_sync_count == 1:
+                # the first sync reports everything populated, not what was dirtied: the rate starts here
+                self._rate_start = t
+                return
             self._rate_pages += dirty_pages
             if t - self._rate_start >= 1.0:
                 self.dirty_pages_rate = int(self._rate_pages / (t - self._rate_start))
