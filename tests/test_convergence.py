@@ -169,6 +169,7 @@ async def test_auto_converge_follows_the_parameters(start_host, tmp_path):
             if "cpu-throttle-percentage" in info:
                 seen.add(info["cpu-throttle-percentage"])
             await asyncio.sleep(0.05)
+        info = await wait_for_status(src, {"completed", "failed"})
         assert info["status"] == "completed", info
         assert "cpu-throttle-percentage" not in info  # throttling ended with the migration
         steps = [e["percentage"] for e in s.log_events() if e.get("event") == "throttle_step"]
@@ -197,6 +198,7 @@ async def test_dirty_limit_migration(start_host, tmp_path):
                 assert await qmp_error(src.execute("set-vcpu-dirty-limit", {"dirty-rate": 5})) == (
                     "can't set dirty page rate limit while migration is running")
             await asyncio.sleep(0.05)
+        info = await wait_for_status(src, {"completed", "failed"})
         assert info["status"] == "completed", info
         assert limited
         assert any(e.get("event") == "dirty_limit_applied" for e in s.log_events())
