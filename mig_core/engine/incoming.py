@@ -58,6 +58,9 @@ class IncomingMigration:
     def _run(self) -> None:
         m = self.m
         try:
+            # pages this host holds before loading (those the source does not send are dropped at the end);
+            # read now, while waiting, not on the loading path
+            self._held = {b.name: b.populated_pages() for b in self.machine.blocks}
             self.channel = self.listener.accept()
             self.listener.close()
             m.incoming_listener_closed()
@@ -79,8 +82,6 @@ class IncomingMigration:
         m, machine = self.m, self.machine
         assert self.channel is not None
         placer = CopyPlacer(machine.blocks)
-        # pages this host holds before loading; those the source does not send are dropped at the end
-        self._held = {b.name: b.populated_pages() for b in machine.blocks}
         reader = StreamReader(self.channel, machine.blocks, placer)
         reader.read_header()
         for dev in machine.devices:

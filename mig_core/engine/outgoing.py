@@ -45,6 +45,14 @@ log = structlog.get_logger("mig.outgoing")
 BATCH_PAGES = 1024
 
 
+def _union(a: np.ndarray, b: np.ndarray, npages: int) -> np.ndarray:
+    """Sorted union of two page-index arrays (a bitmap: no sort, no lazily initialised numpy paths)."""
+    mask = np.zeros(npages, dtype=bool)
+    mask[a] = True
+    mask[b] = True
+    return np.flatnonzero(mask)
+
+
 class MigrationFailed(Exception):
     """Ends the migration as failed, with ``error-desc`` = the message."""
 
@@ -84,6 +92,7 @@ class OutgoingMigration:
         self._runstate_before: RunState | None = None
         self._dirty_pass_bandwidth = 0.0
         self._rtt_ms = 0.0
+        self._ping_sent = 0.0
         self._sync_ms = 0.0
         mode = ("auto-converge" if self.caps[C.AUTO_CONVERGE]
                 else "dirty-limit" if self.caps[C.DIRTY_LIMIT] else None)
@@ -184,7 +193,8 @@ class OutgoingMigration:
             self.writer.write_command(Command.OPEN_RETURN_PATH)
             self._rp_thread = threading.Thread(target=self._return_path, name="mig/src/rp_thr", daemon=True)
             self._rp_thread.start()
-            self._ping(0)  # its round trip feeds the downtime estimate
+            self._ping_sent = time.monotonic()
+            self.writer.write_command(Command.PING, 0)  # its round trip (measured by the RP thread) feeds estimates
         for dev in self.machine.devices:
             dev.save_setup()
         self._consumer = self.machine.tracker().consumer("migration", sends=True)
@@ -232,10 +242,7 @@ class OutgoingMigration:
                 self._check_cancel()
                 self._pong.wait(0.1)
         self._check_cancel()
-        ms = (time.monotonic() - t0) * 1000
-        if token == 0:
-            self._rtt_ms = ms
-        return ms
+        return (time.monotonic() - t0) * 1000
 
     def _switchover_bandwidth(self) -> float:
         """Bytes per ms the rest will go at: avail-switchover-bandwidth, else what the last dirty pass achieved.
@@ -354,7 +361,7 @@ class OutgoingMigration:
         self._account(0, running=True)  # what was written before the machine stopped
         log.debug("switchover_stopped", ms_since_stop=now_ms() - (c.downtime_start_ms or 0))
         final = self._sync()
-        merged = {name: np.union1d(self.pending[name], final[name]) for name in final}
+        merged = {b.name: _union(self.pending[b.name], final[b.name], b.npages) for b in self.machine.blocks}
         log.debug("switchover_synced", ms_since_stop=now_ms() - (c.downtime_start_ms or 0),
                   pages=sum(len(p) for p in merged.values()))
         self._send_all(merged, running=False)
@@ -392,6 +399,8 @@ class OutgoingMigration:
             while True:
                 item = reader.next()
                 if isinstance(item, CommandReceived) and item.command is Command.RP_PONG:
+                    if item.argument == 0:
+                        self._rtt_ms = (time.monotonic() - self._ping_sent) * 1000
                     with self._pong:
                         self._pong_seen = max(self._pong_seen, int(item.argument or 0))
                         self._pong.notify_all()

@@ -62,6 +62,10 @@ class Vcpu:
                 # wake early if the machine is stopped or throttling ends
                 c._wake.wait(sleep)
 
+    def idle(self, seconds: float) -> None:
+        """Sleep, but return at once when the machine is asked to stop (keeps stop latency low)."""
+        self.controller._wake.wait(seconds)
+
     def unregister(self) -> None:
         self.controller._unregister(self)
 
