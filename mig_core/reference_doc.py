@@ -6,6 +6,7 @@ a test fails when the committed file differs from what this prints.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, get_args, get_origin
 
 from mig_core import capabilities, parameters
@@ -127,4 +128,4 @@ def render() -> str:
 
 
 if __name__ == "__main__":
-    print(render(), end="")
+    sys.stdout.write(render())
