@@ -11,6 +11,7 @@ is an in-memory pair for unit tests.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
 from abc import ABC, abstractmethod
@@ -83,6 +84,9 @@ class Channel(ABC):
 
     def flush_zero_copy(self) -> None:
         """Wait until the kernel no longer needs buffers passed to zero-copy sends."""
+
+    def finish(self) -> None:
+        """Everything is written: make sure it was delivered (e.g. a child's exit status); raise if not."""
 
     # -- receiving -----------------------------------------------------------------
 
@@ -173,6 +177,65 @@ class SocketChannel(Channel):
 
     def close(self) -> None:
         self.sock.close()
+
+
+class FdChannel(Channel):
+    """A pipe or file descriptor pair (write end, read end; either may be -1); abort wakes a blocked call."""
+
+    abilities = ChannelAbilities()
+
+    def __init__(self, write_fd: int = -1, read_fd: int = -1) -> None:
+        super().__init__()
+        self.write_fd, self.read_fd = write_fd, read_fd
+        for fd in (write_fd, read_fd):
+            if fd >= 0:
+                os.set_blocking(fd, False)
+        self._wake_r, self._wake_w = os.pipe()
+
+    def _wait(self, fd: int, writing: bool) -> None:
+        r, w = ([self._wake_r], [fd]) if writing else ([fd, self._wake_r], [])
+        ready_r, ready_w, _ = select.select(r, w, [])
+        if self._wake_r in ready_r:
+            self._check_abort()
+
+    def _sendv(self, buffers: Sequence[Buffer]) -> int:
+        if self.write_fd < 0:
+            raise ChannelError("this channel cannot send")
+        while True:
+            try:
+                return os.writev(self.write_fd, buffers)
+            except BlockingIOError:
+                self._wait(self.write_fd, writing=True)
+            except OSError as e:
+                self._check_abort()
+                raise ChannelError(f"send failed: {e.strerror or e}") from None
+
+    def _recv_into(self, view: memoryview) -> int:
+        if self.read_fd < 0:
+            raise ChannelError("this channel cannot receive")
+        while True:
+            try:
+                return os.readv(self.read_fd, [view])
+            except BlockingIOError:
+                self._wait(self.read_fd, writing=False)
+            except OSError as e:
+                self._check_abort()
+                raise ChannelError(f"receive failed: {e.strerror or e}") from None
+
+    def _unblock(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for fd in (self.write_fd, self.read_fd, self._wake_r, self._wake_w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.write_fd = self.read_fd = self._wake_r = self._wake_w = -1
 
 
 class _Pipe:

@@ -369,6 +369,7 @@ class OutgoingMigration:
         for dev in self.machine.devices:
             self.writer.write_device(self.machine.devices.save(dev))
         self.writer.write_end()
+        self.channel.finish()  # type: ignore[union-attr]
         self._account(0, running=False)
         log.debug("switchover_sent", ms_since_stop=now_ms() - (c.downtime_start_ms or 0))
         if self._rp_thread is not None:

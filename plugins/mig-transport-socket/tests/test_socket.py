@@ -1,0 +1,58 @@
+"""The socket transport is installed, discovered, parses QEMU's URIs, and carries a stream."""
+
+import threading
+
+import pytest
+
+from mig_core.plugin_registry import PluginRegistry
+from mig_core.qapi import to_qmp
+from mig_core.transport import TransportContext, TransportError, TransportRegistry
+
+
+def test_discovered_by_scheme():
+    reg = TransportRegistry(PluginRegistry())
+    for scheme in ("tcp", "unix", "fd", "vsock"):
+        cls = reg.for_uri(f"{scheme}:x")
+        assert cls.address_type == "socket"
+    with pytest.raises(TransportError, match="unknown migration protocol: foo:1"):
+        reg.for_uri("foo:1")
+
+
+@pytest.mark.parametrize("uri,wire", [
+    ("tcp:127.0.0.1:4444", {"transport": "socket", "type": "inet", "host": "127.0.0.1", "port": "4444"}),
+    ("tcp:[::1]:0,ipv6", {"transport": "socket", "type": "inet", "host": "::1", "port": "0", "ipv6": True}),
+    ("tcp::5,to=9,keep-alive=off", {"transport": "socket", "type": "inet", "host": "", "port": "5", "to": 9,
+                                    "keep-alive": False}),
+    ("unix:/tmp/x", {"transport": "socket", "type": "unix", "path": "/tmp/x"}),
+    ("vsock:3:1024", {"transport": "socket", "type": "vsock", "cid": "3", "port": "1024"}),
+    ("fd:mig", {"transport": "socket", "type": "fd", "str": "mig"}),
+])
+def test_uri_parsing(uri, wire):
+    cls = TransportRegistry(PluginRegistry()).for_uri(uri)
+    assert to_qmp(cls.parse_uri(uri)) == wire
+
+
+def test_listen_connect_and_abort(tmp_path):
+    reg = TransportRegistry(PluginRegistry())
+    cls, addr = reg.parse(f"unix:{tmp_path}/t.sock")
+    t = cls(TransportContext())
+    listener = t.listen(addr)
+    got = []
+    th = threading.Thread(target=lambda: got.append(listener.accept().recv_exact(5)))
+    th.start()
+    ch = t.connect(addr, lambda: False)
+    ch.send(b"hello")
+    th.join(5)
+    assert got == [b"hello"]
+    listener.close()
+    ch.close()
+    tcp_cls, tcp_addr = reg.parse("tcp:127.0.0.1:0")
+    lst = tcp_cls(TransportContext()).listen(tcp_addr)
+    (sa,) = lst.socket_addresses
+    assert sa.value.port != "0" and sa.value.ipv4 is True
+    errors = []
+    th = threading.Thread(target=lambda: errors.append(pytest.raises(Exception, lst.accept)))
+    th.start()
+    lst.close()  # a blocked accept returns at once
+    th.join(2)
+    assert not th.is_alive()
