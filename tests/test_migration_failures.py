@@ -247,8 +247,8 @@ async def test_argument_and_state_errors(start_host, tmp_path):
         ({"uri": "fd:"}, "invalid file descriptor address"),
         ({"uri": "fd:nope"}, "File descriptor named 'nope' has not been found"),
         ({"uri": "tcp:127.0.0.1:1", "resume": True}, "Cannot resume if there is no paused migration"),
-        ({"channels": [{"channel-type": "main", "addr": {"transport": "exec", "args": ["cat"]}}]},
-         "migration transport 'exec' is not available"),
+        ({"channels": [{"channel-type": "main", "addr": {"transport": "rdma", "host": "127.0.0.1", "port": "1"}}]},
+         "migration transport 'rdma' is not available"),
     ]
     for args, text in cases:
         err = await qmp_error(src.execute("migrate", args))
