@@ -193,10 +193,12 @@ class FdChannel(Channel):
         self._wake_r, self._wake_w = os.pipe()
 
     def _wait(self, fd: int, writing: bool) -> None:
-        r, w = ([self._wake_r], [fd]) if writing else ([fd, self._wake_r], [])
-        ready_r, ready_w, _ = select.select(r, w, [])
-        if self._wake_r in ready_r:
-            self._check_abort()
+        poller = select.poll()  # not select(): descriptors may be numbered above 1024
+        poller.register(fd, select.POLLOUT if writing else select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        for ready, _ev in poller.poll():
+            if ready == self._wake_r:
+                self._check_abort()
 
     def _sendv(self, buffers: Sequence[Buffer]) -> int:
         if self.write_fd < 0:

@@ -127,11 +127,17 @@ class _SocketListener(Listener):
         while True:
             if self._closed:
                 raise ChannelAborted("the incoming listener was closed")
+            poller = select.poll()  # not select(): descriptors may be numbered above 1024
+            by_fd = {}
             try:
-                ready, _, _ = select.select(self._socks, [], [], 0.1)
+                for s in self._socks:
+                    poller.register(s, select.POLLIN)
+                    by_fd[s.fileno()] = s
+                events = poller.poll(100)
             except (OSError, ValueError):
                 raise ChannelAborted("the incoming listener was closed") from None
-            for s in ready:
+            for fd, _ev in events:
+                s = by_fd[fd]
                 try:
                     conn, _peer = s.accept()
                 except OSError as e:
@@ -206,11 +212,12 @@ class SocketTransport(Transport):
         sock.setblocking(False)
         try:
             err = sock.connect_ex(sockaddr)  # type: ignore[arg-type]
+            poller = select.poll()
+            poller.register(sock, select.POLLOUT)
             while err in (errno.EINPROGRESS, errno.EALREADY, errno.EAGAIN):
                 if abort_check():
                     raise ChannelAborted("connect cancelled")
-                _, w, _ = select.select([], [sock], [], 0.1)
-                if w:
+                if poller.poll(100):
                     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                     break
             if err:
