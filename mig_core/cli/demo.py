@@ -53,12 +53,17 @@ def _start(tmp: Path, name: str, args: list[str]) -> tuple[subprocess.Popen[str]
               help="Initial RAM contents of the source.")
 @click.option("--uri", default="tcp:127.0.0.1:0", show_default=True,
               help="Where the destination listens (tcp:HOST:PORT, unix:PATH; port 0 picks one).")
-@click.option("--cap", "caps", multiple=True, metavar="NAME=on|off", help="Set a capability on both sides.")
+@click.option("--cap", "caps", multiple=True, metavar="NAME=on|off",
+              help="Set a capability on both sides (events and return-path are on unless turned off).")
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Set a parameter on the source.")
 def demo(ram: str, dirty_rate: str, vcpus: int, fill: str, uri: str, caps: tuple[str, ...],
          params: tuple[str, ...]) -> None:
     """Live-migrate a running workload between two processes and verify the result."""
-    cap_list = parse_caps(caps)
+    # a return path makes downtime honest: it lasts until the destination confirms it runs
+    requested = {c["capability"]: c for c in parse_caps(caps)}
+    defaults = {"events": {"capability": "events", "state": True},
+                "return-path": {"capability": "return-path", "state": True}}
+    cap_list = list({**defaults, **requested}.values())
     param_map = {"max-bandwidth": 0, **parse_params(params)}
     try:
         ram_size = parse_size(ram, "RAM size")
