@@ -39,7 +39,7 @@ from mig_core.schema.migration import MigrationCapability as C
 from mig_core.schema.migration import MigrationCapabilityStatus, MigrationInfo
 from mig_core.schema.migration import MigrationStatus as S
 from mig_core.status import POSTCOPY_STATES, RUNNING_STATES, Side, StatusMachine
-from mig_core.transport import Listener, Transport, TransportContext, TransportError, TransportRegistry
+from mig_core.transport import Listener, Transport, TransportContext, TransportRegistry
 from mig_core.schema.migration import MigrationAddress, MigrationAddressType
 
 log = structlog.get_logger("mig.manager")

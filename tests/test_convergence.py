@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mig_core.testing import Host, connect, vcpu_records, wait_for_status, qmp_error
+from mig_core.testing import connect, vcpu_records, wait_for_status, qmp_error
 
 HOST_TRACKER = {"MIG_DIRTY_TRACKER": "host"}
 

@@ -7,7 +7,6 @@ import threading
 import time
 
 import msgpack
-import numpy as np
 import pytest
 
 from mig_core.machine import uffd

@@ -33,7 +33,6 @@ from mig_core.qmp.dispatch import (
     visit_arguments,
 )
 from mig_core.qmp.framing import JsonSplitter
-from mig_core.schema.common import QmpCapabilitiesArgs
 
 log = structlog.get_logger("mig.qmp")
 

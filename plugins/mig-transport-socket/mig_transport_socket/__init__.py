@@ -20,7 +20,7 @@ from mig_core.schema.sockets import (
     UnixSocketAddress,
     VsockSocketAddress,
 )
-from mig_core.transport import Listener, Transport, TransportContext, TransportError
+from mig_core.transport import Listener, Transport, TransportError
 
 __all__ = ["SocketTransport", "parse_socket_uri"]
 
