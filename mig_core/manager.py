@@ -307,6 +307,13 @@ class MigrationManager:
             self.outgoing = out
             self.cancel_outgoing = out.cancel
             self.source.cas(self.source.state, S.SETUP)
+            if cls.connects_synchronously:
+                try:
+                    out.channel = transport.connect(addr, lambda: False)
+                except QMPError as e:  # QEMU: returned to the caller and the migration fails
+                    self.set_error(e.desc)
+                    self.source.cas(S.SETUP, S.FAILED)
+                    raise
             if self.tls_enabled():
                 # TLS objects do not exist in mig: a named credential is never found (QEMU: async failure)
                 self.set_error(f"No TLS credentials with id '{self.params['tls-creds']}'")

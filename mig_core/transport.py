@@ -64,6 +64,9 @@ class Transport(ABC):
     #: URI schemes parsed (``tcp``, ``unix`` ...), without the colon.
     uri_schemes: ClassVar[tuple[str, ...]]
     abilities: ClassVar[ChannelAbilities] = ChannelAbilities()
+    #: True if connect() does not wait on a peer (a file, a child process): ``migrate`` then connects
+    #: at once and reports a failure synchronously, as QEMU does for these transports.
+    connects_synchronously: ClassVar[bool] = False
 
     def __init__(self, ctx: TransportContext) -> None:
         self.ctx = ctx

@@ -179,7 +179,8 @@ class OutgoingMigration:
 
     def _setup(self) -> None:
         m, c = self.m, self.counters
-        self.channel = self.transport.connect(self.addr, self.cancel_requested.is_set)
+        if self.channel is None:  # transports that connect synchronously did it in migrate
+            self.channel = self.transport.connect(self.addr, self.cancel_requested.is_set)
         self._check_cancel()
         t0 = now_ms()
         self.writer = StreamWriter(self.channel, self.machine.blocks)

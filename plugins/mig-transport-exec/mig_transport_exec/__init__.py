@@ -105,6 +105,7 @@ class ExecTransport(Transport):
 
     address_type = MigrationAddressType.EXEC.value
     uri_schemes = ("exec",)
+    connects_synchronously = True
 
     @classmethod
     def parse_uri(cls, uri: str) -> MigrationAddress:

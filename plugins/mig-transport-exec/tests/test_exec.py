@@ -35,10 +35,12 @@ async def test_failing_commands_fail_the_migration_with_status_and_stderr(start_
     assert info["error-desc"].startswith("command 'echo no space left >&2; exit 3' exited with status 3")
     assert "no space left" in info["error-desc"]
     assert (await src.execute("query-status"))["status"] == "running"
-    await src.execute("migrate", {"channels": [{"channel-type": "main", "addr": {
-        "transport": "exec", "args": ["/nonexistent/tool"]}}]})
-    info = await wait_for_status(src, {"failed"})
-    assert "failed to run '/nonexistent/tool'" in info["error-desc"]
+    # a command that cannot even start is reported by migrate itself, and the migration is failed
+    assert await qmp_error(src.execute("migrate", {"channels": [{"channel-type": "main", "addr": {
+        "transport": "exec", "args": ["/nonexistent/tool"]}}]})) == (
+        "failed to run '/nonexistent/tool': No such file or directory")
+    info = await src.execute("query-migrate")
+    assert info["status"] == "failed" and info["error-desc"].startswith("failed to run")
     await src.execute("migrate", {"uri": f"exec:cat > {tmp_path}/ok"})  # and a good one still works
     assert (await wait_for_status(src, {"completed", "failed"}))["status"] == "completed"
     await src.disconnect()

@@ -59,6 +59,7 @@ class FileTransport(Transport):
 
     address_type = MigrationAddressType.FILE.value
     uri_schemes = ("file",)
+    connects_synchronously = True
 
     @classmethod
     def parse_uri(cls, uri: str) -> MigrationAddress:

@@ -57,5 +57,9 @@ async def test_truncated_foreign_and_missing_files(start_host, tmp_path):
     assert await qmp_error(dst.execute("migrate-incoming", {"uri": f"file:{tmp_path}/none.img"})) == (
         f"Could not open '{tmp_path}/none.img': No such file or directory")
     assert await qmp_error(src.execute("migrate", {"uri": "file:/x,offset=12Q"})) == "file URI has bad offset 12Q"
+    await src.execute("cont")  # out of postmigrate, so migrate may run again
+    assert await qmp_error(src.execute("migrate", {"uri": f"file:{tmp_path}/no/such/dir/vm.img"})) == (
+        f"Could not open '{tmp_path}/no/such/dir/vm.img': No such file or directory")
+    assert (await src.execute("query-migrate"))["status"] == "failed"
     await dst.disconnect()
     await src.disconnect()
