@@ -224,6 +224,8 @@ class MigrationManager:
                 else:
                     info.expected_downtime = c.expected_downtime or self.params["downtime-limit"]
                 info.ram = c.to_stats()
+                if out.caps[C.XBZRLE]:
+                    info.xbzrle_cache = out.xbzrle_stats()
                 if self.machine.vcpus.throttle_pct:
                     info.cpu_throttle_percentage = self.machine.vcpus.throttle_pct
                 if out.caps[C.DIRTY_LIMIT] and out.convergence.dirty_limit_applied is not None:
@@ -278,8 +280,7 @@ class MigrationManager:
         if (self.caps[C.MULTIFD] or self.caps[C.POSTCOPY_PREEMPT]) and not (
                 multi or (addr.tag is MigrationAddressType.FILE and self.caps[C.MAPPED_RAM])):
             raise QMPError("Migration requires multi-channel URIs (e.g. tcp)")
-        for cap in (C.MULTIFD, C.POSTCOPY_RAM, C.X_COLO, C.XBZRLE, C.BACKGROUND_SNAPSHOT, C.MAPPED_RAM,
-                    C.SWITCHOVER_ACK):
+        for cap in (C.MULTIFD, C.POSTCOPY_RAM, C.X_COLO, C.BACKGROUND_SNAPSHOT, C.MAPPED_RAM, C.SWITCHOVER_ACK):
             if self.caps[cap]:
                 raise QMPError(f"mig cannot migrate with capability {cap.value} yet")
 

@@ -37,6 +37,7 @@ class Section(enum.IntEnum):
 class PageEncoding(enum.IntEnum):
     RAW = 0  # count × page_size bytes follow
     ZERO = 1  # nothing follows: these pages are zero now
+    XBZRLE = 2  # count u16 lengths follow, then each page's XBZRLE encoding against the previous contents
 
 
 class Command(enum.IntEnum):

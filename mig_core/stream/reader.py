@@ -15,6 +15,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from mig_core import xbzrle
 from mig_core.channel import Channel, ChannelEOF
 from mig_core.machine.device import DeviceSection
 from mig_core.machine.ram import RAMBlock
@@ -200,6 +201,21 @@ class StreamReader:
         pages = pages.astype(np.int64)
         if encoding is PageEncoding.ZERO:
             self.placer.place_zero(block, pages)
+            return PagesReceived(block, pages, encoding)
+        if encoding is PageEncoding.XBZRLE:
+            lengths = np.empty(count, dtype="<u2")
+            self._recv_into(lengths, "a page batch's XBZRLE lengths")
+            _expect(bool((lengths <= block.page_size).all()), "Failed to load XBZRLE page - len overflow!")
+            payload = self._recv(int(lengths.sum()), "a page batch's XBZRLE data")
+            current = block.pages[pages]  # a copy: the encodings apply on top of what this host holds
+            pos = 0
+            for i, n in enumerate(lengths.tolist()):
+                try:
+                    xbzrle.decode(payload[pos:pos + n], current[i])
+                except ValueError as e:
+                    raise StreamError(str(e)) from None
+                pos += n
+            self.placer.place(block, pages, current)
             return PagesReceived(block, pages, encoding)
         direct = self.placer.direct_view(block, pages)
         if direct is not None:

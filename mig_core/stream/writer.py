@@ -90,6 +90,14 @@ class StreamWriter:
             total += PAGES_HEADER.size + idx.nbytes
         return total
 
+    def write_xbzrle_pages(self, block: RAMBlock, pages: np.ndarray, encodings: list[bytes]) -> int:
+        """Send pages as XBZRLE encodings against what the destination holds (one batch)."""
+        idx = np.ascontiguousarray(pages, dtype="<u8")
+        lengths = np.array([len(e) for e in encodings], dtype="<u2")
+        self.channel.sendv([PAGES_HEADER.pack(Section.PAGES, PageEncoding.XBZRLE, self._index[block.name], len(idx)),
+                            idx, lengths, *encodings])
+        return PAGES_HEADER.size + idx.nbytes + lengths.nbytes + int(lengths.sum())
+
     def write_device(self, section: DeviceSection) -> None:
         self._meta(Section.DEVICE, [section.id, section.instance, section.version, section.payload])
 
