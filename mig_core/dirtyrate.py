@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import structlog
-import xxhash
 
 from mig_core.errors import QMPError
 from mig_core.machine.machine import Machine
+from mig_core.pagehash import hash_pages
 from mig_core.schema.migration import DirtyRateInfo, DirtyRateMeasureMode, DirtyRateStatus, DirtyRateVcpu, TimeUnit
 
 log = structlog.get_logger("mig.dirtyrate")
@@ -103,7 +103,7 @@ class DirtyRateMeter:
                 continue
             count = max(1, b.size * sample_pages // (1 << 30))
             idx = rng.integers(0, b.npages - 1, count)
-            samples.append((b, idx, self._hashes(b, idx)))
+            samples.append((b, idx, hash_pages(b.pages[idx])))
         t0 = time.monotonic()
         time.sleep(ms / 1000)
         elapsed = (time.monotonic() - t0) * 1000
@@ -112,18 +112,10 @@ class DirtyRateMeter:
         total = changed = 0
         sampled_mib = 0.0
         for b, idx, before in samples:
-            changed += int((self._hashes(b, idx) != before).sum())
+            changed += int((hash_pages(b.pages[idx]) != before).sum())
             total += len(idx)
             sampled_mib += b.size / _MIB
         return int(changed * sampled_mib * 1000 / (total * elapsed)), [], elapsed
-
-    @staticmethod
-    def _hashes(block, idx: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
-        copies = block.pages[idx]  # hash copies: the pages may change meanwhile
-        mv = memoryview(copies).cast("B")
-        ps = block.page_size
-        return np.array([xxhash.xxh3_64_intdigest(mv[i * ps:(i + 1) * ps]) for i in range(len(idx))],
-                        dtype=np.uint64)
 
     def _tracked(self, ms: int, per_vcpu: bool) -> tuple[int, list[tuple[int, int]], float]:
         consumer = self.machine.tracker().consumer("calc-dirty-rate")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from mig_core.channel import Channel, ChannelAbilities
+from mig_core.channel import Channel, ChannelAbilities, ChannelAborted
 from mig_core.errors import QMPError
 from mig_core.plugin_registry import PluginNotFound, PluginRegistry
 from mig_core.schema.migration import MigrationAddress
@@ -54,6 +54,25 @@ class Listener(ABC):
     @abstractmethod
     def close(self) -> None:
         """Stop listening; a blocked ``accept`` returns with an error at once."""
+
+
+class SingleChannelListener(Listener):
+    """A "listener" whose stream already exists (an fd, a file, a child's pipe): accept() hands it out once."""
+
+    def __init__(self, channel: Channel, what: str) -> None:
+        self._channel: Channel | None = channel
+        self._what = what
+
+    def accept(self) -> Channel:
+        if self._channel is None:
+            raise ChannelAborted(f"the incoming {self._what} was already used")
+        ch, self._channel = self._channel, None
+        return ch
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
 
 
 class Transport(ABC):

@@ -11,27 +11,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import xxhash
 
 from mig_core.dirty import DirtyConsumer, DirtyReport, DirtyTracker
 from mig_core.machine.ram import RAMBlock
+from mig_core.pagehash import hash_pages
 
 __all__ = ["HashTracker", "hash_pages"]
 
 _CHUNK_PAGES = 4096  # pages copied (then hashed) at a time
-
-
-def hash_pages(rows: np.ndarray) -> np.ndarray:
-    """xxh3-64 of each row of a (n, page_size) uint8 array."""
-    out = np.empty(len(rows), dtype=np.uint64)
-    if len(rows) == 0:
-        return out
-    mv = memoryview(np.ascontiguousarray(rows)).cast("B")
-    ps = rows.shape[1] if rows.ndim == 2 else 0
-    h = xxhash.xxh3_64_intdigest
-    for i in range(len(rows)):
-        out[i] = h(mv[i * ps:(i + 1) * ps])
-    return out
 
 
 class _HashConsumer(DirtyConsumer):
@@ -74,7 +61,7 @@ class HashTracker(DirtyTracker):
 
     def __init__(self, blocks: Sequence[RAMBlock]) -> None:
         super().__init__(blocks)
-        self.zero_hash = {b.page_size: xxhash.xxh3_64_intdigest(bytes(b.page_size)) for b in self.blocks}
+        self.zero_hash = {b.page_size: int(hash_pages(np.zeros((1, b.page_size), np.uint8))[0]) for b in self.blocks}
 
     def _make_consumer(self, name: str, sends: bool) -> DirtyConsumer:
         return _HashConsumer(self, name, records_sent=sends)

@@ -11,7 +11,7 @@ import structlog
 
 from mig_core.channel import Buffer, Channel, ChannelAborted, ChannelError, FdChannel
 from mig_core.schema.migration import MigrationAddress, MigrationAddressType, MigrationExecCommand
-from mig_core.transport import Listener, Transport, TransportError
+from mig_core.transport import Listener, SingleChannelListener, Transport, TransportError
 
 __all__ = ["ExecTransport"]
 
@@ -77,27 +77,10 @@ class _ChildChannel(FdChannel):
         super().close()
         if self.proc.poll() is None:
             try:
-                self.proc.wait(5)
+                self.proc.wait(5)  # with our end closed, a writing child ends at once (EPIPE)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-
-
-class _ExecListener(Listener):
-    def __init__(self, channel: _ChildChannel) -> None:
-        self._channel: _ChildChannel | None = channel
-
-    def accept(self) -> Channel:
-        if self._channel is None:
-            raise ChannelAborted("the incoming command was already used")
-        ch, self._channel = self._channel, None
-        return ch
-
-    def close(self) -> None:
-        if self._channel is not None:
-            self._channel.proc.kill()
-            self._channel.close()
-            self._channel = None
 
 
 class ExecTransport(Transport):
@@ -136,4 +119,4 @@ class ExecTransport(Transport):
         return self._spawn(addr, outgoing=True)
 
     def listen(self, addr: MigrationAddress) -> Listener:
-        return _ExecListener(self._spawn(addr, outgoing=False))
+        return SingleChannelListener(self._spawn(addr, outgoing=False), "command")

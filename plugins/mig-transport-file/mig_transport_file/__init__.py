@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import structlog
 
-from mig_core.channel import Channel, ChannelAborted, FdChannel
+from mig_core.channel import Channel, FdChannel
 from mig_core.schema.migration import FileMigrationArgs, MigrationAddress, MigrationAddressType
-from mig_core.transport import Listener, Transport, TransportError
+from mig_core.transport import Listener, SingleChannelListener, Transport, TransportError
 
 __all__ = ["FileTransport", "parse_offset"]
 
@@ -36,22 +36,6 @@ class _FileChannel(FdChannel):
     def finish(self) -> None:
         if self.write_fd >= 0:
             os.fsync(self.write_fd)
-
-
-class _FileListener(Listener):
-    def __init__(self, channel: _FileChannel) -> None:
-        self._channel: _FileChannel | None = channel
-
-    def accept(self) -> Channel:
-        if self._channel is None:
-            raise ChannelAborted("the incoming file was already read")
-        ch, self._channel = self._channel, None
-        return ch
-
-    def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
 
 
 class FileTransport(Transport):
@@ -88,4 +72,4 @@ class FileTransport(Transport):
         return self._open(addr.value, incoming=False)
 
     def listen(self, addr: MigrationAddress) -> Listener:
-        return _FileListener(self._open(addr.value, incoming=True))
+        return SingleChannelListener(self._open(addr.value, incoming=True), "file")

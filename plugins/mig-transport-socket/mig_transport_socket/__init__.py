@@ -20,7 +20,7 @@ from mig_core.schema.sockets import (
     UnixSocketAddress,
     VsockSocketAddress,
 )
-from mig_core.transport import Listener, Transport, TransportError
+from mig_core.transport import Listener, SingleChannelListener, Transport, TransportError
 
 __all__ = ["SocketTransport", "parse_socket_uri"]
 
@@ -159,24 +159,6 @@ class _SocketListener(Listener):
                 os.unlink(self._unlink)
             except OSError:
                 pass
-
-
-class _OnceListener(Listener):
-    """An incoming fd: the descriptor is the stream itself."""
-
-    def __init__(self, channel: Channel) -> None:
-        self._channel: Channel | None = channel
-
-    def accept(self) -> Channel:
-        if self._channel is None:
-            raise ChannelAborted("the incoming descriptor was already used")
-        ch, self._channel = self._channel, None
-        return ch
-
-    def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
 
 
 class SocketTransport(Transport):
@@ -318,5 +300,5 @@ class SocketTransport(Transport):
                 raise TransportError(f"Failed to bind socket: {e.strerror}") from None
             return _SocketListener([s], [sa], None)
         sock = self._named_fd_socket(v.str, incoming=True)
-        return _OnceListener(SocketChannel(sock))
+        return SingleChannelListener(SocketChannel(sock), "descriptor")
 
