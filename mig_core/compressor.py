@@ -35,6 +35,10 @@ class Compressor(ABC):
     #: The parameter holding its level, if any (e.g. ``multifd-zlib-level``).
     level_parameter: ClassVar[str | None] = None
 
+    def __init__(self, page_size: int = 4096) -> None:
+        #: the target page size: packets hold whole pages, and per-page formats (qpl, uadk) need it
+        self.page_size = page_size
+
     @classmethod
     def implementation(cls) -> str:
         """Which code path is active (e.g. ``hardware``, ``software``); shown by ``mig plugins``."""

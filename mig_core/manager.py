@@ -226,6 +226,8 @@ class MigrationManager:
                 info.ram = c.to_stats()
                 if out.caps[C.XBZRLE]:
                     info.xbzrle_cache = out.xbzrle_stats()
+                if out.multifd is not None and out.multifd.encoder_factory is not None:
+                    info.compression = out.multifd.compression.to_stats()
                 if self.machine.vcpus.throttle_pct:
                     info.cpu_throttle_percentage = self.machine.vcpus.throttle_pct
                 if out.caps[C.DIRTY_LIMIT] and out.convergence.dirty_limit_applied is not None:
@@ -280,7 +282,7 @@ class MigrationManager:
         if (self.caps[C.MULTIFD] or self.caps[C.POSTCOPY_PREEMPT]) and not (
                 multi or (addr.tag is MigrationAddressType.FILE and self.caps[C.MAPPED_RAM])):
             raise QMPError("Migration requires multi-channel URIs (e.g. tcp)")
-        for cap in (C.MULTIFD, C.POSTCOPY_RAM, C.X_COLO, C.BACKGROUND_SNAPSHOT, C.MAPPED_RAM, C.SWITCHOVER_ACK):
+        for cap in (C.POSTCOPY_RAM, C.X_COLO, C.BACKGROUND_SNAPSHOT, C.MAPPED_RAM, C.SWITCHOVER_ACK):
             if self.caps[cap]:
                 raise QMPError(f"mig cannot migrate with capability {cap.value} yet")
 
@@ -300,6 +302,9 @@ class MigrationManager:
                 raise QMPError("Cannot use TLS with mapped-ram")
             if self.caps[C.MAPPED_RAM] and self.multifd_compression() != "none":
                 raise QMPError("Cannot use compression with mapped-ram")
+            if self.caps[C.MULTIFD]:  # the plugin may have gone since migrate-set-parameters
+                params_mod.check_compression(self.multifd_compression(),
+                                             params_mod.CheckContext(caps=self.caps, registry=self.registry))
             transport = cls(self._transport_context())
             transport.check_address(addr, incoming=False)
             self.new_migration_id()

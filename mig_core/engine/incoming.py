@@ -15,14 +15,18 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from mig_core.channel import Channel, ChannelAborted, ChannelError
+from mig_core.channel import Channel, ChannelAborted, ChannelEOF, ChannelError
 from mig_core.engine.announce import start_announce
 from mig_core.machine.device import DeviceSection, DeviceStateError
 from mig_core.schema.common import RunState
 from mig_core.schema.migration import MigrationStatus as S
 from mig_core.stream.format import Command
 from mig_core.stream.placement import CopyPlacer
-from mig_core.stream.reader import CommandReceived, DevicePart, End, StreamError, StreamReader
+from mig_core.engine.multifd_recv import MultifdReceiver
+from mig_core.schema.migration import MigrationCapability as C
+from mig_core.stream.format import MAGIC
+from mig_core.stream.multifd import MULTIFD_MAGIC, MultifdError, read_init
+from mig_core.stream.reader import CommandReceived, DevicePart, End, PassEnd, StreamError, StreamReader
 from mig_core.stream.writer import StreamWriter
 
 if TYPE_CHECKING:
@@ -43,6 +47,8 @@ class IncomingMigration:
         self.listener = listener
         self.exit_on_error = exit_on_error
         self.channel: Channel | None = None
+        self._extra: dict[int, Channel] = {}
+        self.multifd: MultifdReceiver | None = None
         self.return_path = False
         self.thread = threading.Thread(target=self._run, name="mig/dst/main", daemon=True)
 
@@ -54,6 +60,10 @@ class IncomingMigration:
         self.listener.close()
         if self.channel is not None:
             self.channel.abort("incoming migration stopped")
+        if self.multifd is not None:
+            self.multifd.abort("incoming migration stopped")
+        for ch in list(self._extra.values()):
+            ch.abort("incoming migration stopped")
 
     def _run(self) -> None:
         m = self.m
@@ -61,12 +71,12 @@ class IncomingMigration:
             # pages this host holds before loading (those the source does not send are dropped at the end);
             # read now, while waiting, not on the loading path
             self._held = {b.name: b.populated_pages() for b in self.machine.blocks}
-            self.channel = self.listener.accept()
+            self._connect()
             self.listener.close()
             m.incoming_listener_closed()
             m.destination.cas(S.SETUP, S.ACTIVE)
             self._load()
-        except (ChannelError, StreamError, DeviceStateError, ValueError) as e:
+        except (ChannelError, StreamError, DeviceStateError, MultifdError, ValueError) as e:
             if isinstance(e, ChannelAborted) and m.destination.state is S.SETUP:
                 log.info("incoming_abandoned")
                 return
@@ -75,15 +85,74 @@ class IncomingMigration:
             log.exception("incoming_thread_crashed")
             self._fail(f"load of migration failed: internal error: {type(e).__name__}: {e}")
         finally:
+            self.listener.close()  # connections still queued (e.g. multifd channels) are refused now
+            if self.multifd is not None:
+                self.multifd.abort("incoming migration ended")
+                self.multifd.close()
+            for ch in self._extra.values():
+                ch.close()
             if self.channel is not None:
                 self.channel.close()
+
+    def _connect(self) -> None:
+        """Accept the main channel and, with multifd, multifd-channels more; check the source's config.
+
+        Connections are told apart by their first bytes, whatever order they arrive in. The main
+        stream's header and CONFIG are read as soon as it is there, so a source whose multifd
+        settings differ is refused before this host waits for channels that never come.
+        """
+        m = self.m
+        multifd = m.caps[C.MULTIFD]
+        want = m.params["multifd-channels"] if multifd else 0
+        self.placer = CopyPlacer(self.machine.blocks)
+        uuids: dict[int, str] = {}
+        while self.channel is None or len(self._extra) < want:
+            ch = self.listener.accept()
+            if not multifd:
+                self.channel = ch
+                self.reader = StreamReader(ch, self.machine.blocks, self.placer)
+                self.reader.read_header()
+                break
+            try:
+                magic = ch.recv_exact(len(MAGIC))
+            except ChannelEOF:
+                ch.close()
+                raise StreamError("Failed to peek at channel") from None
+            if magic == MAGIC and self.channel is None:
+                self.channel = ch
+                self.reader = StreamReader(ch, self.machine.blocks, self.placer)
+                self.reader.read_header(magic)
+                item = self.reader.next()
+                if not (isinstance(item, CommandReceived) and item.command is Command.CONFIG):
+                    raise StreamError("the stream must send its CONFIG right after its block list")
+                self._command(item, self.reader.source_uuid)
+            elif magic == MULTIFD_MAGIC:
+                cid, uuid = read_init(ch, magic, want, set(self._extra))
+                self._extra[cid] = ch
+                uuids[cid] = uuid
+            else:
+                ch.close()
+                raise StreamError(f"unknown channel magic: {magic!r}")
+        for cid, uuid in sorted(uuids.items()):
+            if uuid != self.reader.source_uuid:
+                raise MultifdError(f"failed to receive packet via multifd channel {cid}: multifd: received uuid "
+                                   f"'{uuid}' and expected uuid '{self.reader.source_uuid}' for channel {cid}")
+        if multifd:
+            name = str(m.params["multifd-compression"])
+            factory = None
+            if name != "none":
+                comp = m.registry.load("mig_core.compressors", name)(page_size=min(
+                    (b.page_size for b in self.machine.blocks), default=4096))
+                factory = comp.decoder
+            main = self.channel
+            self.multifd = MultifdReceiver([self._extra[i] for i in range(want)], self.reader.source_blocks,
+                                           self.placer, factory, lambda msg: main.abort(msg))
+            self.multifd.start()
 
     def _load(self) -> None:
         m, machine = self.m, self.machine
         assert self.channel is not None
-        placer = CopyPlacer(machine.blocks)
-        reader = StreamReader(self.channel, machine.blocks, placer)
-        reader.read_header()
+        placer, reader = self.placer, self.reader
         for dev in machine.devices:
             dev.load_setup()
         loaded: set[tuple[str, int]] = set()
@@ -96,7 +165,14 @@ class IncomingMigration:
                     machine.devices.lookup(item.id, item.instance, item.version).load_iterate(item.chunk)
                 elif isinstance(item, CommandReceived):
                     self._command(item, reader.source_uuid)
+                elif isinstance(item, PassEnd):
+                    if self.multifd is None:
+                        raise StreamError(f"a multifd PASS {item.number} marker, but the stream has no multifd "
+                                          "channels")
+                    self.multifd.wait_sync(item.number)
                 elif isinstance(item, End):
+                    if self.multifd is not None:
+                        self.multifd.finish()
                     break
         finally:
             for dev in machine.devices:
@@ -129,12 +205,21 @@ class IncomingMigration:
             self.return_path = True
         elif item.command is Command.CONFIG:
             cfg = item.argument if isinstance(item.argument, dict) else {}
-            for cap in ("mapped-ram", "x-ignore-shared"):
+            for cap in ("mapped-ram", "x-ignore-shared", "multifd"):
                 mine = self.m.caps_by_name(cap)
                 theirs = bool(cfg.get(cap, False))
                 if mine != theirs:
                     raise StreamError(f"Capability {cap} is {'on' if mine else 'off'}, but received capability "
                                       f"is {'on' if theirs else 'off'}")
+            mfd = cfg.get("multifd")
+            if isinstance(mfd, dict) and self.m.caps_by_name("multifd"):
+                params = self.m.params
+                if mfd.get("channels") != params["multifd-channels"]:
+                    raise StreamError(f"the source uses {mfd.get('channels')} multifd channels, this host expects "
+                                      f"multifd-channels {params['multifd-channels']}")
+                if mfd.get("compression") != str(params["multifd-compression"]):
+                    raise StreamError(f"the source compresses with multifd-compression '{mfd.get('compression')}', "
+                                      f"this host has '{params['multifd-compression']}'")
             if cfg.get("validate-uuid"):
                 local = self.machine.uuid
                 if local == _NIL_UUID:

@@ -22,8 +22,10 @@ from mig_core.channel import Channel, ChannelAborted, ChannelError
 from mig_core.dirty import DirtyConsumer
 from mig_core.errors import QMPError
 from mig_core.engine.convergence import ConvergenceTrigger
+from mig_core.engine.multifd_send import MultifdSender
 from mig_core import xbzrle
 from mig_core.xbzrle import PageCache, XbzrleCounters
+from mig_core.zeropage import zero_mask
 from mig_core.schema.migration import XBZRLECacheStats
 from mig_core.engine.stats import MigrationCounters, RateLimiter, now_ms
 from mig_core.machine.device import DeviceStateError
@@ -110,6 +112,11 @@ class OutgoingMigration:
         self._accounted = 0
         self._words = {b.name: b.array.view(np.uint64).reshape(b.npages, b.page_size // 8)
                        for b in self.machine.blocks}
+        self.multifd: MultifdSender | None = None
+        zdp = manager.params["zero-page-detection"].value
+        # where zero pages are found: the migration thread (legacy, or multifd without multifd), the
+        # multifd channel threads, or nowhere
+        self._main_thread_zero = zdp == "legacy" or (zdp == "multifd" and not self.caps[C.MULTIFD])
 
     # -- control from other threads ---------------------------------------------------
 
@@ -124,10 +131,18 @@ class OutgoingMigration:
         self._confirm.event.set()
         if self.channel is not None:
             self.channel.abort("migration cancelled")
+        if self.multifd is not None:
+            self.multifd.abort("migration cancelled")
 
     def _check_cancel(self) -> None:
         if self.cancel_requested.is_set():
             raise Cancelled()
+        if self.multifd is not None and self.multifd.error is not None:
+            raise MigrationFailed(self.multifd.error)
+        conf = self._confirm
+        if conf.event.is_set() and (conf.error is not None or conf.code):
+            # the destination gave up (or its return path broke) before the end: stop sending
+            raise MigrationFailed(conf.error or f"Sibling indicated error {conf.code}")
 
     # -- the migration thread ------------------------------------------------------------
 
@@ -179,6 +194,9 @@ class OutgoingMigration:
         if self.channel is not None:
             self.channel.abort("migration ended")
             self.channel.close()
+        if self.multifd is not None:
+            self.multifd.abort("migration ended")
+            self.multifd.close()
         if self._rp_thread is not None:
             self._rp_thread.join(5)
 
@@ -196,6 +214,9 @@ class OutgoingMigration:
             "validate-uuid": self.caps[C.VALIDATE_UUID],
             "mapped-ram": self.caps[C.MAPPED_RAM],
             "x-ignore-shared": self.caps[C.X_IGNORE_SHARED],
+            "multifd": ({"channels": self.m.params["multifd-channels"],
+                         "compression": str(self.m.params["multifd-compression"])}
+                        if self.caps[C.MULTIFD] else None),
         })
         if self.caps[C.RETURN_PATH]:
             self.writer.write_command(Command.OPEN_RETURN_PATH)
@@ -203,6 +224,8 @@ class OutgoingMigration:
             self._rp_thread.start()
             self._ping_sent = time.monotonic()
             self.writer.write_command(Command.PING, 0)  # its round trip (measured by the RP thread) feeds estimates
+        if self.caps[C.MULTIFD]:
+            self._start_multifd()
         for dev in self.machine.devices:
             dev.save_setup()
         self._consumer = self.machine.tracker().consumer("migration", sends=True)
@@ -214,6 +237,37 @@ class OutgoingMigration:
         if not m.source.cas(S.SETUP, S.ACTIVE):
             self._check_cancel()
             raise MigrationFailed("migration status changed during setup")
+
+    def _start_multifd(self) -> None:
+        """Connect multifd-channels more connections to the same address and start their threads."""
+        params = self.m.params
+        name = str(params["multifd-compression"])
+        factory = None
+        if name != "none":
+            comp = self.m.registry.load("mig_core.compressors", name)(page_size=self.counters.page_size)
+            level = params[comp.level_parameter] if comp.level_parameter else 1
+            factory = lambda: comp.encoder(level)  # noqa: E731 - one encoder per channel thread
+            log.info("multifd_compression", method=name, level=level, implementation=comp.implementation())
+        channels = []
+        try:
+            for _ in range(params["multifd-channels"]):
+                channels.append(self.transport.connect(self.addr, self.cancel_requested.is_set))
+        except BaseException:
+            for ch in channels:
+                ch.close()
+            raise
+        self.multifd = MultifdSender(channels, self.machine.uuid, self.counters, factory,
+                                     detect_zero=params["zero-page-detection"].value == "multifd",
+                                     zero_copy=self.caps[C.ZERO_COPY_SEND])
+        self.multifd.start()
+        log.info("multifd_started", channels=len(channels))
+
+    def _end_pass(self) -> None:
+        """Multifd: every page of this pass is on the wire, then the PASS marker on the main stream."""
+        if self.multifd is not None:
+            n = self.counters.dirty_sync_count
+            self.multifd.sync(n, self._check_cancel)
+            self.writer.write_pass(n)
 
     def _account(self, pages: int, running: bool) -> None:
         """Count what the channel sent since the last call (page data, headers, commands alike)."""
@@ -267,6 +321,7 @@ class OutgoingMigration:
         while True:
             sent_before, t0 = self.counters.transferred, time.monotonic()
             self._send_all(self.pending, running=True)
+            self._end_pass()
             # with a return path, a pass ends when the destination has loaded it: the rate measured is
             # then what the destination achieves, and no backlog is left in socket buffers at switchover
             self._ping(self.counters.dirty_sync_count)
@@ -305,25 +360,8 @@ class OutgoingMigration:
 
     def _send_batch(self, b: RAMBlock, pages: np.ndarray, running: bool) -> None:
         c = self.counters
-        zero_detection = self.m.params["zero-page-detection"].value != "none"
-        if zero_detection:
-            words = self._words[b.name]
-            first, last = int(pages[0]), int(pages[-1])
-            if last - first + 1 == len(pages):
-                # a contiguous run: test the pages in place, no gather copy
-                maybe_zero = words[first:last + 1, 0] == 0
-                is_zero = np.zeros(len(pages), dtype=bool)
-                if maybe_zero.all():
-                    run = words[first:last + 1]
-                    # one flat test first: an all-zero run (preallocated, zeroed RAM) needs no per-page pass
-                    is_zero = np.ones(len(pages), dtype=bool) if not run.any() else ~run.any(axis=1)
-                elif maybe_zero.any():
-                    is_zero[maybe_zero] = ~words[first:last + 1][maybe_zero].any(axis=1)
-            else:
-                maybe_zero = words[pages, 0] == 0
-                is_zero = np.zeros(len(pages), dtype=bool)
-                if maybe_zero.any():
-                    is_zero[maybe_zero] = ~words[pages[maybe_zero]].any(axis=1)
+        if self._main_thread_zero:
+            is_zero = zero_mask(self._words[b.name], pages)
             if is_zero.any():
                 zero = pages[is_zero]
                 pages = pages[~is_zero]
@@ -346,6 +384,9 @@ class OutgoingMigration:
                     self._consumer.sent(b, stale, np.zeros((len(stale), b.page_size), dtype=np.uint8))  # type: ignore[union-attr]
         if not len(pages):
             return
+        if self.multifd is not None:
+            self._send_multifd(b, pages, running)
+            return
         if self._xbz_cache is not None:
             self._send_xbzrle(b, pages, running)
             return
@@ -359,6 +400,20 @@ class OutgoingMigration:
         c.normal += len(pages)
         self._account(len(pages), running)
         delay = self.limiter.wait_time(nbytes)
+        if delay:
+            self.cancel_requested.wait(delay)
+
+    def _send_multifd(self, b: RAMBlock, pages: np.ndarray, running: bool) -> None:
+        data = None
+        if self._consumer.wants_copies:  # type: ignore[union-attr]
+            data = b.pages[pages]  # the copy that is both sent and recorded
+            self._consumer.sent(b, pages, data)  # type: ignore[union-attr]
+        self._sent_nonzero[b.name][pages] = True
+        assert self.multifd is not None
+        self.multifd.send(self._block_index[b.name], b, pages, data, self.counters.dirty_sync_count,
+                          self._check_cancel)
+        self._account(0, running)  # the main channel's share (zero-page markers under legacy detection)
+        delay = self.limiter.wait_time(len(pages) * b.page_size)
         if delay:
             self.cancel_requested.wait(delay)
 
@@ -467,11 +522,14 @@ class OutgoingMigration:
         log.debug("switchover_synced", ms_since_stop=now_ms() - (c.downtime_start_ms or 0),
                   pages=sum(len(p) for p in merged.values()))
         self._send_all(merged, running=False)
+        self._end_pass()
         log.debug("switchover_ram_sent", ms_since_stop=now_ms() - (c.downtime_start_ms or 0))
         for dev in self.machine.devices:
             self.writer.write_device(self.machine.devices.save(dev))
         self.writer.write_end()
         self.channel.finish()  # type: ignore[union-attr]
+        if self.multifd is not None:
+            self.multifd.finish()
         self._account(0, running=False)
         log.debug("switchover_sent", ms_since_stop=now_ms() - (c.downtime_start_ms or 0))
         if self._rp_thread is not None:

@@ -27,6 +27,8 @@ class MigrationCounters:
     normal: int = 0
     precopy_bytes: int = 0
     downtime_bytes: int = 0
+    multifd_bytes: int = 0
+    missed_zero_copy: int = 0
     remaining: int = 0
     dirty_sync_count: int = 0
     dirty_pages_rate: int = 0
@@ -61,6 +63,17 @@ class MigrationCounters:
                 self.downtime_bytes += nbytes
             self._window_bytes += nbytes
             self._window_pages += pages
+        self.tick()
+
+    def multifd_sent(self, nbytes: int, normal: int, zero: int) -> None:
+        """A multifd channel wrote a packet (QEMU counts these in transferred and multifd-bytes only)."""
+        with self._lock:
+            self.transferred += nbytes
+            self.multifd_bytes += nbytes
+            self.normal += normal
+            self.duplicate += zero
+            self._window_bytes += nbytes
+            self._window_pages += normal
         self.tick()
 
     def tick(self) -> None:
@@ -114,8 +127,8 @@ class MigrationCounters:
                 duplicate=self.duplicate, normal=self.normal, normal_bytes=self.normal * self.page_size,
                 dirty_pages_rate=self.dirty_pages_rate, mbps=round(self.mbps, 4),
                 dirty_sync_count=self.dirty_sync_count, postcopy_requests=0, page_size=self.page_size,
-                multifd_bytes=0, pages_per_second=self.pages_per_second, precopy_bytes=self.precopy_bytes,
-                downtime_bytes=self.downtime_bytes, postcopy_bytes=0, dirty_sync_missed_zero_copy=0,
+                multifd_bytes=self.multifd_bytes, pages_per_second=self.pages_per_second, precopy_bytes=self.precopy_bytes,
+                downtime_bytes=self.downtime_bytes, postcopy_bytes=0, dirty_sync_missed_zero_copy=self.missed_zero_copy,
             )
 
 

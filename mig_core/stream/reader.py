@@ -105,9 +105,18 @@ class StreamReader:
 
     # -- header ----------------------------------------------------------------
 
-    def read_header(self) -> None:
-        """Check magic, version and the source's block list against this host's blocks."""
-        magic, version, _flags, raw_uuid = HEADER.unpack(self._recv(HEADER.size, "the stream header"))
+    @property
+    def source_blocks(self) -> list[RAMBlock]:
+        """This host's blocks in the order the source numbered them."""
+        return list(self._blocks)
+
+    def read_header(self, prefix: bytes = b"") -> None:
+        """Check magic, version and the source's block list against this host's blocks.
+
+        ``prefix``: the header's first bytes when the caller already read them (to tell channels apart).
+        """
+        head = prefix + self._recv(HEADER.size - len(prefix), "the stream header")
+        magic, version, _flags, raw_uuid = HEADER.unpack(head)
         _expect(magic == MAGIC, f"not a mig migration stream (bad magic {magic!r})")
         _expect(version != 0 and version <= VERSION,
                 f"the stream has format version {version}; this host reads version {VERSION}")

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import msgpack
 import numpy as np
 
-from mig_core.channel import IOV_MAX, Channel
+from mig_core.channel import IOV_MAX, Buffer, Channel
 from mig_core.machine.device import DeviceSection
 from mig_core.machine.pagemap import pages_to_runs
 from mig_core.machine.ram import RAMBlock
@@ -29,6 +29,17 @@ from mig_core.stream.format import (
 _MAX_RUNS = IOV_MAX - 3
 
 
+def page_buffers(block: RAMBlock, pages: np.ndarray, max_runs: int = _MAX_RUNS) -> list[Buffer]:
+    """The bytes of ``pages`` (sorted) in order: views of RAM per contiguous run, or one gathered copy
+    when there are more runs than one sendmsg takes."""
+    ps = block.page_size
+    starts, ends = pages_to_runs(pages)
+    if len(starts) <= max_runs:
+        view = block.view
+        return [view[s * ps:e * ps] for s, e in zip(starts.tolist(), ends.tolist(), strict=True)]
+    return [block.pages[pages]]  # numpy gather: one copy, no per-page work
+
+
 class StreamWriter:
     """Frames sections onto a channel; page data goes out with sendmsg straight from RAM when it can."""
 
@@ -36,6 +47,9 @@ class StreamWriter:
         self.channel = channel
         self.blocks = list(blocks)
         self._index = {b.name: i for i, b in enumerate(self.blocks)}
+
+    def block_index(self, block: RAMBlock) -> int:
+        return self._index[block.name]
 
     def write_header(self, source_uuid: str) -> None:
         """Magic, version, uuid, then the block list (the destination checks it against its own)."""
@@ -65,19 +79,9 @@ class StreamWriter:
     def _batch(self, block: RAMBlock, pages: np.ndarray, data: np.ndarray | None) -> int:
         idx = np.ascontiguousarray(pages, dtype="<u8")
         head = PAGES_HEADER.pack(Section.PAGES, PageEncoding.RAW, self._index[block.name], len(idx))
-        ps = block.page_size
-        if data is not None:
-            bufs = [head, idx, np.ascontiguousarray(data)]
-        else:
-            starts, ends = pages_to_runs(pages)
-            if len(starts) <= _MAX_RUNS:
-                view = block.view
-                bufs = [head, idx, *(view[s * ps:e * ps] for s, e in zip(starts.tolist(), ends.tolist(),
-                                                                       strict=True))]
-            else:
-                bufs = [head, idx, block.pages[pages]]  # numpy gather: one copy, no per-page work
+        bufs = [head, idx, np.ascontiguousarray(data)] if data is not None else [head, idx, *page_buffers(block, pages)]
         self.channel.sendv(bufs)
-        return PAGES_HEADER.size + idx.nbytes + len(pages) * ps
+        return PAGES_HEADER.size + idx.nbytes + len(pages) * block.page_size
 
     def write_zero_pages(self, block: RAMBlock, pages: np.ndarray) -> int:
         """Tell the destination these pages are zero now (no page data travels)."""

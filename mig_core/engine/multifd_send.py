@@ -1,0 +1,255 @@
+"""Multifd on the source: page jobs fanned out to channel threads, a sync at the end of every pass.
+
+The migration thread queues jobs (one block's pages); the first idle channel
+thread takes each one, tests its pages for zeros, compresses the rest when a
+compressor is chosen and writes one packet. numpy's page tests, the
+compressors and ``sendmsg`` all release the GIL, so channels really run in
+parallel. ``sync`` waits until every queued job is on the wire, then writes a
+SYNC packet on every channel: the destination applies nothing of the next
+pass before all of this one has landed.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import structlog
+
+from mig_core.channel import Channel, ChannelError
+from mig_core.compressor import Encoder
+from mig_core.engine.stats import MigrationCounters
+from mig_core.machine.ram import RAMBlock
+from mig_core.schema.migration import CompressionStats
+from mig_core.stream.multifd import PacketFlag, init_packet, pack_header
+from mig_core.stream.writer import page_buffers
+from mig_core.zeropage import zero_mask
+
+log = structlog.get_logger("mig.multifd")
+
+
+@dataclass
+class _Job:
+    block_index: int
+    block: RAMBlock
+    pages: np.ndarray
+    data: np.ndarray | None
+    pass_number: int
+    number: int
+
+
+@dataclass
+class CompressionCounters:
+    """What query-migrate reports as ``compression`` (mig's extension), measured by the channel threads."""
+
+    pages: int = 0
+    busy: int = 0
+    compressed_size: int = 0
+    busy_rate: float = 0.0
+    compression_rate: float = 0.0
+    _p_jobs: int = 0
+    _p_busy: int = 0
+    _p_raw: int = 0
+    _p_compressed: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def compressed(self, pages: int, raw: int, out: int) -> None:
+        with self._lock:
+            self.pages += pages
+            self.compressed_size += out
+            self._p_raw += raw
+            self._p_compressed += out
+
+    def queued(self, busy: bool) -> None:
+        with self._lock:
+            self._p_jobs += 1
+            if busy:
+                self.busy += 1
+                self._p_busy += 1
+
+    def period(self) -> None:
+        """Rates over the period since the last sync (QEMU updates its rates per dirty sync)."""
+        with self._lock:
+            if self._p_jobs:
+                self.busy_rate = self._p_busy / self._p_jobs
+            if self._p_compressed:
+                self.compression_rate = self._p_raw / self._p_compressed
+            self._p_jobs = self._p_busy = self._p_raw = self._p_compressed = 0
+
+    def to_stats(self) -> CompressionStats:
+        with self._lock:
+            return CompressionStats(pages=self.pages, busy=self.busy, busy_rate=round(self.busy_rate, 4),
+                                    compressed_size=self.compressed_size,
+                                    compression_rate=round(self.compression_rate, 4))
+
+
+class MultifdSender:
+    """N channel threads writing page packets; the migration thread queues jobs and syncs."""
+
+    def __init__(self, channels: Sequence[Channel], source_uuid: str, counters: MigrationCounters,
+                 encoder_factory: Callable[[], Encoder] | None, detect_zero: bool, zero_copy: bool) -> None:
+        self.channels = list(channels)
+        self.uuid = source_uuid
+        self.counters = counters
+        self.compression = CompressionCounters()
+        self.encoder_factory = encoder_factory
+        self.detect_zero = detect_zero
+        self.zero_copy = zero_copy
+        self.error: str | None = None
+        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=len(self.channels))
+        self._outstanding = 0
+        self._cond = threading.Condition()
+        self._number = 0
+        self._words: dict[str, np.ndarray] = {}
+        self._threads = [threading.Thread(target=self._thread, args=(i,), name=f"mig/src/send_{i}", daemon=True)
+                         for i in range(len(self.channels))]
+
+    # -- migration thread -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Write each channel's init packet and start the channel threads."""
+        n = len(self.channels)
+        for i, ch in enumerate(self.channels):
+            if self.zero_copy:
+                ch.enable_zero_copy()
+            ch.sendv([init_packet(i, n, self.uuid)])
+            self.counters.multifd_sent(ch.bytes_sent, 0, 0)
+        for t in self._threads:
+            t.start()
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise ChannelError(self.error)
+
+    def send(self, block_index: int, block: RAMBlock, pages: np.ndarray, data: np.ndarray | None,
+             pass_number: int, should_stop: Callable[[], None]) -> None:
+        """Queue one block's pages (``data``: a snapshot to send instead of RAM); waits while all are busy."""
+        if block.name not in self._words:
+            self._words[block.name] = block.array.view(np.uint64).reshape(block.npages, block.page_size // 8)
+        self._number += 1
+        job = _Job(block_index, block, pages, data, pass_number, self._number)
+        with self._cond:
+            self._outstanding += 1
+        busy = self._jobs.full()
+        self.compression.queued(busy)
+        while True:
+            self._raise_if_failed()
+            should_stop()
+            try:
+                self._jobs.put(job, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def sync(self, pass_number: int, should_stop: Callable[[], None]) -> None:
+        """Wait until every queued page is written, then end the pass with a SYNC packet on every channel."""
+        with self._cond:
+            while self._outstanding and self.error is None:
+                self._cond.wait(0.1)
+                should_stop()
+        self._raise_if_failed()
+        # the channel threads are idle now: this thread may write to their channels
+        missed = False
+        for ch in self.channels:
+            before = ch.bytes_sent
+            ch.sendv([pack_header(PacketFlag.SYNC, pass_number, 0, 0, 0, 0, 0)])
+            if self.zero_copy:
+                missed |= ch.flush_zero_copy()
+            self.counters.multifd_sent(ch.bytes_sent - before, 0, 0)
+        if missed:
+            with self.counters._lock:
+                self.counters.missed_zero_copy += 1
+        self.compression.period()
+
+    def finish(self) -> None:
+        """After the last sync: a FIN packet on every channel, then the threads end."""
+        for ch in self.channels:
+            before = ch.bytes_sent
+            ch.sendv([pack_header(PacketFlag.FIN, 0, 0, 0, 0, 0, 0)])
+            ch.finish()
+            self.counters.multifd_sent(ch.bytes_sent - before, 0, 0)
+        self.stop()
+
+    def stop(self) -> None:
+        """End the channel threads (they finish or fail their current job first)."""
+        for _ in self._threads:
+            try:
+                self._jobs.put_nowait(None)
+            except queue.Full:
+                break
+        for t in self._threads:
+            if t.is_alive() and t is not threading.current_thread():
+                t.join(5)
+
+    def abort(self, reason: str) -> None:
+        for ch in self.channels:
+            ch.abort(reason)
+        while True:  # unblock a thread waiting for work, drop what is queued
+            try:
+                self._jobs.get_nowait()
+            except queue.Empty:
+                break
+        self.stop()
+
+    def close(self) -> None:
+        for ch in self.channels:
+            ch.close()
+
+    # -- channel threads ----------------------------------------------------------------
+
+    def _thread(self, i: int) -> None:
+        ch = self.channels[i]
+        encoder = self.encoder_factory() if self.encoder_factory is not None else None
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                if self.error is None:
+                    self._send_job(ch, encoder, job)
+            except (ChannelError, OSError, ValueError) as e:
+                with self._cond:
+                    if self.error is None:
+                        self.error = f"multifd channel {i}: {e}"
+                        log.error("multifd_send_failed", channel=i, error=str(e))
+            finally:
+                with self._cond:
+                    self._outstanding -= 1
+                    self._cond.notify_all()
+
+    def _send_job(self, ch: Channel, encoder: Encoder | None, job: _Job) -> None:
+        b, pages, data = job.block, job.pages, job.data
+        ps = b.page_size
+        zero = pages[:0]
+        if self.detect_zero:
+            is_zero = zero_mask(self._words[b.name], pages) if data is None else ~data.reshape(
+                len(pages), -1).view(np.uint64).any(axis=1)
+            if is_zero.any():
+                zero = pages[is_zero]
+                pages = pages[~is_zero]
+                if data is not None:
+                    data = data[~is_zero]
+        flags = 0
+        if not len(pages):
+            payload: list = []
+        elif encoder is not None:
+            # one contiguous buffer: a view of RAM for a single run, else one gathered copy
+            raw = data if data is not None else page_buffers(b, pages, max_runs=1)[0]
+            out = encoder.compress(memoryview(np.ascontiguousarray(raw)).cast("B"))
+            self.compression.compressed(len(pages), len(pages) * ps, len(out))
+            payload, flags = [out], PacketFlag.COMPRESSED
+        else:
+            payload = [np.ascontiguousarray(data)] if data is not None else page_buffers(b, pages)
+        size = sum(memoryview(p).nbytes for p in payload)
+        offsets = np.concatenate([pages, zero]).astype("<u8") if len(zero) else pages.astype("<u8")
+        head = pack_header(flags, job.pass_number, job.block_index, len(pages), len(zero), size, job.number)
+        before = ch.bytes_sent
+        if self.zero_copy and payload:
+            ch.sendv([head, offsets])  # headers are short-lived Python objects: never zero-copy
+            ch.sendv_zero_copy(payload)
+        else:
+            ch.sendv([head, offsets, *payload])
+        self.counters.multifd_sent(ch.bytes_sent - before, len(pages), len(zero))

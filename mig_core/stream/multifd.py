@@ -1,0 +1,126 @@
+"""Multifd channel framing: the init packet each channel starts with, and page packets.
+
+A multifd channel carries only RAM pages. It starts with an init packet naming
+the source and its channel id; then page packets follow, each one block's
+normal pages (data, possibly compressed) and zero pages (offsets only), and at
+the end of every pass a SYNC packet. Fields are documented in
+docs/stream-format.md; every one is checked by ``read_packet``.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import uuid as uuid_mod
+from dataclasses import dataclass
+
+import numpy as np
+
+from mig_core.channel import Channel, ChannelEOF
+
+#: first 8 bytes of a multifd channel (the main stream starts with ``MIGSTRM\0``)
+MULTIFD_MAGIC = b"MIGMFD\x00\x00"
+MULTIFD_VERSION = 1
+#: magic, version u32, channel id u32, channels u32, flags u32, source uuid
+INIT = struct.Struct("<8sIIII16s")
+#: every page packet starts with this u32
+PACKET_MAGIC = 0x4D464450  # "PDFM" on the wire
+#: magic u32, flags u32, pass u32, block u16, pad, normal u32, zero u32, payload bytes u32, packet number u64
+PACKET = struct.Struct("<IIIH2xIIIQ")
+#: most pages one packet may carry (normal + zero)
+MAX_PACKET_PAGES = 1 << 16
+#: most payload bytes one packet may carry (compressed data can exceed the raw size a little)
+MAX_PAYLOAD = (64 << 20) + (1 << 20)
+
+
+class PacketFlag(enum.IntFlag):
+    SYNC = 0x1  # end of pass ``pass``; no pages
+    COMPRESSED = 0x2  # the payload went through the negotiated compressor
+    FIN = 0x4  # the last packet of the channel
+
+
+class MultifdError(ValueError):
+    """A multifd channel carried something this host cannot accept; the message says what."""
+
+
+@dataclass(frozen=True)
+class Packet:
+    flags: PacketFlag
+    pass_number: int
+    block: int
+    normal: np.ndarray  # page indices of the payload's pages, in payload order
+    zero: np.ndarray  # page indices that are zero now
+    payload_size: int
+    number: int
+
+
+def init_packet(channel_id: int, channels: int, source_uuid: str) -> bytes:
+    return INIT.pack(MULTIFD_MAGIC, MULTIFD_VERSION, channel_id, channels, 0, uuid_mod.UUID(source_uuid).bytes)
+
+
+def pack_header(flags: int, pass_number: int, block: int, normal: int, zero: int, payload: int,
+                number: int) -> bytes:
+    return PACKET.pack(PACKET_MAGIC, flags, pass_number, block, normal, zero, payload, number)
+
+
+def _recv(channel: Channel, n: int, what: str, cid: int) -> bytes:
+    try:
+        return channel.recv_exact(n)
+    except ChannelEOF:
+        raise MultifdError(f"multifd {cid}: unexpected EOF {what}") from None
+
+
+def read_init(channel: Channel, magic: bytes, channels: int, seen: set[int]) -> tuple[int, str]:
+    """Check the rest of an init packet whose first 8 bytes (``magic``) were already read.
+
+    Returns the channel id and the source uuid it names (checked against the main stream's later).
+    """
+    rest = _recv(channel, INIT.size - len(magic), "in the init packet", -1)
+    _magic, version, cid, theirs, _flags, raw_uuid = INIT.unpack(magic + rest)
+    prefix = "failed to receive packet via multifd channel"
+    if version != MULTIFD_VERSION:
+        raise MultifdError(f"{prefix} {cid}: multifd: received packet version {version} expected "
+                           f"{MULTIFD_VERSION}")
+    uuid = str(uuid_mod.UUID(bytes=raw_uuid))
+    if cid >= channels or theirs != channels:
+        raise MultifdError(f"{prefix} {cid}: multifd: received channel id {cid} of {theirs} channels, "
+                           f"but this host has multifd-channels {channels}")
+    if cid in seen:
+        raise MultifdError(f"{prefix} {cid}: multifd: received id '{cid}' already setup'")
+    return cid, uuid
+
+
+def read_packet(channel: Channel, cid: int, nblocks: int, block_pages: list[int], compressed: bool) -> Packet:
+    """Read and check one packet header and its offsets (the payload is left on the channel)."""
+    head = _recv(channel, PACKET.size, "before a packet header", cid)
+    magic, flags, pass_number, block, normal, zero, payload, number = PACKET.unpack(head)
+    if magic != PACKET_MAGIC:
+        raise MultifdError(f"multifd {cid}: received packet magic {magic:x}, expected {PACKET_MAGIC:x}")
+    try:
+        flag = PacketFlag(flags)
+    except ValueError:
+        raise MultifdError(f"multifd {cid}: unknown packet flags {flags:x}") from None
+    if flag & (PacketFlag.SYNC | PacketFlag.FIN):
+        if normal or zero or payload:
+            raise MultifdError(f"multifd {cid}: a {flag!r} packet carries pages")
+        return Packet(flag, pass_number, 0, np.empty(0, np.int64), np.empty(0, np.int64), 0, number)
+    if normal and bool(flag & PacketFlag.COMPRESSED) != compressed:
+        raise MultifdError(f"multifd {cid}: flags received {flags:x} flags expected "
+                           f"{int(PacketFlag.COMPRESSED) if compressed else 0:x}")
+    if normal + zero == 0 or normal + zero > MAX_PACKET_PAGES:
+        raise MultifdError(f"multifd {cid}: received packet with {normal} non-zero and {zero} zero pages, "
+                           f"expected 1 to {MAX_PACKET_PAGES} in all")
+    if block >= nblocks:
+        raise MultifdError(f"multifd {cid}: unknown ram block index {block} (the source listed {nblocks})")
+    if payload > MAX_PAYLOAD or (normal == 0 and payload):
+        raise MultifdError(f"multifd {cid}: packet payload of {payload} bytes for {normal} pages")
+    offsets = np.empty(normal + zero, dtype="<u8")
+    try:
+        channel.recv_into(offsets)
+    except ChannelEOF:
+        raise MultifdError(f"multifd {cid}: unexpected EOF after packet header") from None
+    npages = block_pages[block]
+    if len(offsets) and int(offsets.max()) >= npages:
+        raise MultifdError(f"multifd {cid}: offset too long {int(offsets.max())} (max {npages - 1})")
+    offsets = offsets.astype(np.int64)
+    return Packet(flag, pass_number, block, offsets[:normal], offsets[normal:], payload, number)

@@ -1,0 +1,30 @@
+"""Which pages are zero: vectorised tests over a block's pages viewed as 64-bit words."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def zero_mask(words: np.ndarray, pages: np.ndarray) -> np.ndarray:
+    """A bool per entry of ``pages`` (sorted indices): True where that page is all zeros.
+
+    ``words`` is the block as a (npages, page_size // 8) uint64 array. Pages whose
+    first word is non-zero are ruled out first, so random data costs one word per page.
+    """
+    first, last = int(pages[0]), int(pages[-1])
+    if last - first + 1 == len(pages):
+        # a contiguous run: test the pages in place, no gather copy
+        run = words[first:last + 1]
+        maybe_zero = run[:, 0] == 0
+        if maybe_zero.all():
+            # one flat test first: an all-zero run (preallocated, zeroed RAM) needs no per-page pass
+            return np.ones(len(pages), dtype=bool) if not run.any() else ~run.any(axis=1)
+        is_zero = np.zeros(len(pages), dtype=bool)
+        if maybe_zero.any():
+            is_zero[maybe_zero] = ~run[maybe_zero].any(axis=1)
+        return is_zero
+    maybe_zero = words[pages, 0] == 0
+    is_zero = np.zeros(len(pages), dtype=bool)
+    if maybe_zero.any():
+        is_zero[maybe_zero] = ~words[pages[maybe_zero]].any(axis=1)
+    return is_zero

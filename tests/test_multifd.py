@@ -1,0 +1,207 @@
+"""Multifd: parallel channels between two real mig run processes, with and without compression."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from mig_core.testing import connect, ram_digest, vcpu_records, wait_for_status
+
+RAM = 32 << 20
+
+
+def workload(fill: str = "half", *extra: str) -> tuple[str, ...]:
+    return ("--ram", "32M", "--ram-fill", fill, "--vcpus", "2", "--dirty-rate", "8M", *extra)
+
+
+async def setup_pair(start_host, tmp_path, *, channels: int, compression: str = "none", fill: str = "half",
+                     caps: tuple[str, ...] = (), src_params: dict | None = None, dst_channels: int | None = None,
+                     dst_compression: str | None = None, dst_multifd: bool = True, extra: tuple[str, ...] = ()):
+    s = start_host(*workload(fill, *extra), name="src")
+    d = start_host(*workload(fill, *extra), "--incoming", "defer", "-S", name="dst")
+    src, dst = await connect(s.sock, "src"), await connect(d.sock, "dst")
+    on = [{"capability": c, "state": True} for c in ("multifd", "return-path", *caps)]
+    await src.execute("migrate-set-capabilities", {"capabilities": on})
+    dst_on = [c for c in on if c["capability"] != "multifd" or dst_multifd]
+    await dst.execute("migrate-set-capabilities", {"capabilities": dst_on})
+    await src.execute("migrate-set-parameters", {"multifd-channels": channels, "multifd-compression": compression,
+                                                 "max-bandwidth": 64 << 20, "downtime-limit": 300,
+                                                 **(src_params or {})})
+    await dst.execute("migrate-set-parameters", {
+        "multifd-channels": dst_channels or channels, "multifd-compression": dst_compression or compression})
+    return s, d, src, dst
+
+
+async def listen_tcp(dst, exit_on_error: bool = True) -> str:
+    await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0", "exit-on-error": exit_on_error})
+    (sa,) = (await dst.execute("query-migrate"))["socket-address"]
+    return f"tcp:127.0.0.1:{sa['port']}"
+
+
+async def finish_and_compare(src, dst, tmp_path):
+    info = await wait_for_status(src, {"completed", "failed", "cancelled"}, timeout=60)
+    assert info["status"] == "completed", info
+    await wait_for_status(dst, {"completed"})
+    assert await ram_digest(src, RAM, tmp_path / "s") == await ram_digest(dst, RAM, tmp_path / "d")
+    return info
+
+
+@pytest.mark.parametrize("channels", [1, 2, 8])
+async def test_multifd_channels_over_tcp(start_host, tmp_path, channels):
+    s, d, src, dst = await setup_pair(start_host, tmp_path, channels=channels)
+    try:
+        uri = await listen_tcp(dst)
+        await src.execute("migrate", {"uri": uri})
+        info = await finish_and_compare(src, dst, tmp_path)
+        ram = info["ram"]
+        # pages went over the multifd channels; the main channel carried only metadata
+        assert ram["multifd-bytes"] > ram["normal-bytes"] > 0
+        assert ram["precopy-bytes"] + ram["downtime-bytes"] < 1 << 20
+        assert ram["duplicate"] > 0 and ram["dirty-sync-count"] >= 2
+        assert "compression" not in info
+        # the destination runs on from the migrated state
+        before = await vcpu_records(dst, 2, tmp_path / "r1")
+        await dst.execute("cont")
+        await asyncio.sleep(0.3)
+        after = await vcpu_records(dst, 2, tmp_path / "r2")
+        assert all(a[0] > b[0] for a, b in zip(after, before, strict=True))
+        # the channel threads are gone
+        threads = await src.execute("query-migrationthreads")
+        assert not [t for t in threads if t["name"].startswith("mig/src/send")]
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
+
+
+async def test_multifd_over_unix_socket(start_host, tmp_path):
+    s, d, src, dst = await setup_pair(start_host, tmp_path, channels=4)
+    try:
+        uri = f"unix:{tmp_path}/m.sock"
+        await dst.execute("migrate-incoming", {"uri": uri})
+        await src.execute("migrate", {"uri": uri})
+        await finish_and_compare(src, dst, tmp_path)
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
+
+
+@pytest.mark.parametrize("method,level", [("zlib", "multifd-zlib-level"), ("zstd", "multifd-zstd-level")])
+async def test_multifd_compression(start_host, tmp_path, method, level):
+    s, d, src, dst = await setup_pair(start_host, tmp_path, channels=2, compression=method, fill="text",
+                                      src_params={level: 3})
+    try:
+        uri = await listen_tcp(dst)
+        await src.execute("migrate", {"uri": uri})
+        info = await finish_and_compare(src, dst, tmp_path)
+        comp = info["compression"]
+        assert comp["pages"] > 0 and comp["compressed-size"] > 0
+        # text-like data compresses: fewer bytes on the wire than the pages sent
+        assert comp["compressed-size"] < comp["pages"] * 4096 / 2
+        assert info["ram"]["multifd-bytes"] < info["ram"]["normal-bytes"]
+        assert comp["compression-rate"] > 2
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
+
+
+@pytest.mark.parametrize("detection", ["multifd", "legacy", "none"])
+async def test_zero_page_detection_modes(start_host, tmp_path, detection):
+    """Preallocated zeroed RAM: every page is populated, and only detection keeps zeros off the wire."""
+    s, d, src, dst = await setup_pair(start_host, tmp_path, channels=2, fill="zero", extra=("--mem-prealloc",),
+                                      src_params={"zero-page-detection": detection})
+    try:
+        uri = await listen_tcp(dst)
+        await src.execute("migrate", {"uri": uri})
+        ram = (await finish_and_compare(src, dst, tmp_path))["ram"]
+        pages = RAM // 4096
+        if detection == "none":
+            assert ram["duplicate"] == 0 and ram["normal"] >= pages
+        else:
+            assert ram["duplicate"] > pages // 2 and ram["normal"] < pages // 2
+        if detection == "legacy":  # zero pages are found by the migration thread; markers go on the main channel
+            assert ram["multifd-bytes"] < ram["normal-bytes"] + (1 << 20)
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
+
+
+async def test_destination_channel_count_mismatch_is_refused(start_host, tmp_path):
+    s, d, src, dst = await setup_pair(start_host, tmp_path, channels=2, dst_channels=3)
+    try:
+        await dst.execute("migrate-set-parameters", {"multifd-channels": 3})
+        uri = await listen_tcp(dst, exit_on_error=False)
+        await src.execute("migrate", {"uri": uri})
+        info = await wait_for_status(src, {"completed", "failed"}, timeout=30)
+        assert info["status"] == "failed"
+        dinfo = await wait_for_status(dst, {"failed"})
+        assert "the source uses 2 multifd channels, this host expects multifd-channels 3" in dinfo["error-desc"]
+        # the source is intact and migrates again, to a matching destination
+        assert (await src.execute("query-status"))["status"] == "running"
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
+
+
+async def test_destination_without_multifd_is_refused(start_host, tmp_path):
+    s, d, src, dst = await setup_pair(start_host, tmp_path, channels=2, dst_multifd=False)
+    try:
+        uri = await listen_tcp(dst, exit_on_error=False)
+        await src.execute("migrate", {"uri": uri})
+        info = await wait_for_status(src, {"completed", "failed"}, timeout=30)
+        assert info["status"] == "failed"
+        dinfo = await wait_for_status(dst, {"failed"})
+        assert "Capability multifd is off, but received capability is on" in dinfo["error-desc"]
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
+
+
+async def test_compression_mismatch_is_refused(start_host, tmp_path):
+    s, d, src, dst = await setup_pair(start_host, tmp_path, channels=2, compression="zlib", dst_compression="zstd")
+    try:
+        uri = await listen_tcp(dst, exit_on_error=False)
+        await src.execute("migrate", {"uri": uri})
+        await wait_for_status(src, {"failed"}, timeout=30)
+        dinfo = await wait_for_status(dst, {"failed"})
+        assert "multifd-compression 'zlib', this host has 'zstd'" in dinfo["error-desc"]
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
+
+
+async def test_garbage_on_a_multifd_channel_fails_the_destination_cleanly(start_host, tmp_path):
+    """A fake source: a correct main stream start, then a multifd channel carrying a bad packet."""
+    from mig_core.stream.format import HEADER, MAGIC, META_HEADER, Command, Section
+    from mig_core.stream.multifd import init_packet, pack_header
+    import msgpack
+    import uuid as uuid_mod
+
+    d = start_host(*workload(), "--incoming", "defer", name="dst")
+    dst = await connect(d.sock, "dst")
+    try:
+        await dst.execute("migrate-set-capabilities", {"capabilities": [{"capability": "multifd", "state": True}]})
+        await dst.execute("migrate-set-parameters", {"multifd-channels": 1})
+        uri = await listen_tcp(dst, exit_on_error=False)
+        port = int(uri.rsplit(":", 1)[1])
+        u = str(uuid_mod.uuid4())
+
+        def meta(section, obj):
+            p = msgpack.packb(obj, use_bin_type=True)
+            return META_HEADER.pack(section, len(p)) + p
+
+        main = socket.create_connection(("127.0.0.1", port))
+        main.sendall(HEADER.pack(MAGIC, 1, 0, uuid_mod.UUID(u).bytes) + meta(Section.BLOCKS, [["pc.ram", RAM, 4096]])
+                     + meta(Section.COMMAND, [int(Command.CONFIG), {"multifd": {"channels": 1,
+                                                                                "compression": "none"}}]))
+        ch = socket.create_connection(("127.0.0.1", port))
+        # a packet naming a page beyond the block
+        ch.sendall(init_packet(0, 1, u) + pack_header(0, 1, 0, 1, 0, 4096, 1)
+                   + (RAM // 4096 + 5).to_bytes(8, "little") + bytes(4096))
+        info = await wait_for_status(dst, {"failed"}, timeout=10)
+        assert "multifd 0: offset too long" in info["error-desc"]
+        main.close()
+        ch.close()
+    finally:
+        await dst.disconnect()
