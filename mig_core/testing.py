@@ -26,17 +26,18 @@ __all__ = ["Host", "RawQMP", "connect", "wait_until", "wait_for_status", "ram_di
 class Host:
     """A ``mig run`` subprocess serving QMP on a unix socket; logs (JSON) go to ``<name>.log``.
 
-    ``wrapper`` is a command prefix (e.g. ``unshare``/``setpriv``) to run the host in a restricted setting.
+    ``wrapper`` is a command prefix (e.g. ``unshare``/``setpriv``) to run the host in a restricted setting;
+    ``python`` another interpreter (e.g. a virtual environment with extra plugins).
     """
 
     def __init__(self, tmp: Path, *args: str, name: str = "host", env: dict[str, str] | None = None,
-                 wrapper: list[str] | None = None) -> None:
+                 wrapper: list[str] | None = None, python: str | None = None) -> None:
         self.sock = tmp / f"{name}.sock"
         self.log_path = tmp / f"{name}.log"
         self.log = open(self.log_path, "w+")
         full_env = {**os.environ, "MIG_LOG_FORMAT": "json", "MIG_LOG_LEVEL": "debug", **(env or {})}
         self.proc = subprocess.Popen(
-            [*(wrapper or []), sys.executable, "-m", "mig_core", "run", "--qmp", f"unix:{self.sock}", *args],
+            [*(wrapper or []), python or sys.executable, "-m", "mig_core", "run", "--qmp", f"unix:{self.sock}", *args],
             stdout=subprocess.PIPE, stderr=self.log, env=full_env, text=True,
         )
         assert self.proc.stdout is not None

@@ -144,6 +144,9 @@ class IncomingMigration:
                 comp = m.registry.load("mig_core.compressors", name)(page_size=min(
                     (b.page_size for b in self.machine.blocks), default=4096))
                 factory = comp.decoder
+                entry = m.registry.choice("mig_core.compressors", name)
+                log.info("multifd_compression", method=name, implementation=comp.implementation(),
+                         distribution=entry.distribution if entry else None)
             main = self.channel
             self.multifd = MultifdReceiver([self._extra[i] for i in range(want)], self.reader.source_blocks,
                                            self.placer, factory, lambda msg: main.abort(msg))

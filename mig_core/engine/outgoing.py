@@ -247,7 +247,9 @@ class OutgoingMigration:
             comp = self.m.registry.load("mig_core.compressors", name)(page_size=self.counters.page_size)
             level = params[comp.level_parameter] if comp.level_parameter else 1
             factory = lambda: comp.encoder(level)  # noqa: E731 - one encoder per channel thread
-            log.info("multifd_compression", method=name, level=level, implementation=comp.implementation())
+            entry = self.m.registry.choice("mig_core.compressors", name)
+            log.info("multifd_compression", method=name, level=level, implementation=comp.implementation(),
+                     distribution=entry.distribution if entry else None)
         channels = []
         try:
             for _ in range(params["multifd-channels"]):

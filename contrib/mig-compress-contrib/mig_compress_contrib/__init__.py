@@ -1,0 +1,1 @@
+"""Third-party compressors for mig, packaged on their own: nothing in mig's core changes to use them."""
