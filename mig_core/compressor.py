@@ -7,6 +7,7 @@ stream per channel (zlib, zstd) and flush it at every packet.
 
 from __future__ import annotations
 
+import struct
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -71,3 +72,66 @@ class NoCompression(Compressor):
 
     def decoder(self) -> Decoder:
         return _Identity()
+
+
+class PageFramedEncoder(Encoder):
+    """Each page compressed on its own, framed as QEMU's qpl and uadk methods frame them.
+
+    Payload: one big-endian u32 length per page, then each page's data; a page whose
+    compressed form would not be shorter than the page travels raw, with length = page size.
+    Subclasses compress one page in ``compress_page`` (None = did not fit).
+    """
+
+    def __init__(self, page_size: int) -> None:
+        self.page_size = page_size
+
+    @abstractmethod
+    def compress_page(self, page: memoryview) -> bytes | None: ...
+
+    def compress(self, data: bytes | memoryview) -> bytes:
+        view = memoryview(data).cast("B")
+        ps = self.page_size
+        lengths, parts = [], []
+        for off in range(0, view.nbytes, ps):
+            page = view[off:off + ps]
+            out = self.compress_page(page)
+            if out is None or len(out) >= ps:
+                out = page
+            lengths.append(len(out))
+            parts.append(out)
+        return struct.pack(f">{len(lengths)}I", *lengths) + b"".join(parts)
+
+
+class PageFramedDecoder(Decoder):
+    """The receiving side of ``PageFramedEncoder``: checks every length, copies raw pages as they are."""
+
+    def __init__(self, page_size: int) -> None:
+        self.page_size = page_size
+
+    @abstractmethod
+    def decompress_page(self, data: memoryview) -> bytes:
+        """Decode one page or raise ValueError."""
+
+    def decompress(self, data: bytes | memoryview, size: int) -> bytes:
+        ps = self.page_size
+        if size % ps:
+            raise ValueError(f"packet of {size} bytes is not a whole number of {ps}-byte pages")
+        n = size // ps
+        view = memoryview(data).cast("B")
+        if view.nbytes < 4 * n:
+            raise ValueError(f"packet of {view.nbytes} bytes is too short for {n} page lengths")
+        lengths = struct.unpack_from(f">{n}I", view)
+        pos = 4 * n
+        out = bytearray()
+        for i, length in enumerate(lengths):
+            if length == 0 or length > ps or pos + length > view.nbytes:
+                raise ValueError(f"page {i} of the packet has a bad length {length}")
+            chunk = view[pos:pos + length]
+            page = bytes(chunk) if length == ps else self.decompress_page(chunk)
+            if len(page) != ps:
+                raise ValueError(f"page {i} of the packet decompressed to {len(page)} bytes, expected {ps}")
+            out += page
+            pos += length
+        if pos != view.nbytes:
+            raise ValueError(f"packet has {view.nbytes - pos} bytes after its last page")
+        return bytes(out)

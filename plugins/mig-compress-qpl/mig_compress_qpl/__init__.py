@@ -1,0 +1,86 @@
+"""multifd-compression=qpl: every page raw DEFLATE (RFC 1951) on its own, framed as QEMU's qpl method.
+
+QEMU drives Intel QPL, with the IAA accelerator when there is one. The format
+is plain raw deflate per page, so ISA-L (the ``isal`` package, which releases
+the GIL) produces and reads the same bytes in software. ``detect()`` looks for
+libqpl (ctypes) and IAA work queues and says which path runs; mig has no QPL
+job bindings, so even with both present the ISA-L path is used (and says so).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import glob
+import os
+from dataclasses import dataclass
+
+from isal import isal_zlib
+
+from mig_core.compressor import Compressor, Decoder, Encoder, PageFramedDecoder, PageFramedEncoder
+
+__all__ = ["QplCompressor", "QplSupport", "detect"]
+
+
+#: where IAA work queues appear (idxd driver); MIG_QPL_DEVICES overrides the pattern
+IAA_DEVICES = "/dev/iax/wq*"
+
+
+@dataclass(frozen=True)
+class QplSupport:
+    library: str | None  # path of libqpl if it loads
+    devices: tuple[str, ...]  # IAA work queues found
+
+    @property
+    def implementation(self) -> str:
+        if self.library and self.devices:
+            return (f"software (ISA-L): libqpl ({self.library}) and {len(self.devices)} IAA work queue(s) found, "
+                    "but mig has no QPL job bindings")
+        if self.library:
+            return f"software (ISA-L): libqpl ({self.library}) found, no IAA device"
+        return "software (ISA-L): libqpl not found"
+
+
+def detect() -> QplSupport:
+    """Look for libqpl and IAA work queues (nothing is required: the software path always works)."""
+    library = None
+    name = ctypes.util.find_library("qpl")
+    if name:
+        try:
+            ctypes.CDLL(name)
+            library = name
+        except OSError:
+            library = None
+    devices = tuple(sorted(glob.glob(os.environ.get("MIG_QPL_DEVICES", IAA_DEVICES))))
+    return QplSupport(library, devices)
+
+
+class _Encoder(PageFramedEncoder):
+    def compress_page(self, page: memoryview) -> bytes | None:
+        # QEMU's QPL output buffer is page_size - 1: anything longer goes raw
+        out = isal_zlib.compress(page, level=1, wbits=-15)
+        return out if len(out) < self.page_size else None
+
+
+class _Decoder(PageFramedDecoder):
+    def decompress_page(self, data: memoryview) -> bytes:
+        try:
+            return isal_zlib.decompress(data, wbits=-15, bufsize=self.page_size)
+        except isal_zlib.error as e:
+            raise ValueError(f"corrupt qpl page: {e}") from None
+
+
+class QplCompressor(Compressor):
+    """qpl at its fixed level (QEMU ignores the level for qpl too)."""
+
+    name = "qpl"
+
+    @classmethod
+    def implementation(cls) -> str:
+        return detect().implementation
+
+    def encoder(self, level: int) -> Encoder:
+        return _Encoder(self.page_size)
+
+    def decoder(self) -> Decoder:
+        return _Decoder(self.page_size)

@@ -1,0 +1,82 @@
+"""multifd-compression=uadk: every page zlib-compressed on its own, framed as QEMU's uadk method.
+
+QEMU uses the UADK library's "zlib" algorithm on HiSilicon accelerators and,
+without one, sends every page raw. mig compresses in software instead (ISA-L's
+zlib-compatible deflate, which releases the GIL) and decodes both compressed
+and raw pages, so it reads either kind of sender. ``detect()`` looks for the
+UADK libraries (ctypes) and uacce devices and says which path runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import glob
+import os
+from dataclasses import dataclass
+
+from isal import isal_zlib
+
+from mig_core.compressor import Compressor, Decoder, Encoder, PageFramedDecoder, PageFramedEncoder
+
+__all__ = ["UadkCompressor", "UadkSupport", "detect"]
+
+#: accelerator queues exported by the uacce driver; MIG_UADK_DEVICES overrides the pattern
+UACCE_DEVICES = "/sys/class/uacce/*"
+
+
+@dataclass(frozen=True)
+class UadkSupport:
+    library: str | None  # path of libwd_comp if it loads
+    devices: tuple[str, ...]
+
+    @property
+    def implementation(self) -> str:
+        if self.library and self.devices:
+            return (f"software (ISA-L zlib): libwd_comp ({self.library}) and {len(self.devices)} uacce device(s) "
+                    "found, but mig has no UADK bindings")
+        if self.library:
+            return f"software (ISA-L zlib): libwd_comp ({self.library}) found, no UADK device"
+        return "software (ISA-L zlib): UADK library (libwd_comp) not found"
+
+
+def detect() -> UadkSupport:
+    library = None
+    name = ctypes.util.find_library("wd_comp")
+    if name:
+        try:
+            ctypes.CDLL(name)
+            library = name
+        except OSError:
+            library = None
+    devices = tuple(sorted(glob.glob(os.environ.get("MIG_UADK_DEVICES", UACCE_DEVICES))))
+    return UadkSupport(library, devices)
+
+
+class _Encoder(PageFramedEncoder):
+    def compress_page(self, page: memoryview) -> bytes | None:
+        return isal_zlib.compress(page, level=1, wbits=15)
+
+
+class _Decoder(PageFramedDecoder):
+    def decompress_page(self, data: memoryview) -> bytes:
+        try:
+            return isal_zlib.decompress(data, wbits=15, bufsize=self.page_size)
+        except isal_zlib.error as e:
+            raise ValueError(f"corrupt uadk page: {e}") from None
+
+
+class UadkCompressor(Compressor):
+    """uadk at its fixed level 1."""
+
+    name = "uadk"
+
+    @classmethod
+    def implementation(cls) -> str:
+        return detect().implementation
+
+    def encoder(self, level: int) -> Encoder:
+        return _Encoder(self.page_size)
+
+    def decoder(self) -> Decoder:
+        return _Decoder(self.page_size)
