@@ -390,6 +390,9 @@ class MigrationManager:
         candidates = [out.thread if out else None, out._rp_thread if out else None, inc.thread if inc else None,
                       getattr(inc, "announce", None) if inc else None, self.dirty_limiter._thread,
                       self.dirty_rate.thread]
+        for side in (out, inc):
+            mfd = getattr(side, "multifd", None) if side else None
+            candidates += mfd.threads if mfd is not None else []
         for t in candidates:
             if t is not None and t.is_alive() and t.native_id is not None:
                 threads.append(MigrationThreadInfo(name=t.name, thread_id=t.native_id))

@@ -205,3 +205,71 @@ async def test_garbage_on_a_multifd_channel_fails_the_destination_cleanly(start_
         ch.close()
     finally:
         await dst.disconnect()
+
+
+async def test_zero_copy_send_over_tcp(start_host, tmp_path):
+    """MSG_ZEROCOPY on loopback: the kernel copies anyway, so every sync counts a miss; the data is right."""
+    s, d, src, dst = await setup_pair(start_host, tmp_path, channels=2, caps=("zero-copy-send",))
+    try:
+        uri = await listen_tcp(dst)
+        await src.execute("migrate", {"uri": uri})
+        info = await finish_and_compare(src, dst, tmp_path)
+        ram = info["ram"]
+        assert ram["dirty-sync-missed-zero-copy"] >= 1
+        assert ram["dirty-sync-missed-zero-copy"] <= ram["dirty-sync-count"]
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
+
+
+async def test_zero_copy_send_needs_a_socket_that_supports_it(start_host, tmp_path):
+    s, d, src, dst = await setup_pair(start_host, tmp_path, channels=2, caps=("zero-copy-send",))
+    try:
+        uri = f"unix:{tmp_path}/zc.sock"
+        await dst.execute("migrate-incoming", {"uri": uri, "exit-on-error": False})
+        await src.execute("migrate", {"uri": uri})
+        info = await wait_for_status(src, {"failed", "completed"}, timeout=30)
+        assert info["status"] == "failed"
+        assert info["error-desc"] == "Zero copy send feature not detected in host kernel"
+        assert (await src.execute("query-status"))["status"] == "running"
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
+
+
+async def test_cancel_during_multifd_returns_promptly(start_host, tmp_path):
+    s, d, src, dst = await setup_pair(start_host, tmp_path, channels=4, src_params={"max-bandwidth": 4 << 20})
+    try:
+        uri = await listen_tcp(dst, exit_on_error=False)
+        await src.execute("migrate", {"uri": uri})
+        await wait_for_status(src, {"active"})
+        await asyncio.sleep(0.3)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await src.execute("migrate_cancel")
+        info = await wait_for_status(src, {"cancelled"}, timeout=5)
+        assert loop.time() - t0 < 1.0, info
+        threads = await src.execute("query-migrationthreads")
+        assert not [t for t in threads if t["name"].startswith("mig/src/send")]
+        await wait_for_status(dst, {"failed"})
+        assert (await src.execute("query-status"))["status"] == "running"
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
+
+
+async def test_channel_threads_are_listed_while_migrating(start_host, tmp_path):
+    s, d, src, dst = await setup_pair(start_host, tmp_path, channels=3, src_params={"max-bandwidth": 8 << 20})
+    try:
+        uri = await listen_tcp(dst)
+        await src.execute("migrate", {"uri": uri})
+        await wait_for_status(src, {"active"})
+        names = {t["name"] for t in await src.execute("query-migrationthreads")}
+        assert {"mig/src/send_0", "mig/src/send_1", "mig/src/send_2", "live_migration"} <= names
+        dnames = {t["name"] for t in await dst.execute("query-migrationthreads")}
+        assert {"mig/dst/recv_0", "mig/dst/recv_2"} <= dnames
+        await src.execute("migrate-set-parameters", {"max-bandwidth": 0})
+        await finish_and_compare(src, dst, tmp_path)
+    finally:
+        await src.disconnect()
+        await dst.disconnect()

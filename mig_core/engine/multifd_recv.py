@@ -39,11 +39,11 @@ class MultifdReceiver:
         self._synced = [0] * len(self.channels)
         self._released = 0
         self._fin = [False] * len(self.channels)
-        self._threads = [threading.Thread(target=self._thread, args=(i,), name=f"mig/dst/recv_{i}", daemon=True)
+        self.threads = [threading.Thread(target=self._thread, args=(i,), name=f"mig/dst/recv_{i}", daemon=True)
                          for i in range(len(self.channels))]
 
     def start(self) -> None:
-        for t in self._threads:
+        for t in self.threads:
             t.start()
 
     def _raise_if_failed(self) -> None:
@@ -61,7 +61,7 @@ class MultifdReceiver:
 
     def finish(self) -> None:
         """The main stream ended: every channel must end with its FIN packet."""
-        for t in self._threads:
+        for t in self.threads:
             while t.is_alive():
                 t.join(0.5)
                 self._raise_if_failed()

@@ -104,7 +104,7 @@ class MultifdSender:
         self._cond = threading.Condition()
         self._number = 0
         self._words: dict[str, np.ndarray] = {}
-        self._threads = [threading.Thread(target=self._thread, args=(i,), name=f"mig/src/send_{i}", daemon=True)
+        self.threads = [threading.Thread(target=self._thread, args=(i,), name=f"mig/src/send_{i}", daemon=True)
                          for i in range(len(self.channels))]
 
     # -- migration thread -----------------------------------------------------------
@@ -117,7 +117,7 @@ class MultifdSender:
                 ch.enable_zero_copy()
             ch.sendv([init_packet(i, n, self.uuid)])
             self.counters.multifd_sent(ch.bytes_sent, 0, 0)
-        for t in self._threads:
+        for t in self.threads:
             t.start()
 
     def _raise_if_failed(self) -> None:
@@ -175,12 +175,12 @@ class MultifdSender:
 
     def stop(self) -> None:
         """End the channel threads (they finish or fail their current job first)."""
-        for _ in self._threads:
+        for _ in self.threads:
             try:
                 self._jobs.put_nowait(None)
             except queue.Full:
                 break
-        for t in self._threads:
+        for t in self.threads:
             if t.is_alive() and t is not threading.current_thread():
                 t.join(5)
 
