@@ -315,6 +315,48 @@ class FdChannel(Channel):
         except OSError:
             pass
 
+    # positioned I/O: regular files (mapped-ram); never blocks, so no abort wake-up is needed
+    def pwritev(self, buffers: Sequence[Buffer], offset: int) -> None:
+        views = [v for v in (memoryview(b).cast("B") for b in buffers) if v.nbytes]
+        while views:
+            self._check_abort()
+            try:
+                n = os.pwritev(self.write_fd, views[:IOV_MAX], offset)
+            except OSError as e:
+                raise ChannelError(f"write at offset {offset} failed: {e.strerror or e}") from None
+            self.bytes_sent += n
+            offset += n
+            while n and views:
+                if n >= views[0].nbytes:
+                    n -= views[0].nbytes
+                    views.pop(0)
+                else:
+                    views[0] = views[0][n:]
+                    n = 0
+
+    def preadv_into(self, buf: Buffer, offset: int) -> None:
+        view = memoryview(buf).cast("B")
+        got = 0
+        fd = self.read_fd if self.read_fd >= 0 else self.write_fd
+        while got < view.nbytes:
+            self._check_abort()
+            try:
+                n = os.preadv(fd, [view[got:]], offset + got)
+            except OSError as e:
+                raise ChannelError(f"read at offset {offset + got} failed: {e.strerror or e}") from None
+            if n == 0:
+                raise ChannelEOF(f"the file ended at byte {offset + got}, {view.nbytes - got} bytes early")
+            got += n
+            self.bytes_received += n
+
+    def tell(self) -> int:
+        """The current offset of the sequential stream in the file."""
+        return os.lseek(self.write_fd if self.write_fd >= 0 else self.read_fd, 0, os.SEEK_CUR)
+
+    def seek(self, offset: int) -> None:
+        """Continue the sequential stream at ``offset`` (mapped-ram: after the RAM regions)."""
+        os.lseek(self.write_fd if self.write_fd >= 0 else self.read_fd, offset, os.SEEK_SET)
+
     def close(self) -> None:
         for fd in (self.write_fd, self.read_fd, self._wake_r, self._wake_w):
             if fd >= 0:

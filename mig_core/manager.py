@@ -282,7 +282,7 @@ class MigrationManager:
         if (self.caps[C.MULTIFD] or self.caps[C.POSTCOPY_PREEMPT]) and not (
                 multi or (addr.tag is MigrationAddressType.FILE and self.caps[C.MAPPED_RAM])):
             raise QMPError("Migration requires multi-channel URIs (e.g. tcp)")
-        for cap in (C.POSTCOPY_RAM, C.X_COLO, C.BACKGROUND_SNAPSHOT, C.MAPPED_RAM, C.SWITCHOVER_ACK):
+        for cap in (C.POSTCOPY_RAM, C.X_COLO, C.BACKGROUND_SNAPSHOT, C.SWITCHOVER_ACK):
             if self.caps[cap]:
                 raise QMPError(f"mig cannot migrate with capability {cap.value} yet")
 

@@ -55,13 +55,26 @@ class Listener(ABC):
     def close(self) -> None:
         """Stop listening; a blocked ``accept`` returns with an error at once."""
 
+    def open_extra(self, direct_io: bool) -> Channel:
+        """Another channel reading the same source (files: one descriptor per loading thread)."""
+        raise TransportError("Migration requires a transport that allows for extra fds (e.g. file)")
+
 
 class SingleChannelListener(Listener):
-    """A "listener" whose stream already exists (an fd, a file, a child's pipe): accept() hands it out once."""
+    """A "listener" whose stream already exists (an fd, a file, a child's pipe): accept() hands it out once.
 
-    def __init__(self, channel: Channel, what: str) -> None:
+    ``extra`` opens more channels on the same source (a file's further descriptors for parallel reads).
+    """
+
+    def __init__(self, channel: Channel, what: str, extra: Callable[[bool], Channel] | None = None) -> None:
         self._channel: Channel | None = channel
         self._what = what
+        self._extra = extra
+
+    def open_extra(self, direct_io: bool) -> Channel:
+        if self._extra is None:
+            return super().open_extra(direct_io)
+        return self._extra(direct_io)
 
     def accept(self) -> Channel:
         if self._channel is None:
@@ -101,6 +114,12 @@ class Transport(ABC):
     @abstractmethod
     def connect(self, addr: MigrationAddress, abort_check: Callable[[], bool]) -> Channel:
         """Open the outgoing channel (in the migration thread); give up when ``abort_check()`` turns true."""
+
+    def connect_extra(self, addr: MigrationAddress, abort_check: Callable[[], bool], direct_io: bool) -> Channel:
+        """A further outgoing channel (multifd): another connection, or another descriptor on the same file."""
+        if direct_io:
+            raise TransportError("Migration requires a transport that allows for extra fds (e.g. file)")
+        return self.connect(addr, abort_check)
 
     @abstractmethod
     def listen(self, addr: MigrationAddress) -> Listener:

@@ -149,12 +149,20 @@ async def test_tls_strings_accept_null(qmp):
 async def test_multifd_compression_names(qmp):
     await expect_error(qmp, {"multifd-compression": "bogus"},
                        "Parameter 'multifd-compression' does not accept value 'bogus'")
-    for name in ("zlib", "zstd", "none"):  # provided by core and the installed plugins
+    for name in ("zlib", "zstd", "qpl", "uadk", "none"):  # provided by core and the installed plugins
         await set_params(qmp, multifd_compression=name)
         assert (await qmp.execute("query-migrate-parameters"))["multifd-compression"] == name
-    await expect_error(qmp, {"multifd-compression": "qpl"},
+
+
+async def test_missing_compressor_plugin_is_named(start_host):
+    """A host without the qpl plugin (hidden with MIG_DISABLED_PLUGINS) names the plugin to install."""
+    from mig_core.testing import connect
+
+    client = await connect(start_host(env={"MIG_DISABLED_PLUGINS": "mig-compress-qpl"}).sock)
+    await expect_error(client, {"multifd-compression": "qpl"},
                        "Compression method 'qpl' is not available: install the mig-compress-qpl plugin "
                        "(pip install mig-compress-qpl)")
+    await client.disconnect()
 
 
 async def test_capability_dependent_parameter_rules(qmp):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from mig_core.channel import Channel, ChannelAborted, ChannelEOF, ChannelError
+from mig_core.channel import Channel, ChannelAborted, ChannelEOF, ChannelError, FdChannel
 from mig_core.engine.announce import start_announce
 from mig_core.machine.device import DeviceSection, DeviceStateError
 from mig_core.schema.common import RunState
@@ -24,7 +24,9 @@ from mig_core.stream.format import Command
 from mig_core.stream.placement import CopyPlacer
 from mig_core.engine.multifd_recv import MultifdReceiver
 from mig_core.schema.migration import MigrationCapability as C
+from mig_core.stream import mapped_ram
 from mig_core.stream.format import MAGIC
+from mig_core.stream.mapped_ram import MappedRamLayout
 from mig_core.stream.multifd import MULTIFD_MAGIC, MultifdError, read_init
 from mig_core.stream.reader import CommandReceived, DevicePart, End, PassEnd, StreamError, StreamReader
 from mig_core.stream.writer import StreamWriter
@@ -108,7 +110,7 @@ class IncomingMigration:
         uuids: dict[int, str] = {}
         while self.channel is None or len(self._extra) < want:
             ch = self.listener.accept()
-            if not multifd:
+            if not multifd or m.caps[C.MAPPED_RAM]:  # a file: one stream, read by extra descriptors later
                 self.channel = ch
                 self.reader = StreamReader(ch, self.machine.blocks, self.placer)
                 self.reader.read_header()
@@ -137,7 +139,7 @@ class IncomingMigration:
             if uuid != self.reader.source_uuid:
                 raise MultifdError(f"failed to receive packet via multifd channel {cid}: multifd: received uuid "
                                    f"'{uuid}' and expected uuid '{self.reader.source_uuid}' for channel {cid}")
-        if multifd:
+        if multifd and not m.caps[C.MAPPED_RAM]:
             name = str(m.params["multifd-compression"])
             factory = None
             if name != "none":
@@ -168,6 +170,8 @@ class IncomingMigration:
                     machine.devices.lookup(item.id, item.instance, item.version).load_iterate(item.chunk)
                 elif isinstance(item, CommandReceived):
                     self._command(item, reader.source_uuid)
+                elif isinstance(item, MappedRamLayout):
+                    self._load_mapped_ram(item)
                 elif isinstance(item, PassEnd):
                     if self.multifd is None:
                         raise StreamError(f"a multifd PASS {item.number} marker, but the stream has no multifd "
@@ -190,6 +194,30 @@ class IncomingMigration:
         m.destination.cas(S.ACTIVE, S.COMPLETED)
         log.info("incoming_completed", runstate=machine.run.state.value)
         self.announce = start_announce(m.pm, dict(m.params))
+
+    def _load_mapped_ram(self, layout: MappedRamLayout) -> None:
+        """Read the RAM regions of a mapped-ram file (multifd: multifd-channels descriptors in parallel)."""
+        m, main = self.m, self.channel
+        assert isinstance(main, FdChannel)
+        if not m.caps[C.MAPPED_RAM]:
+            raise StreamError("the stream has a MAPPED_RAM section, but capability mapped-ram is off")
+        readers: list[Channel] = [main]
+        try:
+            if m.caps[C.MULTIFD]:
+                direct_io = bool(m.params["direct-io"])
+                readers += [self.listener.open_extra(direct_io) for _ in range(m.params["multifd-channels"])]
+                if direct_io:
+                    readers = readers[1:]  # only the aligned page I/O goes through O_DIRECT descriptors
+            pages = mapped_ram.load(main, readers, layout, self.reader.source_blocks, mapped_ram.file_size(main.read_fd),
+                                    lambda b, p: self.placer.place(b, p, None))
+        except ValueError as e:
+            raise StreamError(str(e)) from None
+        finally:
+            for r in readers:
+                if r is not main:
+                    r.close()
+        main.seek(layout.resume_offset)
+        log.info("mapped_ram_loaded", pages=pages, readers=len(readers))
 
     def _drop_unsent(self, placer: CopyPlacer) -> None:
         """Pages the source never sent are zero there: drop whatever this host held in them.
@@ -215,7 +243,7 @@ class IncomingMigration:
                     raise StreamError(f"Capability {cap} is {'on' if mine else 'off'}, but received capability "
                                       f"is {'on' if theirs else 'off'}")
             mfd = cfg.get("multifd")
-            if isinstance(mfd, dict) and self.m.caps_by_name("multifd"):
+            if isinstance(mfd, dict) and self.m.caps_by_name("multifd") and not self.m.caps_by_name("mapped-ram"):
                 params = self.m.params
                 if mfd.get("channels") != params["multifd-channels"]:
                     raise StreamError(f"the source uses {mfd.get('channels')} multifd channels, this host expects "

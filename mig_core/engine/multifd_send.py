@@ -24,6 +24,7 @@ from mig_core.compressor import Encoder
 from mig_core.engine.stats import MigrationCounters
 from mig_core.machine.ram import RAMBlock
 from mig_core.schema.migration import CompressionStats
+from mig_core.stream.mapped_ram import MappedRamWriter
 from mig_core.stream.multifd import PacketFlag, init_packet, pack_header
 from mig_core.stream.writer import page_buffers
 from mig_core.zeropage import zero_mask
@@ -90,7 +91,8 @@ class MultifdSender:
     """N channel threads writing page packets; the migration thread queues jobs and syncs."""
 
     def __init__(self, channels: Sequence[Channel], source_uuid: str, counters: MigrationCounters,
-                 encoder_factory: Callable[[], Encoder] | None, detect_zero: bool, zero_copy: bool) -> None:
+                 encoder_factory: Callable[[], Encoder] | None, detect_zero: bool, zero_copy: bool,
+                 mapped: MappedRamWriter | None = None) -> None:
         self.channels = list(channels)
         self.uuid = source_uuid
         self.counters = counters
@@ -98,6 +100,8 @@ class MultifdSender:
         self.encoder_factory = encoder_factory
         self.detect_zero = detect_zero
         self.zero_copy = zero_copy
+        #: mapped-ram: pages go to their fixed file offsets; no packets, and syncs are local
+        self.mapped = mapped
         self.error: str | None = None
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=len(self.channels))
         self._outstanding = 0
@@ -113,6 +117,8 @@ class MultifdSender:
         """Write each channel's init packet and start the channel threads."""
         n = len(self.channels)
         for i, ch in enumerate(self.channels):
+            if self.mapped is not None:
+                continue
             if self.zero_copy:
                 ch.enable_zero_copy()
             ch.sendv([init_packet(i, n, self.uuid)])
@@ -151,6 +157,8 @@ class MultifdSender:
                 self._cond.wait(0.1)
                 should_stop()
         self._raise_if_failed()
+        if self.mapped is not None:
+            return
         # the channel threads are idle now: this thread may write to their channels
         missed = False
         for ch in self.channels:
@@ -168,7 +176,8 @@ class MultifdSender:
         """After the last sync: a FIN packet on every channel, then the threads end."""
         for ch in self.channels:
             before = ch.bytes_sent
-            ch.sendv([pack_header(PacketFlag.FIN, 0, 0, 0, 0, 0, 0)])
+            if self.mapped is None:
+                ch.sendv([pack_header(PacketFlag.FIN, 0, 0, 0, 0, 0, 0)])
             ch.finish()
             self.counters.multifd_sent(ch.bytes_sent - before, 0, 0)
         self.stop()
@@ -232,6 +241,12 @@ class MultifdSender:
                 pages = pages[~is_zero]
                 if data is not None:
                     data = data[~is_zero]
+        if self.mapped is not None:
+            if len(zero):
+                self.mapped.zero(b, zero)
+            n = self.mapped.write(ch, b, pages, data) if len(pages) else 0
+            self.counters.multifd_sent(n, len(pages), len(zero))
+            return
         flags = 0
         if not len(pages):
             payload: list = []

@@ -23,6 +23,8 @@ from mig_core.dirty import DirtyConsumer
 from mig_core.errors import QMPError
 from mig_core.engine.convergence import ConvergenceTrigger
 from mig_core.engine.multifd_send import MultifdSender
+from mig_core.stream import mapped_ram
+from mig_core.stream.mapped_ram import MappedRamWriter
 from mig_core import xbzrle
 from mig_core.xbzrle import PageCache, XbzrleCounters
 from mig_core.zeropage import zero_mask
@@ -113,6 +115,7 @@ class OutgoingMigration:
         self._words = {b.name: b.array.view(np.uint64).reshape(b.npages, b.page_size // 8)
                        for b in self.machine.blocks}
         self.multifd: MultifdSender | None = None
+        self.mapped: MappedRamWriter | None = None
         zdp = manager.params["zero-page-detection"].value
         # where zero pages are found: the migration thread (legacy, or multifd without multifd), the
         # multifd channel threads, or nowhere
@@ -224,6 +227,11 @@ class OutgoingMigration:
             self._rp_thread.start()
             self._ping_sent = time.monotonic()
             self.writer.write_command(Command.PING, 0)  # its round trip (measured by the RP thread) feeds estimates
+        if self.caps[C.MAPPED_RAM]:
+            layout, section = mapped_ram.plan(self.machine.blocks, self.channel.tell())  # type: ignore[attr-defined]
+            self.channel.send(section)
+            self.channel.seek(layout.resume_offset)  # type: ignore[attr-defined]
+            self.mapped = MappedRamWriter(layout, self.machine.blocks)
         if self.caps[C.MULTIFD]:
             self._start_multifd()
         for dev in self.machine.devices:
@@ -251,16 +259,17 @@ class OutgoingMigration:
             log.info("multifd_compression", method=name, level=level, implementation=comp.implementation(),
                      distribution=entry.distribution if entry else None)
         channels = []
+        direct_io = bool(params["direct-io"]) and self.mapped is not None
         try:
             for _ in range(params["multifd-channels"]):
-                channels.append(self.transport.connect(self.addr, self.cancel_requested.is_set))
+                channels.append(self.transport.connect_extra(self.addr, self.cancel_requested.is_set, direct_io))
         except BaseException:
             for ch in channels:
                 ch.close()
             raise
         self.multifd = MultifdSender(channels, self.machine.uuid, self.counters, factory,
                                      detect_zero=params["zero-page-detection"].value == "multifd",
-                                     zero_copy=self.caps[C.ZERO_COPY_SEND])
+                                     zero_copy=self.caps[C.ZERO_COPY_SEND], mapped=self.mapped)
         self.multifd.start()
         log.info("multifd_started", channels=len(channels))
 
@@ -269,7 +278,8 @@ class OutgoingMigration:
         if self.multifd is not None:
             n = self.counters.dirty_sync_count
             self.multifd.sync(n, self._check_cancel)
-            self.writer.write_pass(n)
+            if self.mapped is None:
+                self.writer.write_pass(n)
 
     def _account(self, pages: int, running: bool) -> None:
         """Count what the channel sent since the last call (page data, headers, commands alike)."""
@@ -379,7 +389,9 @@ class OutgoingMigration:
                         else:
                             self._xbz_cache.insert(base | p, zero_page, self.counters.dirty_sync_count)
                 stale = zero[self._sent_nonzero[b.name][zero]]
-                if len(stale):
+                if self.mapped is not None:
+                    self.mapped.zero(b, zero)
+                elif len(stale):
                     self.writer.write_zero_pages(b, stale)
                     self._sent_nonzero[b.name][stale] = False
                     self._account(len(stale), running)
@@ -392,12 +404,14 @@ class OutgoingMigration:
         if self._xbz_cache is not None:
             self._send_xbzrle(b, pages, running)
             return
+        data = None
         if self._consumer.wants_copies:  # type: ignore[union-attr]
             data = b.pages[pages]  # the copy that is both sent and recorded
-            nbytes = self.writer.write_pages(b, pages, data)
             self._consumer.sent(b, pages, data)  # type: ignore[union-attr]
+        if self.mapped is not None:
+            nbytes = self.mapped.write(self.channel, b, pages, data)  # type: ignore[arg-type]
         else:
-            nbytes = self.writer.write_pages(b, pages)
+            nbytes = self.writer.write_pages(b, pages, data)
         self._sent_nonzero[b.name][pages] = True
         c.normal += len(pages)
         self._account(len(pages), running)
@@ -525,6 +539,9 @@ class OutgoingMigration:
                   pages=sum(len(p) for p in merged.values()))
         self._send_all(merged, running=False)
         self._end_pass()
+        if self.mapped is not None:
+            self.mapped.write_bitmaps(self.channel)  # type: ignore[arg-type]
+            self._account(0, running=False)
         log.debug("switchover_ram_sent", ms_since_stop=now_ms() - (c.downtime_start_ms or 0))
         for dev in self.machine.devices:
             self.writer.write_device(self.machine.devices.save(dev))

@@ -31,6 +31,7 @@ class Section(enum.IntEnum):
     DEVICE_PART = 0x04  # msgpack [id, instance, version, chunk]: iterative device state
     COMMAND = 0x05  # msgpack [command, argument]
     PASS = 0x06  # msgpack [pass number]: everything of that pass has been sent (multifd sync point)
+    MAPPED_RAM = 0x07  # msgpack [[[name, version, page_size, bitmap_offset, pages_offset], ...], resume_offset]
     END = 0xFF  # no payload: the stream is complete
 
 

@@ -33,6 +33,8 @@ from mig_core.stream.format import (
     PageEncoding,
     Section,
 )
+from mig_core.stream import mapped_ram
+from mig_core.stream.mapped_ram import MappedRamLayout
 from mig_core.stream.placement import PagePlacer
 
 
@@ -71,7 +73,7 @@ class End:
     pass
 
 
-Item = PagesReceived | DeviceSection | DevicePart | CommandReceived | PassEnd | End
+Item = PagesReceived | DeviceSection | DevicePart | CommandReceived | PassEnd | MappedRamLayout | End
 
 
 def _expect(cond: bool, message: str) -> None:
@@ -186,6 +188,13 @@ class StreamReader:
                 return CommandReceived(Command(obj[0]), obj[1])
             except ValueError:
                 raise StreamError(f"unknown command {obj[0]}") from None
+        if section is Section.MAPPED_RAM:
+            try:
+                end = self.channel.tell() if hasattr(self.channel, "tell") else self.channel.bytes_received
+                layout = mapped_ram.parse(obj, self._blocks, end)
+            except ValueError as e:
+                raise StreamError(str(e)) from None
+            return layout
         _expect(isinstance(obj, list) and len(obj) == 1 and isinstance(obj[0], int), "corrupt PASS section")
         return PassEnd(obj[0])
 

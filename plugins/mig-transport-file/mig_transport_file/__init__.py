@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from collections.abc import Callable
@@ -55,21 +56,36 @@ class FileTransport(Transport):
         if not addr.value.filename:
             raise TransportError("file: the file name is empty")
 
-    def _open(self, args: FileMigrationArgs, incoming: bool) -> _FileChannel:
+    def _open(self, args: FileMigrationArgs, incoming: bool, extra: bool = False,
+              direct_io: bool = False) -> _FileChannel:
+        """The main channel truncates the file at the offset (as QEMU); extra ones (multifd with
+        mapped-ram) open it again for positioned I/O, with O_DIRECT if direct-io is on."""
+        flags = os.O_CLOEXEC | (os.O_DIRECT if direct_io else 0)
         try:
             if incoming:
-                fd = os.open(args.filename, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(args.filename, os.O_RDONLY | flags)
             else:
-                fd = os.open(args.filename, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                os.ftruncate(fd, args.offset)
-            os.lseek(fd, args.offset, os.SEEK_SET)
+                fd = os.open(args.filename, os.O_WRONLY | os.O_CREAT | flags, 0o600)
+                if not extra:
+                    os.ftruncate(fd, args.offset)
+            if not extra:
+                os.lseek(fd, args.offset, os.SEEK_SET)
         except OSError as e:
+            if direct_io and e.errno == errno.EINVAL:
+                raise TransportError(f"Could not open '{args.filename}' with O_DIRECT (direct-io): its file system "
+                                     "does not support direct I/O") from None
             raise TransportError(f"Could not open '{args.filename}': {e.strerror}") from None
-        log.info("file_opened", path=args.filename, offset=args.offset, incoming=incoming)
+        log.info("file_opened", path=args.filename, offset=args.offset, incoming=incoming, extra=extra,
+                 direct_io=direct_io)
         return _FileChannel(-1, fd) if incoming else _FileChannel(fd, -1)
 
     def connect(self, addr: MigrationAddress, abort_check: Callable[[], bool]) -> Channel:
         return self._open(addr.value, incoming=False)
 
+    def connect_extra(self, addr: MigrationAddress, abort_check: Callable[[], bool], direct_io: bool) -> Channel:
+        return self._open(addr.value, incoming=False, extra=True, direct_io=direct_io)
+
     def listen(self, addr: MigrationAddress) -> Listener:
-        return SingleChannelListener(self._open(addr.value, incoming=True), "file")
+        args = addr.value
+        return SingleChannelListener(self._open(args, incoming=True), "file",
+                                     extra=lambda direct_io: self._open(args, True, True, direct_io))
