@@ -278,7 +278,9 @@ class MigrationManager:
     def _check_transport_caps(self, addr: MigrationAddress) -> None:
         if self.caps[C.MAPPED_RAM] and addr.tag is not MigrationAddressType.FILE:
             raise QMPError("Migration requires seekable transport (e.g. file)")
-        multi = addr.tag is MigrationAddressType.SOCKET and addr.value.tag.value in ("inet", "unix", "vsock")
+        multi = (addr.tag is MigrationAddressType.SOCKET and addr.value.tag.value in ("inet", "unix", "vsock")
+                 # mig's extension: multifd over rdma (ZeroMQ), which QEMU refuses (docs/differences.md)
+                 or addr.tag is MigrationAddressType.RDMA)
         if (self.caps[C.MULTIFD] or self.caps[C.POSTCOPY_PREEMPT]) and not (
                 multi or (addr.tag is MigrationAddressType.FILE and self.caps[C.MAPPED_RAM])):
             raise QMPError("Migration requires multi-channel URIs (e.g. tcp)")
@@ -349,6 +351,7 @@ class MigrationManager:
             transport.check_address(addr, incoming=True)
             listener = transport.listen(addr)
             self._listener = listener
+            self._incoming_rdma = addr.tag is MigrationAddressType.RDMA
             self.new_migration_id()
             self.error_desc = None
             self.destination.cas(S.NONE, S.SETUP)

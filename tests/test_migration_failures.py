@@ -233,6 +233,17 @@ async def test_fd_migration_with_getfd(start_host, tmp_path):
     await dst.disconnect()
 
 
+async def test_missing_transport_plugin_is_named(start_host):
+    """A host without the rdma transport plugin (hidden with MIG_DISABLED_PLUGINS) says so."""
+    src = await connect(start_host("--ram", "4M", env={"MIG_DISABLED_PLUGINS": "mig-transport-zmq"}).sock)
+    rdma = {"transport": "rdma", "host": "127.0.0.1", "port": "1"}
+    err = await qmp_error(src.execute("migrate", {"channels": [{"channel-type": "main", "addr": rdma}]}))
+    assert err.startswith("migration transport 'rdma' is not available"), err
+    assert await qmp_error(src.execute("migrate", {"uri": "rdma:127.0.0.1:1"})) == (
+        "unknown migration protocol: rdma:127.0.0.1:1")
+    await src.disconnect()
+
+
 async def test_argument_and_state_errors(start_host, tmp_path):
     s, d, src, dst = await source_and_dest(start_host)
     cases = [
@@ -247,8 +258,6 @@ async def test_argument_and_state_errors(start_host, tmp_path):
         ({"uri": "fd:"}, "invalid file descriptor address"),
         ({"uri": "fd:nope"}, "File descriptor named 'nope' has not been found"),
         ({"uri": "tcp:127.0.0.1:1", "resume": True}, "Cannot resume if there is no paused migration"),
-        ({"channels": [{"channel-type": "main", "addr": {"transport": "rdma", "host": "127.0.0.1", "port": "1"}}]},
-         "migration transport 'rdma' is not available"),
     ]
     for args, text in cases:
         err = await qmp_error(src.execute("migrate", args))

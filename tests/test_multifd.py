@@ -266,7 +266,11 @@ async def test_channel_threads_are_listed_while_migrating(start_host, tmp_path):
         await wait_for_status(src, {"active"})
         names = {t["name"] for t in await src.execute("query-migrationthreads")}
         assert {"mig/src/send_0", "mig/src/send_1", "mig/src/send_2", "live_migration"} <= names
-        dnames = {t["name"] for t in await dst.execute("query-migrationthreads")}
+        for _ in range(100):  # the destination starts its threads once every channel has connected
+            dnames = {t["name"] for t in await dst.execute("query-migrationthreads")}
+            if {"mig/dst/recv_0", "mig/dst/recv_2"} <= dnames:
+                break
+            await asyncio.sleep(0.05)
         assert {"mig/dst/recv_0", "mig/dst/recv_2"} <= dnames
         await src.execute("migrate-set-parameters", {"max-bandwidth": 0})
         await finish_and_compare(src, dst, tmp_path)

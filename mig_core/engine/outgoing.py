@@ -116,6 +116,7 @@ class OutgoingMigration:
                        for b in self.machine.blocks}
         self.multifd: MultifdSender | None = None
         self.mapped: MappedRamWriter | None = None
+        self._pinned: list[RAMBlock] = []
         zdp = manager.params["zero-page-detection"].value
         # where zero pages are found: the migration thread (legacy, or multifd without multifd), the
         # multifd channel threads, or nowhere
@@ -190,6 +191,9 @@ class OutgoingMigration:
 
     def _cleanup(self) -> None:
         self.convergence.stop()
+        for b in self._pinned:
+            b.unlock()
+        self._pinned.clear()
         if self._consumer is not None:
             self._consumer.close()
         for dev in self.machine.devices:
@@ -238,6 +242,8 @@ class OutgoingMigration:
             dev.save_setup()
         self._consumer = self.machine.tracker().consumer("migration", sends=True)
         self.pending = self._sync()
+        if self.caps[C.RDMA_PIN_ALL] and self.addr.tag.value == "rdma":
+            self._pin_all()
         # never-populated pages are zero pages that cost nothing: counted as QEMU counts zero pages
         c.duplicate += sum(b.npages - len(self.pending[b.name]) for b in self.machine.blocks)
         c.setup_ms = now_ms() - t0
@@ -245,6 +251,17 @@ class OutgoingMigration:
         if not m.source.cas(S.SETUP, S.ACTIVE):
             self._check_cancel()
             raise MigrationFailed("migration status changed during setup")
+
+    def _pin_all(self) -> None:
+        """rdma-pin-all: RDMA registers (pins) all RAM up front; here every block is mlock'ed until the end,
+        so no page of it is swapped out or migrated by the kernel while pages are sent (docs/differences.md)."""
+        for b in self.machine.blocks:
+            try:
+                b.lock()
+            except OSError as e:
+                raise MigrationFailed(f"rdma-pin-all: {e.strerror}") from None
+            self._pinned.append(b)
+        log.info("ram_pinned", bytes=sum(b.size for b in self._pinned))
 
     def _start_multifd(self) -> None:
         """Connect multifd-channels more connections to the same address and start their threads."""

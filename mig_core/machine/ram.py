@@ -129,6 +129,19 @@ class RAMBlock:
         else:
             self._mmap.madvise(mmap.MADV_DONTNEED)
 
+    def lock(self) -> None:
+        """Pin the whole block in memory (mlock): every page becomes resident and cannot be swapped out.
+
+        OSError names the block and the limit when the kernel refuses (RLIMIT_MEMLOCK without CAP_IPC_LOCK).
+        """
+        if _LIBC.mlock(ctypes.c_void_p(self.address), ctypes.c_size_t(self.size)) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot lock the {self.size} bytes of RAM block '{self.name}': {os.strerror(err)} "
+                               "(see RLIMIT_MEMLOCK, ulimit -l)")
+
+    def unlock(self) -> None:
+        _LIBC.munlock(ctypes.c_void_p(self.address), ctypes.c_size_t(self.size))
+
     def close(self) -> None:
         """Release the mapping; views handed out before must no longer be used."""
         self.view.release()
@@ -140,6 +153,9 @@ class RAMBlock:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def swap_active() -> bool:

@@ -1,0 +1,353 @@
+"""``rdma:HOST:PORT`` over ZeroMQ: QEMU's rdma address type, carried by ZMTP over TCP.
+
+The destination binds one ROUTER socket; every source connection (the main
+channel and, as mig's extension, multifd channels) is a DEALER with its own
+routing id, so one listener accepts any number of channels and each keeps a
+return path. Page data leaves with ``copy=False`` frames straight from RAM
+(ZeroMQ's I/O thread sends them; nothing is joined or copied in Python).
+ZeroMQ hides connection loss, so each socket has a monitor: a disconnect (or
+missed ZMTP heartbeats on a stalled peer) fails the channel instead of
+blocking forever.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import structlog
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from mig_core.channel import Buffer, Channel, ChannelAbilities, ChannelAborted, ChannelError
+from mig_core.schema.migration import MigrationAddress, MigrationAddressType
+from mig_core.schema.sockets import InetSocketAddress, SocketAddress
+from mig_core.transport import Listener, Transport, TransportError
+
+__all__ = ["ZmqTransport", "parse_rdma_uri"]
+
+log = structlog.get_logger("mig.transport.zmq")
+
+#: frames at least this big go out zero-copy (smaller ones are cheaper to copy, as pyzmq advises)
+ZERO_COPY_MIN = 64 << 10
+#: messages queued per connection before a send waits (bounds memory like a socket buffer)
+HWM = 64
+_POLL_MS = 100
+_ids = itertools.count(1)
+
+
+def parse_rdma_uri(uri: str) -> InetSocketAddress:
+    """``rdma:HOST:PORT`` or ``rdma:[V6]:PORT`` (QEMU parses it with inet_parse; no options)."""
+    text = uri.partition(":")[2]
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep or not host:
+            raise TransportError(f"error parsing IPv6 address '{text}'")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise TransportError(f"error parsing address '{text}'")
+    if not port.isdigit() or int(port) > 65535:
+        raise TransportError(f"error parsing address '{text}'")
+    return InetSocketAddress(host=host, port=port)
+
+
+def _endpoint(v: InetSocketAddress, bind: bool) -> str:
+    host = v.host or ("*" if bind else "127.0.0.1")
+    if ":" in host:
+        host = f"[{host}]"
+    port = "*" if bind and v.port == "0" else v.port
+    return f"tcp://{host}:{port}"
+
+
+def _tune(sock: zmq.Socket, user_timeout: float) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.RCVHWM, HWM)
+    sock.setsockopt(zmq.IPV6, 1)
+    # ZMTP heartbeats: a peer that stops answering counts as gone (like TCP_USER_TIMEOUT on sockets)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(user_timeout * 1000))
+    sock.setsockopt(zmq.HEARTBEAT_TTL, int(user_timeout * 1000))
+
+
+class ZmqChannel(Channel):
+    """One channel: sends are multipart messages, receives a byte stream over the frames that arrived."""
+
+    abilities = ChannelAbilities(multiple_channels=True, return_path=True, zero_copy=True)
+
+    def __init__(self, pump: _Pump, ident: bytes) -> None:
+        super().__init__()
+        self._pump, self._ident = pump, ident
+        self._inbox = pump.inbox(ident)
+        # a private inproc socket into the pump (ZeroMQ sockets belong to one thread at a time)
+        self._push = pump.ctx.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.SNDHWM, HWM)
+        self._push.setsockopt(zmq.LINGER, -1)
+        self._push.connect(pump.inproc)
+        self._current = memoryview(b"")
+        self._finished = False
+
+    def _gone(self) -> str | None:
+        return self._pump.gone_for(self._ident)
+
+    def _sendv(self, buffers: Sequence[Buffer]) -> int:
+        frames = [memoryview(b).cast("B") for b in buffers]
+        while True:
+            self._check_abort()
+            gone = self._gone()
+            if gone:
+                raise ChannelError(f"send failed: {gone}")
+            if self._push.poll(_POLL_MS, zmq.POLLOUT):
+                break
+        parts = [self._ident, *frames]
+        for i, f in enumerate(parts):
+            self._push.send(f, zmq.SNDMORE if i < len(parts) - 1 else 0, copy=len(f) < ZERO_COPY_MIN)
+        return sum(f.nbytes for f in frames)
+
+    def _recv_into(self, view: memoryview) -> int:
+        while not self._current.nbytes:
+            self._check_abort()
+            try:
+                self._current = self._inbox.get(timeout=_POLL_MS / 1000)
+            except queue.Empty:
+                if self._gone() and self._inbox.empty():
+                    return 0  # end of stream: the peer went away
+        n = min(view.nbytes, self._current.nbytes)
+        view[:n] = self._current[:n]
+        self._current = self._current[n:]
+        return n
+
+    def _unblock(self) -> None:
+        pass  # every wait polls with a timeout and checks the abort flag
+
+    def finish(self) -> None:
+        self._finished = True
+
+    def close(self) -> None:
+        if self._push.closed:
+            return
+        # ordered after this channel's data: the pump forwards everything before it lets the channel go
+        self._push.send_multipart([self._ident, _CLOSE if self._finished else _ABORT])
+        self._push.close()
+
+
+_CLOSE = b"\x00mig-close"
+_ABORT = b"\x00mig-abort"
+
+
+class _Pump:
+    """Owns one network socket (DEALER or ROUTER) in its own thread: forwards what channels queue on an
+    inproc socket, sorts what arrives into per-channel inboxes, and watches for disconnects."""
+
+    def __init__(self, ctx: zmq.Context, sock: zmq.Socket, router: bool, graceful_linger_ms: int) -> None:
+        self.ctx, self.sock, self.router = ctx, sock, router
+        self.linger_ms = graceful_linger_ms
+        self.inproc = f"inproc://mig-zmq-{os.getpid()}-{next(_ids)}"
+        self._pull = ctx.socket(zmq.PULL)
+        self._pull.bind(self.inproc)
+        self.monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+                                               | zmq.EVENT_CLOSED)
+        self.connected = self.closed_events = 0
+        self.gone: str | None = None  # a DEALER's one connection went, or the socket failed
+        self._fds: dict[bytes, int] = {}  # ROUTER: each peer's connection, to tell whose disconnect it was
+        self._gone_fds: set[int] = set()
+        self._inboxes: dict[bytes, queue.SimpleQueue] = {}
+        self.new: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self.accepting = True
+        self._open: set[bytes] = set()
+        self._graceful = True
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mig/zmq", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def gone_for(self, ident: bytes) -> str | None:
+        if self.gone:
+            return self.gone
+        fd = self._fds.get(ident)
+        return "the source closed the connection" if fd is not None and fd in self._gone_fds else None
+
+    def inbox(self, ident: bytes) -> queue.SimpleQueue:
+        self._open.add(ident)
+        return self._inboxes.setdefault(ident, queue.SimpleQueue())
+
+    def _events(self) -> None:
+        while self.monitor.poll(0):
+            msg = recv_monitor_message(self.monitor)
+            ev = msg["event"]
+            if ev in (zmq.EVENT_ACCEPTED, zmq.EVENT_CONNECTED):
+                self.connected += 1
+            elif ev == zmq.EVENT_DISCONNECTED:
+                if self.router:
+                    self._gone_fds.add(int(msg["value"]))
+                else:
+                    self.gone = "the destination closed the connection"
+            elif ev == zmq.EVENT_CLOSED:
+                self.closed_events += 1
+
+    def _run(self) -> None:
+        pending: list | None = None  # a message the network socket could not take yet
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
+        poller.register(self._pull, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                events = dict(poller.poll(_POLL_MS))
+                if self.monitor in events:
+                    self._events()
+                if events.get(self.sock, 0) & zmq.POLLIN:
+                    self._receive()
+                if pending is not None and events.get(self.sock, 0) & zmq.POLLOUT:
+                    pending = self._forward(pending)
+                elif pending is None and self._pull in events:
+                    pending = self._forward(self._pull.recv_multipart(copy=False))
+                # while a message waits, stop taking more from the channels and wait for room instead
+                poller.modify(self.sock, zmq.POLLIN | (zmq.POLLOUT if pending is not None else 0))
+                poller.modify(self._pull, 0 if pending is not None else zmq.POLLIN)
+        finally:
+            self.monitor.close(0)
+            self._pull.close(0)
+            self.sock.close(self.linger_ms if self._graceful else 0)
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                parts = self.sock.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            ident = parts[0].bytes if self.router else b""
+            frames = parts[1:] if self.router else parts
+            box = self._inboxes.get(ident)
+            if box is None:
+                if not self.accepting:
+                    log.warning("zmq_extra_connection_ignored")
+                    continue
+                box = self._inboxes[ident] = queue.SimpleQueue()
+                if self.router:
+                    self._fds[ident] = int(parts[0].get(zmq.SRCFD))
+                self.new.put(ident)
+            for f in frames:
+                box.put(f.buffer)
+
+    def _forward(self, parts: list) -> list | None:
+        """Send one queued message on the network socket; return it if it must wait for room."""
+        ident, first = parts[0].bytes, parts[1].bytes if len(parts) == 2 else None
+        if first in (_CLOSE, _ABORT):
+            self._open.discard(ident)
+            self._graceful = self._graceful and first == _CLOSE
+            if not self._open and not self.accepting:
+                self._stop.set()
+            return None
+        out = parts if self.router else parts[1:]
+        try:
+            self.sock.send(out[0], zmq.SNDMORE | zmq.NOBLOCK, copy=False) if len(out) > 1 else \
+                self.sock.send(out[0], zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return parts
+        except zmq.ZMQError as e:  # e.g. ROUTER_MANDATORY: the peer is gone
+            self.gone = f"the peer is unreachable: {e.strerror}"
+            return None
+        for i, f in enumerate(out[1:], 1):  # once the first frame is taken, the rest always is
+            self.sock.send(f, zmq.SNDMORE if i < len(out) - 1 else 0, copy=False)
+        return None
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+        if not self._open:
+            self._graceful = False
+            self._stop.set()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+
+class _ZmqListener(Listener):
+    """The destination: one ROUTER in a pump; each new routing id is one accepted channel."""
+
+    def __init__(self, ctx: zmq.Context, v: InetSocketAddress, user_timeout: float) -> None:
+        sock = ctx.socket(zmq.ROUTER)
+        _tune(sock, user_timeout)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished peer is an error, not a drop
+        try:
+            sock.bind(_endpoint(v, bind=True))
+        except zmq.ZMQError as e:
+            sock.close(0)
+            raise TransportError(f"Failed to bind socket: {e.strerror}") from None
+        endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+        self._address = SocketAddress("inet", InetSocketAddress(host=host.strip("[]"), port=port))
+        self.pump = _Pump(ctx, sock, router=True, graceful_linger_ms=1000)
+        self.pump.start()
+        self._closed = False
+
+    @property
+    def socket_addresses(self) -> list[SocketAddress]:
+        return [self._address]
+
+    def accept(self) -> Channel:
+        while True:
+            if self._closed:
+                raise ChannelAborted("the listener was closed")
+            try:
+                ident = self.pump.new.get(timeout=_POLL_MS / 1000)
+                return ZmqChannel(self.pump, ident)
+            except queue.Empty:
+                continue
+
+    def close(self) -> None:
+        """No new channels; those handed out keep the socket until they are closed. (The endpoint is not
+        unbound, which would cut the connections it accepted; messages from new peers are ignored.)"""
+        self._closed = True
+        self.pump.stop_accepting()
+
+
+class ZmqTransport(Transport):
+    """``rdma``: ``rdma:HOST:PORT`` or ``{"transport": "rdma", "host": ..., "port": ...}`` over ZeroMQ."""
+
+    address_type = MigrationAddressType.RDMA.value
+    uri_schemes = ("rdma",)
+    abilities = ChannelAbilities(multiple_channels=True, return_path=True, zero_copy=True)
+
+    @classmethod
+    def parse_uri(cls, uri: str) -> MigrationAddress:
+        return MigrationAddress("rdma", parse_rdma_uri(uri))
+
+    def connect(self, addr: MigrationAddress, abort_check: Callable[[], bool]) -> Channel:
+        v: InetSocketAddress = addr.value
+        what = f"{v.host}:{v.port}"
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        _tune(sock, self.ctx.user_timeout)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a finished connection
+        sock.setsockopt(zmq.RECONNECT_IVL, -1)  # a lost destination is lost: no silent reconnect
+        pump = _Pump(ctx, sock, router=False, graceful_linger_ms=int(self.ctx.user_timeout * 1000))
+        sock.connect(_endpoint(v, bind=False))
+        pump.accepting = False
+        channel = ZmqChannel(pump, b"")
+        pump.start()
+        try:
+            for _ in range(int(10_000 / _POLL_MS)):
+                if pump.connected:
+                    break
+                if pump.closed_events:  # refused, and no reconnection is attempted
+                    raise TransportError(f"Failed to connect to '{what}': Connection refused")
+                if abort_check():
+                    raise ChannelAborted("connect cancelled")
+                time.sleep(_POLL_MS / 1000 / 10)
+            else:
+                raise TransportError(f"Failed to connect to '{what}': no answer within 10 s")
+        except BaseException:
+            channel.close()
+            raise
+        log.info("zmq_connected", endpoint=what)
+        return channel
+
+    def listen(self, addr: MigrationAddress) -> Listener:
+        return _ZmqListener(zmq.Context.instance(), addr.value, self.ctx.user_timeout)

@@ -1,0 +1,146 @@
+"""rdma over ZeroMQ: URI parsing, live migrations (single channel and multifd), failures, rdma-pin-all."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from mig_core.schema.migration import MigrationAddressType
+from mig_core.testing import connect, qmp_error, ram_digest, wait_for_status
+from mig_core.transport import TransportError
+from mig_transport_zmq import ZmqTransport, parse_rdma_uri
+
+RAM = 16 << 20
+WL = ("--ram", "16M", "--ram-fill", "half", "--vcpus", "2", "--dirty-rate", "4M")
+
+
+def test_uri_parsing():
+    a = ZmqTransport.parse_uri("rdma:127.0.0.1:4444")
+    assert a.tag is MigrationAddressType.RDMA and a.value.host == "127.0.0.1" and a.value.port == "4444"
+    assert parse_rdma_uri("rdma:[::1]:5000").host == "::1"
+    for bad, err in [("rdma:nohostport", "error parsing address 'nohostport'"),
+                     ("rdma:[::1:5", "error parsing IPv6 address '[::1:5'"),
+                     ("rdma:host:port", "error parsing address 'host:port'"),
+                     ("rdma:host:99999", "error parsing address 'host:99999'")]:
+        with pytest.raises(TransportError) as e:
+            parse_rdma_uri(bad)
+        assert e.value.desc == err
+
+
+async def pair(start_host, *caps: str, dst_params: dict | None = None):
+    s, d = start_host(*WL, name="src"), start_host(*WL, "--incoming", "defer", "-S", name="dst")
+    src, dst = await connect(s.sock, "src"), await connect(d.sock, "dst")
+    on = {"capabilities": [{"capability": c, "state": True} for c in caps]}
+    for c in (src, dst):
+        if caps:
+            await c.execute("migrate-set-capabilities", on)
+    if dst_params:
+        for c in (src, dst):
+            await c.execute("migrate-set-parameters", dst_params)
+    return s, d, src, dst
+
+
+async def listen(dst, channels: bool = False) -> str:
+    if channels:
+        await dst.execute("migrate-incoming", {"channels": [{"channel-type": "main", "addr": {
+            "transport": "rdma", "host": "127.0.0.1", "port": "0"}}], "exit-on-error": False})
+    else:
+        await dst.execute("migrate-incoming", {"uri": "rdma:127.0.0.1:0", "exit-on-error": False})
+    (sa,) = (await dst.execute("query-migrate"))["socket-address"]
+    assert sa["type"] == "inet" and int(sa["port"]) > 0
+    return sa["port"]
+
+
+@pytest.mark.parametrize("form", ["uri", "channels"])
+@pytest.mark.parametrize("return_path", [True, False])
+async def test_live_migration(start_host, tmp_path, form, return_path):
+    s, d, src, dst = await pair(start_host, *(["return-path"] if return_path else []))
+    try:
+        port = await listen(dst, channels=form == "channels")
+        if form == "uri":
+            await src.execute("migrate", {"uri": f"rdma:127.0.0.1:{port}"})
+        else:
+            await src.execute("migrate", {"channels": [{"channel-type": "main", "addr": {
+                "transport": "rdma", "host": "127.0.0.1", "port": port}}]})
+        info = await wait_for_status(src, {"completed", "failed"}, timeout=60)
+        assert info["status"] == "completed", info
+        await wait_for_status(dst, {"completed"})
+        assert await ram_digest(src, RAM, tmp_path / "s") == await ram_digest(dst, RAM, tmp_path / "d")
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
+
+
+@pytest.mark.parametrize("channels", [2, 4])
+async def test_multifd_over_zmq(start_host, tmp_path, channels):
+    """mig's extension: QEMU refuses multifd with rdma; here every channel is one more DEALER."""
+    s, d, src, dst = await pair(start_host, "multifd", "return-path", dst_params={"multifd-channels": channels})
+    try:
+        port = await listen(dst)
+        await src.execute("migrate", {"uri": f"rdma:127.0.0.1:{port}"})
+        info = await wait_for_status(src, {"completed", "failed"}, timeout=60)
+        assert info["status"] == "completed", info
+        assert info["ram"]["multifd-bytes"] > info["ram"]["normal-bytes"] > 0
+        await wait_for_status(dst, {"completed"})
+        assert await ram_digest(src, RAM, tmp_path / "s") == await ram_digest(dst, RAM, tmp_path / "d")
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
+
+
+async def test_refused_connection_and_capability_rules(start_host, tmp_path):
+    s = start_host(*WL, name="src")
+    src = await connect(s.sock)
+    await src.execute("migrate", {"uri": "rdma:127.0.0.1:1"})
+    info = await wait_for_status(src, {"failed"}, timeout=15)
+    assert info["error-desc"] == "Failed to connect to '127.0.0.1:1': Connection refused"
+    d = start_host(*WL, "--incoming", "defer", name="dst")
+    dst = await connect(d.sock)
+    await listen(dst)
+    # a destination listening on rdma refuses what QEMU refuses there
+    for cap, text in [("xbzrle", "RDMA and XBZRLE can't be used together"),
+                      ("postcopy-ram", "RDMA and postcopy-ram can't be used together")]:
+        assert await qmp_error(dst.execute("migrate-set-capabilities",
+                                           {"capabilities": [{"capability": cap, "state": True}]})) == text
+    await src.disconnect()
+    await dst.disconnect()
+
+
+async def test_destination_killed_mid_migration(start_host, tmp_path):
+    s, d, src, dst = await pair(start_host, "return-path")
+    try:
+        await src.execute("migrate-set-parameters", {"max-bandwidth": 2 << 20})
+        port = await listen(dst)
+        await src.execute("migrate", {"uri": f"rdma:127.0.0.1:{port}"})
+        await wait_for_status(src, {"active"})
+        await asyncio.sleep(0.5)
+        os.kill(d.proc.pid, signal.SIGKILL)
+        info = await wait_for_status(src, {"failed", "completed"}, timeout=20)
+        assert info["status"] == "failed", info
+        assert (await src.execute("query-status"))["status"] == "running"
+    finally:
+        await src.disconnect()
+
+
+async def test_rdma_pin_all_locks_ram_while_migrating(start_host, tmp_path):
+    s, d, src, dst = await pair(start_host, "rdma-pin-all", "return-path")
+    try:
+        await src.execute("migrate-set-parameters", {"max-bandwidth": 4 << 20})
+        port = await listen(dst)
+        await src.execute("migrate", {"uri": f"rdma:127.0.0.1:{port}"})
+        await wait_for_status(src, {"active"})
+
+        def locked_kb() -> int:
+            status = open(f"/proc/{s.proc.pid}/status").read()
+            return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmLck:")))
+
+        assert locked_kb() >= RAM // 1024  # every RAM block pinned up front
+        await src.execute("migrate-set-parameters", {"max-bandwidth": 0})
+        assert (await wait_for_status(src, {"completed", "failed"}, timeout=60))["status"] == "completed"
+        assert locked_kb() < RAM // 1024  # released when the migration ends
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
