@@ -10,7 +10,7 @@ import sys
 
 from pathlib import Path
 
-from benchmarks import convergence, machine, migration
+from benchmarks import convergence, machine, migration, multifd
 from mig_core.logconfig import configure_logging
 
 
@@ -25,12 +25,14 @@ def _cpu() -> str:
 
 def main() -> None:
     configure_logging(level=os.environ.get("MIG_LOG_LEVEL", "warning"))
-    which = sys.argv[1:] or ["machine", "migration", "convergence"]
+    which = sys.argv[1:] or ["machine", "migration", "convergence", "multifd"]
     print(f"machine: {_cpu()}\n")
     if "machine" in which:
         data_path()
     if "migration" in which:
         migration.main()
+    if "multifd" in which:
+        multifd.main()
     if "convergence" in which:
         convergence.main(Path(__file__).resolve().parent.parent / "docs" / "convergence.png")
 

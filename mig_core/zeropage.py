@@ -5,6 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 
+def nonzero_pages(words: np.ndarray, pages: np.ndarray, chunk: int = 16384) -> np.ndarray:
+    """The entries of ``pages`` (sorted) that hold data, tested ``chunk`` pages at a time (bounded memory)."""
+    out = [part[~zero_mask(words, part)] for part in (pages[i:i + chunk] for i in range(0, len(pages), chunk))]
+    return np.concatenate(out) if out else pages[:0]
+
+
 def zero_mask(words: np.ndarray, pages: np.ndarray) -> np.ndarray:
     """A bool per entry of ``pages`` (sorted indices): True where that page is all zeros.
 

@@ -42,6 +42,15 @@ def test_demo_over_unix_with_options():
     assert bad.returncode == 2 and "unknown capability 'nonsense'" in bad.stderr
 
 
+def test_demo_with_multifd_and_compression():
+    """The issue's example: --cap multifd=on --param multifd-channels=4 (plus a compressor)."""
+    out = mig("demo", "--ram", "32M", "--fill", "text", "--cap", "multifd=on", "--param", "multifd-channels=4",
+              "--param", "multifd-compression=zstd", timeout=120, env={"COLUMNS": "200"})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "RAM identical on both sides at switchover: yes" in out.stdout
+    assert out.stdout.rstrip().endswith("demo: live migration verified")
+
+
 def test_run_refuses_bad_monitor_address():
     for bad, text in [("udp:1", "must be unix:PATH or tcp:HOST:PORT"), ("tcp:localhost", "error parsing address"),
                       ("unix:", "invalid Unix socket address"), ("tcp:h:99999", "error parsing address")]:

@@ -114,9 +114,9 @@ async def _migrate(console: Console, tmp: Path, src_sock: Path, dst_sock: Path, 
     await src.connect(str(src_sock))
     await dst.connect(str(dst_sock))
     try:
-        for c in (src, dst):
+        for c in (src, dst):  # both sides: multifd settings (channels, compression) must match
             await c.execute("migrate-set-capabilities", {"capabilities": caps})
-        await src.execute("migrate-set-parameters", params)
+            await c.execute("migrate-set-parameters", params)
         if uri.startswith("unix:") and uri == "unix:":
             uri = f"unix:{tmp / 'migration.sock'}"
         await dst.execute("migrate-incoming", {"uri": uri})

@@ -13,6 +13,7 @@ import threading
 import uuid as uuid_mod
 from typing import TYPE_CHECKING
 
+import numpy as np
 import structlog
 
 from mig_core.channel import Channel, ChannelAborted, ChannelEOF, ChannelError, FdChannel
@@ -23,6 +24,7 @@ from mig_core.schema.migration import MigrationStatus as S
 from mig_core.stream.format import Command
 from mig_core.stream.placement import CopyPlacer
 from mig_core.engine.multifd_recv import MultifdReceiver
+from mig_core.zeropage import nonzero_pages
 from mig_core.schema.migration import MigrationCapability as C
 from mig_core.stream import mapped_ram
 from mig_core.stream.format import MAGIC
@@ -228,6 +230,10 @@ class IncomingMigration:
         for b in self.machine.blocks:
             held = self._held[b.name]
             stale = held[~placer.received[b.name][held]]
+            if len(stale):
+                # only pages that hold data need dropping: zero ones (a preallocated host) stay allocated
+                words = b.array.view(np.uint64).reshape(b.npages, b.page_size // 8)
+                stale = nonzero_pages(words, stale)
             if len(stale):
                 placer.place_zero(b, stale)
 

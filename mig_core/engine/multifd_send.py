@@ -103,7 +103,8 @@ class MultifdSender:
         #: mapped-ram: pages go to their fixed file offsets; no packets, and syncs are local
         self.mapped = mapped
         self.error: str | None = None
-        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=len(self.channels))
+        # two jobs per channel: a thread finishing one finds the next waiting (no hand-off bubble)
+        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=2 * len(self.channels))
         self._outstanding = 0
         self._cond = threading.Condition()
         self._number = 0

@@ -1,0 +1,315 @@
+"""Multifd, compressors, xbzrle and mapped-ram files, each against a limit measured in the same run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mig_core.testing import Host, connect, wait_for_status
+
+GIB = 1 << 30
+ENV = {"MIG_LOG_LEVEL": "info"}
+CORES = os.cpu_count() or 1
+
+_RAW_RECEIVER = r"""
+import socket, sys, threading, numpy as np
+size, n = int(sys.argv[1]), int(sys.argv[2])
+buf = np.ones(size, dtype=np.uint8)  # faulted in, like a preallocated destination
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(n)
+print(s.getsockname()[1], flush=True)
+conns = [s.accept()[0] for _ in range(n)]
+part = size // n
+def rx(i):
+    mv = memoryview(buf)[i * part:(i + 1) * part]; got = 0
+    while got < part:
+        k = conns[i].recv_into(mv[got:])
+        if not k: break
+        got += k
+ts = [threading.Thread(target=rx, args=(i,)) for i in range(n)]
+[t.start() for t in ts]; [t.join() for t in ts]
+conns[0].sendall(b"k")
+"""
+
+
+def raw_loopback(n: int, size: int = GIB) -> float:
+    """Seconds to move ``size`` random bytes over ``n`` loopback connections (a thread per connection on each
+    side, sendall of 4 MiB slices / recv_into a faulted-in buffer): the limit for n multifd channels."""
+    data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
+    rx = subprocess.Popen([sys.executable, "-c", _RAW_RECEIVER, str(size), str(n)], stdout=subprocess.PIPE, text=True)
+    port = int(rx.stdout.readline())
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+    part = size // n
+
+    def tx(i: int) -> None:
+        mv = memoryview(data)[i * part:(i + 1) * part]
+        for off in range(0, part, 4 << 20):
+            socks[i].sendall(mv[off:off + (4 << 20)])
+
+    t = time.perf_counter()
+    threads = [threading.Thread(target=tx, args=(i,)) for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    socks[0].recv(1)
+    elapsed = time.perf_counter() - t
+    for s in socks:
+        s.close()
+    rx.wait()
+    return elapsed
+
+
+def sample(fill: str, size: int = 64 << 20) -> np.ndarray:
+    """The bytes ``mig run --ram-fill`` puts in RAM, for measuring a compressor on the same data."""
+    from mig_core.machine.machine import Machine
+    from mig_core.reference_host import fill as do_fill
+
+    m = Machine()
+    m.add_ram("pc.ram", size)
+    do_fill(m, fill)
+    return m.blocks[0].array.copy()
+
+
+def compressor_speed(name: str, level: int, data: np.ndarray) -> float:
+    """Bytes per second one thread compresses ``data`` with the plugin's encoder, in 4 MiB packets."""
+    from mig_core.plugin_registry import PluginRegistry
+
+    enc = PluginRegistry.from_environment().load("mig_core.compressors", name)().encoder(level)
+    mv = memoryview(data)
+    t = time.perf_counter()
+    for off in range(0, len(data), 4 << 20):
+        enc.compress(mv[off:off + (4 << 20)])
+    return len(data) / (time.perf_counter() - t)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _migrate(tmp: Path, fill: str, channels: int, compression: str, extra: tuple[str, ...] = (),
+                   caps: tuple[str, ...] = (), params: dict | None = None, ram: str = "1G") -> dict:
+    src_args = ("--ram", ram, "--ram-fill", fill, *extra)
+    s = Host(tmp, *src_args, name="src", env=ENV)
+    workload = tuple(a for a in extra if a != "--mem-prealloc")  # the device checks both run the same workload
+    d = Host(tmp, "--ram", ram, "--mem-prealloc", *workload, "-S", "--incoming", "defer", name="dst", env=ENV)
+    try:
+        src, dst = await connect(s.sock), await connect(d.sock)
+        on = [c for c in (("multifd",) if channels else ()) + ("return-path",) + caps]
+        p = {"max-bandwidth": 0, **(params or {})}
+        if channels:
+            p |= {"multifd-channels": channels, "multifd-compression": compression}
+        for c in (src, dst):
+            await c.execute("migrate-set-capabilities", {"capabilities": [{"capability": x, "state": True}
+                                                                          for x in on]})
+            await c.execute("migrate-set-parameters", p)
+        await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+        port = (await dst.execute("query-migrate"))["socket-address"][0]["port"]
+        cpu0 = _cpu_seconds(s.proc.pid), _cpu_seconds(d.proc.pid)
+        await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        info = await wait_for_status(src, {"completed", "failed"}, timeout=600)
+        assert info["status"] == "completed", info
+        await wait_for_status(dst, {"completed"})
+        cpu = _cpu_seconds(s.proc.pid) - cpu0[0], _cpu_seconds(d.proc.pid) - cpu0[1]
+        await src.disconnect()
+        await dst.disconnect()
+        return {"info": info, "cpu_src": cpu[0], "cpu_dst": cpu[1]}
+    finally:
+        s.stop()
+        d.stop()
+
+
+def _run(*args, **kw) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        return asyncio.run(_migrate(Path(tmp), *args, **kw))
+
+
+def channels_table(reps: int = 5) -> list[dict]:
+    """No compression: 1, 2, 4 channels × random, text, zero data; raw loopback with the same connections."""
+    rows = []
+    for n in (1, 2, 4):
+        raw: list[float] = []
+        got: dict[str, list[dict]] = {"random": [], "text": [], "zero": []}
+        for _ in range(reps):  # interleaved: limit and migrations alternate
+            raw.append(raw_loopback(n))
+            for fill in got:
+                extra = ("--mem-prealloc",) if fill == "zero" else ()
+                got[fill].append(_run(fill, n, "none", extra))
+        for fill, runs in got.items():
+            t = statistics.median(r["info"]["total-time"] for r in runs) / 1000
+            rows.append({"channels": n, "data": fill, "compressor": "none", "mig_s": t,
+                         "raw_s": statistics.median(raw), "cpu_src": statistics.median(r["cpu_src"] for r in runs),
+                         "cpu_dst": statistics.median(r["cpu_dst"] for r in runs), "ratio": 1.0})
+    return rows
+
+
+COMPRESSORS = [("zlib", "multifd-zlib-level", 1), ("zstd", "multifd-zstd-level", 1), ("qpl", None, 1),
+               ("uadk", None, 1)]
+
+
+def compressor_table(reps: int = 3) -> list[dict]:
+    """Each compressor, 2 channels, text-like and random data; limit = its single-thread speed × min(2, cores)."""
+    rows = []
+    for fill in ("text", "random"):
+        data = sample(fill)
+        for name, param, level in COMPRESSORS:
+            speeds, runs = [], []
+            for _ in range(reps):
+                speeds.append(compressor_speed(name, level, data))
+                runs.append(_run(fill, 2, name, params={param: level} if param else {}))
+            comp = [r["info"]["compression"] for r in runs]
+            ratio = statistics.median(c["pages"] * 4096 / c["compressed-size"] for c in comp)
+            rows.append({"channels": 2, "data": fill, "compressor": name,
+                         "mig_s": statistics.median(r["info"]["total-time"] for r in runs) / 1000,
+                         "limit_s": GIB / (statistics.median(speeds) * min(2, CORES)),
+                         "single_mib_s": statistics.median(speeds) / (1 << 20), "ratio": ratio,
+                         "cpu_src": statistics.median(r["cpu_src"] for r in runs),
+                         "cpu_dst": statistics.median(r["cpu_dst"] for r in runs)})
+    return rows
+
+
+def xbzrle_saving(reps: int = 3) -> dict:
+    """A workload rewriting 8 bytes per page (128 MiB, 2 vCPUs at 32 MiB/s, max-bandwidth 48 MiB/s): bytes
+    on the wire with and without xbzrle, and what xbzrle reports."""
+    wl = ("--vcpus", "2", "--dirty-rate", "32M")
+    params = {"max-bandwidth": 48 << 20, "downtime-limit": 30}
+    out = []
+    for _ in range(reps):
+        plain = _run("random", 0, "none", wl, params=params, ram="128M")["info"]
+        r = _run("random", 0, "none", wl, caps=("xbzrle",), params={**params, "xbzrle-cache-size": 128 << 20},
+                 ram="128M")["info"]
+        x = r["xbzrle-cache"]
+        out.append({"pages": x["pages"], "bytes": x["bytes"], "saved": x["pages"] * 4096 - x["bytes"],
+                    "with": r["ram"]["transferred"], "without": plain["ram"]["transferred"],
+                    "passes_with": r["ram"]["dirty-sync-count"], "passes_without": plain["ram"]["dirty-sync-count"],
+                    "cache_miss_rate": x["cache-miss-rate"], "encoding_rate": x["encoding-rate"],
+                    "overflow": x["overflow"]})
+    return {k: statistics.median(o[k] for o in out) for k in out[0]}
+
+
+async def _file_round_trip(tmp: Path, channels: int) -> dict:
+    image = tmp / "vm.img"
+    s = Host(tmp, "--ram", "1G", "--ram-fill", "random", name="src", env=ENV)
+    try:
+        src = await connect(s.sock)
+        caps = ["mapped-ram"] + (["multifd"] if channels else [])
+        await src.execute("migrate-set-capabilities", {"capabilities": [{"capability": c, "state": True}
+                                                                        for c in caps]})
+        await src.execute("stop")  # QEMU's advice for mapped-ram: save a stopped machine
+        await src.execute("migrate-set-parameters", {"max-bandwidth": 0, **({"multifd-channels": channels}
+                                                                             if channels else {})})
+        await src.execute("migrate", {"uri": f"file:{image}"})
+        info = await wait_for_status(src, {"completed", "failed"}, timeout=600)
+        assert info["status"] == "completed", info
+        save_s = info["total-time"] / 1000
+        await src.disconnect()
+    finally:
+        s.stop()
+    d = Host(tmp, "--ram", "1G", "--mem-prealloc", "-S", "--incoming", "defer", name="dst", env=ENV)
+    try:
+        dst = await connect(d.sock)
+        await dst.execute("migrate-set-capabilities", {"capabilities": [{"capability": c, "state": True}
+                                                                        for c in caps]})
+        if channels:
+            await dst.execute("migrate-set-parameters", {"multifd-channels": channels})
+        t = time.perf_counter()
+        await dst.execute("migrate-incoming", {"uri": f"file:{image}"})
+        await wait_for_status(dst, {"completed"}, timeout=600)
+        restore_s = time.perf_counter() - t
+        await dst.disconnect()
+    finally:
+        d.stop()
+    return {"save_s": save_s, "restore_s": restore_s}
+
+
+def plain_file_io(tmp: Path, size: int = GIB) -> tuple[float, float]:
+    """Write (with fsync, as mig's save ends) and read back ``size`` random bytes in 4 MiB chunks."""
+    data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
+    path = tmp / "plain.img"
+    t = time.perf_counter()
+    with open(path, "wb") as f:
+        mv = memoryview(data)
+        for off in range(0, size, 4 << 20):
+            f.write(mv[off:off + (4 << 20)])
+        f.flush()
+        os.fsync(f.fileno())
+    w = time.perf_counter() - t
+    buf = np.ones(size, dtype=np.uint8)
+    t = time.perf_counter()
+    with open(path, "rb") as f:
+        f.readinto(memoryview(buf))
+    r = time.perf_counter() - t
+    path.unlink()
+    return w, r
+
+
+def file_table(reps: int = 3) -> list[dict]:
+    rows = []
+    for channels in (0, 2):
+        got, plain = [], []
+        for _ in range(reps):
+            with tempfile.TemporaryDirectory(dir=os.environ.get("MIG_BENCH_DIR")) as tmp:
+                plain.append(plain_file_io(Path(tmp)))
+                got.append(asyncio.run(_file_round_trip(Path(tmp), channels)))
+        rows.append({"channels": channels, "save_s": statistics.median(g["save_s"] for g in got),
+                     "restore_s": statistics.median(g["restore_s"] for g in got),
+                     "write_s": statistics.median(p[0] for p in plain), "read_s": statistics.median(p[1] for p in plain)})
+    return rows
+
+
+def main(which: set[str] | None = None) -> None:
+    which = which or {"channels", "compressors", "xbzrle", "file"}
+    if "channels" in which:
+        print("### Multifd without compression, 1 GiB, tcp loopback (median of 5, interleaved with the limit)\n")
+        print("Limit: raw loopback with the same number of connections (a thread per connection on each side).\n")
+        print("| channels | data | mig s | GiB/s | raw s | GiB/s | mig / raw | CPU s src | CPU s dst |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in channels_table():
+            print(f"| {r['channels']} | {r['data']} | {r['mig_s']:.3f} | {1 / r['mig_s']:.2f} | {r['raw_s']:.3f} | "
+                  f"{1 / r['raw_s']:.2f} | {r['raw_s'] / r['mig_s']:.2f} | {r['cpu_src']:.2f} | {r['cpu_dst']:.2f} |")
+    if "compressors" in which:
+        print("\n### Compressors, 2 multifd channels, 1 GiB (median of 3, interleaved with the limit)\n")
+        print(f"Limit: the compressor's own single-thread speed on the same data × min(channels, cores) "
+              f"= × {min(2, CORES)}.\n")
+        print("| compressor | data | ratio | mig s | MiB/s | one thread MiB/s | limit s | mig / limit | CPU s src | "
+              "CPU s dst |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in compressor_table():
+            print(f"| {r['compressor']} | {r['data']} | {r['ratio']:.1f} | {r['mig_s']:.2f} | "
+                  f"{1024 / r['mig_s']:.0f} | {r['single_mib_s']:.0f} | {r['limit_s']:.2f} | "
+                  f"{r['limit_s'] / r['mig_s']:.2f} | {r['cpu_src']:.2f} | {r['cpu_dst']:.2f} |")
+    if "xbzrle" in which:
+        x = xbzrle_saving()
+        print("\n### xbzrle on a small-change workload (128 MiB random, 2 vCPUs rewriting 8 bytes per page at "
+              "32 MiB/s, max-bandwidth 48 MiB/s, downtime-limit 30 ms; median of 3)\n")
+        print("| | transferred bytes | passes |\n|---|---|---|")
+        print(f"| without xbzrle | {x['without']:.0f} | {x['passes_without']:.0f} |")
+        print(f"| with xbzrle | {x['with']:.0f} | {x['passes_with']:.0f} |")
+        print(f"\nxbzrle encoded {x['pages']:.0f} pages into {x['bytes']:.0f} bytes (saved {x['saved']:.0f} bytes, "
+              f"encoding-rate {x['encoding_rate']:.1f}, overflow {x['overflow']:.0f}, last cache-miss-rate "
+              f"{x['cache_miss_rate']:.3f}).")
+    if "file" in which:
+        print("\n### mapped-ram file save and restore, 1 GiB random, machine stopped (median of 3)\n")
+        print("Limit: plain file write (4 MiB writes + fsync) and read (one readinto) of 1 GiB on the same "
+              "file system, same run.\n")
+        print("| channels | save s | write s | save / write | restore s | read s | restore / read |")
+        print("|---|---|---|---|---|---|---|")
+        for r in file_table():
+            print(f"| {r['channels'] or 'none (no multifd)'} | {r['save_s']:.2f} | {r['write_s']:.2f} | "
+                  f"{r['write_s'] / r['save_s']:.2f} | {r['restore_s']:.2f} | {r['read_s']:.2f} | "
+                  f"{r['read_s'] / r['restore_s']:.2f} |")
+
+
+if __name__ == "__main__":
+    os.environ.update(ENV)
+    main(set(sys.argv[1:]) or None)
