@@ -67,6 +67,8 @@ class Channel(ABC):
         self.bytes_sent = 0
         self.bytes_received = 0
         self.abort_reason: str | None = None
+        self._ra = memoryview(bytearray(self.readahead))
+        self._ra_pos = self._ra_end = 0
 
     # -- sending -----------------------------------------------------------------
 
@@ -117,18 +119,35 @@ class Channel(ABC):
     def _recv_into(self, view: memoryview) -> int:
         """Receive up to ``len(view)`` bytes; 0 means end of stream."""
 
+    #: a read smaller than this is served from one kernel read of up to this many bytes (0 = never):
+    #: a packet's header, offsets and the start of its data then cost one receive call instead of three
+    readahead: int = 0
+
     def recv_into(self, buf: Buffer) -> None:
         """Fill ``buf`` completely or raise ChannelEOF / ChannelAborted."""
         view = memoryview(buf).cast("B")
         got = 0
-        while got < view.nbytes:
-            self._check_abort()
-            n = self._recv_into(view[got:])
-            if n == 0:
+        try:
+            while got < view.nbytes:
+                ahead = self._ra_end - self._ra_pos
+                if ahead:
+                    take = min(view.nbytes - got, ahead)
+                    view[got:got + take] = self._ra[self._ra_pos:self._ra_pos + take]
+                    self._ra_pos += take
+                    got += take
+                    continue
                 self._check_abort()
-                raise ChannelEOF(f"the stream ended {view.nbytes - got} bytes early (wanted {view.nbytes})")
-            got += n
-            self.bytes_received += n
+                small = view.nbytes - got < self.readahead
+                n = self._recv_into(self._ra if small else view[got:])
+                if n == 0:
+                    self._check_abort()
+                    raise ChannelEOF(f"the stream ended {view.nbytes - got} bytes early (wanted {view.nbytes})")
+                if small:
+                    self._ra_pos, self._ra_end = 0, n
+                else:
+                    got += n
+        finally:
+            self.bytes_received += got
 
     def recv_exact(self, n: int) -> bytes:
         buf = bytearray(n)
@@ -172,6 +191,7 @@ class SocketChannel(Channel):
     """A connected stream socket (tcp, unix, vsock, a socketpair); abort shuts it down."""
 
     abilities = ChannelAbilities(multiple_channels=True, return_path=True)
+    readahead = 64 << 10
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__()
