@@ -36,6 +36,17 @@ _RECVERR = {(socket.SOL_IP, getattr(socket, "IP_RECVERR", 11)), (socket.IPPROTO_
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
+def _consume(views: list[memoryview], n: int) -> None:
+    """Drop the first ``n`` bytes from a list of buffers (what a partial write took)."""
+    while n and views:
+        if n >= views[0].nbytes:
+            n -= views[0].nbytes
+            views.pop(0)
+        else:
+            views[0] = views[0][n:]
+            n = 0
+
+
 class ChannelError(ConnectionError):
     """The channel failed; the message says how."""
 
@@ -84,13 +95,7 @@ class Channel(ABC):
             self._check_abort()
             n = self._sendv(views[:IOV_MAX])
             self.bytes_sent += n
-            while n and views:
-                if n >= views[0].nbytes:
-                    n -= views[0].nbytes
-                    views.pop(0)
-                else:
-                    views[0] = views[0][n:]
-                    n = 0
+            _consume(views, n)
 
     def send(self, data: Buffer) -> None:
         self.sendv([data])
@@ -239,13 +244,7 @@ class SocketChannel(Channel):
             if n:
                 self._zc_sent += 1
             self.bytes_sent += n
-            while n and views:
-                if n >= views[0].nbytes:
-                    n -= views[0].nbytes
-                    views.pop(0)
-                else:
-                    views[0] = views[0][n:]
-                    n = 0
+            _consume(views, n)
 
     def flush_zero_copy(self) -> bool:
         """Read completion notifications from the error queue until every zero-copy send is done."""
@@ -346,13 +345,7 @@ class FdChannel(Channel):
                 raise ChannelError(f"write at offset {offset} failed: {e.strerror or e}") from None
             self.bytes_sent += n
             offset += n
-            while n and views:
-                if n >= views[0].nbytes:
-                    n -= views[0].nbytes
-                    views.pop(0)
-                else:
-                    views[0] = views[0][n:]
-                    n = 0
+            _consume(views, n)
 
     def preadv_into(self, buf: Buffer, offset: int) -> None:
         view = memoryview(buf).cast("B")

@@ -9,14 +9,9 @@ job bindings, so even with both present the ISA-L path is used (and says so).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import glob
-import os
-from dataclasses import dataclass
-
 from isal import isal_zlib
 
+from mig_core.accelerator import AcceleratorProbe, probe
 from mig_core.compressor import Compressor, Decoder, Encoder, PageFramedDecoder, PageFramedEncoder
 
 __all__ = ["QplCompressor", "QplSupport", "detect"]
@@ -26,10 +21,8 @@ __all__ = ["QplCompressor", "QplSupport", "detect"]
 IAA_DEVICES = "/dev/iax/wq*"
 
 
-@dataclass(frozen=True)
-class QplSupport:
-    library: str | None  # path of libqpl if it loads
-    devices: tuple[str, ...]  # IAA work queues found
+class QplSupport(AcceleratorProbe):
+    """What was found, and which path that means."""
 
     @property
     def implementation(self) -> str:
@@ -42,17 +35,9 @@ class QplSupport:
 
 
 def detect() -> QplSupport:
-    """Look for libqpl and IAA work queues (nothing is required: the software path always works)."""
-    library = None
-    name = ctypes.util.find_library("qpl")
-    if name:
-        try:
-            ctypes.CDLL(name)
-            library = name
-        except OSError:
-            library = None
-    devices = tuple(sorted(glob.glob(os.environ.get("MIG_QPL_DEVICES", IAA_DEVICES))))
-    return QplSupport(library, devices)
+    """Look for the library and devices (nothing is required: the software path always works)."""
+    found = probe("qpl", IAA_DEVICES, "MIG_QPL_DEVICES")
+    return QplSupport(found.library, found.devices)
 
 
 class _Encoder(PageFramedEncoder):

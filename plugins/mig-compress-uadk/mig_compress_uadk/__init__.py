@@ -9,14 +9,9 @@ UADK libraries (ctypes) and uacce devices and says which path runs.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import glob
-import os
-from dataclasses import dataclass
-
 from isal import isal_zlib
 
+from mig_core.accelerator import AcceleratorProbe, probe
 from mig_core.compressor import Compressor, Decoder, Encoder, PageFramedDecoder, PageFramedEncoder
 
 __all__ = ["UadkCompressor", "UadkSupport", "detect"]
@@ -25,10 +20,8 @@ __all__ = ["UadkCompressor", "UadkSupport", "detect"]
 UACCE_DEVICES = "/sys/class/uacce/*"
 
 
-@dataclass(frozen=True)
-class UadkSupport:
-    library: str | None  # path of libwd_comp if it loads
-    devices: tuple[str, ...]
+class UadkSupport(AcceleratorProbe):
+    """What was found, and which path that means."""
 
     @property
     def implementation(self) -> str:
@@ -41,16 +34,9 @@ class UadkSupport:
 
 
 def detect() -> UadkSupport:
-    library = None
-    name = ctypes.util.find_library("wd_comp")
-    if name:
-        try:
-            ctypes.CDLL(name)
-            library = name
-        except OSError:
-            library = None
-    devices = tuple(sorted(glob.glob(os.environ.get("MIG_UADK_DEVICES", UACCE_DEVICES))))
-    return UadkSupport(library, devices)
+    """Look for the library and devices (nothing is required: the software path always works)."""
+    found = probe("wd_comp", UACCE_DEVICES, "MIG_UADK_DEVICES")
+    return UadkSupport(found.library, found.devices)
 
 
 class _Encoder(PageFramedEncoder):

@@ -24,6 +24,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from mig_core.channel import Buffer, Channel, ChannelAbilities, ChannelAborted, ChannelError
+from mig_core.qmp.address import split_host_port
 from mig_core.schema.migration import MigrationAddress, MigrationAddressType
 from mig_core.schema.sockets import InetSocketAddress, SocketAddress
 from mig_core.transport import Listener, Transport, TransportError
@@ -42,18 +43,11 @@ _ids = itertools.count(1)
 
 def parse_rdma_uri(uri: str) -> InetSocketAddress:
     """``rdma:HOST:PORT`` or ``rdma:[V6]:PORT`` (QEMU parses it with inet_parse; no options)."""
-    text = uri.partition(":")[2]
-    if text.startswith("["):
-        host, sep, port = text[1:].partition("]:")
-        if not sep or not host:
-            raise TransportError(f"error parsing IPv6 address '{text}'")
-    else:
-        host, sep, port = text.rpartition(":")
-        if not sep:
-            raise TransportError(f"error parsing address '{text}'")
-    if not port.isdigit() or int(port) > 65535:
-        raise TransportError(f"error parsing address '{text}'")
-    return InetSocketAddress(host=host, port=port)
+    try:
+        host, port = split_host_port(uri.partition(":")[2])
+    except ValueError as e:
+        raise TransportError(str(e)) from None
+    return InetSocketAddress(host=host, port=str(port))
 
 
 def _endpoint(v: InetSocketAddress, bind: bool) -> str:
