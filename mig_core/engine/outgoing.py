@@ -25,8 +25,7 @@ from mig_core.engine.convergence import ConvergenceTrigger
 from mig_core.engine.multifd_send import MultifdSender
 from mig_core.stream import mapped_ram
 from mig_core.stream.mapped_ram import MappedRamWriter
-from mig_core import xbzrle
-from mig_core.xbzrle import PageCache, XbzrleCounters
+from mig_core.engine.xbzrle_send import XbzrleSender
 from mig_core.zeropage import zero_mask
 from mig_core.schema.migration import XBZRLECacheStats
 from mig_core.engine.stats import MigrationCounters, RateLimiter, now_ms
@@ -106,9 +105,7 @@ class OutgoingMigration:
         self.convergence = ConvergenceTrigger(mode, lambda: manager.params, self.machine.vcpus,
                                               manager.dirty_limiter)
         self._block_index = {b.name: i for i, b in enumerate(self.machine.blocks)}
-        self.xbz = XbzrleCounters(cache_size=manager.params["xbzrle-cache-size"])
-        self._xbz_cache: PageCache | None = None
-        self._xbz_period_start = time.monotonic()
+        self.xbzrle = XbzrleSender(manager.params["xbzrle-cache-size"], self.counters.page_size)
         self._pong = threading.Condition()
         self._pong_seen = -1
         self._accounted = 0
@@ -358,9 +355,10 @@ class OutgoingMigration:
             elapsed_ms = (time.monotonic() - t0) * 1000
             self.pending = self._sync()
             if first and self.caps[C.XBZRLE]:
-                self._start_xbzrle()
-            if self._xbz_cache is not None:
-                self._xbzrle_period()
+                # after the first complete pass, pages sent again are encoded against what was sent before
+                self.xbzrle.start(self.m.params["xbzrle-cache-size"])
+            if self.xbzrle.active:
+                self.xbzrle.period()
             if not first and sent > (1 << 20) and elapsed_ms > 0:
                 self._dirty_pass_bandwidth = sent / elapsed_ms
             first = False
@@ -395,16 +393,8 @@ class OutgoingMigration:
                 zero = pages[is_zero]
                 pages = pages[~is_zero]
                 c.duplicate += len(zero)
-                if self._xbz_cache is not None and running:
-                    # the destination now holds zeros there: so must the cache the next encoding starts from
-                    base = self._block_index[b.name] << 40
-                    zero_page = np.zeros(b.page_size, dtype=np.uint8)
-                    for p in zero.tolist():
-                        slot = self._xbz_cache.lookup(base | p)
-                        if slot is not None:
-                            self._xbz_cache.data[slot] = 0
-                        else:
-                            self._xbz_cache.insert(base | p, zero_page, self.counters.dirty_sync_count)
+                if self.xbzrle.active and running:
+                    self.xbzrle.zeroed(self._block_index[b.name], zero, self.counters.dirty_sync_count)
                 stale = zero[self._sent_nonzero[b.name][zero]]
                 if self.mapped is not None:
                     self.mapped.zero(b, zero)
@@ -418,7 +408,7 @@ class OutgoingMigration:
         if self.multifd is not None:
             self._send_multifd(b, pages, running)
             return
-        if self._xbz_cache is not None:
+        if self.xbzrle.active:
             self._send_xbzrle(b, pages, running)
             return
         data = None
@@ -452,51 +442,11 @@ class OutgoingMigration:
 
     # -- xbzrle -------------------------------------------------------------------------
 
-    def _start_xbzrle(self) -> None:
-        """After the first complete pass: pages sent again are encoded against what was sent before."""
-        size = self.m.params["xbzrle-cache-size"]
-        self._xbz_cache = PageCache(size, self.counters.page_size)
-        self.xbz.cache_size = size
-        log.info("xbzrle_started", cache_size=size, slots=self._xbz_cache.slots)
-
     def _send_xbzrle(self, b: RAMBlock, pages: np.ndarray, running: bool) -> None:
-        size = self.m.params["xbzrle-cache-size"]
-        if size != self.xbz.cache_size:  # resized during the migration: a new, empty cache of the new size
-            self._start_xbzrle()
-        cache, x, gen = self._xbz_cache, self.xbz, self.counters.dirty_sync_count
-        assert cache is not None
+        self.xbzrle.resize_if_changed(self.m.params["xbzrle-cache-size"])  # resizable while migrating
         data = b.pages[pages]  # a snapshot: what is encoded, sent and cached is the same
-        base = self._block_index[b.name] << 40
-        plain, encoded, enc_idx = [], [], []
-        for i, p in enumerate(pages.tolist()):
-            key = base | p
-            slot = cache.lookup(key)
-            if slot is None:
-                x.cache_miss += 1
-                x._p_miss += 1
-                if running:
-                    cache.insert(key, data[i], gen)
-                plain.append(i)
-                continue
-            x.pages += 1
-            x._p_hits += 1
-            enc = xbzrle.encode(cache.data[slot], data[i], b.page_size)
-            if enc == b"":
-                continue  # unchanged since it was sent: nothing to send
-            if enc is None:
-                x.overflow += 1
-                x.bytes += b.page_size
-                x._p_bytes += b.page_size
-                plain.append(i)
-            else:
-                encoded.append(enc)
-                enc_idx.append(i)
-                x.bytes += len(enc) + 3
-                x._p_bytes += len(enc) + 3
-            if running:
-                cache.data[slot] = data[i]
-                cache.age[slot] = gen
-        x._p_pages += len(pages)
+        plain, encoded, enc_idx = self.xbzrle.encode(self._block_index[b.name], pages, data,
+                                                     self.counters.dirty_sync_count, running)
         if plain:
             idx = np.array(plain)
             self.writer.write_pages(b, pages[idx], data[idx])
@@ -512,20 +462,7 @@ class OutgoingMigration:
             self.cancel_requested.wait(delay)
 
     def xbzrle_stats(self) -> XBZRLECacheStats:
-        x = self.xbz
-        return XBZRLECacheStats(cache_size=self.m.params["xbzrle-cache-size"], bytes=x.bytes, pages=x.pages, cache_miss=x.cache_miss,
-                                cache_miss_rate=round(x.cache_miss_rate, 4), encoding_rate=round(x.encoding_rate, 4),
-                                overflow=x.overflow)
-
-    def _xbzrle_period(self) -> None:
-        """Rates over the period since the last one (called at syncs, at most once a second)."""
-        x, t = self.xbz, time.monotonic()
-        if t - self._xbz_period_start < 1.0:
-            return
-        x.cache_miss_rate = x._p_miss / x._p_pages if x._p_pages else 0.0
-        x.encoding_rate = x._p_hits * self.counters.page_size / x._p_bytes if x._p_hits and x._p_bytes else 0.0
-        x._p_bytes = x._p_hits = x._p_miss = x._p_pages = 0
-        self._xbz_period_start = t
+        return self.xbzrle.stats(self.m.params["xbzrle-cache-size"])
 
     # -- completion ----------------------------------------------------------------------
 
