@@ -277,3 +277,33 @@ async def test_channel_threads_are_listed_while_migrating(start_host, tmp_path):
     finally:
         await src.disconnect()
         await dst.disconnect()
+
+
+async def test_destination_killed_during_multifd(start_host, tmp_path):
+    """kill -9 of the destination mid-pass: the source fails cleanly, runs on, and migrates again."""
+    import os
+    import signal
+
+    s, d, src, dst = await setup_pair(start_host, tmp_path, channels=4, src_params={"max-bandwidth": 4 << 20})
+    try:
+        uri = await listen_tcp(dst)
+        await src.execute("migrate", {"uri": uri})
+        await wait_for_status(src, {"active"})
+        await asyncio.sleep(0.3)
+        os.kill(d.proc.pid, signal.SIGKILL)
+        info = await wait_for_status(src, {"failed", "completed"}, timeout=20)
+        assert info["status"] == "failed" and info["error-desc"], info
+        assert (await src.execute("query-status"))["status"] == "running"
+        assert not [t for t in await src.execute("query-migrationthreads") if t["name"].startswith("mig/src/send")]
+        # a second destination takes the migration
+        d2 = start_host(*workload(), "--incoming", "defer", "-S", name="dst2")
+        dst2 = await connect(d2.sock, "dst2")
+        await dst2.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "multifd", "state": True}, {"capability": "return-path", "state": True}]})
+        await dst2.execute("migrate-set-parameters", {"multifd-channels": 4})
+        await src.execute("migrate-set-parameters", {"max-bandwidth": 0})
+        await src.execute("migrate", {"uri": await listen_tcp(dst2)})
+        await finish_and_compare(src, dst2, tmp_path)
+        await dst2.disconnect()
+    finally:
+        await src.disconnect()
