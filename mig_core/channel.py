@@ -203,7 +203,6 @@ class SocketChannel(Channel):
         sock.setblocking(True)
         self.sock = sock
         self._zc_sent = self._zc_done = 0
-        self._zc_copied = False
 
     def _sendv(self, buffers: Sequence[Buffer]) -> int:
         try:
@@ -248,7 +247,7 @@ class SocketChannel(Channel):
 
     def flush_zero_copy(self) -> bool:
         """Read completion notifications from the error queue until every zero-copy send is done."""
-        copied = self._zc_copied
+        copied = False
         poller = select.poll()
         poller.register(self.sock, select.POLLERR)
         while self._zc_done < self._zc_sent:
@@ -270,7 +269,6 @@ class SocketChannel(Channel):
                 self._zc_done += (hi - lo + 1) & 0xFFFFFFFF
                 if code & _SO_EE_CODE_ZEROCOPY_COPIED:
                     copied = True
-        self._zc_copied = False
         return copied
 
     def _unblock(self) -> None:
