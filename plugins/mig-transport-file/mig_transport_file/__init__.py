@@ -1,4 +1,4 @@
-"""The file migration transport: checkpoint to a file, restore from it (sequential stream)."""
+"""The file migration transport: checkpoint to a file and restore from it (a stream, or mapped-ram)."""
 
 from __future__ import annotations
 
