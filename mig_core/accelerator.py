@@ -22,6 +22,19 @@ class AcceleratorProbe:
     library: str | None
     devices: tuple[str, ...]
 
+    def describe(self, software: str, library: str, devices: str, unused: str) -> str:
+        """Which path runs and why, e.g. ``software (ISA-L): libqpl not found``.
+
+        ``software`` names the path that runs, ``library`` and ``devices`` what was looked for,
+        ``unused`` why what was found is still not used (the plugin has no bindings).
+        """
+        if self.library and self.devices:
+            return (f"{software}: {library} ({self.library}) and {len(self.devices)} {devices} found, "
+                    f"but {unused}")
+        if self.library:
+            return f"{software}: {library} ({self.library}) found, no {devices}"
+        return f"{software}: {library} not found"
+
 
 def probe(library: str, devices: str, devices_env: str) -> AcceleratorProbe:
     """Look for ``lib<library>`` and the device glob (``$devices_env`` overrides ``devices``)."""

@@ -13,7 +13,6 @@ import threading
 import uuid as uuid_mod
 from typing import TYPE_CHECKING
 
-import numpy as np
 import structlog
 
 from mig_core.channel import Channel, ChannelAborted, ChannelEOF, ChannelError, FdChannel
@@ -232,8 +231,7 @@ class IncomingMigration:
             stale = held[~placer.received[b.name][held]]
             if len(stale):
                 # only pages that hold data need dropping: zero ones (a preallocated host) stay allocated
-                words = b.array.view(np.uint64).reshape(b.npages, b.page_size // 8)
-                stale = nonzero_pages(words, stale)
+                stale = nonzero_pages(b.words, stale)
             if len(stale):
                 placer.place_zero(b, stale)
 

@@ -38,7 +38,6 @@ class MultifdReceiver:
         self._cond = threading.Condition()
         self._synced = [0] * len(self.channels)
         self._released = 0
-        self._fin = [False] * len(self.channels)
         self.threads = [threading.Thread(target=self._thread, args=(i,), name=f"mig/dst/recv_{i}", daemon=True)
                          for i in range(len(self.channels))]
 
@@ -113,7 +112,6 @@ class MultifdReceiver:
         while True:
             pkt = read_packet(ch, i, nblocks, block_pages, decoder is not None)
             if pkt.flags & PacketFlag.FIN:
-                self._fin[i] = True
                 return
             if pkt.flags & PacketFlag.SYNC:
                 with self._cond:

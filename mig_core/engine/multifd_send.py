@@ -108,7 +108,6 @@ class MultifdSender:
         self._outstanding = 0
         self._cond = threading.Condition()
         self._number = 0
-        self._words: dict[str, np.ndarray] = {}
         self.threads = [threading.Thread(target=self._thread, args=(i,), name=f"mig/src/send_{i}", daemon=True)
                          for i in range(len(self.channels))]
 
@@ -134,8 +133,6 @@ class MultifdSender:
     def send(self, block_index: int, block: RAMBlock, pages: np.ndarray, data: np.ndarray | None,
              pass_number: int, should_stop: Callable[[], None]) -> None:
         """Queue one block's pages (``data``: a snapshot to send instead of RAM); waits while all are busy."""
-        if block.name not in self._words:
-            self._words[block.name] = block.array.view(np.uint64).reshape(block.npages, block.page_size // 8)
         self._number += 1
         job = _Job(block_index, block, pages, data, pass_number, self._number)
         with self._cond:
@@ -235,7 +232,7 @@ class MultifdSender:
         ps = b.page_size
         zero = pages[:0]
         if self.detect_zero:
-            is_zero = zero_mask(self._words[b.name], pages) if data is None else ~data.reshape(
+            is_zero = zero_mask(b.words, pages) if data is None else ~data.reshape(
                 len(pages), -1).view(np.uint64).any(axis=1)
             if is_zero.any():
                 zero = pages[is_zero]

@@ -109,8 +109,6 @@ class OutgoingMigration:
         self._pong = threading.Condition()
         self._pong_seen = -1
         self._accounted = 0
-        self._words = {b.name: b.array.view(np.uint64).reshape(b.npages, b.page_size // 8)
-                       for b in self.machine.blocks}
         self.multifd: MultifdSender | None = None
         self.mapped: MappedRamWriter | None = None
         self._pinned: list[RAMBlock] = []
@@ -388,7 +386,7 @@ class OutgoingMigration:
     def _send_batch(self, b: RAMBlock, pages: np.ndarray, running: bool) -> None:
         c = self.counters
         if self._main_thread_zero:
-            is_zero = zero_mask(self._words[b.name], pages)
+            is_zero = zero_mask(b.words, pages)
             if is_zero.any():
                 zero = pages[is_zero]
                 pages = pages[~is_zero]

@@ -69,6 +69,11 @@ class RAMBlock:
         return self.array.reshape(self.npages, self.page_size)
 
     @property
+    def words(self) -> np.ndarray:
+        """The block as a (npages, page_size // 8) uint64 array (no copy): zero tests scan words."""
+        return self.array.view(np.uint64).reshape(self.npages, self.page_size // 8)
+
+    @property
     def address(self) -> int:
         """Virtual address of the first byte in this process."""
         return int(self.array.ctypes.data)

@@ -26,12 +26,7 @@ class QplSupport(AcceleratorProbe):
 
     @property
     def implementation(self) -> str:
-        if self.library and self.devices:
-            return (f"software (ISA-L): libqpl ({self.library}) and {len(self.devices)} IAA work queue(s) found, "
-                    "but mig has no QPL job bindings")
-        if self.library:
-            return f"software (ISA-L): libqpl ({self.library}) found, no IAA device"
-        return "software (ISA-L): libqpl not found"
+        return self.describe("software (ISA-L)", "libqpl", "IAA work queue(s)", "mig has no QPL job bindings")
 
 
 def detect() -> QplSupport:

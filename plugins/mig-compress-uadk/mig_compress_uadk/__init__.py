@@ -25,12 +25,7 @@ class UadkSupport(AcceleratorProbe):
 
     @property
     def implementation(self) -> str:
-        if self.library and self.devices:
-            return (f"software (ISA-L zlib): libwd_comp ({self.library}) and {len(self.devices)} uacce device(s) "
-                    "found, but mig has no UADK bindings")
-        if self.library:
-            return f"software (ISA-L zlib): libwd_comp ({self.library}) found, no UADK device"
-        return "software (ISA-L zlib): UADK library (libwd_comp) not found"
+        return self.describe("software (ISA-L zlib)", "UADK library (libwd_comp)", "UADK device", "mig has no UADK bindings")
 
 
 def detect() -> UadkSupport:
