@@ -127,45 +127,22 @@ async def test_zero_page_detection_modes(start_host, tmp_path, detection):
         await dst.disconnect()
 
 
-async def test_destination_channel_count_mismatch_is_refused(start_host, tmp_path):
-    s, d, src, dst = await setup_pair(start_host, tmp_path, channels=2, dst_channels=3)
+@pytest.mark.parametrize("settings,error", [
+    ({"dst_channels": 3}, "the source uses 2 multifd channels, this host expects multifd-channels 3"),
+    ({"dst_multifd": False}, "Capability multifd is off, but received capability is on"),
+    ({"compression": "zlib", "dst_compression": "zstd"}, "multifd-compression 'zlib', this host has 'zstd'"),
+], ids=["channel-count", "multifd-off", "compression"])
+async def test_mismatched_destination_is_refused(start_host, tmp_path, settings, error):
+    """The destination reads the source's CONFIG first and names what differs; the source runs on."""
+    s, d, src, dst = await setup_pair(start_host, tmp_path, channels=2, **settings)
     try:
-        await dst.execute("migrate-set-parameters", {"multifd-channels": 3})
         uri = await listen_tcp(dst, exit_on_error=False)
         await src.execute("migrate", {"uri": uri})
         info = await wait_for_status(src, {"completed", "failed"}, timeout=30)
         assert info["status"] == "failed"
         dinfo = await wait_for_status(dst, {"failed"})
-        assert "the source uses 2 multifd channels, this host expects multifd-channels 3" in dinfo["error-desc"]
-        # the source is intact and migrates again, to a matching destination
+        assert error in dinfo["error-desc"]
         assert (await src.execute("query-status"))["status"] == "running"
-    finally:
-        await src.disconnect()
-        await dst.disconnect()
-
-
-async def test_destination_without_multifd_is_refused(start_host, tmp_path):
-    s, d, src, dst = await setup_pair(start_host, tmp_path, channels=2, dst_multifd=False)
-    try:
-        uri = await listen_tcp(dst, exit_on_error=False)
-        await src.execute("migrate", {"uri": uri})
-        info = await wait_for_status(src, {"completed", "failed"}, timeout=30)
-        assert info["status"] == "failed"
-        dinfo = await wait_for_status(dst, {"failed"})
-        assert "Capability multifd is off, but received capability is on" in dinfo["error-desc"]
-    finally:
-        await src.disconnect()
-        await dst.disconnect()
-
-
-async def test_compression_mismatch_is_refused(start_host, tmp_path):
-    s, d, src, dst = await setup_pair(start_host, tmp_path, channels=2, compression="zlib", dst_compression="zstd")
-    try:
-        uri = await listen_tcp(dst, exit_on_error=False)
-        await src.execute("migrate", {"uri": uri})
-        await wait_for_status(src, {"failed"}, timeout=30)
-        dinfo = await wait_for_status(dst, {"failed"})
-        assert "multifd-compression 'zlib', this host has 'zstd'" in dinfo["error-desc"]
     finally:
         await src.disconnect()
         await dst.disconnect()
