@@ -166,8 +166,7 @@ class MultifdSender:
                 missed |= ch.flush_zero_copy()
             self.counters.multifd_sent(ch.bytes_sent - before, 0, 0)
         if missed:
-            with self.counters._lock:
-                self.counters.missed_zero_copy += 1
+            self.counters.zero_copy_missed()
         self.compression.period()
 
     def finish(self) -> None:

@@ -76,6 +76,11 @@ class MigrationCounters:
             self._window_pages += normal
         self.tick()
 
+    def zero_copy_missed(self) -> None:
+        """A sync found that the kernel copied some zero-copy sends (dirty-sync-missed-zero-copy)."""
+        with self._lock:
+            self.missed_zero_copy += 1
+
     def tick(self) -> None:
         """Close the measurement window when 100 ms have passed (QEMU's counters update)."""
         t = time.monotonic()
