@@ -20,6 +20,7 @@ import numpy as np
 import structlog
 
 from mig_core.machine.device import Device
+from mig_core.machine.ram import Backing
 from mig_core.machine.machine import Machine
 from mig_core.machine.vcpu import Vcpu
 
@@ -45,21 +46,28 @@ class RamSpec:
     name: str
     size: int
     page_size: int
+    backing: Backing = Backing.ANONYMOUS
 
 
 def parse_ram(text: str, index: int) -> RamSpec:
-    """``[NAME=]SIZE[,page-size=N]``."""
+    """``[NAME=]SIZE[,page-size=N][,backing=anonymous|memfd]``."""
     main, *opts = text.split(",")
     name, eq, size = main.rpartition("=")
     if not eq:
         name = "pc.ram" if index == 0 else f"ram{index}"
     page_size = 4096
+    backing = Backing.ANONYMOUS
     for opt in opts:
         key, _, value = opt.partition("=")
-        if key != "page-size":
-            raise ValueError(f"unknown --ram option '{key}' (known: page-size)")
-        page_size = parse_size(value, "page size")
-    return RamSpec(name, parse_size(size, "RAM size"), page_size)
+        if key == "page-size":
+            page_size = parse_size(value, "page size")
+        elif key == "backing":
+            if value not in ("anonymous", "memfd"):
+                raise ValueError(f"invalid --ram backing '{value}' (anonymous or memfd)")
+            backing = Backing(value)
+        else:
+            raise ValueError(f"unknown --ram option '{key}' (known: page-size, backing)")
+    return RamSpec(name, parse_size(size, "RAM size"), page_size, backing)
 
 
 def fill(machine: Machine, how: str, seed: int = 1) -> None:

@@ -58,6 +58,35 @@ def test_run_refuses_bad_monitor_address():
         assert out.returncode == 2 and text in out.stderr, out.stderr
 
 
+def test_run_refuses_bad_ram_options():
+    for bad, text in [("64M,backing=hugetlb", "invalid --ram backing 'hugetlb' (anonymous or memfd)"),
+                      ("64M,color=red", "unknown --ram option 'color' (known: page-size, backing)")]:
+        out = mig("run", "--ram", bad)
+        assert out.returncode == 2 and text in out.stderr, out.stderr
+
+
+def test_run_ram_backings(tmp_path):
+    """Default: anonymous memory with huge pages advised (as QEMU); backing=memfd on request, logged as such."""
+    sock = tmp_path / "m.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "mig_core", "--log-format", "json", "run", "--qmp",
+                             f"unix:{sock}", "-S", "--ram", "8M", "--ram", "extra=4M,backing=memfd"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "listening" in proc.stdout.readline()
+        c = RawQMP(sock)
+        c.negotiate()
+        assert c.cmd({"execute": "quit"}) == {"return": {}}
+        c.close()
+        assert proc.wait(10) == 0
+        blocks = {ln["block"]: ln for ln in map(json.loads, proc.stderr.read().splitlines())
+                  if ln.get("event") == "ram_block_allocated"}
+        assert (blocks["pc.ram"]["backing"], blocks["extra"]["backing"]) == ("anonymous", "memfd")
+        assert blocks["extra"]["transparent_hugepages"] is False
+        assert blocks["pc.ram"]["transparent_hugepages"] is True
+    finally:
+        proc.kill()
+
+
 def test_run_states_and_json_logs(tmp_path):
     sock = tmp_path / "m.sock"
     proc = subprocess.Popen([sys.executable, "-m", "mig_core", "--log-format", "json", "run", "--qmp",

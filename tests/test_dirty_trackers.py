@@ -18,7 +18,7 @@ TRACKERS = ["uffd-wp", "hash", "host"]
 
 def make_machine(tracker: str) -> Machine:
     m = Machine()
-    m.add_ram("ram0", 8 << 20)  # memfd
+    m.add_ram("ram0", 8 << 20, backing=Backing.MEMFD)  # exact populated pages (no huge pages)
     m.add_ram("ram1", 4 << 20, backing=Backing.ANONYMOUS)
     m.blocks[0].pages[:64] = 3  # some state from before tracking starts
     m.tracker_name = tracker

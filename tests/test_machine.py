@@ -280,7 +280,7 @@ def test_device_state_must_encode():
 
 
 def test_uffd_modes_on_memfd_and_anonymous():
-    a = allocate("m", 1 << 20)
+    a = allocate("m", 1 << 20, backing=Backing.MEMFD)
     n = allocate("n", 1 << 20, backing=Backing.ANONYMOUS)
     try:
         r1 = uffd.REGISTRY.register(a, uffd.Mode.WP_SYNC, owner="snapshot")

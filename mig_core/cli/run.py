@@ -46,8 +46,9 @@ def _rates(_ctx: click.Context, param: click.Parameter, value: str) -> list[int]
 @click.command()
 @click.option("--qmp", "qmp", multiple=True, required=True, callback=_monitor_address,
               metavar="unix:PATH|tcp:HOST:PORT", help="Serve QMP here (repeatable).")
-@click.option("--ram", "rams", multiple=True, callback=_rams, metavar="[NAME=]SIZE[,page-size=N]",
-              help="A RAM block (repeatable; default pc.ram=64M). K, M, G are powers of 1024.")
+@click.option("--ram", "rams", multiple=True, callback=_rams, metavar="[NAME=]SIZE[,page-size=N][,backing=B]",
+              help="A RAM block (repeatable; default pc.ram=64M; backing anonymous with huge pages, or memfd). "
+                   "K, M, G are powers of 1024.")
 @click.option("--ram-fill", type=click.Choice(["zero", "random", "half", "text"]), default="zero",
               help="Initial RAM contents: never touched, random, half random, or text-like.")
 @click.option("--mem-prealloc", is_flag=True, help="Fault every RAM page in at start.")
@@ -73,7 +74,8 @@ def run(qmp: list[object], rams: list[object], ram_fill: str, mem_prealloc: bool
     machine.host_marks_writes = True  # the workload reports its writes, so the host tracker may serve
     for spec in rams:
         try:
-            machine.add_ram(spec.name, spec.size, page_size=spec.page_size, prealloc=mem_prealloc)  # type: ignore[attr-defined]
+            machine.add_ram(spec.name, spec.size, page_size=spec.page_size, backing=spec.backing,
+                             prealloc=mem_prealloc)  # type: ignore[attr-defined]
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--ram") from None
     if paused:

@@ -23,6 +23,7 @@ from mig_core.dirty import DirtyConsumer
 from mig_core.errors import QMPError
 from mig_core.engine.convergence import ConvergenceTrigger
 from mig_core.engine.multifd_send import MultifdSender
+from mig_core.engine.write_behind import WriteBehind
 from mig_core.stream import mapped_ram
 from mig_core.stream.mapped_ram import MappedRamWriter
 from mig_core.engine.xbzrle_send import XbzrleSender
@@ -111,6 +112,7 @@ class OutgoingMigration:
         self._accounted = 0
         self.multifd: MultifdSender | None = None
         self.mapped: MappedRamWriter | None = None
+        self._out: WriteBehind | None = None
         self._pinned: list[RAMBlock] = []
         zdp = manager.params["zero-page-detection"].value
         # where zero pages are found: the migration thread (legacy, or multifd without multifd), the
@@ -195,6 +197,8 @@ class OutgoingMigration:
             dev.save_cleanup()
         if self.channel is not None:
             self.channel.abort("migration ended")
+            if self._out is not None:
+                self._out.close()
             self.channel.close()
         if self.multifd is not None:
             self.multifd.abort("migration ended")
@@ -210,7 +214,11 @@ class OutgoingMigration:
             self.channel = self.transport.connect(self.addr, self.cancel_requested.is_set)
         self._check_cancel()
         t0 = now_ms()
-        self.writer = StreamWriter(self.channel, self.machine.blocks)
+        if self.caps[C.MAPPED_RAM]:  # a file written at fixed offsets: every write goes straight out
+            self.writer = StreamWriter(self.channel, self.machine.blocks)
+        else:
+            self._out = WriteBehind(self.channel)
+            self.writer = StreamWriter(self._out, self.machine.blocks)  # type: ignore[arg-type]
         self.writer.write_header(self.machine.uuid)
         self.writer.write_command(Command.CONFIG, {
             "validate-uuid": self.caps[C.VALIDATE_UUID],
@@ -286,12 +294,20 @@ class OutgoingMigration:
         log.info("multifd_started", channels=len(channels))
 
     def _end_pass(self) -> None:
-        """Multifd: every page of this pass is on the wire, then the PASS marker on the main stream."""
+        """Multifd: every page of this pass is on the wire, then the PASS marker on the main stream.
+
+        Then the main stream's queued writes are flushed, so what the pass counted was really sent.
+        """
         if self.multifd is not None:
             n = self.counters.dirty_sync_count
             self.multifd.sync(n, self._check_cancel)
             if self.mapped is None:
                 self.writer.write_pass(n)
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._out is not None:
+            self._out.flush()
 
     def _account(self, pages: int, running: bool) -> None:
         """Count what the channel sent since the last call (page data, headers, commands alike)."""
@@ -498,6 +514,7 @@ class OutgoingMigration:
         for dev in self.machine.devices:
             self.writer.write_device(self.machine.devices.save(dev))
         self.writer.write_end()
+        self._flush()
         self.channel.finish()  # type: ignore[union-attr]
         if self.multifd is not None:
             self.multifd.finish()

@@ -45,7 +45,7 @@ class Machine:
     # -- RAM -------------------------------------------------------------------
 
     def add_ram(self, name: str, size: int, **kwargs: Any) -> RAMBlock:
-        """Allocate a RAM block (memfd-backed unless ``backing`` says otherwise) and add it."""
+        """Allocate a RAM block (anonymous with huge pages unless the arguments say otherwise) and add it."""
         self._check_new_block(name)
         block = allocate(name, size, **kwargs)
         self.blocks.append(block)

@@ -56,6 +56,15 @@ class PagemapScanner:
     def scan(self, start: int, length: int, page_size: int, *, flags: int = 0, category_inverted: int = 0,
              category_mask: int = 0, anyof_mask: int = 0, return_mask: int = 0) -> np.ndarray:
         """Page indices (relative to ``start``) of the matching pages, sorted, as int64."""
+        return runs_to_pages(*self.scan_runs(start, length, page_size, flags=flags,
+                                             category_inverted=category_inverted, category_mask=category_mask,
+                                             anyof_mask=anyof_mask, return_mask=return_mask))
+
+    def scan_runs(self, start: int, length: int, page_size: int, *, flags: int = 0, category_inverted: int = 0,
+                  category_mask: int = 0, anyof_mask: int = 0,
+                  return_mask: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """The matching pages as half-open runs [start, end) of page indices relative to ``start``: the
+        kernel's own answer, without expanding it (a 1 GiB block of huge pages is one run)."""
         end = start + length
         runs: list[np.ndarray] = []
         with self._lock:
@@ -71,9 +80,11 @@ class PagemapScanner:
                     break
                 arg.start = arg.walk_end
         if not runs:
-            return np.empty(0, dtype=np.int64)
+            empty = np.empty(0, dtype=np.int64)
+            return empty, empty
         regions = np.concatenate(runs)
-        return runs_to_pages((regions[:, 0] - start) // page_size, (regions[:, 1] - start) // page_size)
+        return (((regions[:, 0] - start) // page_size).astype(np.int64),
+                ((regions[:, 1] - start) // page_size).astype(np.int64))
 
 
 def runs_to_pages(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:

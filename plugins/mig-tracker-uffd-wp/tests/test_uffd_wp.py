@@ -1,6 +1,9 @@
 """The uffd-wp tracker is installed, discovered, preferred, exact, and refuses blocks it cannot serve."""
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from mig_core.dirty import select_tracker
 from mig_core.machine import uffd
@@ -30,3 +33,39 @@ def test_exact_pages_and_release():
         t.close()
         assert uffd.REGISTRY.registration(b) is None  # the registration went with the tracker
         b.close()
+
+
+def _huge_bytes(block) -> int:
+    """AnonHugePages of the mapping that holds ``block`` (from /proc/self/smaps)."""
+    inside, total = False, 0
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= block.address < hi
+        elif inside and head == "AnonHugePages:":
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif("[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(),
+                    reason="transparent huge pages are disabled on this machine")
+def test_huge_pages_are_tracked_per_page():
+    """The default block is anonymous with huge pages; uffd-wp still reports the single 4 KiB pages written."""
+    b = allocate("ram", 16 << 20)
+    plain = allocate("plain", 16 << 20, transparent_hugepages=False)
+    cls = PluginRegistry().load("mig_core.dirty_trackers", "uffd-wp")
+    try:
+        b.array[:] = 1
+        plain.array[:] = 1
+        assert _huge_bytes(b) >= 2 << 20 and _huge_bytes(plain) == 0
+        t = cls([b])
+        c = t.consumer("c")
+        assert len(c.collect().pages["ram"]) == b.npages
+        b.pages[[3, 700, 3000], 9] = 2  # three pages in three different huge pages
+        assert list(c.collect().pages["ram"]) == [3, 700, 3000]
+        assert len(c.collect().pages["ram"]) == 0
+        t.close()
+    finally:
+        b.close()
+        plain.close()
