@@ -1,8 +1,9 @@
 """Multifd on the source: page jobs fanned out to channel threads, a sync at the end of every pass.
 
-The migration thread queues jobs (one block's pages); the first idle channel
-thread takes each one, tests its pages for zeros, compresses the rest when a
-compressor is chosen and writes one packet. numpy's page tests, the
+The migration thread queues jobs (one block's pages) and tests their pages for
+zeros while the channels write earlier jobs; the first idle channel thread takes
+each job, compresses its non-zero pages when a compressor is chosen and writes
+one packet. numpy's page tests, the
 compressors and ``sendmsg`` all release the GIL, so channels really run in
 parallel. ``sync`` waits until every queued job is on the wire, then writes a
 SYNC packet on every channel: the destination applies nothing of the next
@@ -40,6 +41,8 @@ class _Job:
     data: np.ndarray | None
     pass_number: int
     number: int
+    #: which pages are zero (the migration thread's test, made while channels were busy); None: not tested
+    is_zero: np.ndarray | None = None
 
 
 @dataclass
@@ -132,9 +135,16 @@ class MultifdSender:
 
     def send(self, block_index: int, block: RAMBlock, pages: np.ndarray, data: np.ndarray | None,
              pass_number: int, should_stop: Callable[[], None]) -> None:
-        """Queue one block's pages (``data``: a snapshot to send instead of RAM); waits while all are busy."""
+        """Queue one block's pages (``data``: a snapshot to send instead of RAM); waits while all are busy.
+
+        The zero test runs here, in the caller's thread, so it overlaps the channels' writes.
+        """
         self._number += 1
-        job = _Job(block_index, block, pages, data, pass_number, self._number)
+        is_zero = None
+        if self.detect_zero:
+            is_zero = (zero_mask(block.words, pages) if data is None
+                       else ~data.reshape(len(pages), -1).view(np.uint64).any(axis=1))
+        job = _Job(block_index, block, pages, data, pass_number, self._number, is_zero)
         with self._cond:
             self._outstanding += 1
         busy = self._jobs.full()
@@ -230,9 +240,8 @@ class MultifdSender:
         b, pages, data = job.block, job.pages, job.data
         ps = b.page_size
         zero = pages[:0]
-        if self.detect_zero:
-            is_zero = zero_mask(b.words, pages) if data is None else ~data.reshape(
-                len(pages), -1).view(np.uint64).any(axis=1)
+        is_zero = job.is_zero
+        if is_zero is not None:
             if is_zero.any():
                 zero = pages[is_zero]
                 pages = pages[~is_zero]

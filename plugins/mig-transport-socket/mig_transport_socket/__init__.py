@@ -106,8 +106,10 @@ def _resolve(v: InetSocketAddress, passive: bool) -> list[tuple]:
     flags = socket.AI_PASSIVE if passive else 0
     if v.numeric is True:
         flags |= socket.AI_NUMERICHOST
+    # an ASCII name goes as bytes: a str would be IDNA-encoded, whose first use imports codecs (~1 ms)
+    host: str | bytes | None = v.host.encode("ascii") if v.host and v.host.isascii() else (v.host or None)
     try:
-        return socket.getaddrinfo(v.host or None, v.port, _inet_family(v), socket.SOCK_STREAM, 0, flags)
+        return socket.getaddrinfo(host, v.port, _inet_family(v), socket.SOCK_STREAM, 0, flags)
     except socket.gaierror as e:
         raise TransportError(f"address resolution failed for {v.host}:{v.port}: {e.strerror}") from None
 
