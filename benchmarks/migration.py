@@ -107,7 +107,10 @@ def idle_rss(args: tuple[str, ...]) -> int:
         return rss
 
 
-def throughput(reps: int = 7) -> dict:
+THROUGHPUT_REPS = 11  # the issue asks for at least 7; this machine's noise (±15 %) wants more
+
+
+def throughput(reps: int = THROUGHPUT_REPS) -> dict:
     """1 GiB random RAM over tcp loopback (destination preallocated), interleaved with the raw limit."""
     raw, mig, rss = [], [], []
     for _ in range(reps):
@@ -156,7 +159,8 @@ def downtime(reps: int = 7) -> list[dict]:
 
 def main() -> None:
     t = throughput()
-    print("### Live migration, 1 GiB random RAM, tcp loopback, one channel (median of 7, interleaved)\n")
+    print(f"### Live migration, 1 GiB random RAM, tcp loopback, one channel (median of {THROUGHPUT_REPS}, "
+          "interleaved)\n")
     print("| | seconds | GiB/s |\n|---|---|---|")
     print(f"| raw Python loopback (sendall 4 MiB / recv_into, two processes) | {t['raw_s']:.3f} | "
           f"{t['raw_gib_s']:.2f} |")

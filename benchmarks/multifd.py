@@ -82,14 +82,28 @@ def sample(fill: str, size: int = 64 << 20) -> np.ndarray:
 
 def compressor_speed(name: str, level: int, data: np.ndarray) -> float:
     """Bytes per second one thread compresses ``data`` with the plugin's encoder, in 4 MiB packets."""
+    return codec_speeds(name, level, data)[0]
+
+
+def codec_speeds(name: str, level: int, data: np.ndarray) -> tuple[float, float]:
+    """Bytes of ``data`` per second one thread compresses (the plugin's encoder, 4 MiB packets) and
+    decompresses (its decoder, the same packets in order)."""
     from mig_core.plugin_registry import PluginRegistry
 
-    enc = PluginRegistry.from_environment().load("mig_core.compressors", name)().encoder(level)
+    comp = PluginRegistry.from_environment().load("mig_core.compressors", name)()
+    enc, dec = comp.encoder(level), comp.decoder()
     mv = memoryview(data)
+    packets = []
     t = time.perf_counter()
     for off in range(0, len(data), 4 << 20):
-        enc.compress(mv[off:off + (4 << 20)])
-    return len(data) / (time.perf_counter() - t)
+        packets.append(enc.compress(mv[off:off + (4 << 20)]))
+    t_c = time.perf_counter() - t
+    sizes = [min(4 << 20, len(data) - off) for off in range(0, len(data), 4 << 20)]
+    t = time.perf_counter()
+    for packet, size in zip(packets, sizes, strict=True):
+        dec.decompress(packet, size)
+    t_d = time.perf_counter() - t
+    return len(data) / t_c, len(data) / t_d
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -163,9 +177,11 @@ def compressor_table(reps: int = 3) -> list[dict]:
     for fill in ("text", "random"):
         data = sample(fill)
         for name, param, level in COMPRESSORS:
-            speeds, runs = [], []
+            speeds, dspeeds, runs = [], [], []
             for _ in range(reps):
-                speeds.append(compressor_speed(name, level, data))
+                c_speed, d_speed = codec_speeds(name, level, data)
+                speeds.append(c_speed)
+                dspeeds.append(d_speed)
                 runs.append(_run(fill, 2, name, params={param: level} if param else {}))
             comp = [r["info"]["compression"] for r in runs]
             ratio = statistics.median(c["pages"] * 4096 / c["compressed-size"] for c in comp)
@@ -173,6 +189,10 @@ def compressor_table(reps: int = 3) -> list[dict]:
                          "mig_s": statistics.median(r["info"]["total-time"] for r in runs) / 1000,
                          "limit_s": GIB / (statistics.median(speeds) * min(2, CORES)),
                          "single_mib_s": statistics.median(speeds) / (1 << 20), "ratio": ratio,
+                         "decompress_mib_s": statistics.median(dspeeds) / (1 << 20),
+                         # source and destination share these cores: compressing and decompressing 1 GiB
+                         # cannot take less than their single-thread times over the cores
+                         "floor_s": (GIB / statistics.median(speeds) + GIB / statistics.median(dspeeds)) / CORES,
                          "cpu_src": statistics.median(r["cpu_src"] for r in runs),
                          "cpu_dst": statistics.median(r["cpu_dst"] for r in runs)})
     return rows
@@ -280,14 +300,17 @@ def main(which: set[str] | None = None) -> None:
     if "compressors" in which:
         print("\n### Compressors, 2 multifd channels, 1 GiB (median of 3, interleaved with the limit)\n")
         print(f"Limit: the compressor's own single-thread speed on the same data × min(channels, cores) "
-              f"= × {min(2, CORES)}.\n")
-        print("| compressor | data | ratio | mig s | MiB/s | one thread MiB/s | limit s | mig / limit | CPU s src | "
-              "CPU s dst |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              f"= × {min(2, CORES)}. Floor: both ends share these {CORES} cores, so compressing and decompressing "
+              "1 GiB takes at least (compress time + decompress time, one thread each) / cores; "
+              "limit / floor is the best mig / limit this machine allows.\n")
+        print("| compressor | data | ratio | mig s | MiB/s | compress MiB/s (1 thread) | decompress MiB/s (1 thread) "
+              "| limit s | floor s | mig / limit | best possible (limit / floor) | CPU s src | CPU s dst |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in compressor_table():
             print(f"| {r['compressor']} | {r['data']} | {r['ratio']:.1f} | {r['mig_s']:.2f} | "
-                  f"{1024 / r['mig_s']:.0f} | {r['single_mib_s']:.0f} | {r['limit_s']:.2f} | "
-                  f"{r['limit_s'] / r['mig_s']:.2f} | {r['cpu_src']:.2f} | {r['cpu_dst']:.2f} |")
+                  f"{1024 / r['mig_s']:.0f} | {r['single_mib_s']:.0f} | {r['decompress_mib_s']:.0f} | "
+                  f"{r['limit_s']:.2f} | {r['floor_s']:.2f} | {r['limit_s'] / r['mig_s']:.2f} | "
+                  f"{min(1.0, r['limit_s'] / r['floor_s']):.2f} | {r['cpu_src']:.2f} | {r['cpu_dst']:.2f} |")
     if "xbzrle" in which:
         x = xbzrle_saving()
         print("\n### xbzrle on a small-change workload (128 MiB random, 2 vCPUs rewriting 8 bytes per page at "
