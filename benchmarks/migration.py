@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mig_core.testing import Host, connect, vcpu_records, wait_for_status
+from mig_core.testing import Host, connect, migrate_and_wait, vcpu_records, wait_for_status
 
 GIB = 1 << 30
 ENV = {"MIG_LOG_LEVEL": "info"}
@@ -54,6 +54,7 @@ def raw_loopback(size: int = GIB) -> float:
 
 async def _migrate(tmp: Path, src_args: tuple[str, ...], dst_args: tuple[str, ...], params: dict,
                    watch: bool = False) -> dict:
+    """One migration between two ``mig run`` processes; ``watch``: also read the vCPUs' true gap."""
     s = Host(tmp, *src_args, name="src", env=ENV)
     d = Host(tmp, *dst_args, "--incoming", "defer", name="dst", env=ENV)
     try:
@@ -63,15 +64,9 @@ async def _migrate(tmp: Path, src_args: tuple[str, ...], dst_args: tuple[str, ..
         await src.execute("migrate-set-parameters", params)
         await src.execute("migrate-set-capabilities",
                           {"capabilities": [{"capability": "return-path", "state": True}]})
-        await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        # waits for the MIGRATION event: a poller would take CPU from the migration on these 2 cores
+        info = await migrate_and_wait(src, {"uri": f"tcp:127.0.0.1:{port}"})
         expected = None
-        while True:
-            info = await src.execute("query-migrate")
-            if info["status"] == "active":
-                expected = info.get("expected-downtime", expected)
-            if info["status"] in ("completed", "failed", "cancelled"):
-                break
-            await asyncio.sleep(0.005 if watch else 0.02)
         assert info["status"] == "completed", info
         await wait_for_status(dst, {"completed"})
         out = {"info": info, "expected_downtime": expected}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mig_core.testing import Host, connect, wait_for_status
+from mig_core.testing import Host, connect, migrate_and_wait, wait_for_status
 
 GIB = 1 << 30
 ENV = {"MIG_LOG_LEVEL": "info"}
@@ -130,8 +130,7 @@ async def _migrate(tmp: Path, fill: str, channels: int, compression: str, extra:
         await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
         port = (await dst.execute("query-migrate"))["socket-address"][0]["port"]
         cpu0 = _cpu_seconds(s.proc.pid), _cpu_seconds(d.proc.pid)
-        await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
-        info = await wait_for_status(src, {"completed", "failed"}, timeout=600)
+        info = await migrate_and_wait(src, {"uri": f"tcp:127.0.0.1:{port}"})
         assert info["status"] == "completed", info
         await wait_for_status(dst, {"completed"})
         cpu = _cpu_seconds(s.proc.pid) - cpu0[0], _cpu_seconds(d.proc.pid) - cpu0[1]
@@ -228,8 +227,7 @@ async def _file_round_trip(tmp: Path, channels: int) -> dict:
         await src.execute("stop")  # QEMU's advice for mapped-ram: save a stopped machine
         await src.execute("migrate-set-parameters", {"max-bandwidth": 0, **({"multifd-channels": channels}
                                                                              if channels else {})})
-        await src.execute("migrate", {"uri": f"file:{image}"})
-        info = await wait_for_status(src, {"completed", "failed"}, timeout=600)
+        info = await migrate_and_wait(src, {"uri": f"file:{image}"})
         assert info["status"] == "completed", info
         save_s = info["total-time"] / 1000
         await src.disconnect()

@@ -146,6 +146,27 @@ async def wait_for_status(client: QMPClient, states: set[str] | tuple[str, ...],
         await asyncio.sleep(0.02)
 
 
+async def migrate_and_wait(client: QMPClient, arguments: dict[str, Any],
+                           states: tuple[str, ...] = ("completed", "failed", "cancelled"),
+                           timeout: float = 600.0) -> dict[str, Any]:
+    """``migrate`` with the ``events`` capability on, then wait for the MIGRATION event reaching one of
+    ``states`` and return ``query-migrate``: no polling, as management software waits (a poller on a
+    small machine takes CPU from the migration it watches)."""
+    import asyncio
+
+    await client.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+    with client.listener("MIGRATION") as events:
+        await client.execute("migrate", arguments)
+
+        async def ended() -> None:
+            async for event in events:
+                if event["data"]["status"] in states:
+                    return
+
+        await asyncio.wait_for(ended(), timeout)
+    return await client.execute("query-migrate")  # type: ignore[return-value]
+
+
 async def ram_digest(client: QMPClient, size: int, path: Path) -> str:
     """sha256 of the first ``size`` bytes of guest RAM, read with ``pmemsave``."""
     import hashlib

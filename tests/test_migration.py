@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 
-from mig_core.testing import connect, ram_digest, vcpu_records, wait_for_status
+from mig_core.testing import connect, migrate_and_wait, ram_digest, vcpu_records, wait_for_status
 
 RAM = 32 << 20
 WORKLOAD = ("--ram", "32M", "--ram-fill", "half", "--vcpus", "2", "--dirty-rate", "8M")
@@ -133,3 +133,20 @@ async def test_destination_runs_without_dash_s(start_host, tmp_path):
     finally:
         await src.disconnect()
         await dst.disconnect()
+
+
+async def test_migrate_and_wait_follows_the_migration_event(start_host):
+    """The benchmarks' helper: no polling, it returns once the MIGRATION event says the migration ended."""
+    src_h, dst_h, src, dst = await pair(start_host, src_args=("--ram", "16M", "--ram-fill", "random"),
+                                        dst_args=("--ram", "16M", "-S"), caps=())
+    await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+    port = (await dst.execute("query-migrate"))["socket-address"][0]["port"]
+    info = await migrate_and_wait(src, {"uri": f"tcp:127.0.0.1:{port}"})
+    assert info["status"] == "completed" and info["ram"]["normal"] >= (16 << 20) // 4096 - 64
+    caps = {c["capability"]: c["state"] for c in await src.execute("query-migrate-capabilities")}
+    assert caps["events"] is True
+    # a destination that is gone: the event says failed, and the helper returns that instead of waiting
+    src2_h = start_host("--ram", "16M", "--ram-fill", "random", name="src2")
+    src2 = await connect(src2_h.sock, "src2")
+    failed = await migrate_and_wait(src2, {"uri": f"tcp:127.0.0.1:{port}"}, timeout=30)
+    assert failed["status"] == "failed" and "error-desc" in failed
