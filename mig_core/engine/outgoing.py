@@ -115,8 +115,8 @@ class OutgoingMigration:
         self._out: WriteBehind | None = None
         self._pinned: list[RAMBlock] = []
         zdp = manager.params["zero-page-detection"].value
-        # where zero pages are found: the migration thread (legacy, or multifd without multifd), the
-        # multifd channel threads, or nowhere
+        # where zero pages are found: here, per batch (legacy, or multifd without multifd); in
+        # MultifdSender.send, still on this thread but while the channels write (multifd); or nowhere
         self._main_thread_zero = zdp == "legacy" or (zdp == "multifd" and not self.caps[C.MULTIFD])
 
     # -- control from other threads ---------------------------------------------------
