@@ -80,11 +80,6 @@ def sample(fill: str, size: int = 64 << 20) -> np.ndarray:
     return m.blocks[0].array.copy()
 
 
-def compressor_speed(name: str, level: int, data: np.ndarray) -> float:
-    """Bytes per second one thread compresses ``data`` with the plugin's encoder, in 4 MiB packets."""
-    return codec_speeds(name, level, data)[0]
-
-
 def codec_speeds(name: str, level: int, data: np.ndarray) -> tuple[float, float]:
     """Bytes of ``data`` per second one thread compresses (the plugin's encoder, 4 MiB packets) and
     decompresses (its decoder, the same packets in order). A first untimed round warms the allocator

@@ -218,7 +218,7 @@ class OutgoingMigration:
             self.writer = StreamWriter(self.channel, self.machine.blocks)
         else:
             self._out = WriteBehind(self.channel)
-            self.writer = StreamWriter(self._out, self.machine.blocks)  # type: ignore[arg-type]
+            self.writer = StreamWriter(self._out, self.machine.blocks)
         self.writer.write_header(self.machine.uuid)
         self.writer.write_command(Command.CONFIG, {
             "validate-uuid": self.caps[C.VALIDATE_UUID],

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import uuid as uuid_mod
 from collections.abc import Sequence
+from typing import Protocol
 
 import msgpack
 import numpy as np
 
-from mig_core.channel import IOV_MAX, Buffer, Channel
+from mig_core.channel import IOV_MAX, Buffer
 from mig_core.machine.device import DeviceSection
 from mig_core.machine.pagemap import pages_to_runs
 from mig_core.machine.ram import RAMBlock
@@ -40,10 +41,18 @@ def page_buffers(block: RAMBlock, pages: np.ndarray, max_runs: int = _MAX_RUNS) 
     return [block.pages[pages]]  # numpy gather: one copy, no per-page work
 
 
+class ByteSink(Protocol):
+    """Where a stream is written: a channel, or the engine's write-behind queue in front of one."""
+
+    def sendv(self, buffers: Sequence[Buffer]) -> None: ...
+
+    def send(self, data: Buffer) -> None: ...
+
+
 class StreamWriter:
     """Frames sections onto a channel; page data goes out with sendmsg straight from RAM when it can."""
 
-    def __init__(self, channel: Channel, blocks: Sequence[RAMBlock]) -> None:
+    def __init__(self, channel: ByteSink, blocks: Sequence[RAMBlock]) -> None:
         self.channel = channel
         self.blocks = list(blocks)
         self._index = {b.name: i for i, b in enumerate(self.blocks)}
