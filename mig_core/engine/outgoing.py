@@ -98,6 +98,7 @@ class OutgoingMigration:
         self._sent_nonzero = {b.name: np.zeros(b.npages, dtype=bool) for b in self.machine.blocks}
         self._runstate_before: RunState | None = None
         self._dirty_pass_bandwidth = 0.0
+        self._dirty_pass_measured = False  # a pass of more than 1 MiB gave _dirty_pass_bandwidth
         self._rtt_ms = 0.0
         self._ping_sent = 0.0
         self._sync_ms = 0.0
@@ -293,7 +294,7 @@ class OutgoingMigration:
         self.multifd.start()
         log.info("multifd_started", channels=len(channels))
 
-    def _end_pass(self) -> None:
+    def _end_pass(self, running: bool) -> None:
         """Multifd: every page of this pass is on the wire, then the PASS marker on the main stream.
 
         Then the main stream's queued writes are flushed, so what the pass counted was really sent.
@@ -304,6 +305,7 @@ class OutgoingMigration:
             if self.mapped is None:
                 self.writer.write_pass(n)
         self._flush()
+        self._account(0, running)  # what the write-behind sent after the last batch counts in this pass
 
     def _flush(self) -> None:
         if self._out is not None:
@@ -351,7 +353,10 @@ class OutgoingMigration:
 
         The first pass sends mostly contiguous RAM and is faster than sending scattered dirty pages, so
         its rate would promise too short a downtime; until a dirty pass was measured there is no
-        estimate (0), and only an empty remainder switches over.
+        estimate (0), and only an empty remainder switches over. A pass of a few pages measures mostly
+        the round trip, so it stands in only until a pass of more than 1 MiB was measured: its rate is
+        low, which keeps the promise safe, and a guest that dirties a page or two per pass still
+        converges after the second pass instead of waiting for a pass that finds nothing dirty.
         """
         avail = self.m.params["avail-switchover-bandwidth"]
         return avail / 1000 if avail else self._dirty_pass_bandwidth
@@ -361,7 +366,7 @@ class OutgoingMigration:
         while True:
             sent_before, t0 = self.counters.transferred, time.monotonic()
             self._send_all(self.pending, running=True)
-            self._end_pass()
+            self._end_pass(running=True)
             # with a return path, a pass ends when the destination has loaded it: the rate measured is
             # then what the destination achieves, and no backlog is left in socket buffers at switchover
             self._ping(self.counters.dirty_sync_count)
@@ -373,8 +378,9 @@ class OutgoingMigration:
                 self.xbzrle.start(self.m.params["xbzrle-cache-size"])
             if self.xbzrle.active:
                 self.xbzrle.period()
-            if not first and sent > (1 << 20) and elapsed_ms > 0:
+            if not first and sent and elapsed_ms > 0 and (sent > (1 << 20) or not self._dirty_pass_measured):
                 self._dirty_pass_bandwidth = sent / elapsed_ms
+                self._dirty_pass_measured = sent > (1 << 20)
             first = False
             remaining = sum(len(p) * b.page_size for b, p in self._pending_blocks())
             bandwidth = self._switchover_bandwidth()
@@ -506,7 +512,7 @@ class OutgoingMigration:
         log.debug("switchover_synced", ms_since_stop=now_ms() - (c.downtime_start_ms or 0),
                   pages=sum(len(p) for p in merged.values()))
         self._send_all(merged, running=False)
-        self._end_pass()
+        self._end_pass(running=False)
         if self.mapped is not None:
             self.mapped.write_bitmaps(self.channel)  # type: ignore[arg-type]
             self._account(0, running=False)
