@@ -41,13 +41,18 @@ conns[0].sendall(b"k")
 """
 
 
-def raw_loopback(n: int, size: int = GIB) -> float:
+def raw_loopback(n: int, size: int = GIB, congestion: bytes | None = None) -> float:
     """Seconds to move ``size`` random bytes over ``n`` loopback connections (a thread per connection on each
-    side, sendall of 4 MiB slices / recv_into a faulted-in buffer): the limit for n multifd channels."""
+    side, sendall of 4 MiB slices / recv_into a faulted-in buffer): the limit for n multifd channels.
+
+    ``congestion``: the senders' congestion control (None: the system's default)."""
     data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
     rx = subprocess.Popen([sys.executable, "-c", _RAW_RECEIVER, str(size), str(n)], stdout=subprocess.PIPE, text=True)
     port = int(rx.stdout.readline())
     socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+    for s in socks:
+        if congestion:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion)
     part = size // n
 
     def tx(i: int) -> None:
@@ -67,6 +72,15 @@ def raw_loopback(n: int, size: int = GIB) -> float:
         s.close()
     rx.wait()
     return elapsed
+
+
+#: what mig's socket transport switches a loopback connection to (mig_transport_socket.unpace_loopback)
+UNPACED = b"cubic"
+
+
+def system_congestion() -> str:
+    """The system's default TCP congestion control (BBR paces every send with timers)."""
+    return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
 
 
 def sample(fill: str, size: int = 64 << 20) -> np.ndarray:
@@ -150,16 +164,19 @@ def channels_table(reps: int = 5) -> list[dict]:
     rows = []
     for n in (1, 2, 4):
         raw: list[float] = []
+        raw_unpaced: list[float] = []
         got: dict[str, list[dict]] = {"random": [], "text": [], "zero": []}
         for _ in range(reps):  # interleaved: limit and migrations alternate
             raw.append(raw_loopback(n))
+            raw_unpaced.append(raw_loopback(n, congestion=UNPACED))
             for fill in got:
                 extra = ("--mem-prealloc",) if fill == "zero" else ()
                 got[fill].append(_run(fill, n, "none", extra))
         for fill, runs in got.items():
             t = statistics.median(r["info"]["total-time"] for r in runs) / 1000
             rows.append({"channels": n, "data": fill, "compressor": "none", "mig_s": t,
-                         "raw_s": statistics.median(raw), "cpu_src": statistics.median(r["cpu_src"] for r in runs),
+                         "raw_s": statistics.median(raw), "raw_unpaced_s": statistics.median(raw_unpaced),
+                         "cpu_src": statistics.median(r["cpu_src"] for r in runs),
                          "cpu_dst": statistics.median(r["cpu_dst"] for r in runs), "ratio": 1.0})
     return rows
 
@@ -287,12 +304,17 @@ def main(which: set[str] | None = None) -> None:
     which = which or {"channels", "compressors", "xbzrle", "file"}
     if "channels" in which:
         print("### Multifd without compression, 1 GiB, tcp loopback (median of 5, interleaved with the limit)\n")
-        print("Limit: raw loopback with the same number of connections (a thread per connection on each side).\n")
-        print("| channels | data | mig s | GiB/s | raw s | GiB/s | mig / raw | CPU s src | CPU s dst |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print(f"Limit: raw loopback with the same number of connections (a thread per connection on each side), "
+              f"with the system's congestion control ({system_congestion()}) and with "
+              f"{UNPACED.decode()} (what mig's loopback connections use); mig / raw is against the faster.\n")
+        print("| channels | data | mig s | GiB/s | raw s (system) | raw s (unpaced) | GiB/s (faster) | mig / raw "
+              "| CPU s src | CPU s dst |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in channels_table():
+            best = min(r["raw_s"], r["raw_unpaced_s"])
             print(f"| {r['channels']} | {r['data']} | {r['mig_s']:.3f} | {1 / r['mig_s']:.2f} | {r['raw_s']:.3f} | "
-                  f"{1 / r['raw_s']:.2f} | {r['raw_s'] / r['mig_s']:.2f} | {r['cpu_src']:.2f} | {r['cpu_dst']:.2f} |")
+                  f"{r['raw_unpaced_s']:.3f} | {1 / best:.2f} | {best / r['mig_s']:.2f} | {r['cpu_src']:.2f} | "
+                  f"{r['cpu_dst']:.2f} |")
     if "compressors" in which:
         print("\n### Compressors, 2 multifd channels, 1 GiB (median of 3, interleaved with the limit)\n")
         print(f"Limit: the compressor's own single-thread speed on the same data × min(channels, cores) "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import select
 import socket
@@ -114,6 +115,37 @@ def _resolve(v: InetSocketAddress, passive: bool) -> list[tuple]:
         raise TransportError(f"address resolution failed for {v.host}:{v.port}: {e.strerror}") from None
 
 
+#: Congestion controls that do not pace, in order of preference (reno is allowed to every user).
+UNPACED_CONGESTION_CONTROLS = (b"cubic", b"reno")
+
+
+def unpace_loopback(sock: socket.socket) -> str | None:
+    """On a loopback TCP connection, replace any congestion control but cubic and reno (BBR paces
+    every send with timers) with one of those two.
+
+    Returns the algorithm now in use if it was changed, else None (not loopback, already cubic or
+    reno, or neither available to this process).
+    """
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        host = sock.getpeername()[0]
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+        current = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).split(b"\0", 1)[0]
+    except (OSError, ValueError):
+        return None
+    mapped = getattr(ip, "ipv4_mapped", None)
+    if not (ip.is_loopback or (mapped is not None and mapped.is_loopback)) or current in UNPACED_CONGESTION_CONTROLS:
+        return None
+    for name in UNPACED_CONGESTION_CONTROLS:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name)
+        except OSError:
+            continue
+        log.debug("loopback_congestion_control", was=current.decode(), now=name.decode())
+        return name.decode()
+    return None
+
 class _SocketListener(Listener):
     def __init__(self, socks: list[socket.socket], addresses: list[SocketAddress], unlink: str | None) -> None:
         self._socks = socks
@@ -184,6 +216,8 @@ class SocketTransport(Transport):
     def _tune(self, sock: socket.socket) -> None:
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.ctx.unpaced_loopback:
+                unpace_loopback(sock)
             if self.ctx.keepalive:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10)

@@ -1,12 +1,15 @@
 """The socket transport is installed, discovered, parses QEMU's URIs, and carries a stream."""
 
+import socket
 import threading
+from pathlib import Path
 
 import pytest
 
 from mig_core.plugin_registry import PluginRegistry
 from mig_core.qapi import to_qmp
 from mig_core.transport import TransportContext, TransportError, TransportRegistry
+from mig_transport_socket import unpace_loopback
 
 
 def test_discovered_by_scheme():
@@ -61,3 +64,41 @@ def test_listen_connect_and_abort(tmp_path):
     lst.close()  # a blocked accept returns promptly
     th.join(10)
     assert not th.is_alive() and errors
+
+
+
+def _congestion(sock) -> bytes:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).split(b"\0", 1)[0]
+
+
+CC = Path("/proc/sys/net/ipv4")
+
+
+@pytest.mark.skipif(b"bbr" not in (CC / "tcp_available_congestion_control").read_bytes().split(),
+                    reason="needs the bbr congestion control")
+def test_loopback_connection_stops_pacing():
+    """A loopback connection on BBR (which paces every send) is switched to cubic or reno; one already
+    switched, and a unix socket, are left as they are."""
+    with socket.create_server(("127.0.0.1", 0)) as srv, \
+            socket.create_connection(srv.getsockname()) as c:
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, b"bbr")
+        now = unpace_loopback(c)
+        assert now in ("cubic", "reno") and _congestion(c) == now.encode()
+        assert unpace_loopback(c) is None
+    a, b = socket.socketpair()
+    with a, b:
+        assert unpace_loopback(a) is None
+
+
+@pytest.mark.skipif((CC / "tcp_congestion_control").read_bytes().strip() != b"bbr",
+                    reason="the system's default congestion control is not bbr")
+def test_migration_connections_on_loopback_do_not_pace():
+    """The transport's own connections: unpaced by default, the system's bbr when the host turns it off."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        reg = TransportRegistry(PluginRegistry())
+        cls, addr = reg.parse(f"tcp:127.0.0.1:{srv.getsockname()[1]}")
+        for ctx, expected in ((TransportContext(), {b"cubic", b"reno"}),
+                              (TransportContext(unpaced_loopback=False), {b"bbr"})):
+            ch = cls(ctx).connect(addr, lambda: False)
+            assert _congestion(ch.sock) in expected
+            ch.close()
