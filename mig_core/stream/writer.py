@@ -34,6 +34,8 @@ def page_buffers(block: RAMBlock, pages: np.ndarray, max_runs: int = _MAX_RUNS) 
     """The bytes of ``pages`` (sorted) in order: views of RAM per contiguous run, or one gathered copy
     when there are more runs than one sendmsg takes."""
     ps = block.page_size
+    if len(pages) and int(pages[-1]) - int(pages[0]) + 1 == len(pages):  # one run: no run search
+        return [block.view[int(pages[0]) * ps:(int(pages[-1]) + 1) * ps]]
     starts, ends = pages_to_runs(pages)
     if len(starts) <= max_runs:
         view = block.view
