@@ -109,6 +109,7 @@ class MultifdReceiver:
         nblocks = len(self.blocks)
         block_pages = [b.npages for b in self.blocks]
         staging = np.empty(0, dtype=np.uint8)
+        wire = bytearray()
         while True:
             pkt = read_packet(ch, i, nblocks, block_pages, decoder is not None)
             if pkt.flags & PacketFlag.FIN:
@@ -127,8 +128,12 @@ class MultifdReceiver:
             if n:
                 try:
                     if decoder is not None:
-                        wire = ch.recv_exact(pkt.payload_size)
-                        out = decoder.decompress(wire, n * ps)
+                        # a reused buffer: a fresh packet-sized one per packet costs page faults each time
+                        if len(wire) < pkt.payload_size:
+                            wire = bytearray(pkt.payload_size)
+                        packet = memoryview(wire)[:pkt.payload_size]
+                        ch.recv_into(packet)
+                        out = decoder.decompress(packet, n * ps)
                         self.placer.place(block, pkt.normal, np.frombuffer(out, dtype=np.uint8).reshape(n, ps))
                     else:
                         if pkt.payload_size != n * ps:

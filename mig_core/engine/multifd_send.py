@@ -259,12 +259,13 @@ class MultifdSender:
         elif encoder is not None:
             # one contiguous buffer: a view of RAM for a single run, else one gathered copy
             raw = data if data is not None else page_buffers(b, pages, max_runs=1)[0]
-            out = encoder.compress(memoryview(np.ascontiguousarray(raw)).cast("B"))
-            self.compression.compressed(len(pages), len(pages) * ps, len(out))
-            payload, flags = [out], PacketFlag.COMPRESSED
+            payload = encoder.compress_parts(memoryview(np.ascontiguousarray(raw)).cast("B"))
+            flags = PacketFlag.COMPRESSED
         else:
             payload = [np.ascontiguousarray(data)] if data is not None else page_buffers(b, pages)
         size = sum(memoryview(p).nbytes for p in payload)
+        if flags:
+            self.compression.compressed(len(pages), len(pages) * ps, size)
         offsets = np.concatenate([pages, zero]).astype("<u8") if len(zero) else pages.astype("<u8")
         head = pack_header(flags, job.pass_number, job.block_index, len(pages), len(zero), size, job.number)
         before = ch.bytes_sent

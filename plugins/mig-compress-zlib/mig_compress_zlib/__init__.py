@@ -14,7 +14,11 @@ class _ZlibEncoder(Encoder):
         self._c = zlib.compressobj(level)
 
     def compress(self, data: bytes | memoryview) -> bytes:
-        return self._c.compress(data) + self._c.flush(zlib.Z_SYNC_FLUSH)
+        return b"".join(self.compress_parts(data))
+
+    def compress_parts(self, data: bytes | memoryview) -> list[bytes | memoryview]:
+        """What the stream emits for ``data``, then what the sync flush at the packet's end emits (no join)."""
+        return [b for b in (self._c.compress(data), self._c.flush(zlib.Z_SYNC_FLUSH)) if b]
 
 
 class _ZlibDecoder(Decoder):

@@ -14,7 +14,11 @@ class _ZstdEncoder(Encoder):
         self._c = zstandard.ZstdCompressor(level=level).compressobj()
 
     def compress(self, data: bytes | memoryview) -> bytes:
-        return self._c.compress(data) + self._c.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        return b"".join(self.compress_parts(data))
+
+    def compress_parts(self, data: bytes | memoryview) -> list[bytes | memoryview]:
+        """What the stream emits for ``data``, then what the flush at the packet's end emits (no join)."""
+        return [b for b in (self._c.compress(data), self._c.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)) if b]
 
 
 class _ZstdDecoder(Decoder):
@@ -23,7 +27,7 @@ class _ZstdDecoder(Decoder):
 
     def decompress(self, data: bytes | memoryview, size: int) -> bytes:
         try:
-            out = self._d.decompress(bytes(data))
+            out = self._d.decompress(data)  # takes any buffer: no copy of the packet first
         except zstandard.ZstdError as e:
             raise ValueError(f"corrupt zstd packet: {e}") from None
         if len(out) != size:
