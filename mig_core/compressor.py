@@ -105,18 +105,33 @@ class PageFramedEncoder(Encoder):
         return b"".join(self.compress_parts(data))
 
     def compress_parts(self, data: bytes | memoryview) -> list[bytes | memoryview]:
-        """The length table, then each page's data; a page that travels raw is a view of ``data``."""
+        """The length table, then the pages' data: consecutive raw pages as one view of ``data``,
+        consecutive compressed pages joined (they are small), so a packet is a few buffers."""
         view = memoryview(data).cast("B")
         ps = self.page_size
         lengths: list[int] = []
         parts: list[bytes | memoryview] = []
+        packed: list[bytes] = []  # compressed pages since the last raw run
+        raw_from = -1  # where the current run of raw pages started
         for off in range(0, view.nbytes, ps):
-            page = view[off:off + ps]
-            out = self.compress_page(page)
+            out = self.compress_page(view[off:off + ps])
             if out is None or len(out) >= ps:
-                out = page
-            lengths.append(len(out))
-            parts.append(out)
+                lengths.append(ps)
+                if packed:
+                    parts.append(b"".join(packed))
+                    packed = []
+                if raw_from < 0:
+                    raw_from = off
+            else:
+                lengths.append(len(out))
+                if raw_from >= 0:
+                    parts.append(view[raw_from:off])
+                    raw_from = -1
+                packed.append(out)
+        if packed:
+            parts.append(b"".join(packed))
+        if raw_from >= 0:
+            parts.append(view[raw_from:])
         return [struct.pack(f">{len(lengths)}I", *lengths), *parts]
 
 

@@ -12,12 +12,15 @@ NAMES = [n for n in REGISTRY.names("mig_core.compressors") if n != "none"]
 
 
 def packets() -> list[np.ndarray]:
-    """Three 1 MiB packets: random (pages travel raw in per-page formats), text-like, and mixed."""
+    """Three 1 MiB packets: random (pages travel raw in per-page formats), text-like, and runs of
+    random and text pages of varying lengths (raw runs and compressed runs alternate)."""
     rng = np.random.default_rng(7)
     text = np.frombuffer((b"mig migrates memory; " * 60000)[:1 << 20], dtype=np.uint8).copy()
-    mixed = text.copy()
-    mixed[::3] = rng.integers(0, 256, len(mixed[::3]), dtype=np.uint8)
-    return [rng.integers(0, 256, 1 << 20, dtype=np.uint8), text, mixed]
+    noise = rng.integers(0, 256, 1 << 20, dtype=np.uint8)
+    mixed = text.copy().reshape(-1, 4096)
+    for first, n in ((0, 1), (3, 2), (9, 5), (40, 1), (41, 3), (255, 1)):  # random pages, incl. the last
+        mixed[first:first + n] = noise.reshape(-1, 4096)[first:first + n]
+    return [noise, text, mixed.reshape(-1)]
 
 
 @pytest.mark.parametrize("name", NAMES)
