@@ -121,6 +121,9 @@ class PluginRegistry:
                     seen.add(key)
                     out.append(PluginEntry(group, ep.name, ep.value, dname, dist.version))
         self._entries[group] = sorted(out, key=lambda e: (e.name, e.distribution.lower(), e.value))
+        # stevedore keeps the entry points it saw first per group for the life of the process: drop
+        # them, so what this scan found (a distribution installed or put on sys.path since) also loads
+        stevedore.ExtensionManager.ENTRY_POINT_CACHE.pop(group, None)
         return self._entries[group]
 
     def rescan(self) -> None:

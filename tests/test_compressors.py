@@ -7,8 +7,8 @@ import pytest
 
 from mig_core.plugin_registry import PluginRegistry
 
-REGISTRY = PluginRegistry.from_environment()
-NAMES = [n for n in REGISTRY.names("mig_core.compressors") if n != "none"]
+#: the first-party compressors (every one is installed by `make test`)
+NAMES = ["qpl", "uadk", "zlib", "zstd"]
 
 
 def packets() -> list[np.ndarray]:
@@ -25,7 +25,7 @@ def packets() -> list[np.ndarray]:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_parts_equal_the_joined_packet_and_decode_from_a_reused_buffer(name):
-    comp = REGISTRY.load("mig_core.compressors", name)()
+    comp = PluginRegistry.from_environment().load("mig_core.compressors", name)()
     level = 1
     whole, split, dec = comp.encoder(level), comp.encoder(level), comp.decoder()
     wire = bytearray(2 << 20)  # one receive buffer for every packet, as a multifd channel keeps it

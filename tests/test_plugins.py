@@ -165,3 +165,14 @@ async def test_host_survives_broken_plugins_and_uses_the_rest(site, tmp_path):
         assert skipped and "hook plugin exploded at import" in skipped[0]["error"]
     finally:
         h.stop()
+
+
+def test_a_distribution_added_after_a_load_is_found(site, monkeypatch):
+    """A plugin loaded earlier in the process does not hide distributions that appear later
+    (stevedore caches a group's entry points for the whole process)."""
+    PluginRegistry.from_environment().load("mig_core.compressors", "zlib")
+    monkeypatch.syspath_prepend(str(site))
+    reg = PluginRegistry.from_environment()
+    assert reg.load("mig_core.compressors", "lzacme").name == "lzacme"
+    reg.rescan()
+    assert reg.load("mig_core.compressors", "lzacme").name == "lzacme"
