@@ -97,6 +97,9 @@ class PageFramedEncoder(Encoder):
 
     def __init__(self, page_size: int) -> None:
         self.page_size = page_size
+        # each page is compressed from a copy: a vCPU may write the page meanwhile, and a codec that
+        # reads its input twice (data, then checksum) would emit a page that fails its own check
+        self._stable = memoryview(bytearray(page_size))
 
     @abstractmethod
     def compress_page(self, page: memoryview) -> bytes | None: ...
@@ -113,8 +116,10 @@ class PageFramedEncoder(Encoder):
         parts: list[bytes | memoryview] = []
         packed: list[bytes] = []  # compressed pages since the last raw run
         raw_from = -1  # where the current run of raw pages started
+        stable = self._stable
         for off in range(0, view.nbytes, ps):
-            out = self.compress_page(view[off:off + ps])
+            stable[:] = view[off:off + ps]
+            out = self.compress_page(stable)
             if out is None or len(out) >= ps:
                 lengths.append(ps)
                 if packed:

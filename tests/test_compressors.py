@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -39,3 +41,28 @@ def test_parts_equal_the_joined_packet_and_decode_from_a_reused_buffer(name):
         out = dec.decompress(view, len(data))
         wire[:len(sent)] = bytes(len(sent))  # overwritten before the result is compared: nothing may alias it
         assert out == data.tobytes()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pages_written_while_compressed_still_decode(name):
+    """A vCPU may write a page while a channel compresses it: every packet must still decode (uadk's
+    zlib format checks each page against a checksum the codec computes in a second read)."""
+    comp = PluginRegistry.from_environment().load("mig_core.compressors", name)()
+    ram = packets()[1]
+    words = ram.view(np.uint64)
+    stop = threading.Event()
+
+    def vcpu() -> None:
+        while not stop.is_set():
+            words[::7] += 1  # numpy drops the GIL for the loop: it really runs beside the encoder
+
+    writer = threading.Thread(target=vcpu)
+    writer.start()
+    try:
+        enc, dec = comp.encoder(1), comp.decoder()
+        for _ in range(20):
+            out = dec.decompress(b"".join(enc.compress_parts(memoryview(ram))), len(ram))
+            assert len(out) == len(ram)
+    finally:
+        stop.set()
+        writer.join()
