@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 class Encoder(ABC):
@@ -28,6 +28,32 @@ class Encoder(ABC):
         before the next call, so they may be views of ``data``.
         """
         return [self.compress(data)]
+
+
+class PiecewiseEncoder(Encoder):
+    """An encoder whose output comes in pieces: it implements ``compress_parts``; ``compress`` joins them."""
+
+    @abstractmethod
+    def compress_parts(self, data: bytes | memoryview) -> list[bytes | memoryview]: ...
+
+    def compress(self, data: bytes | memoryview) -> bytes:
+        return b"".join(self.compress_parts(data))
+
+
+class FlushedStreamEncoder(PiecewiseEncoder):
+    """One persistent stream per channel, flushed at the end of every packet (QEMU's zlib and zstd).
+
+    ``stream`` is a compression object with ``compress(data)`` and ``flush(mode)`` (``zlib.compressobj``,
+    ``zstandard``'s ``compressobj``); ``flush_mode`` ends a packet without ending the stream.
+    """
+
+    def __init__(self, stream: Any, flush_mode: int) -> None:
+        self._stream = stream
+        self._flush_mode = flush_mode
+
+    def compress_parts(self, data: bytes | memoryview) -> list[bytes | memoryview]:
+        """What the stream emits for ``data``, then what the flush emits (not joined)."""
+        return [b for b in (self._stream.compress(data), self._stream.flush(self._flush_mode)) if b]
 
 
 class Decoder(ABC):
@@ -87,7 +113,7 @@ class NoCompression(Compressor):
         return _Identity()
 
 
-class PageFramedEncoder(Encoder):
+class PageFramedEncoder(PiecewiseEncoder):
     """Each page compressed on its own, framed as QEMU's qpl and uadk methods frame them.
 
     Payload: one big-endian u32 length per page, then each page's data; a page whose
@@ -103,9 +129,6 @@ class PageFramedEncoder(Encoder):
 
     @abstractmethod
     def compress_page(self, page: memoryview) -> bytes | None: ...
-
-    def compress(self, data: bytes | memoryview) -> bytes:
-        return b"".join(self.compress_parts(data))
 
     def compress_parts(self, data: bytes | memoryview) -> list[bytes | memoryview]:
         """The length table, then the pages' data: consecutive raw pages as one view of ``data``,

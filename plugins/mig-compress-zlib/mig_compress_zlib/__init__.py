@@ -4,21 +4,9 @@ from __future__ import annotations
 
 import zlib
 
-from mig_core.compressor import Compressor, Decoder, Encoder
+from mig_core.compressor import Compressor, Decoder, Encoder, FlushedStreamEncoder
 
 __all__ = ["ZlibCompressor"]
-
-
-class _ZlibEncoder(Encoder):
-    def __init__(self, level: int) -> None:
-        self._c = zlib.compressobj(level)
-
-    def compress(self, data: bytes | memoryview) -> bytes:
-        return b"".join(self.compress_parts(data))
-
-    def compress_parts(self, data: bytes | memoryview) -> list[bytes | memoryview]:
-        """What the stream emits for ``data``, then what the sync flush at the packet's end emits (no join)."""
-        return [b for b in (self._c.compress(data), self._c.flush(zlib.Z_SYNC_FLUSH)) if b]
 
 
 class _ZlibDecoder(Decoder):
@@ -42,7 +30,7 @@ class ZlibCompressor(Compressor):
     level_parameter = "multifd-zlib-level"
 
     def encoder(self, level: int) -> Encoder:
-        return _ZlibEncoder(level)
+        return FlushedStreamEncoder(zlib.compressobj(level), zlib.Z_SYNC_FLUSH)
 
     def decoder(self) -> Decoder:
         return _ZlibDecoder()

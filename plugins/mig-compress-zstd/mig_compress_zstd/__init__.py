@@ -4,21 +4,9 @@ from __future__ import annotations
 
 import zstandard
 
-from mig_core.compressor import Compressor, Decoder, Encoder
+from mig_core.compressor import Compressor, Decoder, Encoder, FlushedStreamEncoder
 
 __all__ = ["ZstdCompressor"]
-
-
-class _ZstdEncoder(Encoder):
-    def __init__(self, level: int) -> None:
-        self._c = zstandard.ZstdCompressor(level=level).compressobj()
-
-    def compress(self, data: bytes | memoryview) -> bytes:
-        return b"".join(self.compress_parts(data))
-
-    def compress_parts(self, data: bytes | memoryview) -> list[bytes | memoryview]:
-        """What the stream emits for ``data``, then what the flush at the packet's end emits (no join)."""
-        return [b for b in (self._c.compress(data), self._c.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)) if b]
 
 
 class _ZstdDecoder(Decoder):
@@ -42,7 +30,7 @@ class ZstdCompressor(Compressor):
     level_parameter = "multifd-zstd-level"
 
     def encoder(self, level: int) -> Encoder:
-        return _ZstdEncoder(level)
+        return FlushedStreamEncoder(zstandard.ZstdCompressor(level=level).compressobj(), zstandard.COMPRESSOBJ_FLUSH_BLOCK)
 
     def decoder(self) -> Decoder:
         return _ZstdDecoder()

@@ -146,6 +146,7 @@ def unpace_loopback(sock: socket.socket) -> str | None:
         return name.decode()
     return None
 
+
 class _SocketListener(Listener):
     def __init__(self, socks: list[socket.socket], addresses: list[SocketAddress], unlink: str | None) -> None:
         self._socks = socks
