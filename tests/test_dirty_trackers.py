@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -26,7 +25,25 @@ def make_machine(tracker: str) -> Machine:
     return m
 
 
-def writers(m: Machine, stop: threading.Event, n: int = 3) -> list[threading.Thread]:
+class WriteCount:
+    """How many writes the writer threads made; a round waits for fresh writes, never for a time window."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.cond = threading.Condition()
+
+    def add(self) -> None:
+        with self.cond:
+            self.n += 1
+            self.cond.notify_all()
+
+    def wait_beyond(self, n: int, timeout: float = 60.0) -> int:
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.n > n, timeout), "the writer threads made no progress"
+            return self.n
+
+
+def writers(m: Machine, stop: threading.Event, n: int = 3, count: WriteCount | None = None) -> list[threading.Thread]:
     """Threads that write random pages by numpy fancy index, by slices and by memoryview; they mark writes."""
 
     def body(seed: int) -> None:
@@ -49,6 +66,8 @@ def writers(m: Machine, stop: threading.Event, n: int = 3) -> list[threading.Thr
                     off = int(rng.integers(0, b.size - 16))
                     b.view[off:off + 16] = bytes(rng.integers(0, 255, 16, dtype=np.uint8))
                     m.mark_dirty(b.name, off, 16)
+                if count is not None:
+                    count.add()
                 v.safe_point()
         finally:
             v.unregister()
@@ -90,14 +109,14 @@ def test_shadow_copy_equals_memory(tracker):
         mig = Shadow(m, t.consumer("migration", sends=True))
         rate = Shadow(m, t.consumer("dirty-rate"))
         stop = threading.Event()
-        threads = writers(m, stop)
-        deadline = time.monotonic() + 1.0
-        i = 0
-        while time.monotonic() < deadline:
+        count = WriteCount()
+        threads = writers(m, stop, count=count)
+        seen = 0
+        for i in range(24):  # a fixed number of rounds, each after the writers wrote more
+            seen = count.wait_beyond(seen)
             mig.round()
             if i % 3 == 0:
                 rate.round()  # a second consumer at its own pace never steals the first one's pages
-            i += 1
         stop.set()
         for th in threads:
             th.join()
@@ -105,7 +124,6 @@ def test_shadow_copy_equals_memory(tracker):
         rate.round()
         assert mig.equals_memory() and rate.equals_memory()
         assert mig.round() == 0  # nothing written since: nothing reported
-        assert mig.rounds > 3
     finally:
         m.close()
 

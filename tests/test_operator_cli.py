@@ -64,42 +64,88 @@ def test_shell_completion_and_parsing():
     assert parse_line('migrate {"uri": "tcp:h:1"}') == ("migrate", {"uri": "tcp:h:1"})
 
 
-def test_shell_session_on_a_terminal(host, tmp_path):
-    """The interactive shell under a real pseudo-terminal: commands, replies and events."""
-    master, slave = pty.openpty()
-    env = dict(os.environ, MIG_SHELL_HISTORY=str(tmp_path / "hist"), TERM="dumb")
-    proc = subprocess.Popen([sys.executable, "-m", "mig_core", "shell", str(host.sock)],
-                            stdin=slave, stdout=slave, stderr=slave, env=env)
-    os.close(slave)
-    buf = b""
+class Terminal:
+    """``mig shell`` under a real pseudo-terminal; ``expect`` waits for output that arrived after the last match."""
 
-    def read_until(token: bytes, timeout: float = 15) -> bytes:
-        nonlocal buf
+    def __init__(self, sock, tmp_path) -> None:
+        self.master, slave = pty.openpty()
+        env = dict(os.environ, MIG_SHELL_HISTORY=str(tmp_path / "hist"), TERM="dumb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "mig_core", "shell", str(sock)],
+                                     stdin=slave, stdout=slave, stderr=slave, env=env)
+        os.close(slave)
+        self.buf = b""
+        self.pos = 0
+
+    def expect(self, token: bytes, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
-        while token not in buf and time.monotonic() < deadline:
-            r, _, _ = select.select([master], [], [], 0.1)
+        while token not in self.buf[self.pos:] and time.monotonic() < deadline:
+            r, _, _ = select.select([self.master], [], [], 0.1)
             if r:
                 try:
-                    buf += os.read(master, 65536)
+                    self.buf += os.read(self.master, 65536)
                 except OSError:
                     break
-        assert token in buf, buf[-2000:]
-        return buf
+        at = self.buf.find(token, self.pos)
+        assert at >= 0, (token, self.buf[-2000:])
+        self.pos = at + len(token)
 
+    def type(self, text: bytes) -> None:
+        os.write(self.master, text)
+
+    def command(self, line: bytes, *replies: bytes) -> None:
+        """Type a command, then wait for its replies and for the next prompt (drawn before or after them)."""
+        self.type(line + b"\r")
+        self.expect(line)  # the echo of what was typed
+        mark = self.pos
+        for token in (*replies, PROMPT):
+            self.pos = mark
+            self.expect(token)
+        self.pos = max(self.pos, mark)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.master)
+
+
+PROMPT = b"(mig) "
+
+
+def test_shell_session_on_a_terminal(host, tmp_path):
+    """The interactive shell as a person uses it: each command typed at the prompt, replies and events."""
+    t = Terminal(host.sock, tmp_path)
     try:
-        read_until(b"(mig)")
-        os.write(master, b"migrate-set-capabilities capabilities=[{\"capability\":\"events\",\"state\":true}]\r")
-        read_until(b'{"return": {}}')
-        os.write(master, b"stop\r")
-        read_until(b'"event": "STOP"')
-        os.write(master, b"query-status\r")
-        read_until(b'"status": "paused"')
-        os.write(master, b"migrate-set-parameters multifd-channels=0\r")
-        read_until(b"expects a value between 1 and 255")
-        os.write(master, b"\x04")  # Ctrl-D ends the shell
-        assert proc.wait(10) == 0
+        t.expect(PROMPT)
+        t.command(b'migrate-set-capabilities capabilities=[{"capability":"events","state":true}]', b'{"return": {}}')
+        t.command(b"stop", b'{"return": {}}', b'"event": "STOP"')
+        t.command(b"query-status", b'"status": "paused"')
+        t.command(b"migrate-set-parameters multifd-channels=0", b"expects a value between 1 and 255")
+        t.type(b"\x04")  # Ctrl-D ends the shell
+        assert t.proc.wait(30) == 0
         assert b"query-status" in (tmp_path / "hist").read_bytes()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(master)
+        t.close()
+
+
+def test_shell_keeps_typed_ahead_input(host, tmp_path):
+    """What a user types before the prompt is back (while a command runs) is kept, Ctrl-D included."""
+    t = Terminal(host.sock, tmp_path)
+    try:
+        t.expect(PROMPT)
+        # three commands and the end in one burst: the second and third arrive while the first runs
+        t.type(b"query-status\rstop\rquery-status\r\x04")
+        t.expect(b'"status": "running"')
+        t.expect(b'"status": "paused"')
+        assert t.proc.wait(30) == 0
+    finally:
+        t.close()
+    t = Terminal(host.sock, tmp_path)
+    try:
+        t.expect(PROMPT)
+        t.type(b"cont\r")
+        t.expect(b'{"return": {}}')
+        t.type(b"\x04")  # sent as soon as the reply shows, before the prompt is drawn again
+        assert t.proc.wait(30) == 0
+    finally:
+        t.close()

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import click
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import Completer, Completion
 from prompt_toolkit.history import FileHistory
+from prompt_toolkit.input import create_input
 from prompt_toolkit.patch_stdout import patch_stdout
 from qemu.qmp import ExecuteError, QMPClient
 
@@ -66,9 +68,11 @@ def parse_line(line: str) -> tuple[str, dict[str, Any]]:
 async def _shell(socket: str) -> None:
     client: QMPClient = await _connect(socket)
     names = [c["name"] for c in await client.execute("query-commands")]  # type: ignore[union-attr]
+    terminal = create_input()
     session: PromptSession[str] = PromptSession(
         history=FileHistory(os.environ.get("MIG_SHELL_HISTORY", str(Path.home() / ".mig_shell_history"))),
         completer=QMPCompleter(names),
+        input=terminal,
     )
 
     async def print_events() -> None:
@@ -76,8 +80,12 @@ async def _shell(socket: str) -> None:
             print(json.dumps(dict(ev)))
 
     events = asyncio.create_task(print_events())
+    # The terminal stays in raw mode between prompts too: what is typed while a command runs waits,
+    # byte for byte, for the next prompt. In cooked mode the line discipline would take it first and
+    # turn a Ctrl-D into an end-of-file that the next prompt never sees.
+    raw = terminal.raw_mode() if sys.stdin.isatty() else contextlib.nullcontext()
     try:
-        with patch_stdout():
+        with raw, patch_stdout():
             while True:
                 try:
                     line = await session.prompt_async("(mig) ")
