@@ -67,14 +67,38 @@ class RunStateMachine:
             if self.running or self._state is RunState.PRELAUNCH:
                 self.set(state)
 
+    def enter(self, new: RunState) -> RunState:
+        """Enter ``new`` and return the state it replaced, with no ``stop``/``cont`` in between.
+
+        The migration thread enters finish-migrate this way: the state it restores after a failure is
+        the one it really replaced.
+        """
+        with self._lock:
+            old = self._state
+            self.set(new)
+            return old
+
     def cont(self) -> None:
-        """Resume the machine (``cont`` command) with QEMU's refusals."""
+        """Resume the machine (``cont`` command) with QEMU's refusals (qmp_cont).
+
+        Between the final stop of a migration and its end the run state is finish-migrate, and nothing
+        may resume the vCPUs then: the device state being saved and the last RAM pass would no longer
+        be the state the destination continues from.
+        """
         with self._lock:
             st = self._state
-            if st is RunState.INMIGRATE:
-                raise QMPError("Migration is not finalized yet")
             if st in (RunState.INTERNAL_ERROR, RunState.SHUTDOWN, RunState.GUEST_PANICKED):
                 raise QMPError("Resetting the Virtual Machine is required")
+            if st is RunState.SUSPENDED:
+                return
+            if st is RunState.FINISH_MIGRATE:
+                raise QMPError("Migration is not finalized yet")
+            if st is RunState.COLO:
+                raise QMPError("COLO checkpoint in progress")
+            if st is RunState.INMIGRATE:
+                # QEMU only remembers the request: the machine starts when the incoming migration ends
+                self.autostart = True
+                return
             if self.running:
                 return
             self.set(RunState.RUNNING)

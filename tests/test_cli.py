@@ -118,7 +118,9 @@ def test_incoming_defer_host(tmp_path):
         c = RawQMP(sock)
         c.negotiate()
         assert c.cmd({"execute": "query-status"})["return"] == {"running": False, "status": "inmigrate"}
-        assert c.cmd({"execute": "cont"})["error"]["desc"] == "Migration is not finalized yet"
+        # QEMU's qmp_cont on a destination that waits: only remembered (it runs when the migration ends)
+        assert c.cmd({"execute": "cont"}) == {"return": {}}
+        assert c.cmd({"execute": "query-status"})["return"] == {"running": False, "status": "inmigrate"}
         c.close()
     finally:
         proc.terminate()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 
 import pytest
 
-from mig_core.testing import connect, migrate_and_wait, ram_digest, vcpu_records, wait_for_status
+from mig_core.testing import connect, migrate_and_wait, qmp_error, ram_digest, vcpu_records, wait_for_status
 
 RAM = 32 << 20
 WORKLOAD = ("--ram", "32M", "--ram-fill", "half", "--vcpus", "2", "--dirty-rate", "8M")
@@ -117,6 +119,47 @@ async def test_pause_before_switchover(start_host, tmp_path):
     finally:
         await src.disconnect()
         await dst.disconnect()
+
+
+async def test_cont_refused_from_the_final_stop_to_completion(start_host, tmp_path):
+    """No command resumes the source between its final stop and the end (QEMU: finish-migrate refuses cont)."""
+    src_h, dst_h, src, dst = await pair(start_host, caps=("events", "pause-before-switchover", "return-path"))
+    spammer = await connect(src_h.sock, "spam")
+    replies: list[str] = []
+    spamming = asyncio.Event()
+    spamming.set()
+
+    async def spam() -> None:
+        while spamming.is_set():
+            replies.append(await qmp_error(spammer.execute("cont")))
+
+    try:
+        await dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/c.sock"})
+        await src.execute("migrate", {"uri": f"unix:{tmp_path}/c.sock"})
+        await wait_for_status(src, {"pre-switchover"})
+        assert await qmp_error(src.execute("cont")) == "Migration is not finalized yet"
+        assert (await src.execute("query-status"))["status"] == "finish-migrate"
+        task = asyncio.create_task(spam())
+        # the destination is frozen: with a return path the source then waits in device for its answer
+        os.kill(dst_h.proc.pid, signal.SIGSTOP)
+        try:
+            await src.execute("migrate-continue", {"state": "pre-switchover"})
+            await wait_for_status(src, {"device"})
+            assert await qmp_error(src.execute("cont")) == "Migration is not finalized yet"
+            assert await src.execute("query-status") == {"running": False, "status": "finish-migrate"}
+            spamming.clear()
+            await task
+        finally:
+            os.kill(dst_h.proc.pid, signal.SIGCONT)
+        assert replies and set(replies) == {"Migration is not finalized yet"}
+        assert (await wait_for_status(src, {"completed", "failed"}))["status"] == "completed"
+        await wait_for_status(dst, {"completed"})
+        assert await src.execute("query-status") == {"running": False, "status": "postmigrate"}
+        assert await ram_digest(src, RAM, tmp_path / "s") == await ram_digest(dst, RAM, tmp_path / "d")
+    finally:
+        for c in (src, dst, spammer):
+            with contextlib.suppress(Exception):
+                await c.disconnect()
 
 
 async def test_destination_runs_without_dash_s(start_host, tmp_path):

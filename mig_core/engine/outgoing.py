@@ -490,10 +490,12 @@ class OutgoingMigration:
         m, c, run = self.m, self.counters, self.machine.run
         log.info("switchover", expected_downtime_ms=c.expected_downtime, remaining=c.remaining,
                  bandwidth_bytes_per_ms=round(c.bandwidth, 1), passes=c.dirty_sync_count)
-        self._runstate_before = run.state
-        self.m.global_state.saved_runstate = run.state
         c.downtime_start_ms = now_ms()
-        run.set(RunState.FINISH_MIGRATE)  # stops the vCPUs (raises VcpuStopTimeout if they do not park)
+        # stops the vCPUs (raises VcpuStopTimeout if they do not park); from here until the end cont is
+        # refused, so nothing resumes them before the destination has everything
+        self._runstate_before = run.state
+        self._runstate_before = run.enter(RunState.FINISH_MIGRATE)
+        self.m.global_state.saved_runstate = self._runstate_before
         self.m.pm.hook.mig_switchover(migration_id=m.migration_id, side=m.source.side)
         if self.caps[C.PAUSE_BEFORE_SWITCHOVER]:
             if not m.source.cas(S.ACTIVE, S.PRE_SWITCHOVER):
