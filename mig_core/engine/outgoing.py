@@ -150,23 +150,32 @@ class OutgoingMigration:
 
     def _run(self) -> None:
         status = self.m.source
+        error: str | None = None
+        failed = False
         try:
             self._setup()
             self._iterate()
             self._complete()
         except Cancelled:
-            self._end_unsuccessfully(None)
+            failed = True
         except (MigrationFailed, QMPError, ChannelError, StreamError, DeviceStateError, VcpuStopTimeout,
                 OSError) as e:
-            if self.cancel_requested.is_set() or isinstance(e, ChannelAborted):
-                self._end_unsuccessfully(None)
-            else:
-                self._end_unsuccessfully((e.desc if isinstance(e, QMPError) else str(e)) or type(e).__name__)
+            failed = True
+            if not (self.cancel_requested.is_set() or isinstance(e, ChannelAborted)):
+                error = (e.desc if isinstance(e, QMPError) else str(e)) or type(e).__name__
         except Exception as e:  # noqa: BLE001 - a bug must still leave the source intact
             log.exception("migration_thread_crashed")
-            self._end_unsuccessfully(f"internal error: {type(e).__name__}: {e}")
+            failed = True
+            error = f"internal error: {type(e).__name__}: {e}"
         finally:
-            self._cleanup()
+            # channels, children and threads are gone before the final status is reported (QEMU's
+            # migrate_fd_cleanup): whoever sees cancelled or failed may start the next migration
+            try:
+                self._cleanup()
+            except Exception:  # noqa: BLE001 - the status must still reach its end
+                log.exception("migration_cleanup_failed")
+        if failed:
+            self._end_unsuccessfully(error)
         log.info("migration_thread_exit", status=status.state.value)
 
     def _end_unsuccessfully(self, error: str | None) -> None:

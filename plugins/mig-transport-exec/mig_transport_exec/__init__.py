@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import select
+import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import structlog
@@ -24,13 +27,25 @@ def _argv(addr: MigrationAddress) -> list[str]:
     return list(addr.value.args)
 
 
-class _ChildChannel(FdChannel):
-    """A pipe to or from a child; its failure is reported with the child's status and stderr."""
+#: Seconds a child may take to exit after the end of the stream (outgoing: after its stdin closed) before
+#: the migration fails and its process group is killed. A child that keeps running after the stream ended
+#: would otherwise hold the stopped source forever.
+EXIT_TIMEOUT = 10.0
+#: Seconds between SIGTERM and SIGKILL when a child's process group is ended.
+KILL_GRACE = 0.2
 
-    def __init__(self, proc: subprocess.Popen[bytes], write_fd: int, read_fd: int, what: str) -> None:
+
+class _ChildChannel(FdChannel):
+    """A pipe to or from a child in its own process group; its failure is reported with the child's
+    status and stderr. However the migration ends, ``close`` leaves no process of the group running."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], write_fd: int, read_fd: int, what: str,
+                 exit_timeout: float = EXIT_TIMEOUT) -> None:
         super().__init__(write_fd, read_fd)
         self.proc = proc
         self.what = what
+        self.exit_timeout = exit_timeout
+        self._pidfd = os.pidfd_open(proc.pid)  # readable once the child has exited (and is not yet reaped)
         self._stderr = bytearray()
         self._reader = threading.Thread(target=self._drain_stderr, name="exec-stderr", daemon=True)
         self._reader.start()
@@ -41,10 +56,35 @@ class _ChildChannel(FdChannel):
             self._stderr += chunk
             del self._stderr[:-STDERR_TAIL]
 
+    def _exited(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the child to exit; an abort wakes the wait (ChannelAborted)."""
+        if self._pidfd < 0:
+            return True
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        if self._wake_r >= 0:
+            poller.register(self._wake_r, select.POLLIN)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            ready = {fd for fd, _ in poller.poll(max(0, int(left * 1000)))}
+            if self._pidfd in ready:
+                return True
+            if ready:
+                self._check_abort()
+            if left <= 0:
+                return False
+
+    def _status(self, timeout: float) -> int | None:
+        """The child's exit status, or None if it has not exited within ``timeout`` s."""
+        if not self._exited(timeout):
+            return None
+        self._kill_group()  # what the child left behind in its group (the group leader is not reaped yet)
+        return self.proc.wait()
+
     def _child_error(self, what: str) -> ChannelError:
-        try:
-            code = self.proc.wait(5)
-        except subprocess.TimeoutExpired:
+        code = self._status(1.0)
+        if code is None:
             return ChannelError(f"{what} (command {self.what} still running)")
         self._reader.join(2)
         tail = self._stderr.decode(errors="replace").strip()
@@ -60,27 +100,60 @@ class _ChildChannel(FdChannel):
 
     def _recv_into(self, view: memoryview) -> int:
         n = super()._recv_into(view)
-        if n == 0 and self.proc.wait(5) != 0:
-            raise self._child_error("early end of stream")
+        if n == 0:
+            code = self._status(self.exit_timeout)
+            if code:  # None (still running with its stdout closed): the stream's own checks decide
+                raise self._child_error("early end of stream")
         return n
 
     def finish(self) -> None:
-        """Close our end and wait for the child: a non-zero status fails the migration."""
+        """Close our end and wait for the child, at most ``exit_timeout`` s: a non-zero status or a
+        child that does not exit fails the migration (nothing says the stream was stored)."""
         if self.write_fd >= 0:
             os.close(self.write_fd)
             self.write_fd = -1
-        code = self.proc.wait()
+        code = self._status(self.exit_timeout)
+        if code is None:
+            self._kill_group()
+            raise ChannelError(f"command {self.what} did not exit within {self.exit_timeout:g} s after the end "
+                               "of the stream")
         if code != 0:
             raise self._child_error("")
 
+    def _kill_group(self) -> None:
+        """End every process left in the child's process group: SIGTERM, a moment, then SIGKILL.
+
+        Called while the group leader (the child) is not reaped yet, so its pid still names the group.
+        """
+        pgid = self.proc.pid  # start_new_session: the child leads its own group
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            return
+        if self._pidfd >= 0:
+            poller = select.poll()
+            poller.register(self._pidfd, select.POLLIN)
+            poller.poll(int(KILL_GRACE * 1000))
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
     def close(self) -> None:
         super().close()
-        if self.proc.poll() is None:
-            try:
-                self.proc.wait(5)  # with our end closed, a writing child ends at once (EPIPE)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc.returncode is None:
+            if not self._exited_now():
+                log.info("exec_child_killed", command=self.what, pid=self.proc.pid)
+            self._kill_group()
+            self.proc.wait()
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+    def _exited_now(self) -> bool:
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        return bool(poller.poll(0))
 
 
 class ExecTransport(Transport):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 
-from mig_core.testing import connect, qmp_error, ram_digest, wait_for_status
+from mig_core.testing import connect, qmp_error, ram_digest, wait_for_status, wait_until
+from mig_transport_exec import EXIT_TIMEOUT
 
 WL = ("--ram", "16M", "--ram-fill", "half", "--vcpus", "2", "--dirty-rate", "4M")
 
@@ -58,3 +61,59 @@ async def test_incoming_command_that_fails(start_host, tmp_path):
         "The incoming migration has already been started")
     await dst.disconnect()
     await asyncio.sleep(0)
+
+
+def _processes_with(marker: str) -> list[str]:
+    """Command lines of running processes that carry ``marker`` (zombies excluded)."""
+    out = subprocess.run(["ps", "-eo", "stat=,args="], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if marker in line and not line.lstrip().startswith("Z")]
+
+
+async def test_child_that_never_exits_is_cancelled_and_its_group_reaped(start_host, tmp_path):
+    """A child that reads the whole stream but never exits: cancel ends it within a second, no process
+    of its group survives, the source runs on and the next migration is exact."""
+    src_h = start_host(*WL, name="src")
+    src = await connect(src_h.sock)
+    marker = f"{os.getpid()}{id(tmp_path)}"
+    await src.execute("migrate", {"uri": f"exec:cat > /dev/null; sleep 1000{marker}"})
+    await wait_for_status(src, {"device"})  # the stream is written; the source waits for the child
+    assert (await src.execute("query-status"))["status"] == "finish-migrate"
+    await src.execute("migrate_cancel")  # before the fix: cancelling for good
+    info = await wait_for_status(src, {"cancelled", "failed", "completed"})
+    assert info["status"] == "cancelled"
+    assert _processes_with(marker) == []
+    assert (await src.execute("query-status"))["status"] == "running"
+    await src.execute("migrate", {"uri": f"exec:cat > {tmp_path}/img"})
+    assert (await wait_for_status(src, {"completed", "failed"}))["status"] == "completed"
+    dst_h = start_host(*WL, "--incoming", f"exec:cat {tmp_path}/img", "-S", name="dst")
+    dst = await connect(dst_h.sock)
+    assert (await wait_for_status(dst, {"completed", "failed"}))["status"] == "completed"
+    assert await ram_digest(src, 16 << 20, tmp_path / "s") == await ram_digest(dst, 16 << 20, tmp_path / "d")
+    await src.disconnect()
+    await dst.disconnect()
+
+
+async def test_child_that_never_exits_fails_the_migration_after_the_exit_timeout(start_host, tmp_path):
+    src_h = start_host(*WL, name="src")
+    src = await connect(src_h.sock)
+    marker = f"{os.getpid()}{id(src)}"
+    command = f"cat > /dev/null; sleep 1000{marker}"
+    await src.execute("migrate", {"uri": f"exec:{command}"})
+    info = await wait_for_status(src, {"failed", "completed", "cancelled"}, timeout=EXIT_TIMEOUT + 30)
+    assert info["status"] == "failed"
+    assert info["error-desc"] == (f"command '{command}' did not exit within {EXIT_TIMEOUT:g} s after the end "
+                                  "of the stream")
+    assert _processes_with(marker) == []
+    assert (await src.execute("query-status"))["status"] == "running"
+    await src.disconnect()
+
+
+async def test_successful_migration_leaves_no_process_of_the_group(start_host, tmp_path):
+    """The command exits 0 but left a background process in its group: that one is ended too."""
+    src_h = start_host(*WL, name="src")
+    src = await connect(src_h.sock)
+    marker = f"{os.getpid()}{id(src)}"
+    await src.execute("migrate", {"uri": f"exec:(sleep 1000{marker} &) ; cat > {tmp_path}/img"})
+    assert (await wait_for_status(src, {"completed", "failed"}))["status"] == "completed"
+    wait_until(lambda: _processes_with(marker) == [], timeout=10)
+    await src.disconnect()
