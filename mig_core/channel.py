@@ -32,6 +32,9 @@ _SO_EE_CODE_ZEROCOPY_COPIED = 1
 _EXTENDED_ERR = struct.Struct("=IBBBBII")
 _RECVERR = {(socket.SOL_IP, getattr(socket, "IP_RECVERR", 11)), (socket.IPPROTO_IPV6, getattr(socket, "IPV6_RECVERR", 25))}
 
+#: Bytes of zero-copy sends a channel lets the kernel hold before it waits for completions.
+ZERO_COPY_PIN_LIMIT = 64 << 20
+
 #: Linux limits one sendmsg to IOV_MAX buffers.
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
@@ -202,7 +205,13 @@ class SocketChannel(Channel):
         super().__init__()
         sock.setblocking(True)
         self.sock = sock
-        self._zc_sent = self._zc_done = 0
+        self._zero_copy = False
+        #: id the kernel gives the next zero-copy send (it counts them from 0, wrapping at 2**32)
+        self._zc_next = 0
+        #: zero-copy sends not completed yet: id -> the buffers the kernel may still read (kept alive)
+        self._zc_pinned: dict[int, list[memoryview]] = {}
+        self._zc_pinned_bytes = 0
+        self._zc_copied = False
 
     def _sendv(self, buffers: Sequence[Buffer]) -> int:
         try:
@@ -225,36 +234,60 @@ class SocketChannel(Channel):
             raise ChannelError("Zero copy send feature not detected in host kernel") from None
         self._zero_copy = True
 
+    @property
+    def zero_copy_pending(self) -> list[int]:
+        """Ids of zero-copy sends whose completion has not been read yet (their buffers are held)."""
+        return sorted(self._zc_pinned)
+
     def sendv_zero_copy(self, buffers: Sequence[Buffer]) -> None:
-        if not getattr(self, "_zero_copy", False):
+        """Send with MSG_ZEROCOPY; every buffer stays referenced until the kernel reports the send done.
+
+        The kernel reads the pages of a zero-copy send after the call returns, until its completion
+        arrives on the error queue; a buffer freed before that (a gathered copy, a tracker's page
+        copy) could be reused and other data put on the wire.
+        """
+        if not self._zero_copy:
             self.sendv(buffers)
             return
         views = [v for v in (memoryview(b).cast("B") for b in buffers) if v.nbytes]
         while views:
             self._check_abort()
+            batch = views[:IOV_MAX]
             try:
-                n = self.sock.sendmsg(views[:IOV_MAX], [], _MSG_ZEROCOPY)
+                n = self.sock.sendmsg(batch, [], _MSG_ZEROCOPY)
             except OSError as e:
                 self._check_abort()
                 if e.errno == errno.ENOBUFS:  # too many notifications outstanding: collect them, retry
-                    self.flush_zero_copy()
+                    self._reap(block=True)
                     continue
                 raise ChannelError(f"send failed: {e.strerror or e}") from None
             if n:
-                self._zc_sent += 1
+                self._zc_pinned[self._zc_next] = batch
+                self._zc_pinned_bytes += sum(v.nbytes for v in batch)
+                self._zc_next = (self._zc_next + 1) & 0xFFFFFFFF
             self.bytes_sent += n
             _consume(views, n)
+        if self._zc_pinned_bytes > ZERO_COPY_PIN_LIMIT:  # else completions are read at the next flush
+            self._reap(block=True, until_bytes=ZERO_COPY_PIN_LIMIT)
 
     def flush_zero_copy(self) -> bool:
         """Read completion notifications from the error queue until every zero-copy send is done."""
-        copied = False
+        self._reap(block=True)
+        copied, self._zc_copied = self._zc_copied, False
+        return copied
+
+    def _reap(self, block: bool, until_bytes: int = 0) -> None:
+        """Read completions; release each completed send's buffers. ``block``: until the pinned bytes
+        are at most ``until_bytes`` (0: every send completed)."""
         poller = select.poll()
         poller.register(self.sock, select.POLLERR)
-        while self._zc_done < self._zc_sent:
+        while self._zc_pinned:
             self._check_abort()
             try:
                 _, ancdata, _, _ = self.sock.recvmsg(0, 256, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
             except BlockingIOError:
+                if not block or self._zc_pinned_bytes <= until_bytes:
+                    return
                 poller.poll(100)
                 continue
             except OSError as e:
@@ -266,10 +299,12 @@ class SocketChannel(Channel):
                 err, origin, _type, code, _pad, lo, hi = _EXTENDED_ERR.unpack_from(data)
                 if origin != _SO_EE_ORIGIN_ZEROCOPY:
                     raise ChannelError(f"send failed: {os.strerror(err) if err else 'error queue message'}")
-                self._zc_done += (hi - lo + 1) & 0xFFFFFFFF
+                for i in range((hi - lo + 1) & 0xFFFFFFFF):  # ids lo..hi, inclusive, wrapping
+                    done = self._zc_pinned.pop((lo + i) & 0xFFFFFFFF, None)
+                    if done is not None:
+                        self._zc_pinned_bytes -= sum(v.nbytes for v in done)
                 if code & _SO_EE_CODE_ZEROCOPY_COPIED:
-                    copied = True
-        return copied
+                    self._zc_copied = True
 
     def _unblock(self) -> None:
         try:
