@@ -36,7 +36,7 @@ from mig_core.schema.commands import (
 )
 from mig_core.schema.common import RunState, ShutdownCause, ShutdownEventData, StatusInfo, VersionInfo, VersionTriple
 from mig_core.schema.migration import MigrationCapability as C
-from mig_core.schema.migration import MigrationCapabilityStatus, MigrationInfo
+from mig_core.schema.migration import MigMode, MigrationCapabilityStatus, MigrationInfo
 from mig_core.schema.migration import MigrationStatus as S
 from mig_core.status import POSTCOPY_STATES, RUNNING_STATES, Side, StatusMachine
 from mig_core.transport import Listener, Transport, TransportContext, TransportRegistry
@@ -272,7 +272,10 @@ class MigrationManager:
             if ch.channel_type.value in seen:
                 raise QMPError(f"Channel list has more than one {ch.channel_type.value} entry")
             seen.add(ch.channel_type.value)
-        addr = channels[0].addr
+        main = [ch for ch in channels if ch.channel_type.value == "main"]
+        if not main:
+            raise QMPError("Channel list has no main entry")
+        addr = main[0].addr
         return self.transports.for_address(addr), addr
 
     def _check_transport_caps(self, addr: MigrationAddress) -> None:
@@ -284,9 +287,12 @@ class MigrationManager:
         if (self.caps[C.MULTIFD] or self.caps[C.POSTCOPY_PREEMPT]) and not (
                 multi or (addr.tag is MigrationAddressType.FILE and self.caps[C.MAPPED_RAM])):
             raise QMPError("Migration requires multi-channel URIs (e.g. tcp)")
-        for cap in (C.POSTCOPY_RAM, C.X_COLO, C.BACKGROUND_SNAPSHOT, C.SWITCHOVER_ACK):
+        for cap in (C.POSTCOPY_RAM, C.X_COLO, C.BACKGROUND_SNAPSHOT, C.SWITCHOVER_ACK, C.X_IGNORE_SHARED):
             if self.caps[cap]:
                 raise QMPError(f"mig cannot migrate with capability {cap.value} yet")
+        mode = self.params["mode"]
+        if mode is not MigMode.NORMAL:
+            raise QMPError(f"mig cannot migrate in mode {mode.value} yet")
 
     def migrate(self, args: MigrateArgs) -> None:
         cls, addr = self._address(args.uri, args.channels, incoming=False)
@@ -322,6 +328,11 @@ class MigrationManager:
                     self.set_error(e.desc)
                     self.source.cas(S.SETUP, S.FAILED)
                     raise
+                except Exception as e:  # a transport bug still never leaves the status in setup
+                    log.exception("transport_connect_crashed", transport=cls.address_type)
+                    self.set_error(f"{cls.address_type}: connect failed: {type(e).__name__}: {e}")
+                    self.source.cas(S.SETUP, S.FAILED)
+                    raise QMPError(self.error_desc or str(e)) from None
             if self.tls_enabled():
                 # TLS objects do not exist in mig: a named credential is never found (QEMU: async failure)
                 self.set_error(f"No TLS credentials with id '{self.params['tls-creds']}'")

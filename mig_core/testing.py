@@ -112,6 +112,11 @@ class RawQMP:
         self.send(obj)
         return self.recv_reply()
 
+    def cmd_raw(self, data: bytes) -> dict[str, Any]:
+        """Send bytes as they are and return the next reply."""
+        self.send_raw(data)
+        return self.recv_reply()
+
     def negotiate(self) -> None:
         reply = self.cmd({"execute": "qmp_capabilities"})
         if reply != {"return": {}}:

@@ -288,3 +288,32 @@ async def test_argument_and_state_errors(start_host, tmp_path):
     await src.disconnect()
     await dst.disconnect()
     assert os.path.exists(tmp_path / "x.sock")
+
+
+async def test_refused_migrate_changes_nothing(start_host, tmp_path):
+    """Options whose machinery does not exist yet, and bad addresses, are refused; the status is untouched."""
+    s, d, src, dst = await source_and_dest(start_host)
+    assert await src.execute("query-migrate") == {}
+    await src.execute("migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": True}]})
+    assert await qmp_error(src.execute("migrate", {"uri": f"unix:{tmp_path}/x.sock"})) == (
+        "mig cannot migrate with capability x-ignore-shared yet")
+    await src.execute("migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": False}]})
+    await src.execute("migrate-set-parameters", {"mode": "cpr-reboot"})
+    assert await qmp_error(src.execute("migrate", {"uri": f"unix:{tmp_path}/x.sock"})) == (
+        "mig cannot migrate in mode cpr-reboot yet")
+    await src.execute("migrate-set-parameters", {"mode": "normal"})
+    rdma = {"transport": "rdma", "host": "127.0.0.1", "port": "1", "keep-alive": True}
+    assert await qmp_error(src.execute("migrate", {"channels": [{"channel-type": "main", "addr": rdma}]})) == (
+        "rdma: option 'keep-alive' is not supported by the ZeroMQ transport")
+    assert await qmp_error(src.execute("migrate", {"channels": []})) == "Channel list has no main entry"
+    assert await qmp_error(src.execute("migrate", {"channels": [{"channel-type": "main", "addr": {
+        "transport": "exec", "args": ["/bin/echo", "a\u0000b"]}}]})) == "JSON parse error, \\u0000 is not supported"
+    assert await qmp_error(src.execute("migrate", {"uri": "exec:echo a\u0000b"})) == (
+        "JSON parse error, \\u0000 is not supported")
+    assert await src.execute("query-migrate") == {}  # nothing started, nothing failed
+    # the host still migrates
+    await dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/ok.sock"})
+    await src.execute("migrate", {"uri": f"unix:{tmp_path}/ok.sock"})
+    assert (await wait_for_status(src, {"completed", "failed"}))["status"] == "completed"
+    await src.disconnect()
+    await dst.disconnect()

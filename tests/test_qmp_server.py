@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import threading
 import time
@@ -116,13 +117,46 @@ def test_malformed_json_and_framing(raw):
     assert c.cmd({"execute": "query-status"})["return"]["status"] == "running"
 
 
-def test_oversized_request_is_refused_and_session_survives(raw):
+def _alive(c: RawQMP, n: int) -> None:
+    assert c.cmd({"execute": "query-status", "id": n}) == {"return": {"running": True, "status": "running"},
+                                                            "id": n}
+
+
+def test_json_limits_are_answered_and_the_session_goes_on(raw):
+    """QEMU's limits per value: nesting 1024, 64 MiB of tokens, 2 Mi tokens; each an error reply."""
     c = raw()
     c.negotiate()
-    c.send_raw(b'{"execute": "query-status", "id": "' + b"x" * (1 << 20) + b'"}\n')
-    reply = c.recv_reply()
-    assert reply["error"]["desc"] == "JSON parse error, message exceeds 1048576 bytes"
-    assert c.cmd({"execute": "query-status", "id": 9})["id"] == 9
+    c.sock.settimeout(120)
+    c.send_raw(b"[" * 1025 + b"]" * 1025 + b"\n")
+    assert c.recv_reply() == {"error": {"class": "GenericError", "desc": "JSON nesting depth limit exceeded"}}
+    _alive(c, 1)
+    # 1024 levels are within the limit: the request is parsed and refused for what it says
+    deep = b'{"execute": "query-status", "id": 2, "arguments": {"a": ' + b"[" * 1022 + b"]" * 1022 + b"}}\n"
+    assert c.cmd_raw(deep) == {"error": {"class": "GenericError", "desc": "Parameter 'a' is unexpected"}, "id": 2}
+    c.send_raw(b'{"execute": "query-status", "id": "' + b"x" * (64 << 20) + b'"}\n')
+    assert c.recv_reply() == {"error": {"class": "GenericError", "desc": "JSON token size limit exceeded"}}
+    _alive(c, 3)
+    c.send_raw(b"[" + b"0," * (1 << 20) + b"0]\n")  # 2 Mi + 2 tokens
+    assert c.recv_reply() == {"error": {"class": "GenericError", "desc": "JSON token count limit exceeded"}}
+    _alive(c, 4)
+
+
+def test_stray_bytes_are_answered_and_the_next_request_is_served(raw):
+    c = raw()
+    c.negotiate()
+    c.send_raw(b'\x00\x00\x00{"execute": "query-status", "id": 1}\n')
+    assert c.recv_reply() == {"error": {"class": "GenericError", "desc": "JSON parse error, stray '\\x00'"}}
+    assert c.recv_reply()["id"] == 1
+    c.send_raw(b'{"execute": "query-st\xff\n{"execute": "query-status", "id": 2}\n')
+    assert c.recv_reply() == {"error": {"class": "GenericError", "desc": "JSON parse error, stray '\\xff'"}}
+    assert c.recv_reply()["id"] == 2
+    c.send_raw(b'{"execute": "query-status", "id": 3, "arguments": {"x\\u0000": 1}}\n')
+    assert c.recv_reply() == {"error": {"class": "GenericError", "desc": "JSON parse error, \\u0000 is not supported"},
+                              "id": 3}
+    c.send_raw(b"}]\n")
+    assert c.recv_reply()["error"]["desc"] == "JSON parse error, stray '}'"
+    assert c.recv_reply()["error"]["desc"] == "JSON parse error, stray ']'"
+    _alive(c, 4)
 
 
 def test_vanishing_clients_do_not_disturb_others(host, raw):
@@ -283,3 +317,67 @@ def test_oob_command_overtakes_a_stuck_in_band_command(tmp_path):
         asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+def test_out_of_band_commands_never_wait_behind_in_band_ones(host, raw, tmp_path):
+    """An in-band pmemsave blocks on a FIFO nobody reads; eight clients queue in-band commands behind it;
+    exec-oob is answered all the same."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    blocker = raw()
+    blocker.negotiate()
+    blocker.send({"execute": "pmemsave", "arguments": {"val": 0, "size": 4096, "filename": str(fifo)}, "id": "b"})
+    waiting = []
+    for i in range(8):
+        c = raw()
+        c.negotiate()
+        c.send({"execute": "query-status", "id": i})
+        waiting.append(c)
+    oob = raw()
+    assert oob.cmd({"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}) == {"return": {}}
+    reply = oob.cmd({"exec-oob": "migrate-pause", "id": "oob"})
+    assert reply == {"id": "oob", "error": {"class": "GenericError", "desc": "migrate-pause is currently only "
+                                                                            "supported during postcopy-active or "
+                                                                            "postcopy-recover state"}}
+    with open(fifo, "rb") as f:  # let the in-band work go on
+        assert len(f.read()) == 4096
+    assert blocker.recv_reply() == {"return": {}, "id": "b"}
+    for i, c in enumerate(waiting):
+        assert c.recv_reply()["id"] == i
+
+
+def _rss(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_client_that_never_reads_costs_bounded_memory(host, raw):
+    """Events for a client that does not read are dropped past its queue's bound, and it is told how many."""
+    sleeper = raw()
+    sleeper.negotiate()  # from now on it gets every event, and reads none
+    busy = raw()
+    busy.negotiate()
+
+    def stop_cont(n: int) -> None:
+        for _ in range(n):
+            busy.send({"execute": "stop"})
+            busy.send({"execute": "cont"})
+            busy.recv_reply()
+            busy.recv_reply()
+
+    stop_cont(3000)  # fills the sleeper's socket buffer and queue
+    before = _rss(host.proc.pid)
+    stop_cont(10000)  # 20 000 more events for the sleeper
+    grown = _rss(host.proc.pid) - before
+    assert grown < 8 << 20, f"host RSS grew by {grown} bytes"
+    # the sleeper reads at last: what was queued, then how many events it lost
+    sleeper.sock.settimeout(30)
+    while True:
+        msg = sleeper.recv()
+        if msg.get("event") == "MIG_EVENTS_DROPPED":
+            assert msg["data"]["count"] > 10000
+            break
+        assert msg.get("event") in ("STOP", "RESUME"), msg
+    assert sleeper.cmd({"execute": "query-status", "id": 1})["id"] == 1

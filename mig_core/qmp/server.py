@@ -2,26 +2,33 @@
 
 Each client gets the greeting, must negotiate with ``qmp_capabilities``, then
 sends commands. In-band commands of all clients run one at a time (like QEMU's
-big lock) in worker threads, so a slow command never stalls the event loop;
-``exec-oob`` commands run at once, never queued behind in-band work. Events go
-to every negotiated client. A client that misbehaves or vanishes is answered
-with an error or dropped; everyone else keeps being served.
+big lock) on one worker thread, so a slow command never stalls the event loop;
+``exec-oob`` commands run at once on threads of their own, never queued behind
+in-band work. Events go to every negotiated client through a bounded queue per
+client: a client that does not read loses events (and is told how many), never
+the host's memory. A client that misbehaves or vanishes is answered with an
+error or dropped; everyone else keeps being served.
 """
 
 from __future__ import annotations
 
 import array
 import asyncio
+import collections
 import json
 import os
 import socket
+import sys
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from mig_core.errors import QMPError, command_not_found
+from mig_core.events import timestamp
 from mig_core.qapi import to_qmp
 from mig_core.qmp.address import MonitorAddress, parse_monitor_address
 from mig_core.qmp.dispatch import (
@@ -32,14 +39,48 @@ from mig_core.qmp.dispatch import (
     find_command,
     visit_arguments,
 )
-from mig_core.qmp.framing import JsonSplitter
+from mig_core.qmp.framing import MAX_NESTING, JsonInputError, JsonStreamer
 
 log = structlog.get_logger("mig.qmp")
 
-#: Largest single JSON request accepted (QEMU allows much larger; nothing in QMP needs it).
-MAX_REQUEST_BYTES = 1 << 20
 #: In-band requests a client may have queued before its reads pause.
 MAX_QUEUED = 8
+#: Bytes of replies and events waiting for one client; past it, events for that client are dropped
+#: (and counted) and its requests are not read until the queue drains.
+MAX_OUTPUT_BYTES = 1 << 20
+#: Threads that run out-of-band commands (never shared with in-band work).
+OOB_THREADS = 4
+#: The event that tells a client how many events it lost (mig's extension, docs/differences.md).
+EVENTS_DROPPED = "MIG_EVENTS_DROPPED"
+
+
+def _has_nul(obj: Any) -> bool:
+    """Whether any string in a parsed request (keys included) holds U+0000."""
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, str):
+            if "\0" in o:
+                return True
+        elif isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, list):
+            stack.extend(o)
+    return False
+
+
+def _loads(text: bytes) -> Any:
+    """json.loads, also for values nested up to QEMU's limit (beyond the interpreter's recursion limit)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        old = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(old, MAX_NESTING * 2 + 200))
+        try:
+            return json.loads(text)
+        finally:
+            sys.setrecursionlimit(old)
 
 
 class QMPSession:
@@ -58,15 +99,61 @@ class QMPSession:
         self.worker: asyncio.Task[Any] | None = None
         self.fds: list[int] = []
         self.peer = sock.getpeername() or sock.getsockname()
+        self._out: collections.deque[bytes] = collections.deque()
+        self._out_bytes = 0
+        self._out_ready = asyncio.Event()
+        self._out_room = asyncio.Event()
+        self._out_room.set()
+        self._dropped = 0
+        self._writing = False
+        self.writer: asyncio.Task[Any] | None = None
 
     # -- output ------------------------------------------------------------------
 
+    def _queue(self, data: bytes) -> None:
+        self._out.append(data)
+        self._out_bytes += len(data)
+        self._out_ready.set()
+        if self._out_bytes > MAX_OUTPUT_BYTES:
+            self._out_room.clear()
+
     async def send(self, msg: dict[str, Any]) -> None:
+        """Queue a reply (replies are never dropped; a client's reads pause while its queue is full)."""
+        if not self.closed:
+            self._queue(json.dumps(msg).encode() + b"\r\n")
+
+    def post_event(self, data: bytes) -> None:
+        """Queue an event, or drop it (counted) while this client's queue is full."""
         if self.closed:
             return
+        if self._out_bytes > MAX_OUTPUT_BYTES:
+            if not self._dropped:
+                log.warning("qmp_events_dropped", peer=str(self.peer), queued_bytes=self._out_bytes)
+            self._dropped += 1
+            return
+        self._queue(data)
+
+    async def _writer(self) -> None:
         try:
-            async with self._write_lock:
-                await self.loop.sock_sendall(self.sock, json.dumps(msg).encode() + b"\r\n")
+            while not self.closed:
+                if not self._out:
+                    if self._dropped:  # the queue drained: say what was lost, once
+                        n, self._dropped = self._dropped, 0
+                        log.info("qmp_events_dropped_reported", peer=str(self.peer), count=n)
+                        self._queue(_event_bytes(EVENTS_DROPPED, {"count": n}))
+                        continue
+                    self._out_ready.clear()
+                    await self._out_ready.wait()
+                    continue
+                data = self._out.popleft()
+                self._out_bytes -= len(data)
+                if self._out_bytes <= MAX_OUTPUT_BYTES // 2:
+                    self._out_room.set()
+                self._writing = True
+                try:
+                    await self.loop.sock_sendall(self.sock, data)
+                finally:
+                    self._writing = False
         except (ConnectionError, OSError) as e:
             log.info("qmp_client_gone", peer=str(self.peer), error=str(e))
             self.close()
@@ -80,12 +167,15 @@ class QMPSession:
         except (ValueError, OSError):
             pass
         self.sock.close()
-        for task in (self.task, self.worker):
+        for task in (self.task, self.worker, self.writer):
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
         for fd in self.fds:
             os.close(fd)
         self.fds.clear()
+        self._out.clear()  # what a vanished client never read is freed with it
+        self._out_bytes = 0
+        self._out_room.set()
 
     async def reply(self, req: Request | None, result: Any = None, error: QMPError | None = None) -> None:
         msg: dict[str, Any] = {"error": error.to_qmp()} if error else {"return": result}
@@ -120,42 +210,61 @@ class QMPSession:
     async def run(self) -> None:
         greeting = {"QMP": {"version": to_qmp(self.server.manager.query_version()), "capabilities": ["oob"]}}
         self.task = asyncio.current_task()
+        self.writer = asyncio.create_task(self._writer())
         await self.send(greeting)
         self.worker = asyncio.create_task(self._worker())
-        splitter = JsonSplitter(MAX_REQUEST_BYTES)
+        streamer = JsonStreamer()
         try:
             while not self.closed:
+                await self._out_room.wait()  # a client that does not read its replies is not read either
                 data = await self.recv()
                 if not data:
                     break
-                for item in splitter.feed(data):
-                    if isinstance(item, Exception):
+                for item in streamer.feed(data):
+                    if isinstance(item, JsonInputError):
                         await self.reply(None, error=QMPError(str(item)))
                         continue
                     await self._handle_text(item)
         except (ConnectionError, OSError) as e:
             log.info("qmp_client_gone", peer=str(self.peer), error=str(e))
         finally:
+            await self.flush()
             self.close()
             self.server.sessions.discard(self)
 
+    async def flush(self, timeout: float = 1.0) -> None:
+        """Let queued output go out (before the connection closes; bounded: the client may not read)."""
+        deadline = time.monotonic() + timeout
+        while (self._out or self._writing) and not self.closed and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+
     async def _handle_text(self, text: bytes) -> None:
         try:
-            obj = json.loads(text)
+            obj = _loads(text)
         except (ValueError, UnicodeDecodeError) as e:
             msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
             await self.reply(None, error=QMPError(f"JSON parse error, {msg}"))
             return
+        except RecursionError:
+            await self.reply(None, error=QMPError("JSON nesting depth limit exceeded"))
+            return
+        req_id = obj.get("id") if isinstance(obj, dict) else None
+        has_id = isinstance(obj, dict) and "id" in obj
+        if _has_nul(obj):
+            # QEMU's parser refuses U+0000 in any string; mig answers with the request's id
+            await self.reply(Request("", False, req_id, has_id, {}),
+                             error=QMPError("JSON parse error, \\u0000 is not supported"))
+            return
         try:
             req = check_request(obj, self.oob)
         except QMPError as e:
-            req_id = obj.get("id") if isinstance(obj, dict) else None
-            has_id = isinstance(obj, dict) and "id" in obj
             await self.reply(Request("", False, req_id, has_id, {}), error=e)
             return
         if req.oob:
-            # Out-of-band: dispatched right away, outside the in-band lock.
-            asyncio.create_task(self._execute(req, oob=True))
+            # Out-of-band: dispatched right away, outside the in-band lock and its thread.
+            task = asyncio.create_task(self._execute(req, oob=True))
+            self.server._tasks.add(task)
+            task.add_done_callback(self.server._tasks.discard)
         elif not self.negotiated or req.name == "qmp_capabilities":
             await self._execute(req, oob=False)
         else:
@@ -179,7 +288,13 @@ class QMPSession:
         await self.reply(req, result)
         if req.name == "quit":
             self.server.manager.quit_requested.set()
-            self.server.shutdown()
+            # in a task of the server's: the session may close (the client saw the reply) meanwhile
+            task = asyncio.create_task(self._shutdown_after_reply())
+            self.server._tasks.add(task)
+
+    async def _shutdown_after_reply(self) -> None:
+        await self.flush()
+        self.server.shutdown()
 
     async def _dispatch(self, req: Request, oob: bool) -> Any:
         manager = self.server.manager
@@ -199,8 +314,16 @@ class QMPSession:
             return [{"name": c.name} for c in available_commands(manager)]
         extra = {"session_fds": self.fds} if cmd.name in ("getfd", "closefd") else None
         if oob:
-            return await asyncio.to_thread(call_manager, manager, cmd, args, extra)
-        return await asyncio.to_thread(self.server.run_locked, call_manager, manager, cmd, args, extra)
+            return await self.loop.run_in_executor(self.server.oob_executor, call_manager, manager, cmd, args,
+                                                   extra)
+        return await self.loop.run_in_executor(self.server.inband_executor, self.server.run_locked, call_manager,
+                                               manager, cmd, args, extra)
+
+
+def _event_bytes(name: str, data: dict[str, Any]) -> bytes:
+    secs, usecs = timestamp()
+    msg = {"timestamp": {"seconds": secs, "microseconds": usecs}, "event": name, "data": data}
+    return json.dumps(msg).encode() + b"\r\n"
 
 
 class QMPServer:
@@ -212,6 +335,10 @@ class QMPServer:
         self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._big_lock = threading.Lock()
+        #: in-band commands run here, one at a time: waiting for the big lock never takes a thread
+        #: from out-of-band commands, which have their own
+        self.inband_executor = ThreadPoolExecutor(1, thread_name_prefix="qmp-inband")
+        self.oob_executor = ThreadPoolExecutor(OOB_THREADS, thread_name_prefix="qmp-oob")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = asyncio.Event()
         self._unix_paths: list[Path] = []
@@ -276,9 +403,10 @@ class QMPServer:
         loop.call_soon_threadsafe(self._broadcast, msg)
 
     def _broadcast(self, msg: dict[str, Any]) -> None:
+        data = json.dumps(msg).encode() + b"\r\n"
         for s in list(self.sessions):
             if s.negotiated and not s.closed:
-                asyncio.ensure_future(s.send(msg))
+                s.post_event(data)
 
     def shutdown(self) -> None:
         self._stopped.set()
@@ -298,3 +426,5 @@ class QMPServer:
             if p.is_socket():
                 p.unlink()
         self.manager.events.unsubscribe(self._on_event)
+        self.inband_executor.shutdown(wait=False)
+        self.oob_executor.shutdown(wait=False)

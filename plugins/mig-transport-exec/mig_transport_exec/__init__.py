@@ -169,8 +169,13 @@ class ExecTransport(Transport):
         return MigrationAddress("exec", MigrationExecCommand(args=["/bin/sh", "-c", command]))
 
     def check_address(self, addr: MigrationAddress, incoming: bool) -> None:
-        if not _argv(addr):
+        argv = _argv(addr)
+        if not argv:
             raise TransportError("exec: the command is empty")
+        for i, arg in enumerate(argv):
+            if "\0" in arg:
+                where = "the command" if argv[:2] == ["/bin/sh", "-c"] else f"argument {i}"
+                raise TransportError(f"exec: {where} contains a NUL byte")
 
     def _spawn(self, addr: MigrationAddress, outgoing: bool) -> _ChildChannel:
         argv = _argv(addr)

@@ -117,3 +117,16 @@ async def test_successful_migration_leaves_no_process_of_the_group(start_host, t
     assert (await wait_for_status(src, {"completed", "failed"}))["status"] == "completed"
     wait_until(lambda: _processes_with(marker) == [], timeout=10)
     await src.disconnect()
+
+
+def test_nul_bytes_in_the_command_are_refused_before_anything_runs():
+    from mig_core.plugin_registry import PluginRegistry
+    from mig_core.transport import TransportContext, TransportError, TransportRegistry
+
+    reg = TransportRegistry(PluginRegistry())
+    cls, addr = reg.parse("exec:echo a\0b")
+    t = cls(TransportContext())
+    import pytest
+
+    with pytest.raises(TransportError, match="exec: the command contains a NUL byte"):
+        t.check_address(addr, incoming=False)

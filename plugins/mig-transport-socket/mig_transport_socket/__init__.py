@@ -12,6 +12,7 @@ from collections.abc import Callable
 import structlog
 
 from mig_core.channel import Channel, ChannelAbilities, ChannelAborted, SocketChannel
+from mig_core.qapi import UNSET
 from mig_core.schema.migration import MigrationAddress, MigrationAddressType
 from mig_core.schema.sockets import (
     InetSocketAddress,
@@ -147,11 +148,30 @@ def unpace_loopback(sock: socket.socket) -> str | None:
     return None
 
 
+_KEEPALIVE_MEMBERS = ("keep_alive", "keep_alive_count", "keep_alive_idle", "keep_alive_interval")
+
+
+def _proto(v: InetSocketAddress) -> int:
+    return socket.IPPROTO_MPTCP if v.mptcp is True else 0
+
+
+def _socket(family: int, proto: int, what: str) -> socket.socket:
+    try:
+        return socket.socket(family, socket.SOCK_STREAM, proto)
+    except OSError as e:
+        if proto == socket.IPPROTO_MPTCP:
+            raise TransportError(f"Failed to create an MPTCP socket for '{what}': {e.strerror} (is "
+                                 "net.mptcp.enabled set?)") from None
+        raise TransportError(f"Failed to create socket for '{what}': {e.strerror}") from None
+
+
 class _SocketListener(Listener):
-    def __init__(self, socks: list[socket.socket], addresses: list[SocketAddress], unlink: str | None) -> None:
+    def __init__(self, socks: list[socket.socket], addresses: list[SocketAddress], unlink: str | None,
+                 tune: Callable[[socket.socket], None] | None = None) -> None:
         self._socks = socks
         self._addresses = addresses
         self._unlink = unlink
+        self._tune = tune
         self._closed = False
 
     @property
@@ -180,6 +200,13 @@ class _SocketListener(Listener):
                         raise ChannelAborted("the incoming listener was closed") from None
                     log.warning("accept_failed", error=str(e))
                     continue
+                if self._tune is not None:
+                    try:
+                        self._tune(conn)
+                    except TransportError as e:
+                        conn.close()
+                        log.warning("accepted_connection_refused", error=e.desc)
+                        continue
                 return SocketChannel(conn)
 
     def close(self) -> None:
@@ -211,23 +238,55 @@ class SocketTransport(Transport):
         sa: SocketAddress = addr.value
         if sa.tag is SocketAddressType.FD and not incoming and sa.value.str not in self.ctx.named_fds:
             raise TransportError(f"File descriptor named '{sa.value.str}' has not been found")
+        if sa.tag is SocketAddressType.INET:
+            # options the kernel refuses (an MPTCP socket where MPTCP is off, a keep-alive count over
+            # 127) are refused now, to the caller, on a scratch socket: not later in a migration thread
+            v = sa.value
+            scratch = _socket(socket.AF_INET, _proto(v), f"{v.host}:{v.port}")
+            try:
+                self._tune(scratch, v)
+            finally:
+                scratch.close()
 
     # -- outgoing ------------------------------------------------------------------
 
-    def _tune(self, sock: socket.socket) -> None:
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.ctx.unpaced_loopback:
-                unpace_loopback(sock)
-            if self.ctx.keepalive:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+    def _tune(self, sock: socket.socket, v: InetSocketAddress | None) -> None:
+        """TCP options: the address's keep-alive options where given (QEMU's inet_set_sockopts),
+        mig's defaults where not (keep-alive on: 10 s idle, probes every 5 s, 3 of them)."""
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ctx.unpaced_loopback:
+            unpace_loopback(sock)
+        given = v is not None and any(getattr(v, k) is not UNSET for k in _KEEPALIVE_MEMBERS)
+        if given:
+            assert v is not None
+            settings = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, v.keep_alive, "keep-alive"),
+                        (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, v.keep_alive_count, "keep-alive-count"),
+                        (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, v.keep_alive_idle, "keep-alive-idle"),
+                        (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, v.keep_alive_interval, "keep-alive-interval")]
+        elif self.ctx.keepalive:
+            settings = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, True, "keep-alive"),
+                        (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10, "keep-alive-idle"),
+                        (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5, "keep-alive-interval"),
+                        (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3, "keep-alive-count")]
+        else:
+            settings = []
+        for level, opt, value, name in settings:
+            if value is UNSET or (value == 0 and opt != socket.SO_KEEPALIVE):
+                continue  # QEMU: a count, idle or interval of 0 leaves the system's value
+            try:
+                sock.setsockopt(level, opt, int(value))
+            except OSError as e:
+                raise TransportError(f"Unable to set {name} option on socket: {e.strerror}") from None
+        try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(self.ctx.user_timeout * 1000))
+        except OSError as e:  # MPTCP sockets have no user timeout; keep-alive still detects a dead peer
+            log.debug("tcp_user_timeout_unavailable", error=e.strerror)
 
-    def _connect_one(self, family: int, sockaddr: object, what: str, abort_check: Callable[[], bool]) -> socket.socket:
-        sock = socket.socket(family, socket.SOCK_STREAM)
+    def _connect_one(self, family: int, sockaddr: object, what: str, abort_check: Callable[[], bool],
+                     proto: int = 0) -> socket.socket:
+        sock = _socket(family, proto, what)
         sock.setblocking(False)
         try:
             err = sock.connect_ex(sockaddr)  # type: ignore[arg-type]
@@ -255,7 +314,7 @@ class SocketTransport(Transport):
             last: TransportError | None = None
             for family, _, _, _, sockaddr in _resolve(v, passive=False):
                 try:
-                    sock = self._connect_one(family, sockaddr, what, abort_check)
+                    sock = self._connect_one(family, sockaddr, what, abort_check, _proto(v))
                     break
                 except TransportError as e:
                     last = e
@@ -271,8 +330,39 @@ class SocketTransport(Transport):
                 raise TransportError(f"Failed to connect to '{what}': {e.strerror}") from None
         else:
             sock = self._named_fd_socket(v.str, incoming=False)
-        self._tune(sock)
+        try:
+            self._tune(sock, v if sa.tag is SocketAddressType.INET else None)
+        except BaseException:
+            sock.close()
+            raise
         return SocketChannel(sock)
+
+    def _bind_inet(self, family: int, sockaddr: tuple, v: InetSocketAddress) -> tuple[socket.socket, int]:
+        """A listening socket on the address's port, or with ``to`` the first free port up to ``to``."""
+        first = sockaddr[1]
+        last = v.to if v.to is not UNSET and first else first
+        if last < first:
+            raise TransportError(f"port range 'to' {last} is below the port {first}")
+        error: OSError | None = None
+        for port in range(first, last + 1):
+            s = _socket(family, _proto(v), f"{v.host}:{port}")
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                s.bind((sockaddr[0], port, *sockaddr[2:]))
+                s.listen(8)
+            except OSError as e:
+                s.close()
+                error = e
+                if e.errno != errno.EADDRINUSE:
+                    break
+                continue
+            return s, s.getsockname()[1]
+        assert error is not None
+        if last != first:
+            raise TransportError(f"Failed to find an available port: {error.strerror}")
+        raise TransportError(f"Failed to bind socket: {error.strerror}")
 
     def _named_fd_socket(self, name: str, incoming: bool) -> socket.socket:
         fd = self.ctx.take_fd(name) if self.ctx.take_fd else self.ctx.named_fds.pop(name, None)
@@ -295,26 +385,20 @@ class SocketTransport(Transport):
         v = sa.value
         if sa.tag is SocketAddressType.INET:
             socks, bound = [], []
-            for family, _, _, _, sockaddr in _resolve(v, passive=True):
-                s = socket.socket(family, socket.SOCK_STREAM)
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                if family == socket.AF_INET6:
-                    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                try:
-                    s.bind(sockaddr)
-                    s.listen(8)
-                except OSError as e:
-                    s.close()
-                    for o in socks:
-                        o.close()
-                    raise TransportError(f"Failed to bind socket: {e.strerror}") from None
-                host, port = s.getsockname()[:2]
-                socks.append(s)
-                fam = {"ipv4": True} if family == socket.AF_INET else {"ipv6": True}
-                bound.append(SocketAddress("inet", InetSocketAddress(host=host, port=str(port), **fam)))
-                if v.port == "0":
-                    break  # one family, one port: what QEMU reports for port 0
-            return _SocketListener(socks, bound, None)
+            try:
+                for family, _, _, _, sockaddr in _resolve(v, passive=True):
+                    s, port = self._bind_inet(family, sockaddr, v)
+                    socks.append(s)
+                    fam = {"ipv4": True} if family == socket.AF_INET else {"ipv6": True}
+                    bound.append(SocketAddress("inet", InetSocketAddress(host=s.getsockname()[0], port=str(port),
+                                                                        **fam)))
+                    if v.port == "0":
+                        break  # one family, one port: what QEMU reports for port 0
+            except BaseException:
+                for o in socks:
+                    o.close()
+                raise
+            return _SocketListener(socks, bound, None, lambda conn: self._tune(conn, v))
         if sa.tag is SocketAddressType.UNIX:
             path = ("\0" + v.path) if v.abstract is True else v.path
             if v.abstract is not True and os.path.exists(v.path):

@@ -104,3 +104,101 @@ def test_migration_connections_on_loopback_do_not_pace():
             ch = cls(ctx).connect(addr, lambda: False)
             assert _congestion(ch.sock) in expected
             ch.close()
+
+
+def _inet(uri: str, tmp_path=None):
+    reg = TransportRegistry(PluginRegistry())
+    cls, addr = reg.parse(uri)
+    return cls(TransportContext()), addr
+
+
+def _connected(uri: str):
+    """Listen and connect with the same address options; the accepted and the connected socket."""
+    t, addr = _inet(uri)
+    t.check_address(addr, incoming=True)
+    listener = t.listen(addr)
+    port = listener.socket_addresses[0].value.port
+    out_t, out_addr = _inet(uri.replace(":0", f":{port}", 1))
+    out_t.check_address(out_addr, incoming=False)
+    got: list = []
+    th = threading.Thread(target=lambda: got.append(listener.accept()))
+    th.start()
+    src = out_t.connect(out_addr, lambda: False)
+    th.join(30)
+    listener.close()
+    return got[0], src
+
+
+def _keepalive(sock: socket.socket) -> tuple[int, int, int, int]:
+    return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL))
+
+
+def test_keep_alive_options_reach_both_ends():
+    dst, src = _connected("tcp:127.0.0.1:0,keep-alive=on,keep-alive-count=7,keep-alive-idle=42,"
+                          "keep-alive-interval=11")
+    try:
+        assert _keepalive(src.sock)[0] and _keepalive(src.sock)[1:] == (7, 42, 11)
+        assert _keepalive(dst.sock)[0] and _keepalive(dst.sock)[1:] == (7, 42, 11)
+    finally:
+        src.close()
+        dst.close()
+    dst, src = _connected("tcp:127.0.0.1:0,keep-alive=off")
+    try:
+        assert _keepalive(src.sock)[0] == 0 and _keepalive(dst.sock)[0] == 0
+    finally:
+        src.close()
+        dst.close()
+    # nothing given: mig's defaults on both ends (keep-alive on, 10 s idle, every 5 s, 3 probes)
+    dst, src = _connected("tcp:127.0.0.1:0")
+    try:
+        assert _keepalive(src.sock) == (1, 3, 10, 5) and _keepalive(dst.sock) == (1, 3, 10, 5)
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_keep_alive_values_the_kernel_refuses_are_refused_at_once():
+    t, addr = _inet("tcp:127.0.0.1:1,keep-alive=on,keep-alive-count=1000")
+    with pytest.raises(TransportError, match="Unable to set keep-alive-count option on socket: Invalid argument"):
+        t.check_address(addr, incoming=False)
+
+
+def test_mptcp_on_both_ends():
+    if not Path("/proc/sys/net/mptcp/enabled").exists() or Path("/proc/sys/net/mptcp/enabled").read_text().strip() != "1":
+        pytest.skip("MPTCP is not enabled on this kernel")
+    dst, src = _connected("tcp:127.0.0.1:0,mptcp=on")
+    try:
+        assert src.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) == socket.IPPROTO_MPTCP
+        assert dst.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) == socket.IPPROTO_MPTCP
+    finally:
+        src.close()
+        dst.close()
+    dst, src = _connected("tcp:127.0.0.1:0")
+    try:
+        assert src.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) == socket.IPPROTO_TCP
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_to_listens_on_the_first_free_port_of_the_range():
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        if port > 65000:
+            pytest.skip("no room above the busy port")
+        t, addr = _inet(f"tcp:127.0.0.1:{port},to={port + 20}")
+        listener = t.listen(addr)
+        try:
+            got = int(listener.socket_addresses[0].value.port)
+            assert port < got <= port + 20
+        finally:
+            listener.close()
+        t, addr = _inet(f"tcp:127.0.0.1:{port},to={port}")
+        with pytest.raises(TransportError, match="Failed to bind socket: Address already in use"):
+            t.listen(addr)
+        t, addr = _inet(f"tcp:127.0.0.1:{port},to={port - 1}")
+        with pytest.raises(TransportError, match=f"port range 'to' {port - 1} is below the port {port}"):
+            t.listen(addr)

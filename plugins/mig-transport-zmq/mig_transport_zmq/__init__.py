@@ -25,6 +25,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from mig_core.channel import Buffer, Channel, ChannelAbilities, ChannelAborted, ChannelError
 from mig_core.qmp.address import split_host_port
+from mig_core.qapi import UNSET
 from mig_core.schema.migration import MigrationAddress, MigrationAddressType
 from mig_core.schema.sockets import InetSocketAddress, SocketAddress
 from mig_core.transport import Listener, Transport, TransportError
@@ -39,6 +40,11 @@ ZERO_COPY_MIN = 64 << 10
 HWM = 64
 _POLL_MS = 100
 _ids = itertools.count(1)
+
+
+#: InetSocketAddress members the ZeroMQ transport cannot honour (refused rather than ignored).
+UNSUPPORTED_OPTIONS = ("numeric", "to", "ipv4", "ipv6", "keep-alive", "keep-alive-count", "keep-alive-idle",
+                       "keep-alive-interval", "mptcp")
 
 
 def parse_rdma_uri(uri: str) -> InetSocketAddress:
@@ -312,6 +318,13 @@ class ZmqTransport(Transport):
     @classmethod
     def parse_uri(cls, uri: str) -> MigrationAddress:
         return MigrationAddress("rdma", parse_rdma_uri(uri))
+
+    def check_address(self, addr: MigrationAddress, incoming: bool) -> None:
+        """The channels form carries InetSocketAddress's options; ZeroMQ applies none of them."""
+        v: InetSocketAddress = addr.value
+        for name in UNSUPPORTED_OPTIONS:
+            if getattr(v, name.replace("-", "_")) is not UNSET:
+                raise TransportError(f"rdma: option '{name}' is not supported by the ZeroMQ transport")
 
     def connect(self, addr: MigrationAddress, abort_check: Callable[[], bool]) -> Channel:
         v: InetSocketAddress = addr.value
