@@ -171,11 +171,16 @@ class MigrationManager:
             raise QMPError(f"Invalid addr 0x{args.val & (2**64 - 1):016x}/size {args.size} specified") from None
         try:
             f = open(args.filename, "wb")
-        except OSError as e:
-            raise QMPError(f"Could not open '{args.filename}': {e.strerror}") from None
-        with f:
-            for block, offset, length in pieces:
-                f.write(block.view[offset:offset + length])
+        except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name (the Python API allows one)
+            raise QMPError(f"Could not open '{args.filename}': "
+                           f"{e.strerror if isinstance(e, OSError) else 'Invalid argument'}") from None
+        try:
+            with f:
+                for block, offset, length in pieces:
+                    f.write(block.view[offset:offset + length])
+        except OSError as e:  # a full disk, an I/O error (QEMU: QERR_IO_ERROR)
+            log.warning("pmemsave_failed", filename=args.filename, error=e.strerror)
+            raise QMPError("An IO error has occurred") from None
 
     # -- QMP: capabilities and parameters ------------------------------------------
 
@@ -310,6 +315,8 @@ class MigrationManager:
                 raise QMPError("Cannot use TLS with mapped-ram")
             if self.caps[C.MAPPED_RAM] and self.multifd_compression() != "none":
                 raise QMPError("Cannot use compression with mapped-ram")
+            if self.caps[C.XBZRLE]:
+                self._check_xbzrle_cache()
             if self.caps[C.MULTIFD]:  # the plugin may have gone since migrate-set-parameters
                 params_mod.check_compression(self.multifd_compression(),
                                              params_mod.CheckContext(caps=self.caps, registry=self.registry))
@@ -339,6 +346,18 @@ class MigrationManager:
                 self.source.cas(S.SETUP, S.FAILED)
                 return
             out.start()
+
+    def _check_xbzrle_cache(self) -> None:
+        """A cache the host could not hold is refused before anything starts (QEMU fails in setup).
+
+        Only slots for the RAM there is are ever allocated, so a size beyond RAM costs nothing more;
+        one beyond the host's memory is a mistake all the same.
+        """
+        size = self.params["xbzrle-cache-size"]
+        host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if size > host:
+            raise QMPError(f"Parameter 'xbzrle-cache-size' ({size} bytes) is larger than this host's memory "
+                           f"({host} bytes)")
 
     def migrate_continue(self, args: MigrateContinueArgs) -> None:
         state = self.source.state

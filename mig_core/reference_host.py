@@ -14,12 +14,13 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import numpy as np
 import structlog
 
-from mig_core.machine.device import Device
+from mig_core.machine.device import Device, DeviceStateError
 from mig_core.machine.ram import Backing
 from mig_core.machine.machine import Machine
 from mig_core.machine.vcpu import Vcpu
@@ -92,11 +93,19 @@ def fill(machine: Machine, how: str, seed: int = 1) -> None:
     machine.blocks[0].array[:RECORD_STRIDE * 64] = 0  # the vCPU records start from zero
 
 
+class CounterStateV1(msgspec.Struct, forbid_unknown_fields=True):
+    """What a version-1 ``mig-run-counter`` section holds."""
+
+    ticks: Annotated[int, msgspec.Meta(ge=0)]
+    config: dict[str, int]
+
+
 class CounterDevice(Device):
     """The reference host's device: a tick counter and its configuration."""
 
     id = "mig-run-counter"
     version = 1
+    state_type = CounterStateV1
 
     def __init__(self, vcpus: int, dirty_rate: int) -> None:
         self.ticks = 0
@@ -111,12 +120,12 @@ class CounterDevice(Device):
         with self.lock:
             return {"ticks": self.ticks, "config": self.config}
 
-    def load_state(self, state: Any, version: int) -> None:
-        if state.get("config") != self.config:
-            raise ValueError(f"mig-run-counter: the source ran with {state.get('config')}, this host with "
-                             f"{self.config}")
+    def load_state(self, state: CounterStateV1, version: int) -> None:
+        if state.config != self.config:
+            raise DeviceStateError(f"mig-run-counter: the source ran with {state.config}, this host with "
+                                   f"{self.config}")
         with self.lock:
-            self.ticks = int(state["ticks"])
+            self.ticks = state.ticks
 
 
 class Workload:

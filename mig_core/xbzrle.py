@@ -97,11 +97,17 @@ class XbzrleCounters:
 
 
 class PageCache:
-    """Direct-mapped cache of page copies keyed by (block, page); slots = size / page size (a power of two)."""
+    """Direct-mapped cache of page copies keyed by page index; slots = size / page size (a power of two).
 
-    def __init__(self, size: int, page_size: int) -> None:
+    With ``max_slots`` (the number of pages there are), no more slots than the next power of two of it
+    are allocated: keys below ``max_slots`` then never share a slot, exactly as in a larger cache.
+    """
+
+    def __init__(self, size: int, page_size: int, max_slots: int | None = None) -> None:
         self.page_size = page_size
         self.slots = max(1, size // page_size)
+        if max_slots is not None:
+            self.slots = min(self.slots, 1 << max(0, max_slots - 1).bit_length())
         self.keys = np.full(self.slots, -1, dtype=np.int64)
         self.age = np.zeros(self.slots, dtype=np.int64)
         self.data = np.zeros((self.slots, page_size), dtype=np.uint8)  # calloc: untouched slots cost nothing

@@ -9,13 +9,18 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 
+import msgpack
 import numpy as np
 import pytest
 
 from mig_core.channel import SocketChannel
+from mig_core.machine.device import DeviceSection
 from mig_core.machine.ram import allocate
+from mig_core.stream import mapped_ram
+from mig_core.stream.format import Command
 from mig_core.stream.writer import StreamWriter
 from mig_core.testing import RawQMP, connect, ram_digest, wait_for_status, qmp_error
 
@@ -317,3 +322,78 @@ async def test_refused_migrate_changes_nothing(start_host, tmp_path):
     assert (await wait_for_status(src, {"completed", "failed"}))["status"] == "completed"
     await src.disconnect()
     await dst.disconnect()
+
+
+def device_stream(sections: list[tuple[str, object]]) -> bytes:
+    """A well-framed stream for a 32 MiB pc.ram host (one vCPU, no dirty rate): header, CONFIG, the given
+    device sections (id, state), end."""
+    blk = allocate("pc.ram", 32 << 20)
+    a, b = socket.socketpair()
+    w = StreamWriter(SocketChannel(a), [blk])
+    w.write_header("00000000-0000-0000-0000-000000000000")
+    w.write_command(Command.CONFIG, {"validate-uuid": False, "mapped-ram": False, "x-ignore-shared": False,
+                                     "multifd": None})
+    for dev_id, state in sections:
+        w.write_device(DeviceSection(dev_id, 0, 1, msgpack.packb(state, use_bin_type=True)))
+    w.write_end()
+    a.close()
+    data = b""
+    while chunk := b.recv(1 << 20):
+        data += chunk
+    b.close()
+    return data
+
+
+GOOD_COUNTER = {"ticks": 5, "config": {"vcpus": 1, "dirty-rate": 0}}
+
+
+@pytest.mark.parametrize("sections,error", [
+    ([("globalstate", {"runstate": "running"}), ("mig-run-counter", [1, 2])],
+     "device 'mig-run-counter' instance 0: invalid state: Expected `object`, got `array`"),
+    ([("globalstate", {"runstate": "running"}), ("mig-run-counter", {"config": {"vcpus": 1, "dirty-rate": 0}})],
+     "device 'mig-run-counter' instance 0: invalid state: Object missing required field `ticks`"),
+    ([("globalstate", {"runstate": "running"}), ("mig-run-counter", {**GOOD_COUNTER, "ticks": "x"})],
+     "device 'mig-run-counter' instance 0: invalid state: Expected `int`, got `str` - at `$.ticks`"),
+    ([("globalstate", {"runstate": "running"}), ("mig-run-counter", {**GOOD_COUNTER, "ticks": -1})],
+     "device 'mig-run-counter' instance 0: invalid state: Expected `int` >= 0 - at `$.ticks`"),
+    ([("globalstate", {"runstate": "bogus"}), ("mig-run-counter", GOOD_COUNTER)],
+     "device 'globalstate' instance 0: invalid state: Invalid enum value 'bogus' - at `$.runstate`"),
+    ([("globalstate", {"runstate": "running"}), ("mig-run-counter", GOOD_COUNTER),
+      ("mig-run-counter", GOOD_COUNTER)],
+     "the stream carries state for device 'mig-run-counter' instance 0 twice"),
+])
+async def test_device_state_of_the_wrong_shape_is_refused_precisely(start_host, tmp_path, sections, error):
+    d, info = await feed(start_host, tmp_path, device_stream(sections), exit_on_error=False)
+    assert info["status"] == "failed" and info["error-desc"] == f"load of migration failed: {error}", info
+    assert d.proc.poll() is None
+    assert "internal error" not in d.logs()
+
+
+async def test_mapped_ram_from_a_stream_that_cannot_seek(start_host, tmp_path):
+    """A MAPPED_RAM section read from a pipe: refused with the reason, not an OS error's name."""
+    blk = allocate("pc.ram", 16 << 20)
+    a, b = socket.socketpair()
+    w = StreamWriter(SocketChannel(a), [blk])
+    w.write_header("00000000-0000-0000-0000-000000000000")
+    head = b.recv(1 << 20)
+    _layout, section = mapped_ram.plan([blk], len(head))
+    a.close()
+    b.close()
+    image = tmp_path / "img"
+    image.write_bytes(head + bytes(section))
+    d = start_host("--ram", "16M", "--incoming", "defer", name="dst")
+    dst = await connect(d.sock, "dst")
+    await dst.execute("migrate-incoming", {"uri": f"exec:cat {image}", "exit-on-error": False})
+    info = await wait_for_status(dst, {"failed", "completed"})
+    assert info["status"] == "failed"
+    assert info["error-desc"] == ("load of migration failed: the stream has a MAPPED_RAM section, but the incoming "
+                                  "channel cannot seek (Illegal seek): mapped-ram needs a regular file")
+    # and file: on a FIFO is refused at once (it needs a file it can seek in), not left waiting for a writer
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    d2 = start_host("--ram", "16M", "--incoming", "defer", name="dst2")
+    dst2 = await connect(d2.sock, "dst2")
+    assert await qmp_error(dst2.execute("migrate-incoming", {"uri": f"file:{fifo}"})) == (
+        f"Could not open '{fifo}': Illegal seek")
+    await dst.disconnect()
+    await dst2.disconnect()

@@ -381,3 +381,13 @@ def test_a_client_that_never_reads_costs_bounded_memory(host, raw):
             break
         assert msg.get("event") in ("STOP", "RESUME"), msg
     assert sleeper.cmd({"execute": "query-status", "id": 1})["id"] == 1
+
+
+def test_pmemsave_to_a_full_disk_is_an_io_error(raw, tmp_path):
+    c = raw()
+    c.negotiate()
+    reply = c.cmd({"execute": "pmemsave", "arguments": {"val": 0, "size": 1 << 20, "filename": "/dev/full"}})
+    assert reply == {"error": {"class": "GenericError", "desc": "An IO error has occurred"}}
+    reply = c.cmd({"execute": "pmemsave", "arguments": {"val": 0, "size": 4096, "filename": str(tmp_path)}})
+    assert reply == {"error": {"class": "GenericError", "desc": f"Could not open '{tmp_path}': Is a directory"}}
+    _alive(c, 1)

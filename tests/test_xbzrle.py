@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mig_core import xbzrle
-from mig_core.testing import connect, ram_digest, wait_for_status
+from mig_core.testing import connect, qmp_error, ram_digest, wait_for_status
 
 
 @settings(max_examples=200, deadline=None)
@@ -82,6 +82,40 @@ async def test_migration_with_xbzrle(start_host, tmp_path):
         assert x["bytes"] < x["pages"] * 64
         await wait_for_status(dst, {"completed"})
         assert await ram_digest(src, 16 << 20, tmp_path / "s") == await ram_digest(dst, 16 << 20, tmp_path / "d")
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
+
+
+def test_cache_allocates_no_more_slots_than_there_are_pages():
+    from mig_core.xbzrle import PageCache
+
+    c = PageCache(1 << 63, 4096, max_slots=5000)
+    assert c.slots == 8192 and c.data.shape == (8192, 4096)
+    assert PageCache(1 << 20, 4096, max_slots=5000).slots == 256  # a smaller cache keeps its size
+    # keys below max_slots never share a slot, as in the cache of the size asked for
+    assert len({k % c.slots for k in range(5000)}) == 5000
+
+
+async def test_cache_size_beyond_the_host_is_refused_before_migrating(start_host, tmp_path):
+    wl = ("--ram", "16M", "--ram-fill", "random")
+    s, d = start_host(*wl, name="src"), start_host(*wl, "--incoming", "defer", "-S", name="dst")
+    src, dst = await connect(s.sock), await connect(d.sock)
+    try:
+        await src.execute("migrate-set-capabilities", {"capabilities": [{"capability": "xbzrle", "state": True}]})
+        await src.execute("migrate-set-parameters", {"xbzrle-cache-size": 1 << 63})  # QEMU accepts it here too
+        err = await qmp_error(src.execute("migrate", {"uri": f"unix:{tmp_path}/x.sock"}))
+        assert err.startswith("Parameter 'xbzrle-cache-size' (9223372036854775808 bytes) is larger than this "
+                              "host's memory (")
+        assert await src.execute("query-migrate") == {}
+        # a size above the RAM but within the host: only the RAM's worth of slots, and it migrates
+        await src.execute("migrate-set-parameters", {"xbzrle-cache-size": 1 << 30})
+        await dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/x.sock"})
+        await src.execute("migrate", {"uri": f"unix:{tmp_path}/x.sock"})
+        info = await wait_for_status(src, {"completed", "failed"})
+        assert info["status"] == "completed" and info["xbzrle-cache"]["cache-size"] == 1 << 30
+        started = [e for e in s.log_events() if e.get("event") == "xbzrle_started"]
+        assert started and all(e["slots"] == 4096 for e in started)  # 16 MiB of 4 KiB pages
     finally:
         await src.disconnect()
         await dst.disconnect()

@@ -39,6 +39,7 @@ class StepCounter(Device):
 
     id = "example-steps"
     version = 1
+    state_type = dict[str, int]  # validated before load_state sees it
 
     def __init__(self) -> None:
         self.steps = 0

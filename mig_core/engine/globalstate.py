@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from mig_core.machine.device import Device
 from mig_core.schema.common import RunState
+
+
+class GlobalStateV1(msgspec.Struct, forbid_unknown_fields=True):
+    """What a version-1 globalstate section holds."""
+
+    runstate: RunState
 
 
 class GlobalState(Device):
@@ -13,6 +21,7 @@ class GlobalState(Device):
 
     id = "globalstate"
     version = 1
+    state_type = GlobalStateV1
 
     def __init__(self) -> None:
         self.saved_runstate: RunState | None = None
@@ -21,8 +30,5 @@ class GlobalState(Device):
     def save_state(self) -> Any:
         return {"runstate": (self.saved_runstate or RunState.RUNNING).value}
 
-    def load_state(self, state: Any, version: int) -> None:
-        try:
-            self.received_runstate = RunState(state["runstate"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"globalstate carries an unknown run state: {state!r}") from None
+    def load_state(self, state: GlobalStateV1, version: int) -> None:
+        self.received_runstate = state.runstate

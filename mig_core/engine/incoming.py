@@ -9,15 +9,16 @@ error; the host's ``on_incoming_failed`` callback decides what happens next
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid as uuid_mod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from mig_core.channel import Channel, ChannelAborted, ChannelEOF, ChannelError, FdChannel
 from mig_core.engine.announce import start_announce
-from mig_core.machine.device import DeviceSection, DeviceStateError
+from mig_core.machine.device import Device, DeviceSection, DeviceStateError
 from mig_core.schema.common import RunState
 from mig_core.schema.migration import MigrationStatus as S
 from mig_core.stream.format import Command
@@ -79,7 +80,7 @@ class IncomingMigration:
             m.incoming_listener_closed()
             m.destination.cas(S.SETUP, S.ACTIVE)
             self._load()
-        except (ChannelError, StreamError, DeviceStateError, MultifdError, ValueError) as e:
+        except (ChannelError, StreamError, DeviceStateError, MultifdError, ValueError, OSError) as e:
             if isinstance(e, ChannelAborted) and m.destination.state is S.SETUP:
                 log.info("incoming_abandoned")
                 return
@@ -162,10 +163,17 @@ class IncomingMigration:
         for dev in machine.devices:
             dev.load_setup()
         loaded: set[tuple[str, int]] = set()
+        # every device's final state is validated as it arrives and applied only once all of it is good:
+        # a bad section anywhere leaves every device as it was
+        states: list[tuple[Device, Any, int]] = []
         try:
             for item in reader:
                 if isinstance(item, DeviceSection):
-                    machine.devices.load(item)
+                    if (item.id, item.instance) in loaded:
+                        raise DeviceStateError(f"the stream carries state for device '{item.id}' instance "
+                                               f"{item.instance} twice")
+                    dev, state = machine.devices.decode(item)
+                    states.append((dev, state, item.version))
                     loaded.add((item.id, item.instance))
                 elif isinstance(item, DevicePart):
                     machine.devices.lookup(item.id, item.instance, item.version).load_iterate(item.chunk)
@@ -188,6 +196,8 @@ class IncomingMigration:
         missing = [f"'{d.id}' instance {d.instance}" for d in machine.devices if (d.id, d.instance) not in loaded]
         if missing:
             raise DeviceStateError(f"the stream carried no state for device {missing[0]}")
+        for dev, state, version in states:
+            machine.devices.apply(dev, state, version)
         self._drop_unsent(placer)
         self._start_machine()
         if self.return_path:
@@ -202,6 +212,11 @@ class IncomingMigration:
         assert isinstance(main, FdChannel)
         if not m.caps[C.MAPPED_RAM]:
             raise StreamError("the stream has a MAPPED_RAM section, but capability mapped-ram is off")
+        try:
+            os.lseek(main.read_fd, 0, os.SEEK_CUR)
+        except OSError as e:
+            raise StreamError(f"the stream has a MAPPED_RAM section, but the incoming channel cannot seek "
+                              f"({e.strerror}): mapped-ram needs a regular file") from None
         readers: list[Channel] = [main]
         try:
             if m.caps[C.MULTIFD]:
@@ -211,7 +226,7 @@ class IncomingMigration:
                     readers = readers[1:]  # only the aligned page I/O goes through O_DIRECT descriptors
             pages = mapped_ram.load(main, readers, layout, self.reader.source_blocks, mapped_ram.file_size(main.read_fd),
                                     lambda b, p: self.placer.place(b, p, None))
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             raise StreamError(str(e)) from None
         finally:
             for r in readers:

@@ -107,7 +107,8 @@ class OutgoingMigration:
         self.convergence = ConvergenceTrigger(mode, lambda: manager.params, self.machine.vcpus,
                                               manager.dirty_limiter)
         self._block_index = {b.name: i for i, b in enumerate(self.machine.blocks)}
-        self.xbzrle = XbzrleSender(manager.params["xbzrle-cache-size"], self.counters.page_size)
+        self.xbzrle = XbzrleSender(manager.params["xbzrle-cache-size"], self.counters.page_size,
+                                   [b.npages for b in self.machine.blocks])
         self._pong = threading.Condition()
         self._pong_seen = -1
         self._accounted = 0

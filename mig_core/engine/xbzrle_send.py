@@ -1,6 +1,8 @@
 """The source's XBZRLE state: the page cache, the encoding of re-sent pages, and the statistics.
 
-Pages are keyed by block index and page number. A page is cached on its first
+Pages are keyed by their index in guest RAM (blocks end to end, like QEMU's RAM
+address), so a cache with at least as many slots as RAM has pages gives every
+page a slot of its own; a larger one is never allocated. A page is cached on its first
 send after the first complete pass; a later send encodes it against the cached
 copy (QEMU's format, ``mig_core.xbzrle``) and refreshes the cache while the
 machine runs (at switchover nothing is sent again, so the cache stays as is).
@@ -23,9 +25,13 @@ log = structlog.get_logger("mig.xbzrle")
 class XbzrleSender:
     """One migration's XBZRLE cache and counters; ``active`` once ``start`` ran."""
 
-    def __init__(self, cache_size: int, page_size: int) -> None:
+    def __init__(self, cache_size: int, page_size: int, block_pages: list[int] | None = None) -> None:
+        """``block_pages``: the page count of each RAM block, in order (where each block's keys start)."""
         self.counters = XbzrleCounters(cache_size=cache_size)
         self.page_size = page_size
+        pages = block_pages or [1 << 40]
+        self._base = [sum(pages[:i]) for i in range(len(pages))]
+        self._ram_pages = sum(pages)
         self.cache: PageCache | None = None
         self._period_start = time.monotonic()
 
@@ -35,7 +41,7 @@ class XbzrleSender:
 
     def start(self, size: int) -> None:
         """A new, empty cache of ``size`` bytes (at the start, and whenever the parameter changes)."""
-        self.cache = PageCache(size, self.page_size)
+        self.cache = PageCache(size, self.page_size, max_slots=self._ram_pages)
         self.counters.cache_size = size
         log.info("xbzrle_started", cache_size=size, slots=self.cache.slots)
 
@@ -47,14 +53,14 @@ class XbzrleSender:
         """These pages were found zero and the destination holds zeros now: so must the cache."""
         cache = self.cache
         assert cache is not None
-        base = block_index << 40
+        base = self._base[block_index]
         zero_page = np.zeros(self.page_size, dtype=np.uint8)
         for p in pages.tolist():
-            slot = cache.lookup(base | p)
+            slot = cache.lookup(base + p)
             if slot is not None:
                 cache.data[slot] = 0
             else:
-                cache.insert(base | p, zero_page, generation)
+                cache.insert(base + p, zero_page, generation)
 
     def encode(self, block_index: int, pages: np.ndarray, data: np.ndarray, generation: int,
                running: bool) -> tuple[list[int], list[bytes], list[int]]:
@@ -64,12 +70,12 @@ class XbzrleSender:
         """
         cache, x, ps = self.cache, self.counters, self.page_size
         assert cache is not None
-        base = block_index << 40
+        base = self._base[block_index]
         plain: list[int] = []
         encoded: list[bytes] = []
         enc_idx: list[int] = []
         for i, p in enumerate(pages.tolist()):
-            key = base | p
+            key = base + p
             slot = cache.lookup(key)
             if slot is None:
                 x.cache_miss += 1

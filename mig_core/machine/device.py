@@ -6,15 +6,23 @@ large state also stream it during precopy: ``save_setup``, ``save_iterate``
 (called in the migration thread while the machine runs), ``pending_bytes``,
 then ``save_state`` with the machine stopped. A loader refuses state from a
 newer version than it knows, or older than it still loads.
+
+A device declares the shape of its state in ``state_type`` (a msgspec type: a
+Struct, a TypedDict, ``dict[str, int]`` …); state from the stream is validated
+against it before ``load_state`` sees any of it, and a mismatch is refused with
+the device and the field named (``device 'counter' instance 0: invalid state:
+Expected `int`, got `str` - at `$.ticks```). The destination validates every
+device's state first and applies them only when all are good.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import msgpack
+import msgspec
 import structlog
 
 log = structlog.get_logger("mig.device")
@@ -35,6 +43,10 @@ class Device:
     version: int = 1
     #: Oldest version this code can still load.
     minimum_version: int = 1
+    #: The shape of the state ``load_state`` takes (a msgspec type), checked before it is called;
+    #: None: any msgpack value (``load_state`` must then check it; what it raises is reported as a
+    #: refusal of the device's state).
+    state_type: ClassVar[Any] = None
 
     # -- source ------------------------------------------------------------------
 
@@ -146,13 +158,36 @@ class DeviceRegistry:
                                    f"the oldest this host loads ({dev.minimum_version})")
         return dev
 
-    def load(self, section: DeviceSection) -> None:
+    def decode(self, section: DeviceSection) -> tuple[Device, Any]:
+        """The device for a section and its state, validated against the device's ``state_type``."""
         dev = self.lookup(section.id, section.instance, section.version)
+        where = f"device {_key(section.id, section.instance)}"
+        if dev.state_type is not None:
+            try:
+                return dev, msgspec.msgpack.decode(section.payload, type=dev.state_type)
+            except msgspec.ValidationError as e:
+                raise DeviceStateError(f"{where}: invalid state: {e}") from None
+            except msgspec.DecodeError as e:
+                raise DeviceStateError(f"{where}: corrupt state: {e}") from None
         try:
-            state = msgpack.unpackb(section.payload, raw=False, strict_map_key=False)
+            return dev, msgpack.unpackb(section.payload, raw=False, strict_map_key=False)
         except (ValueError, msgpack.UnpackException) as e:
-            raise DeviceStateError(f"device {_key(section.id, section.instance)}: corrupt state: {e}") from None
-        dev.load_state(state, section.version)
+            raise DeviceStateError(f"{where}: corrupt state: {e}") from None
+
+    @staticmethod
+    def apply(dev: Device, state: Any, version: int) -> None:
+        """``load_state``; what a device raises about the state it was given is a refusal, named so."""
+        try:
+            dev.load_state(state, version)
+        except DeviceStateError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            raise DeviceStateError(f"device {_key(dev.id, dev.instance)} refused its state: "
+                                   f"{type(e).__name__}: {e}") from None
+
+    def load(self, section: DeviceSection) -> None:
+        dev, state = self.decode(section)
+        self.apply(dev, state, section.version)
 
     # -- buffered form (COLO checkpoints) --------------------------------------------------
 
@@ -167,12 +202,6 @@ class DeviceRegistry:
             sections = [DeviceSection(str(i), int(n), int(v), bytes(p)) for i, n, v, p in raw]
         except (ValueError, TypeError, msgpack.UnpackException) as e:
             raise DeviceStateError(f"corrupt device state buffer: {e}") from None
-        decoded = []
-        for s in sections:
-            dev = self.lookup(s.id, s.instance, s.version)
-            try:
-                decoded.append((dev, msgpack.unpackb(s.payload, raw=False, strict_map_key=False), s.version))
-            except (ValueError, msgpack.UnpackException) as e:
-                raise DeviceStateError(f"device {_key(s.id, s.instance)}: corrupt state: {e}") from None
+        decoded = [(*self.decode(s), s.version) for s in sections]
         for dev, state, version in decoded:
-            dev.load_state(state, version)
+            self.apply(dev, state, version)

@@ -191,6 +191,10 @@ class StreamReader:
         if section is Section.MAPPED_RAM:
             try:
                 end = self.channel.tell() if hasattr(self.channel, "tell") else self.channel.bytes_received
+            except OSError as e:  # a pipe: mapped-ram's regions are found by offset, which it has not
+                raise StreamError(f"the stream has a MAPPED_RAM section, but the incoming channel cannot seek "
+                                  f"({e.strerror}): mapped-ram needs a regular file") from None
+            try:
                 layout = mapped_ram.parse(obj, self._blocks, end)
             except ValueError as e:
                 raise StreamError(str(e)) from None

@@ -60,7 +60,10 @@ class FileTransport(Transport):
               direct_io: bool = False) -> _FileChannel:
         """The main channel truncates the file at the offset (as QEMU); extra ones (multifd with
         mapped-ram) open it again for positioned I/O, with O_DIRECT if direct-io is on."""
-        flags = os.O_CLOEXEC | (os.O_DIRECT if direct_io else 0)
+        # O_NONBLOCK: opening a FIFO must not wait for its other end (it would hold the monitor); a FIFO
+        # is then refused by the seek below, as file: needs a file it can seek in
+        flags = os.O_CLOEXEC | os.O_NONBLOCK | (os.O_DIRECT if direct_io else 0)
+        fd = -1
         try:
             if incoming:
                 fd = os.open(args.filename, os.O_RDONLY | flags)
@@ -71,6 +74,8 @@ class FileTransport(Transport):
             if not extra:
                 os.lseek(fd, args.offset, os.SEEK_SET)
         except OSError as e:
+            if fd >= 0:
+                os.close(fd)
             if direct_io and e.errno == errno.EINVAL:
                 raise TransportError(f"Could not open '{args.filename}' with O_DIRECT (direct-io): its file system "
                                      "does not support direct I/O") from None
