@@ -18,7 +18,6 @@ import structlog
 
 from mig_core.errors import QMPError
 from mig_core.machine.machine import Machine
-from mig_core.machine.vcpu import THROTTLE_TIMESLICE
 from mig_core.schema.migration import DirtyLimitInfo
 
 log = structlog.get_logger("mig.dirtylimit")
@@ -87,6 +86,28 @@ class DirtyLimiter:
         if empty:
             self.stop()
 
+    def limits(self) -> tuple[dict[int, int], int]:
+        """The quotas set now and the controller's period: what ``restore`` puts back."""
+        with self._lock:
+            return dict(self.quota), self.period_ms
+
+    def restore(self, saved: tuple[dict[int, int], int]) -> None:
+        """Put back quotas and period taken with ``limits`` (what an operator had before a migration)."""
+        quotas, period = saved
+        with self._lock:
+            for i in list(self.quota):
+                if i not in quotas:
+                    self.quota.pop(i)
+                    self.machine.vcpus.set_vcpu_throttle(i, 0)
+            self.quota.update(quotas)
+            self.period_ms = period
+            empty = not self.quota
+        if empty:
+            self.stop()
+        else:
+            self._ensure_running()
+        log.info("dirty_limits_restored", vcpus=sorted(quotas))
+
     def query(self) -> list[DirtyLimitInfo]:
         with self._lock:
             return [DirtyLimitInfo(cpu_index=i, limit_rate=q, current_rate=self.current.get(i, 0))
@@ -149,10 +170,12 @@ class DirtyLimiter:
     # -- query-migrate members ------------------------------------------------------------
 
     def throttle_time_per_round_us(self) -> int:
-        """The longest sleep a limited vCPU takes per run slice, in µs."""
-        pcts = [self.machine.vcpus.vcpu_throttle.get(i, 0) for i in self.quota]
-        worst = max(pcts, default=0)
-        return int(worst / (100 - worst) * THROTTLE_TIMESLICE * 1e6) if worst else 0
+        """The longest sleep a limited vCPU really took in its latest throttle round, in µs (measured)."""
+        with self._lock:
+            limited = set(self.quota)
+        slept = [v.last_throttle_sleep for v in self.machine.vcpus.vcpus
+                 if v.index in limited and self.machine.vcpus.vcpu_throttle.get(v.index, 0)]
+        return int(max(slept, default=0.0) * 1e6)
 
     def ring_full_time_us(self) -> int:
         """µs for a vCPU at the average dirty rate of running vCPUs to dirty RING_PAGES pages (0 if idle)."""

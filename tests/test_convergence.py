@@ -189,6 +189,8 @@ async def test_auto_converge_follows_the_parameters(start_host, tmp_path):
 async def test_dirty_limit_migration(start_host, tmp_path):
     s, d, src, dst = await busy_pair(start_host, tmp_path, ["dirty-limit"], env=HOST_TRACKER)
     await src.execute("migrate-set-parameters", {"vcpu-dirty-limit": 1, "x-vcpu-dirty-limit-period": 500})
+    # an operator's own limit from before the migration
+    await src.execute("set-vcpu-dirty-limit", {"cpu-index": 1, "dirty-rate": 300})
     try:
         await src.execute("migrate", {"uri": f"unix:{tmp_path}/c.sock"})
         limited = False
@@ -202,7 +204,9 @@ async def test_dirty_limit_migration(start_host, tmp_path):
         assert info["status"] == "completed", info
         assert limited
         assert any(e.get("event") == "dirty_limit_applied" for e in s.log_events())
-        assert await src.execute("query-vcpu-dirty-limit") == []  # limits removed when it ended
+        # the migration's limits are gone, the operator's is back
+        limits = await src.execute("query-vcpu-dirty-limit")
+        assert [(x["cpu-index"], x["limit-rate"]) for x in limits] == [(1, 300)]
     finally:
         await src.disconnect()
         await dst.disconnect()
@@ -270,3 +274,48 @@ async def test_light_workload_switches_over_after_the_second_pass(start_host, tm
     finally:
         await src.disconnect()
         await dst.disconnect()
+
+
+def test_throttle_time_per_round_is_measured():
+    """A vCPU throttled to 99 % plans a 990 ms sleep; a stop cuts it short, and the figure reported is
+    the sleep it really took, not the planned one."""
+    import threading
+
+    from mig_core.dirtylimit import DirtyLimiter
+    from mig_core.machine.machine import Machine
+
+    m = Machine()
+    m.add_ram("ram0", 1 << 20)
+    m.host_marks_writes = True
+    m.tracker_name = "host"
+    stop = threading.Event()
+    seen = threading.Event()
+
+    def body(v):
+        while not stop.is_set():
+            seen.set()
+            v.safe_point()
+
+    threads = m.vcpus.run(body, 1)
+    try:
+        seen.wait(30)
+        limiter = DirtyLimiter(m)
+        limiter.quota[0] = 1
+        m.vcpus.set_vcpu_throttle(0, 99)
+        (v,) = m.vcpus.vcpus
+        # wait for a throttle round to be under way, then stop the machine: the sleep ends at once
+        deadline = __import__("time").monotonic() + 30
+        while v.throttle_rounds == 0 and __import__("time").monotonic() < deadline:
+            m.vcpus.hold()  # wakes the sleep; resume right after so the vCPU keeps running
+            m.vcpus.resume_all()
+        assert v.throttle_rounds > 0
+        measured = limiter.throttle_time_per_round_us()
+        assert measured == int(v.last_throttle_sleep * 1e6)
+        assert 0 < measured < 990_000  # the plan was 0.99 / 0.01 x 10 ms
+    finally:
+        stop.set()
+        m.vcpus.set_vcpu_throttle(0, 0)
+        m.vcpus.resume_all()
+        for t in threads:
+            t.join(10)
+        m.close()

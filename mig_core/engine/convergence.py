@@ -36,6 +36,8 @@ class ConvergenceTrigger:
         self.limiter = limiter
         self.steps: list[int] = []  # throttle percentages applied, in order (auto-converge)
         self.dirty_limit_applied: int | None = None
+        #: the limiter's quotas and period from before the migration first applied its own
+        self._operator_limits: tuple[dict[int, int], int] | None = None
         self._period_start = 0.0
         self._xfer_start = 0
         self._dirty_pages = 0
@@ -68,6 +70,8 @@ class ConvergenceTrigger:
         if self.mode == "dirty-limit":
             assert self.limiter is not None
             rate = p["vcpu-dirty-limit"]
+            if self._operator_limits is None:
+                self._operator_limits = self.limiter.limits()  # put back when the migration ends
             self.limiter.period_ms = p["x-vcpu-dirty-limit-period"]
             if rate != self.dirty_limit_applied:
                 self.limiter.set_limit(None, rate)
@@ -93,6 +97,8 @@ class ConvergenceTrigger:
         """However the migration ended: full speed again."""
         if self.mode == "auto-converge":
             self.vcpus.set_throttle(0)
-        if self.dirty_limit_applied is not None and self.limiter is not None:
-            self.limiter.cancel(None)
+        if self._operator_limits is not None and self.limiter is not None:
+            # the limits the migration applied go; those an operator had set before come back
+            self.limiter.restore(self._operator_limits)
+            self._operator_limits = None
             self.dirty_limit_applied = None

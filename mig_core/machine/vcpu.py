@@ -43,7 +43,12 @@ class Vcpu:
     name: str
     parked: bool = False
     safe_points: int = 0
+    #: seconds this vCPU really slept for throttling (measured, not planned)
     throttled_seconds: float = 0.0
+    #: the sleep of its latest throttle round, measured (a stop or the end of throttling cuts it short)
+    last_throttle_sleep: float = 0.0
+    #: throttle rounds slept so far
+    throttle_rounds: int = 0
 
     def safe_point(self) -> None:
         """Park here while the machine is stopped; sleep here while throttled."""
@@ -58,9 +63,12 @@ class Vcpu:
                 share = pct / 100.0
                 sleep = share / (1.0 - share) * THROTTLE_TIMESLICE
                 c._throttle_due[self.index] = now + sleep + THROTTLE_TIMESLICE
-                self.throttled_seconds += sleep
                 # wake early if the machine is stopped or throttling ends
                 c._wake.wait(sleep)
+                slept = time.monotonic() - now
+                self.throttled_seconds += slept
+                self.last_throttle_sleep = slept
+                self.throttle_rounds += 1
 
     def idle(self, seconds: float) -> None:
         """Sleep, but return at once when the machine is asked to stop (keeps stop latency low)."""
