@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PLUGINS := $(sort $(wildcard plugins/*/pyproject.toml))
 STAMP := $(VENV)/.mig-installed
 
-.PHONY: demo test venv docs clean
+.PHONY: demo test venv docs clean scale
 
 venv: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Full-size checks beside the suite (8 GiB hosts): not part of make test.
+scale: $(STAMP)
+	$(BIN)/python -m pytest -q -m scale
 
 docs: $(STAMP)
 	$(BIN)/python -m mig_core.reference_doc > docs/qmp-reference.md

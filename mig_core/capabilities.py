@@ -87,6 +87,9 @@ class CapabilityContext(Protocol):
 
     def replication_available(self) -> bool: ...
 
+    def per_vcpu_dirty_hint(self) -> str:
+        """How this host gets per-vCPU dirty attribution, for the refusal's text ("" if nothing to add)."""
+
     def per_vcpu_dirty_available(self) -> bool:
         """True if the dirty tracker (or the host) attributes writes to vCPUs."""
 
@@ -104,6 +107,8 @@ class Rule:
     doc: str
     error: str | Callable[[CapabilityContext], str]
     applies: Callable[[Caps, Caps, CapabilityContext], bool]
+    #: How the reference shows an error built at run time.
+    shown: str = ""
 
     def message(self, ctx: CapabilityContext) -> str:
         return self.error if isinstance(self.error, str) else self.error(ctx)
@@ -130,7 +135,8 @@ RULES: tuple[Rule, ...] = (
     Rule("postcopy-ram newly enabled on a destination (run state inmigrate) probes userfaultfd",
          lambda ctx: f"Postcopy is not supported: {ctx.postcopy_unsupported()}",
          lambda new, old, ctx: _newly(C.POSTCOPY_RAM)(new, old) and ctx.runstate is RunState.INMIGRATE
-         and ctx.postcopy_unsupported() is not None),
+         and ctx.postcopy_unsupported() is not None,
+         "Postcopy is not supported: <reason>"),
     Rule("postcopy-ram conflicts with x-ignore-shared", "Postcopy is not compatible with ignore-shared",
          lambda new, old, ctx: new[C.POSTCOPY_RAM] and new[C.X_IGNORE_SHARED]),
     Rule("background-snapshot needs userfaultfd write-protect",
@@ -163,9 +169,12 @@ RULES: tuple[Rule, ...] = (
          lambda new, old, ctx: new[C.DIRTY_LIMIT] and new[C.AUTO_CONVERGE]),
     # QEMU needs a KVM dirty ring here; mig needs writes attributed to vCPUs.
     Rule("dirty-limit needs per-vCPU dirty attribution",
-         "dirty-limit requires per-vCPU dirty page attribution "
-         "(the 'host' dirty tracker or vCPU threads that report their writes)",
-         lambda new, old, ctx: new[C.DIRTY_LIMIT] and not ctx.per_vcpu_dirty_available()),
+         lambda ctx: "dirty-limit requires per-vCPU dirty page attribution "
+                     "(the 'host' dirty tracker or vCPU threads that report their writes)"
+                     + (f"; {hint}" if (hint := ctx.per_vcpu_dirty_hint()) else ""),
+         lambda new, old, ctx: new[C.DIRTY_LIMIT] and not ctx.per_vcpu_dirty_available(),
+         "dirty-limit requires per-vCPU dirty page attribution (the 'host' dirty tracker or vCPU threads that "
+         "report their writes)[; <how the host gets it>]"),
     Rule("multifd conflicts with xbzrle", "Multifd is not compatible with xbzrle",
          lambda new, old, ctx: new[C.MULTIFD] and new[C.XBZRLE]),
     Rule("mapped-ram conflicts with xbzrle", "Mapped-ram migration is incompatible with xbzrle",

@@ -50,7 +50,8 @@ class DirtyLimiter:
         except ValueError:
             attributes = False
         if not attributes:
-            raise QMPError(NEEDS_ATTRIBUTION)
+            hint = self.machine.attribution_hint
+            raise QMPError(NEEDS_ATTRIBUTION + (f"; {hint}" if hint else ""))
         indexes = sorted(v.index for v in self.machine.vcpus.vcpus)
         if cpu_index is None:
             return indexes
@@ -75,7 +76,7 @@ class DirtyLimiter:
         try:
             targets = self._check(cpu_index)
         except QMPError as e:
-            if e.desc == NEEDS_ATTRIBUTION:
+            if e.desc.startswith(NEEDS_ATTRIBUTION):
                 return
             raise
         with self._lock:

@@ -139,6 +139,9 @@ class MigrationManager:
     def replication_available(self) -> bool:
         return "colo" in self.registry.names("mig_core.replication")
 
+    def per_vcpu_dirty_hint(self) -> str:
+        return self.machine.attribution_hint
+
     def per_vcpu_dirty_available(self) -> bool:
         try:
             return self.machine.tracker_class().attributes_vcpus

@@ -109,7 +109,7 @@ def render() -> str:
         out.append(f"| `{cap.cap.value}`{unstable} | {_default(cap.default)} | {cap.doc} |")
     out += ["", "### Set-time rules, in order", "", "| # | rule | error |", "|---|---|---|"]
     for i, rule in enumerate(capabilities.RULES, 1):
-        err = rule.error if isinstance(rule.error, str) else "`Postcopy is not supported: <reason>`"
+        err = rule.error if isinstance(rule.error, str) else f"`{rule.shown}`"
         err = err if err.startswith("`") else f"`{err}`"
         out.append(f"| {i} | {rule.doc} | {err} |")
     out += ["", "## Parameters", "",

@@ -71,24 +71,37 @@ def parse_ram(text: str, index: int) -> RamSpec:
     return RamSpec(name, parse_size(size, "RAM size"), page_size, backing)
 
 
+#: Bytes filled at a time: the temporaries of a fill never exceed this, whatever the RAM size.
+FILL_CHUNK = 64 << 20
+_WORDS = np.frombuffer(b"migrate live state of running programs between hosts quickly and safely ", np.uint8)
+
+
+def _fill_block(a: np.ndarray, how: str, rng: np.random.Generator) -> None:
+    """Fill one block chunk by chunk, so a fill costs the RAM itself and one chunk more."""
+    if how == "text":
+        step = len(_WORDS) * (FILL_CHUNK // len(_WORDS))  # whole sentences: every chunk starts in phase
+        pattern = np.tile(_WORDS, FILL_CHUNK // len(_WORDS))
+        for o in range(0, a.size, step):
+            n = min(step, a.size - o)
+            a[o:o + n] = pattern[:n]
+            first = (-o) % 997  # every 997th byte of the block: a random capital letter
+            a[o + first:o + n:997] = rng.integers(0x41, 0x5B, len(range(first, n, 997)), dtype=np.uint8)
+        return
+    end = a.size if how == "random" else a.size // 2
+    for o in range(0, end, FILL_CHUNK):
+        n = min(FILL_CHUNK, end - o)
+        a[o:o + n] = rng.integers(0, 256, n, dtype=np.uint8)
+
+
 def fill(machine: Machine, how: str, seed: int = 1) -> None:
     """``zero`` (never touched), ``random``, ``half`` (first half random, second zero), ``text``."""
+    if how not in ("zero", "random", "half", "text"):
+        raise ValueError(f"unknown fill '{how}' (zero, random, half, text)")
     rng = np.random.default_rng(seed)
-    words = np.frombuffer(b"migrate live state of running programs between hosts quickly and safely ", np.uint8)
     for b in machine.blocks:
-        a = b.array
         if how == "zero":
             continue
-        if how == "random":
-            a[:] = rng.integers(0, 256, a.size, dtype=np.uint8)
-        elif how == "half":
-            a[: a.size // 2] = rng.integers(0, 256, a.size // 2, dtype=np.uint8)
-        elif how == "text":
-            reps = -(-a.size // len(words))
-            a[:] = np.tile(words, reps)[: a.size]
-            a[:: 997] = rng.integers(0x41, 0x5B, a[::997].size, dtype=np.uint8)
-        else:
-            raise ValueError(f"unknown fill '{how}' (zero, random, half, text)")
+        _fill_block(b.array, how, rng)
         machine.mark_pages(b.name, np.arange(b.npages))
     machine.blocks[0].array[:RECORD_STRIDE * 64] = 0  # the vCPU records start from zero
 

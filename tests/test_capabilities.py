@@ -51,7 +51,8 @@ async def test_query_lists_all_22_in_schema_order_all_off(qmp):
     (on("switchover-ack"), "Capability 'switchover-ack' requires capability 'return-path'"),
     (on("dirty-limit", "auto-converge"), "dirty-limit conflicts with auto-converge either of then available currently"),
     (on("dirty-limit"), "dirty-limit requires per-vCPU dirty page attribution "
-                        "(the 'host' dirty tracker or vCPU threads that report their writes)"),
+                        "(the 'host' dirty tracker or vCPU threads that report their writes); "
+                        "mig run gets it with --dirty-tracker host"),
     (on("multifd", "xbzrle"), "Multifd is not compatible with xbzrle"),
     (on("mapped-ram", "xbzrle"), "Mapped-ram migration is incompatible with xbzrle"),
     (on("mapped-ram", "postcopy-ram"), "Mapped-ram migration is incompatible with postcopy"),
@@ -166,6 +167,7 @@ class Ctx:
     def memory_unsuitable_for_background_snapshot(self): return False
     def replication_available(self): return True
     def per_vcpu_dirty_available(self): return self.per_vcpu
+    def per_vcpu_dirty_hint(self): return ""
 
 
 def check(ctx, *names, old=()):

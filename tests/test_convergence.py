@@ -85,7 +85,8 @@ async def test_vcpu_dirty_limit(start_host, tmp_path):
     c = await connect(plain.sock)
     assert await qmp_error(c.execute("set-vcpu-dirty-limit", {"dirty-rate": 5})) == (
         "dirty page limit requires per-vCPU dirty page attribution "
-        "(the 'host' dirty tracker or vCPU threads that report their writes)")
+        "(the 'host' dirty tracker or vCPU threads that report their writes); mig run gets it with "
+        "--dirty-tracker host")
     await c.execute("cancel-vcpu-dirty-limit")  # nothing to cancel: silently fine, as QEMU
     await c.disconnect()
 

@@ -67,7 +67,8 @@ DIFFERENCES: dict[str, tuple[dict | None, str]] = {
         NEW_IN_SCHEMA),
     "dirty-limit (8.1+ cap)": (
         {"error": {"class": "GenericError", "desc": "dirty-limit requires per-vCPU dirty page attribution "
-                   "(the 'host' dirty tracker or vCPU threads that report their writes)"}},
+                   "(the 'host' dirty tracker or vCPU threads that report their writes); mig run gets it with "
+                   "--dirty-tracker host"}},
         "QEMU needs a KVM dirty ring; mig needs per-vCPU attribution, which mig run's tracker lacks"),
     "mapped-ram (9.0+ cap)": ({"return": {}}, NEW_IN_SCHEMA),
     "x-colo alone": ({"error": {"class": "GenericError", "desc":

@@ -10,6 +10,7 @@ import sys
 import click
 import structlog
 
+from mig_core.dirty import GROUP as TRACKERS
 from mig_core.errors import QMPError
 from mig_core.machine.machine import Machine
 from mig_core.manager import MigrationManager
@@ -50,7 +51,8 @@ def _rates(_ctx: click.Context, param: click.Parameter, value: str) -> list[int]
               help="A RAM block (repeatable; default pc.ram=64M; backing anonymous with huge pages, or memfd). "
                    "K, M, G are powers of 1024.")
 @click.option("--ram-fill", type=click.Choice(["zero", "random", "half", "text"]), default="zero",
-              help="Initial RAM contents: never touched, random, half random, or text-like.")
+              help="Initial RAM contents: never touched, random, half random, or text-like (with --incoming: "
+                   "stale contents the migration replaces).")
 @click.option("--mem-prealloc", is_flag=True, help="Fault every RAM page in at start.")
 @click.option("--vcpus", type=click.IntRange(1, 64), default=1, help="vCPU threads running the workload.")
 @click.option("--dirty-rate", default="0", callback=_rates, metavar="RATE|R1,R2,...",
@@ -58,8 +60,12 @@ def _rates(_ctx: click.Context, param: click.Parameter, value: str) -> list[int]
 @click.option("-S", "paused", is_flag=True, help="Start paused; a destination stays paused after loading.")
 @click.option("--incoming", metavar="URI|defer", help="Wait for an incoming migration ('defer': migrate-incoming).")
 @click.option("--uuid", help="The machine's uuid (validate-uuid compares it).")
+@click.option("--dirty-tracker", "dirty_tracker", metavar="NAME",
+              help="The dirty tracker (an installed mig_core.dirty_trackers plugin: uffd-wp, hash, host ...) "
+                   "instead of the best one that works here. dirty-limit and calc-dirty-rate's dirty-ring "
+                   "mode need 'host', which attributes writes to vCPUs.")
 def run(qmp: list[object], rams: list[object], ram_fill: str, mem_prealloc: bool, vcpus: int, dirty_rate: list[int],
-        paused: bool, incoming: str | None, uuid: str | None) -> None:
+        paused: bool, incoming: str | None, uuid: str | None, dirty_tracker: str | None) -> None:
     if len(dirty_rate) not in (1, vcpus):  # type: ignore[arg-type]
         raise click.BadParameter(f"give one rate or {vcpus} (one per vCPU)", param_hint="--dirty-rate")
     """Run the reference host serving QMP until 'quit' or a signal."""
@@ -72,6 +78,13 @@ def run(qmp: list[object], rams: list[object], ram_fill: str, mem_prealloc: bool
     except ValueError:
         raise click.BadParameter(f"'{uuid}' is not a UUID", param_hint="--uuid") from None
     machine.host_marks_writes = True  # the workload reports its writes, so the host tracker may serve
+    if dirty_tracker is not None:
+        installed = machine.registry.names(TRACKERS)
+        if dirty_tracker not in installed:
+            raise click.BadParameter(f"unknown dirty tracker '{dirty_tracker}' (installed: "
+                                     f"{', '.join(sorted(installed))})", param_hint="--dirty-tracker")
+        machine.tracker_name = dirty_tracker
+    machine.attribution_hint = "mig run gets it with --dirty-tracker host"
     for spec in rams:
         try:
             machine.add_ram(spec.name, spec.size, page_size=spec.page_size, backing=spec.backing,
@@ -87,10 +100,13 @@ def run(qmp: list[object], rams: list[object], ram_fill: str, mem_prealloc: bool
     try:
         log.info("dirty_tracker", tracker=machine.tracker_class().name)  # chosen now, not at migrate time
     except ValueError as e:
+        if dirty_tracker is not None:  # asked for by name: it must work
+            raise click.BadParameter(str(e), param_hint="--dirty-tracker") from None
         log.warning("no_dirty_tracker", error=str(e))
     manager.transports.classes()  # load transport plugins now, not inside a migration's setup
+    # a destination may start with stale contents too: what the source does not send is dropped
+    fill(machine, ram_fill)
     if incoming is None:
-        fill(machine, ram_fill)
         try:
             machine.start_tracking()  # arm the tracker now: migrations then start without that cost
         except ValueError as e:

@@ -40,6 +40,8 @@ class Machine:
         self.host_marks_writes = False
         #: A tracker name to use instead of auto-selection (``MIG_DIRTY_TRACKER``).
         self.tracker_name: str | None = os.environ.get("MIG_DIRTY_TRACKER") or None
+        #: How an operator gets per-vCPU dirty attribution on this host (added to dirty-limit's refusals).
+        self.attribution_hint = ""
         self._tracker: DirtyTracker | None = None
 
     # -- RAM -------------------------------------------------------------------
