@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PLUGINS := $(sort $(wildcard plugins/*/pyproject.toml))
 STAMP := $(VENV)/.mig-installed
 
-.PHONY: demo test venv docs clean scale
+.PHONY: demo test venv docs clean scale check
 
 venv: $(STAMP)
 
@@ -20,8 +20,13 @@ $(STAMP): pyproject.toml $(PLUGINS)
 demo: $(STAMP)
 	$(BIN)/mig demo
 
-test: $(STAMP)
+test: check
 	$(BIN)/python -m pytest -q
+
+# Lint (with import order) and type check; part of make test.
+check: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # Full-size checks beside the suite (8 GiB hosts): not part of make test.
 scale: $(STAMP)

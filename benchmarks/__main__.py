@@ -5,9 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-
 import sys
-
 from pathlib import Path
 
 from benchmarks import convergence, machine, migration, multifd

@@ -300,7 +300,8 @@ def file_table(reps: int = 3) -> list[dict]:
                 got.append(asyncio.run(_file_round_trip(Path(tmp), channels)))
         rows.append({"channels": channels, "save_s": statistics.median(g["save_s"] for g in got),
                      "restore_s": statistics.median(g["restore_s"] for g in got),
-                     "write_s": statistics.median(p[0] for p in plain), "read_s": statistics.median(p[1] for p in plain)})
+                     "write_s": statistics.median(p[0] for p in plain),
+                     "read_s": statistics.median(p[1] for p in plain)})
     return rows
 
 

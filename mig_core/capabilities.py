@@ -37,7 +37,8 @@ CAPABILITIES: tuple[CapabilitySpec, ...] = (
     CapabilitySpec(C.AUTO_CONVERGE, "Throttle vCPU threads when the program dirties memory faster than it is sent."),
     CapabilitySpec(C.ZERO_BLOCKS, "Deprecated and without effect (block migration no longer exists)."),
     CapabilitySpec(C.EVENTS, "Emit MIGRATION and MIGRATION_PASS events on this side."),
-    CapabilitySpec(C.POSTCOPY_RAM, "Allow switching to postcopy: run on the destination, fetch missing pages on fault."),
+    CapabilitySpec(C.POSTCOPY_RAM,
+                   "Allow switching to postcopy: run on the destination, fetch missing pages on fault."),
     CapabilitySpec(C.X_COLO, "COLO fault tolerance: keep a secondary in lock-step by periodic checkpoints.", True),
     CapabilitySpec(C.RELEASE_RAM, "During postcopy, free source RAM as soon as it has been sent."),
     CapabilitySpec(C.RETURN_PATH, "Open a destination-to-source channel; the source completes only after the "
@@ -65,7 +66,8 @@ assert [s.cap for s in CAPABILITIES] == list(C), "capability table must follow t
 class CapabilityContext(Protocol):
     """What the rules need to know about the host and the machine."""
 
-    runstate: RunState
+    @property
+    def runstate(self) -> RunState: ...
 
     def incoming_started(self) -> bool:
         """True once a destination listener exists (exec/fd incoming do not count)."""
@@ -128,6 +130,16 @@ def _newly(cap: C) -> Callable[[Caps, Caps], bool]:
     return lambda new, old: new[cap] and not old[cap]
 
 
+def _conflicts_with_background_snapshot(other: C) -> Callable[[Caps, Caps, CapabilityContext], bool]:
+    return lambda new, old, ctx: new[C.BACKGROUND_SNAPSHOT] and new[other]
+
+
+def _needs_attribution(ctx: CapabilityContext) -> str:
+    hint = ctx.per_vcpu_dirty_hint()
+    return ("dirty-limit requires per-vCPU dirty page attribution (the 'host' dirty tracker or vCPU threads "
+            "that report their writes)" + (f"; {hint}" if hint else ""))
+
+
 RULES: tuple[Rule, ...] = (
     Rule("x-colo needs a replication plugin (mig_core.replication: colo)",
          "QEMU compiled without replication module can't enable COLO",
@@ -148,7 +160,7 @@ RULES: tuple[Rule, ...] = (
     *(
         Rule(f"background-snapshot conflicts with {other.value}",
              f"Background-snapshot is not compatible with {other.value}",
-             lambda new, old, ctx, other=other: new[C.BACKGROUND_SNAPSHOT] and new[other])
+             _conflicts_with_background_snapshot(other))
         for other in BACKGROUND_SNAPSHOT_INCOMPATIBLE
     ),
     Rule("zero-copy-send needs multifd, no xbzrle, multifd-compression none and no TLS", ZERO_COPY_TEXT,
@@ -168,10 +180,7 @@ RULES: tuple[Rule, ...] = (
          "dirty-limit conflicts with auto-converge either of then available currently",
          lambda new, old, ctx: new[C.DIRTY_LIMIT] and new[C.AUTO_CONVERGE]),
     # QEMU needs a KVM dirty ring here; mig needs writes attributed to vCPUs.
-    Rule("dirty-limit needs per-vCPU dirty attribution",
-         lambda ctx: "dirty-limit requires per-vCPU dirty page attribution "
-                     "(the 'host' dirty tracker or vCPU threads that report their writes)"
-                     + (f"; {hint}" if (hint := ctx.per_vcpu_dirty_hint()) else ""),
+    Rule("dirty-limit needs per-vCPU dirty attribution", _needs_attribution,
          lambda new, old, ctx: new[C.DIRTY_LIMIT] and not ctx.per_vcpu_dirty_available(),
          "dirty-limit requires per-vCPU dirty page attribution (the 'host' dirty tracker or vCPU threads that "
          "report their writes)[; <how the host gets it>]"),

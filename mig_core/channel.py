@@ -30,7 +30,8 @@ _SO_EE_ORIGIN_ZEROCOPY = 5
 _SO_EE_CODE_ZEROCOPY_COPIED = 1
 #: struct sock_extended_err: errno, origin, type, code, pad, info, data
 _EXTENDED_ERR = struct.Struct("=IBBBBII")
-_RECVERR = {(socket.SOL_IP, getattr(socket, "IP_RECVERR", 11)), (socket.IPPROTO_IPV6, getattr(socket, "IPV6_RECVERR", 25))}
+_RECVERR = {(socket.SOL_IP, getattr(socket, "IP_RECVERR", 11)),
+            (socket.IPPROTO_IPV6, getattr(socket, "IPV6_RECVERR", 25))}
 
 #: Bytes of zero-copy sends a channel lets the kernel hold before it waits for completions.
 ZERO_COPY_PIN_LIMIT = 64 << 20

@@ -16,6 +16,7 @@ import time
 
 import structlog
 
+from mig_core.dirty import DirtyConsumer
 from mig_core.errors import QMPError
 from mig_core.machine.machine import Machine
 from mig_core.schema.migration import DirtyLimitInfo
@@ -40,7 +41,7 @@ class DirtyLimiter:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._consumer = None
+        self._consumer: DirtyConsumer | None = None
 
     # -- QMP ------------------------------------------------------------------
 

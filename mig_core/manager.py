@@ -23,9 +23,9 @@ from mig_core.engine.outgoing import OutgoingMigration
 from mig_core.errors import QMPError
 from mig_core.events import EventEmitter
 from mig_core.hooks import make_plugin_manager
+from mig_core.machine.machine import Machine
 from mig_core.plugin_registry import PluginRegistry
 from mig_core.qapi import UNSET, to_qmp
-from mig_core.machine.machine import Machine
 from mig_core.schema.commands import (
     MigrateArgs,
     MigrateContinueArgs,
@@ -35,12 +35,18 @@ from mig_core.schema.commands import (
     MigrationPassEventData,
 )
 from mig_core.schema.common import RunState, ShutdownCause, ShutdownEventData, StatusInfo, VersionInfo, VersionTriple
+from mig_core.schema.migration import (
+    MigMode,
+    MigrationAddress,
+    MigrationAddressType,
+    MigrationCapabilityStatus,
+    MigrationInfo,
+)
 from mig_core.schema.migration import MigrationCapability as C
-from mig_core.schema.migration import MigMode, MigrationCapabilityStatus, MigrationInfo
 from mig_core.schema.migration import MigrationStatus as S
+from mig_core.schema.sockets import SocketAddress
 from mig_core.status import POSTCOPY_STATES, RUNNING_STATES, Side, StatusMachine
 from mig_core.transport import Listener, Transport, TransportContext, TransportRegistry
-from mig_core.schema.migration import MigrationAddress, MigrationAddressType
 
 log = structlog.get_logger("mig.manager")
 
@@ -289,7 +295,8 @@ class MigrationManager:
     def _check_transport_caps(self, addr: MigrationAddress) -> None:
         if self.caps[C.MAPPED_RAM] and addr.tag is not MigrationAddressType.FILE:
             raise QMPError("Migration requires seekable transport (e.g. file)")
-        multi = (addr.tag is MigrationAddressType.SOCKET and addr.value.tag.value in ("inet", "unix", "vsock")
+        socket_kind = addr.value.tag.value if isinstance(addr.value, SocketAddress) else ""
+        multi = (addr.tag is MigrationAddressType.SOCKET and socket_kind in ("inet", "unix", "vsock")
                  # mig's extension: multifd over rdma (ZeroMQ), which QEMU refuses (docs/differences.md)
                  or addr.tag is MigrationAddressType.RDMA)
         if (self.caps[C.MULTIFD] or self.caps[C.POSTCOPY_PREEMPT]) and not (

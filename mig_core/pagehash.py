@@ -11,7 +11,7 @@ def hash_pages(rows: np.ndarray) -> np.ndarray:
     out = np.empty(len(rows), dtype=np.uint64)
     if len(rows) == 0:
         return out
-    mv = memoryview(np.ascontiguousarray(rows)).cast("B")
+    mv = np.ascontiguousarray(rows).data.cast("B")
     ps = rows.shape[1]
     h = xxhash.xxh3_64_intdigest  # no batch form exists: one call per page, on the copy
     for i in range(len(rows)):

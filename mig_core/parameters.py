@@ -16,8 +16,9 @@ import msgspec
 
 from mig_core.errors import QMPError
 from mig_core.plugin_registry import PluginNotFound, PluginRegistry
-from mig_core.qapi import UNSET, Bool, Size, Str, StrOrNull, UInt8, UInt32, UInt64, Unstable, UnsetType
-from mig_core.schema.migration import BitmapMigrationNodeAlias, MigMode, MigrationCapability as C, ZeroPageDetection
+from mig_core.qapi import UNSET, Bool, Size, Str, StrOrNull, UInt8, UInt32, UInt64, UnsetType, Unstable
+from mig_core.schema.migration import BitmapMigrationNodeAlias, MigMode, ZeroPageDetection
+from mig_core.schema.migration import MigrationCapability as C
 
 #: mig's target page size: the unit of xbzrle cache sizing and of page statistics.
 TARGET_PAGE_SIZE = 4096
@@ -221,6 +222,7 @@ def _range(name: str) -> Callable[[dict[str, Any], dict[str, Any], CheckContext]
 
     def check(new: dict[str, Any], old: dict[str, Any], ctx: CheckContext) -> str | None:
         v = new[name]
+        assert spec.range is not None
         return None if spec.range.lo <= v <= spec.range.hi else spec.range.error
 
     return check

@@ -123,7 +123,9 @@ class PluginRegistry:
         self._entries[group] = sorted(out, key=lambda e: (e.name, e.distribution.lower(), e.value))
         # stevedore keeps the entry points it saw first per group for the life of the process: drop
         # them, so what this scan found (a distribution installed or put on sys.path since) also loads
-        stevedore.ExtensionManager.ENTRY_POINT_CACHE.pop(group, None)
+        cache = getattr(stevedore.ExtensionManager, "ENTRY_POINT_CACHE", None)
+        if cache is not None:
+            cache.pop(group, None)
         return self._entries[group]
 
     def rescan(self) -> None:

@@ -21,8 +21,8 @@ import numpy as np
 import structlog
 
 from mig_core.machine.device import Device, DeviceStateError
-from mig_core.machine.ram import Backing
 from mig_core.machine.machine import Machine
+from mig_core.machine.ram import Backing
 from mig_core.machine.vcpu import Vcpu
 
 log = structlog.get_logger("mig.run")

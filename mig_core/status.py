@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import threading
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 
 from mig_core.schema.migration import MigrationStatus as S
 
@@ -101,7 +102,7 @@ class StatusMachine:
             if self.cas(old, new):
                 return old
 
-    def wait_for(self, states: frozenset[S] | set[S], timeout: float | None = None) -> bool:
+    def wait_for(self, states: AbstractSet[S], timeout: float | None = None) -> bool:
         """Block until the status is one of ``states``; False on timeout."""
         with self._lock:
             return self._changed.wait_for(lambda: self._state in states, timeout)

@@ -8,6 +8,7 @@ client.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -16,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from qemu.qmp import QMPClient
 
@@ -137,17 +138,18 @@ def wait_until(pred: Callable[[], Any], timeout: float = 10.0, interval: float =
     raise AssertionError("condition not met in time")
 
 
-async def wait_for_status(client: QMPClient, states: set[str] | tuple[str, ...], timeout: float = 30.0) -> dict[str, Any]:
+async def wait_for_status(client: QMPClient, states: set[str] | tuple[str, ...],
+                          timeout: float = 30.0) -> dict[str, Any]:
     """Poll ``query-migrate`` until its status is one of ``states``; return that reply."""
     import asyncio
 
     deadline = time.monotonic() + timeout
     while True:
-        info = await client.execute("query-migrate")
-        if info.get("status") in states:  # type: ignore[union-attr]
+        info = cast(dict[str, Any], await client.execute("query-migrate"))
+        if info.get("status") in states:
             return info  # type: ignore[return-value]
         if time.monotonic() > deadline:
-            raise AssertionError(f"status {info.get('status')} not in {states} after {timeout} s: {info}")  # type: ignore[union-attr]
+            raise AssertionError(f"status {info.get('status')} not in {states} after {timeout} s: {info}")
         await asyncio.sleep(0.02)
 
 
@@ -165,7 +167,7 @@ async def migrate_and_wait(client: QMPClient, arguments: dict[str, Any],
 
         async def ended() -> None:
             async for event in events:
-                if event["data"]["status"] in states:
+                if cast(dict[str, Any], event["data"])["status"] in states:
                     return
 
         await asyncio.wait_for(ended(), timeout)
@@ -187,6 +189,29 @@ async def vcpu_records(client: QMPClient, vcpus: int, path: Path) -> list[tuple[
     await client.execute("pmemsave", {"val": 0, "size": 4096, "filename": str(path)})
     data = path.read_bytes()
     return [RECORD.unpack_from(data, i * RECORD_STRIDE) for i in range(vcpus)]
+
+
+async def wait_until_async(pred: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02) -> Any:
+    """Like ``wait_until``, yielding to the event loop between tries (events keep arriving)."""
+    deadline = time.monotonic() + timeout
+    while not (result := pred()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout:g} s")
+        await asyncio.sleep(interval)
+    return result
+
+
+async def wait_records_advance(client: QMPClient, vcpus: int, before: list[tuple[int, int, int, int]], path: Path,
+                               timeout: float = 30.0) -> list[tuple[int, int, int, int]]:
+    """Wait until every vCPU's counter moved past ``before`` (the workload runs); the new records."""
+    deadline = time.monotonic() + timeout
+    while True:
+        now = await vcpu_records(client, vcpus, path)
+        if all(a[0] > b[0] for a, b in zip(now, before, strict=True)):
+            return now
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the vCPUs did not run on within {timeout:g} s: {before} -> {now}")
+        await asyncio.sleep(0.05)
 
 
 async def qmp_error(awaitable: Any) -> str:

@@ -24,7 +24,7 @@ def zero_mask(words: np.ndarray, pages: np.ndarray) -> np.ndarray:
         maybe_zero = run[:, 0] == 0
         if maybe_zero.all():
             # one flat test first: an all-zero run (preallocated, zeroed RAM) needs no per-page pass
-            return np.ones(len(pages), dtype=bool) if not run.any() else ~run.any(axis=1)
+            return np.ones(len(pages), dtype=bool) if not run.any() else np.asarray(~run.any(axis=1))
         is_zero = np.zeros(len(pages), dtype=bool)
         if maybe_zero.any():
             is_zero[maybe_zero] = ~run[maybe_zero].any(axis=1)

@@ -213,8 +213,8 @@ def test_rules_follow_qemu_order():
 
 def test_no_capability_change_while_a_migration_runs():
     m = MigrationManager()
-    from mig_core.schema.commands import MigrateSetCapabilitiesArgs
     from mig_core.qapi import from_qmp
+    from mig_core.schema.commands import MigrateSetCapabilitiesArgs
 
     args = from_qmp(MigrateSetCapabilitiesArgs, on("events"))
     path = [S.SETUP, S.ACTIVE, S.PRE_SWITCHOVER, S.DEVICE, S.CANCELLING]

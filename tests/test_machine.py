@@ -150,21 +150,26 @@ def test_stop_times_out_naming_the_late_vcpu():
 
 
 def test_throttle_takes_its_share_and_ends():
+    """At 80 % each vCPU sleeps 0.8 / 0.2 x 10 ms = 40 ms per round (at least: a sleep never ends early
+    unless woken); rounds are counted, not fitted into a time window."""
     c = VcpuController()
     stop = threading.Event()
     counts = [0] * 2
     threads = spin_vcpus(c, 2, stop, counts)
     try:
-        time.sleep(0.05)
+        wait_until(lambda: len(c.vcpus) == 2 and all(counts))
         c.set_throttle(80)
-        time.sleep(0.5)
-        slept = [v.throttled_seconds for v in c.vcpus]
-        assert all(0.2 < s < 0.5 for s in slept), slept  # about 80 % of 0.5 s each
+        wait_until(lambda: all(v.throttle_rounds >= 5 for v in c.vcpus), timeout=60)
+        for v in c.vcpus:
+            assert v.last_throttle_sleep >= 0.040 and v.throttled_seconds >= 0.040 * v.throttle_rounds
         c.set_throttle(0)
-        time.sleep(0.1)  # a vCPU that read the old percentage just before may still start one sleep
-        before = [v.throttled_seconds for v in c.vcpus]
-        time.sleep(0.1)
-        assert [v.throttled_seconds for v in c.vcpus] == before  # full speed again
+        # once each vCPU passed two more safe points, no sleep from before can still be under way
+        marks = [v.safe_points for v in c.vcpus]
+        wait_until(lambda: all(v.safe_points >= m + 2 for v, m in zip(c.vcpus, marks, strict=True)))
+        before = [v.throttle_rounds for v in c.vcpus]
+        passed = [v.safe_points for v in c.vcpus]
+        wait_until(lambda: all(v.safe_points >= p + 100 for v, p in zip(c.vcpus, passed, strict=True)))
+        assert [v.throttle_rounds for v in c.vcpus] == before  # full speed: 100 safe points, no sleep
         with pytest.raises(ValueError):
             c.set_throttle(100)
     finally:
@@ -184,8 +189,7 @@ def test_run_state_stops_vcpus_and_calls_listeners():
         time.sleep(0.05)
         assert counts[0] == 0  # prelaunch: the vCPU parked at its first safe point
         m.run.cont()
-        time.sleep(0.05)
-        assert counts[0] > 0
+        wait_until(lambda: counts[0] > 0)
         m.run.stop()
         frozen = counts[0]
         time.sleep(0.05)

@@ -9,7 +9,16 @@ import signal
 
 import pytest
 
-from mig_core.testing import connect, migrate_and_wait, qmp_error, ram_digest, vcpu_records, wait_for_status
+from mig_core.testing import (
+    connect,
+    migrate_and_wait,
+    qmp_error,
+    ram_digest,
+    vcpu_records,
+    wait_for_status,
+    wait_records_advance,
+    wait_until_async,
+)
 
 RAM = 32 << 20
 WORKLOAD = ("--ram", "32M", "--ram-fill", "half", "--vcpus", "2", "--dirty-rate", "8M")
@@ -80,10 +89,8 @@ async def test_live_migration(start_host, tmp_path, kind, form):
         before = await vcpu_records(dst, 2, tmp_path / "r1")
         assert all(r[0] > 0 for r in before)
         await dst.execute("cont")
-        await asyncio.sleep(0.3)
-        after = await vcpu_records(dst, 2, tmp_path / "r2")
-        assert all(a[0] > b[0] for a, b in zip(after, before, strict=True))  # the workload continues there
-        await asyncio.sleep(0.2)
+        await wait_records_advance(dst, 2, before, tmp_path / "r2")  # the workload continues there
+        await wait_until_async(lambda: any(e["event"] == "RESUME" for e in dst_events))
         names = lambda evs: [e["data"]["status"] for e in evs if e["event"] == "MIGRATION"]  # noqa: E731
         assert names(src_events) == ["setup", "active", "device", "completed"]
         assert names(dst_events) == ["setup", "active", "completed"]

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import time
 
 import msgpack
@@ -22,7 +21,7 @@ from mig_core.machine.ram import allocate
 from mig_core.stream import mapped_ram
 from mig_core.stream.format import Command
 from mig_core.stream.writer import StreamWriter
-from mig_core.testing import RawQMP, connect, ram_digest, wait_for_status, qmp_error
+from mig_core.testing import RawQMP, connect, qmp_error, ram_digest, wait_for_status
 
 RAM = 32 << 20
 WORKLOAD = ("--ram", "32M", "--ram-fill", "random", "--vcpus", "2", "--dirty-rate", "4M")

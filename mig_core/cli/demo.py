@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 from qemu.qmp import QMPClient
@@ -120,9 +120,9 @@ async def _migrate(console: Console, tmp: Path, src_sock: Path, dst_sock: Path, 
         if uri.startswith("unix:") and uri == "unix:":
             uri = f"unix:{tmp / 'migration.sock'}"
         await dst.execute("migrate-incoming", {"uri": uri})
-        listening = await dst.execute("query-migrate")
+        listening = cast(dict[str, Any], await dst.execute("query-migrate"))
         target = uri
-        addrs = listening.get("socket-address") or []  # type: ignore[union-attr]
+        addrs = listening.get("socket-address") or []
         if uri.startswith("tcp:") and addrs:
             target = f"tcp:{addrs[0]['host']}:{addrs[0]['port']}"
         console.print(f"source {src_sock.name} → destination {dst_sock.name} via {target}; "
@@ -136,8 +136,8 @@ async def _migrate(console: Console, tmp: Path, src_sock: Path, dst_sock: Path, 
             console.print(summary_table(info, ram_size, wall))
             return False
         for _ in range(200):
-            d = await dst.execute("query-migrate")
-            if d.get("status") in ("completed", "failed"):  # type: ignore[union-attr]
+            d = cast(dict[str, Any], await dst.execute("query-migrate"))
+            if d.get("status") in ("completed", "failed"):
                 break
             await asyncio.sleep(0.05)
         console.print(summary_table(info, ram_size, wall))

@@ -41,7 +41,7 @@ def plugins(as_json: bool, check: bool) -> None:
         if r["group"] != current:
             current = r["group"]
             click.echo(f"{current}:")
-        mark = {"selected": "*", "shadowed": " ", "disabled": "-", "broken": "!"}[r["status"]]
+        mark = {"selected": "*", "shadowed": " ", "disabled": "-", "broken": "!"}[str(r["status"])]
         line = f"  {mark} {r['name']:<16} {r['distribution']} {r['version']}  ({r['status']})"
         if r["error"]:
             line += f": {r['error']}"

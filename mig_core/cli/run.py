@@ -16,7 +16,7 @@ from mig_core.machine.machine import Machine
 from mig_core.manager import MigrationManager
 from mig_core.qmp.address import parse_monitor_address
 from mig_core.qmp.server import QMPServer
-from mig_core.reference_host import CounterDevice, Workload, fill, parse_ram, parse_size
+from mig_core.reference_host import CounterDevice, RamSpec, Workload, fill, parse_ram, parse_size
 from mig_core.schema.commands import MigrateIncomingArgs
 from mig_core.schema.common import RunState
 
@@ -30,7 +30,7 @@ def _monitor_address(_ctx: click.Context, _param: click.Parameter, values: tuple
         raise click.BadParameter(str(e)) from None
 
 
-def _rams(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> list[object]:
+def _rams(_ctx: click.Context, _param: click.Parameter, values: tuple[str, ...]) -> list[RamSpec]:
     try:
         return [parse_ram(v, i) for i, v in enumerate(values or ("64M",))]
     except ValueError as e:
@@ -64,7 +64,7 @@ def _rates(_ctx: click.Context, param: click.Parameter, value: str) -> list[int]
               help="The dirty tracker (an installed mig_core.dirty_trackers plugin: uffd-wp, hash, host ...) "
                    "instead of the best one that works here. dirty-limit and calc-dirty-rate's dirty-ring "
                    "mode need 'host', which attributes writes to vCPUs.")
-def run(qmp: list[object], rams: list[object], ram_fill: str, mem_prealloc: bool, vcpus: int, dirty_rate: list[int],
+def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: bool, vcpus: int, dirty_rate: list[int],
         paused: bool, incoming: str | None, uuid: str | None, dirty_tracker: str | None) -> None:
     if len(dirty_rate) not in (1, vcpus):  # type: ignore[arg-type]
         raise click.BadParameter(f"give one rate or {vcpus} (one per vCPU)", param_hint="--dirty-rate")
@@ -88,12 +88,12 @@ def run(qmp: list[object], rams: list[object], ram_fill: str, mem_prealloc: bool
     for spec in rams:
         try:
             machine.add_ram(spec.name, spec.size, page_size=spec.page_size, backing=spec.backing,
-                             prealloc=mem_prealloc)  # type: ignore[attr-defined]
+                             prealloc=mem_prealloc)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--ram") from None
     if paused:
         machine.run.autostart = False
-    rates = dirty_rate if len(dirty_rate) == vcpus else [dirty_rate[0] / vcpus] * vcpus
+    rates: list[float] = [float(r) for r in dirty_rate] if len(dirty_rate) == vcpus else [dirty_rate[0] / vcpus] * vcpus
     device = CounterDevice(vcpus, sum(dirty_rate))
     machine.add_device(device)
     manager = MigrationManager(machine)

@@ -9,7 +9,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 from prompt_toolkit import PromptSession
@@ -67,7 +67,7 @@ def parse_line(line: str) -> tuple[str, dict[str, Any]]:
 
 async def _shell(socket: str) -> None:
     client: QMPClient = await _connect(socket)
-    names = [c["name"] for c in await client.execute("query-commands")]  # type: ignore[union-attr]
+    names = [c["name"] for c in cast(list[dict[str, str]], await client.execute("query-commands"))]
     terminal = create_input()
     session: PromptSession[str] = PromptSession(
         history=FileHistory(os.environ.get("MIG_SHELL_HISTORY", str(Path.home() / ".mig_shell_history"))),

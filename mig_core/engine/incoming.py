@@ -18,20 +18,19 @@ import structlog
 
 from mig_core.channel import Channel, ChannelAborted, ChannelEOF, ChannelError, FdChannel
 from mig_core.engine.announce import start_announce
+from mig_core.engine.multifd_recv import MultifdReceiver
 from mig_core.machine.device import Device, DeviceSection, DeviceStateError
 from mig_core.schema.common import RunState
-from mig_core.schema.migration import MigrationStatus as S
-from mig_core.stream.format import Command
-from mig_core.stream.placement import CopyPlacer
-from mig_core.engine.multifd_recv import MultifdReceiver
-from mig_core.zeropage import nonzero_pages
 from mig_core.schema.migration import MigrationCapability as C
+from mig_core.schema.migration import MigrationStatus as S
 from mig_core.stream import mapped_ram
-from mig_core.stream.format import MAGIC
+from mig_core.stream.format import MAGIC, Command
 from mig_core.stream.mapped_ram import MappedRamLayout
 from mig_core.stream.multifd import MULTIFD_MAGIC, MultifdError, read_init
+from mig_core.stream.placement import CopyPlacer
 from mig_core.stream.reader import CommandReceived, DevicePart, End, PassEnd, StreamError, StreamReader
 from mig_core.stream.writer import StreamWriter
+from mig_core.zeropage import nonzero_pages
 
 if TYPE_CHECKING:
     from mig_core.manager import MigrationManager
@@ -224,7 +223,8 @@ class IncomingMigration:
                 readers += [self.listener.open_extra(direct_io) for _ in range(m.params["multifd-channels"])]
                 if direct_io:
                     readers = readers[1:]  # only the aligned page I/O goes through O_DIRECT descriptors
-            pages = mapped_ram.load(main, readers, layout, self.reader.source_blocks, mapped_ram.file_size(main.read_fd),
+            pages = mapped_ram.load(main, readers, layout, self.reader.source_blocks,
+                                    mapped_ram.file_size(main.read_fd),
                                     lambda b, p: self.placer.place(b, p, None))
         except (ValueError, OSError) as e:
             raise StreamError(str(e)) from None

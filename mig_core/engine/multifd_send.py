@@ -143,7 +143,7 @@ class MultifdSender:
         is_zero = None
         if self.detect_zero:
             is_zero = (zero_mask(block.words, pages) if data is None
-                       else ~data.reshape(len(pages), -1).view(np.uint64).any(axis=1))
+                       else np.asarray(~data.reshape(len(pages), -1).view(np.uint64).any(axis=1)))
         job = _Job(block_index, block, pages, data, pass_number, self._number, is_zero)
         with self._cond:
             self._outstanding += 1
@@ -259,7 +259,7 @@ class MultifdSender:
         elif encoder is not None:
             # one contiguous buffer: a view of RAM for a single run, else one gathered copy
             raw = data if data is not None else page_buffers(b, pages, max_runs=1)[0]
-            payload = encoder.compress_parts(memoryview(np.ascontiguousarray(raw)).cast("B"))
+            payload = encoder.compress_parts(np.ascontiguousarray(raw).data.cast("B"))
             flags = PacketFlag.COMPRESSED
         else:
             payload = [np.ascontiguousarray(data)] if data is not None else page_buffers(b, pages)

@@ -132,7 +132,8 @@ class MigrationCounters:
                 duplicate=self.duplicate, normal=self.normal, normal_bytes=self.normal * self.page_size,
                 dirty_pages_rate=self.dirty_pages_rate, mbps=round(self.mbps, 4),
                 dirty_sync_count=self.dirty_sync_count, postcopy_requests=0, page_size=self.page_size,
-                multifd_bytes=self.multifd_bytes, pages_per_second=self.pages_per_second, precopy_bytes=self.precopy_bytes,
+                multifd_bytes=self.multifd_bytes, pages_per_second=self.pages_per_second,
+                precopy_bytes=self.precopy_bytes,
                 downtime_bytes=self.downtime_bytes, postcopy_bytes=0, dirty_sync_missed_zero_copy=self.missed_zero_copy,
             )
 

@@ -17,8 +17,8 @@ from mig_core.qapi.model import (
     UInt16,
     UInt32,
     UInt64,
-    Unstable,
     UnsetType,
+    Unstable,
     enum_features,
 )
 from mig_core.qapi.visitor import QapiInputError, from_qmp, members_of, to_qmp

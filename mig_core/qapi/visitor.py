@@ -92,9 +92,13 @@ def type_node(tp: Any) -> tuple[Node, bool]:
     raise TypeError(f"unsupported QAPI annotation {tp!r}")
 
 
-@functools.cache
-def members_of(cls: type[msgspec.Struct]) -> tuple[Member, ...]:
+def members_of(cls: Any) -> tuple[Member, ...]:
     """The declared members of a struct, in declaration order."""
+    return _members_of(cls)
+
+
+@functools.cache
+def _members_of(cls: Any) -> tuple[Member, ...]:
     hints = typing.get_type_hints(cls, include_extras=True)
     out = []
     for f in msgspec.structs.fields(cls):

@@ -193,7 +193,12 @@ class QMPSession:
             except (BlockingIOError, InterruptedError):
                 fd = self.sock.fileno()
                 fut = self.loop.create_future()
-                self.loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+
+                def readable(fut: asyncio.Future[None] = fut) -> None:
+                    if not fut.done():
+                        fut.set_result(None)
+
+                self.loop.add_reader(fd, readable)
                 try:
                     await fut
                 finally:

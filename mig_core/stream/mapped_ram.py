@@ -39,7 +39,7 @@ def _aligned(rows: np.ndarray, align: int) -> memoryview:
     start = -raw.ctypes.data % align
     out = raw[start:start + rows.nbytes]
     out[:] = rows.reshape(-1).view(np.uint8)
-    return memoryview(out)
+    return out.data
 
 
 @dataclass(frozen=True)

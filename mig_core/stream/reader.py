@@ -19,6 +19,7 @@ from mig_core import xbzrle
 from mig_core.channel import Channel, ChannelEOF
 from mig_core.machine.device import DeviceSection
 from mig_core.machine.ram import RAMBlock
+from mig_core.stream import mapped_ram
 from mig_core.stream.format import (
     HEADER,
     MAGIC,
@@ -33,7 +34,6 @@ from mig_core.stream.format import (
     PageEncoding,
     Section,
 )
-from mig_core.stream import mapped_ram
 from mig_core.stream.mapped_ram import MappedRamLayout
 from mig_core.stream.placement import PagePlacer
 

@@ -25,7 +25,8 @@ class UadkSupport(AcceleratorProbe):
 
     @property
     def implementation(self) -> str:
-        return self.describe("software (ISA-L zlib)", "UADK library (libwd_comp)", "UADK device", "mig has no UADK bindings")
+        return self.describe("software (ISA-L zlib)", "UADK library (libwd_comp)", "UADK device",
+                             "mig has no UADK bindings")
 
 
 def detect() -> UadkSupport:

@@ -30,7 +30,8 @@ class ZstdCompressor(Compressor):
     level_parameter = "multifd-zstd-level"
 
     def encoder(self, level: int) -> Encoder:
-        return FlushedStreamEncoder(zstandard.ZstdCompressor(level=level).compressobj(), zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        return FlushedStreamEncoder(zstandard.ZstdCompressor(level=level).compressobj(),
+                                    zstandard.COMPRESSOBJ_FLUSH_BLOCK)
 
     def decoder(self) -> Decoder:
         return _ZstdDecoder()

@@ -1,10 +1,10 @@
 """The hash tracker is installed, discovered, and reports content changes, including a change undone."""
 
 import numpy as np
+from mig_tracker_hash import hash_pages
 
 from mig_core.machine.ram import allocate
 from mig_core.plugin_registry import PluginRegistry
-from mig_tracker_hash import hash_pages
 
 
 def test_discovered():

@@ -6,8 +6,9 @@ import asyncio
 import os
 import subprocess
 
-from mig_core.testing import connect, qmp_error, ram_digest, wait_for_status, wait_until
 from mig_transport_exec import EXIT_TIMEOUT
+
+from mig_core.testing import connect, qmp_error, ram_digest, wait_for_status, wait_until
 
 WL = ("--ram", "16M", "--ram-fill", "half", "--vcpus", "2", "--dirty-rate", "4M")
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from mig_transport_file import parse_offset
 
 from mig_core.testing import connect, qmp_error, ram_digest, wait_for_status
-from mig_transport_file import parse_offset
 
 WL = ("--ram", "16M", "--ram-fill", "half", "--vcpus", "2", "--dirty-rate", "4M")
 

@@ -66,7 +66,8 @@ async def test_truncated_and_foreign_files_are_refused(start_host, tmp_path):
     assert "truncated file: RAM block 'pc.ram' has pages up to byte" in info["error-desc"], info
     (tmp_path / "foreign.img").write_bytes(b"\x7fELF" + bytes(8 << 20))
     dst2, info = await restore(start_host, tmp_path / "foreign.img", 2, name="foreign")
-    assert info["error-desc"] == "load of migration failed: not a mig migration stream (bad magic b'\\x7fELF\\x00\\x00\\x00\\x00')"
+    assert info["error-desc"] == ("load of migration failed: not a mig migration stream "
+                                  "(bad magic b'\\x7fELF\\x00\\x00\\x00\\x00')")
     # a file saved without mapped-ram is refused by a host expecting it, and the other way round
     plain = tmp_path / "plain.img"
     await src.execute("cont")

@@ -167,7 +167,8 @@ def test_keep_alive_values_the_kernel_refuses_are_refused_at_once():
 
 
 def test_mptcp_on_both_ends():
-    if not Path("/proc/sys/net/mptcp/enabled").exists() or Path("/proc/sys/net/mptcp/enabled").read_text().strip() != "1":
+    enabled = Path("/proc/sys/net/mptcp/enabled")
+    if not enabled.exists() or enabled.read_text().strip() != "1":
         pytest.skip("MPTCP is not enabled on this kernel")
     dst, src = _connected("tcp:127.0.0.1:0,mptcp=on")
     try:
