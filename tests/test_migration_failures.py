@@ -15,7 +15,6 @@ import msgpack
 import numpy as np
 import pytest
 
-from mig_core.channel import SocketChannel
 from mig_core.machine.device import DeviceSection
 from mig_core.machine.ram import allocate
 from mig_core.stream import mapped_ram
@@ -141,20 +140,34 @@ async def feed(start_host, tmp_path, payload: bytes, exit_on_error: bool):
     return d, info
 
 
+class BytesSink:
+    """A ByteSink that keeps what a StreamWriter writes (crafted streams for the destination)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def sendv(self, buffers) -> None:
+        for b in buffers:
+            self.data += memoryview(b).cast("B")
+
+    def send(self, data) -> None:
+        self.sendv([data])
+
+
+def stream(blocks, write) -> bytes:
+    """The bytes ``write(writer)`` produces after the header of a stream for ``blocks``."""
+    sink = BytesSink()
+    w = StreamWriter(sink, blocks)
+    w.write_header("00000000-0000-0000-0000-000000000000")
+    write(w)
+    return bytes(sink.data)
+
+
 def valid_prefix(npages: int) -> bytes:
     """The start of a real stream for a 32 MiB pc.ram machine: header, block list, some pages."""
     blk = allocate("pc.ram", 32 << 20)
     blk.pages[:npages] = 7
-    a, b = socket.socketpair()
-    w = StreamWriter(SocketChannel(a), [blk])
-    w.write_header("00000000-0000-0000-0000-000000000000")
-    w.write_pages(blk, np.arange(npages))
-    a.close()
-    data = b""
-    while chunk := b.recv(1 << 20):
-        data += chunk
-    b.close()
-    return data
+    return stream([blk], lambda w: w.write_pages(blk, np.arange(npages)))
 
 
 @pytest.mark.parametrize("payload,error", [
@@ -326,21 +339,15 @@ async def test_refused_migrate_changes_nothing(start_host, tmp_path):
 def device_stream(sections: list[tuple[str, object]]) -> bytes:
     """A well-framed stream for a 32 MiB pc.ram host (one vCPU, no dirty rate): header, CONFIG, the given
     device sections (id, state), end."""
-    blk = allocate("pc.ram", 32 << 20)
-    a, b = socket.socketpair()
-    w = StreamWriter(SocketChannel(a), [blk])
-    w.write_header("00000000-0000-0000-0000-000000000000")
-    w.write_command(Command.CONFIG, {"validate-uuid": False, "mapped-ram": False, "x-ignore-shared": False,
-                                     "multifd": None})
-    for dev_id, state in sections:
-        w.write_device(DeviceSection(dev_id, 0, 1, msgpack.packb(state, use_bin_type=True)))
-    w.write_end()
-    a.close()
-    data = b""
-    while chunk := b.recv(1 << 20):
-        data += chunk
-    b.close()
-    return data
+
+    def write(w: StreamWriter) -> None:
+        w.write_command(Command.CONFIG, {"validate-uuid": False, "mapped-ram": False, "x-ignore-shared": False,
+                                         "multifd": None})
+        for dev_id, state in sections:
+            w.write_device(DeviceSection(dev_id, 0, 1, msgpack.packb(state, use_bin_type=True)))
+        w.write_end()
+
+    return stream([allocate("pc.ram", 32 << 20)], write)
 
 
 GOOD_COUNTER = {"ticks": 5, "config": {"vcpus": 1, "dirty-rate": 0}}
@@ -371,13 +378,8 @@ async def test_device_state_of_the_wrong_shape_is_refused_precisely(start_host, 
 async def test_mapped_ram_from_a_stream_that_cannot_seek(start_host, tmp_path):
     """A MAPPED_RAM section read from a pipe: refused with the reason, not an OS error's name."""
     blk = allocate("pc.ram", 16 << 20)
-    a, b = socket.socketpair()
-    w = StreamWriter(SocketChannel(a), [blk])
-    w.write_header("00000000-0000-0000-0000-000000000000")
-    head = b.recv(1 << 20)
+    head = stream([blk], lambda w: None)
     _layout, section = mapped_ram.plan([blk], len(head))
-    a.close()
-    b.close()
     image = tmp_path / "img"
     image.write_bytes(head + bytes(section))
     d = start_host("--ram", "16M", "--incoming", "defer", name="dst")

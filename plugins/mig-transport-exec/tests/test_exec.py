@@ -13,6 +13,17 @@ from mig_core.testing import connect, qmp_error, ram_digest, wait_for_status, wa
 WL = ("--ram", "16M", "--ram-fill", "half", "--vcpus", "2", "--dirty-rate", "4M")
 
 
+async def restore_exact(start_host, src, tmp_path, incoming: dict) -> None:
+    """Restore what ``src`` saved into a fresh paused host; its RAM must equal the source's."""
+    dst_h = start_host(*WL, "--incoming", "defer", "-S", name="dst")
+    dst = await connect(dst_h.sock)
+    await dst.execute("migrate-incoming", incoming)
+    assert (await wait_for_status(dst, {"completed", "failed"}))["status"] == "completed"
+    assert await ram_digest(src, 16 << 20, tmp_path / "s") == await ram_digest(dst, 16 << 20, tmp_path / "d")
+    await src.disconnect()
+    await dst.disconnect()
+
+
 async def test_save_through_gzip_and_restore(start_host, tmp_path):
     image = tmp_path / "vm.gz"
     src_h = start_host(*WL, name="src")
@@ -20,14 +31,8 @@ async def test_save_through_gzip_and_restore(start_host, tmp_path):
     await src.execute("migrate", {"uri": f"exec:gzip -c > {image}"})
     assert (await wait_for_status(src, {"completed", "failed"}))["status"] == "completed"
     assert image.stat().st_size > 0
-    dst_h = start_host(*WL, "--incoming", "defer", "-S", name="dst")
-    dst = await connect(dst_h.sock)
-    await dst.execute("migrate-incoming", {"channels": [{"channel-type": "main", "addr": {
+    await restore_exact(start_host, src, tmp_path, {"channels": [{"channel-type": "main", "addr": {
         "transport": "exec", "args": ["gzip", "-dc", str(image)]}}]})
-    assert (await wait_for_status(dst, {"completed", "failed"}))["status"] == "completed"
-    assert await ram_digest(src, 16 << 20, tmp_path / "s") == await ram_digest(dst, 16 << 20, tmp_path / "d")
-    await src.disconnect()
-    await dst.disconnect()
 
 
 async def test_failing_commands_fail_the_migration_with_status_and_stderr(start_host, tmp_path):
@@ -86,12 +91,7 @@ async def test_child_that_never_exits_is_cancelled_and_its_group_reaped(start_ho
     assert (await src.execute("query-status"))["status"] == "running"
     await src.execute("migrate", {"uri": f"exec:cat > {tmp_path}/img"})
     assert (await wait_for_status(src, {"completed", "failed"}))["status"] == "completed"
-    dst_h = start_host(*WL, "--incoming", f"exec:cat {tmp_path}/img", "-S", name="dst")
-    dst = await connect(dst_h.sock)
-    assert (await wait_for_status(dst, {"completed", "failed"}))["status"] == "completed"
-    assert await ram_digest(src, 16 << 20, tmp_path / "s") == await ram_digest(dst, 16 << 20, tmp_path / "d")
-    await src.disconnect()
-    await dst.disconnect()
+    await restore_exact(start_host, src, tmp_path, {"uri": f"exec:cat {tmp_path}/img"})
 
 
 async def test_child_that_never_exits_fails_the_migration_after_the_exit_timeout(start_host, tmp_path):
