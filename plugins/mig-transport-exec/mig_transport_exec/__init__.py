@@ -77,6 +77,8 @@ class _ChildChannel(FdChannel):
 
     def _status(self, timeout: float) -> int | None:
         """The child's exit status, or None if it has not exited within ``timeout`` s."""
+        if self.proc.returncode is not None:  # reaped already: its pid no longer names the group
+            return self.proc.returncode
         if not self._exited(timeout):
             return None
         self._kill_group()  # what the child left behind in its group (the group leader is not reaped yet)
