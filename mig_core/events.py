@@ -7,9 +7,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import pluggy
 import structlog
 
+from mig_core.hooks import Hooks
 from mig_core.qapi import to_qmp
 
 log = structlog.get_logger("mig.events")
@@ -25,10 +25,10 @@ def timestamp() -> tuple[int, int]:
 class EventEmitter:
     """Builds QMP event envelopes and fans them out; safe to call from any thread."""
 
-    def __init__(self, pm: pluggy.PluginManager | None = None) -> None:
+    def __init__(self, hooks: Hooks | None = None) -> None:
         self._subscribers: list[Subscriber] = []
         self._lock = threading.Lock()
-        self._pm = pm
+        self._hooks = hooks
 
     def subscribe(self, fn: Subscriber) -> None:
         with self._lock:
@@ -50,5 +50,5 @@ class EventEmitter:
             subs = list(self._subscribers)
         for fn in subs:
             fn(msg)
-        if self._pm is not None:
-            self._pm.hook.mig_event(name=name, data=payload, timestamp=(secs, usecs))
+        if self._hooks is not None:
+            self._hooks.event(name, payload, (secs, usecs))

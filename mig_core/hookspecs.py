@@ -1,8 +1,13 @@
 """Every lifecycle hook of mig, in one typed module (pluggy hookspecs, prefixed ``mig_``).
 
-Plugins implement any of these with ``@mig_core.hookimpl`` and register through
-the ``mig_core.hooks`` entry-point group. All hooks are observers: every
-implementation is called, return values are ignored unless a hook says otherwise.
+Implement any of these with ``@mig_core.hookspecs.hookimpl`` on a module or an
+object, and register it either through the ``mig_core.hooks`` entry-point group
+of a distribution, or, from an embedding host, with
+``MigrationManager.hooks.register(obj)``. An implementation whose name matches no
+hookspec here is refused (the entry point is skipped with an error in the log;
+``hooks.register`` raises). All hooks are observers: every implementation is
+called, return values are ignored unless a hook says otherwise. The core calls
+them only through ``mig_core.hooks.Hooks``.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from mig_core.engine.incoming import IncomingMigration
 from mig_core.engine.outgoing import OutgoingMigration
 from mig_core.errors import QMPError
 from mig_core.events import EventEmitter
-from mig_core.hooks import make_plugin_manager
+from mig_core.hooks import Hooks, make_plugin_manager
 from mig_core.machine.machine import Machine
 from mig_core.plugin_registry import PluginRegistry
 from mig_core.qapi import UNSET, to_qmp
@@ -72,7 +72,8 @@ class MigrationManager:
         self.registry = registry or (machine.registry if machine else PluginRegistry.from_environment())
         self.machine = machine or Machine(runstate=runstate, registry=self.registry)
         self.pm = pm or make_plugin_manager(self.registry)
-        self.events = EventEmitter(self.pm)
+        self.hooks = Hooks(self.pm)
+        self.events = EventEmitter(self.hooks)
         self.run = self.machine.run
         self.run.add_listener(self._on_runstate)
         self.source = StatusMachine(Side.SOURCE, self._on_status)
@@ -105,7 +106,7 @@ class MigrationManager:
     def _on_status(self, side: Side, old: S, new: S) -> None:
         if self.caps[C.EVENTS]:
             self.events.emit("MIGRATION", MigrationEventData(status=new))
-        self.pm.hook.mig_status_changed(side=side, old=old, new=new, migration_id=self.migration_id)
+        self.hooks.status_changed(side, old, new, self.migration_id)
 
     def _on_runstate(self, old: RunState, new: RunState, running: bool) -> None:
         was_running = old in (RunState.RUNNING, RunState.COLO)
@@ -113,7 +114,7 @@ class MigrationManager:
             self.events.emit("STOP")
         elif running and not was_running:
             self.events.emit("RESUME")
-        self.pm.hook.mig_runstate_changed(old=old, new=new, running=running)
+        self.hooks.runstate_changed(old, new, running)
 
     # -- capability rule context -------------------------------------------------
 
@@ -260,7 +261,7 @@ class MigrationManager:
     def migration_pass(self, number: int, dirty_bytes: int) -> None:
         if self.caps[C.EVENTS]:
             self.events.emit("MIGRATION_PASS", MigrationPassEventData(pass_=number))
-        self.pm.hook.mig_pass_completed(migration_id=self.migration_id, pass_number=number, dirty_bytes=dirty_bytes)
+        self.hooks.pass_completed(self.migration_id, number, dirty_bytes)
 
     def caps_by_name(self, name: str) -> bool:
         return self.caps[C(name)]

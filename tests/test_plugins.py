@@ -60,6 +60,17 @@ def site(tmp_path):
             with open(os.environ["ACME_HOOK_LOG"], "a") as f:
                 f.write(f"{old.value}->{new.value}\\n")
     """})
+    make_dist(root, "typo-hooks", "1.0", {"mig_core.hooks": {"typo": "typo_hooks"}}, {"typo_hooks": """
+        import os
+        from mig_core.hookspecs import hookimpl
+        @hookimpl
+        def mig_runstate_changed(old, new, running):
+            with open(os.environ["ACME_HOOK_LOG"], "a") as f:
+                f.write("typo plugin was registered\\n")
+        @hookimpl
+        def mig_swichover(migration_id, side):
+            pass
+    """})
     return root
 
 
@@ -163,6 +174,10 @@ async def test_host_survives_broken_plugins_and_uses_the_rest(site, tmp_path):
             await qmp.disconnect()
         skipped = [e for e in h.log_events() if e.get("event") == "hook_plugin_skipped"]
         assert skipped and "hook plugin exploded at import" in skipped[0]["error"]
+        # a misspelt hook: the whole plugin is refused, loudly, and none of its hooks runs
+        rejected = [e for e in h.log_events() if e.get("event") == "hook_plugin_rejected"]
+        assert [e["name"] for e in rejected] == ["typo"] and "mig_swichover" in rejected[0]["error"]
+        assert "typo plugin" not in hook_log.read_text()
     finally:
         h.stop()
 

@@ -120,7 +120,7 @@ def test_events_only_with_capability_hook_always():
         def mig_status_changed(self, side, old, new, migration_id):
             hooks.append((side, old, new))
 
-    m.pm.register(Recorder())
+    m.hooks.register(Recorder())
     m.source.cas(S.NONE, S.SETUP)
     assert events == [] and hooks == [(Side.SOURCE, S.NONE, S.SETUP)]
     m.source.cas(S.SETUP, S.FAILED)
@@ -163,3 +163,19 @@ def test_wait_for():
     threading.Timer(0.05, lambda: (m.cas(S.NONE, S.SETUP), m.cas(S.SETUP, S.ACTIVE))).start()
     assert m.wait_for({S.ACTIVE}, timeout=5)
     assert not m.wait_for({S.COMPLETED}, timeout=0.05)
+
+
+def test_a_misspelt_hook_is_refused_when_registered():
+    from mig_core.hooks import HookValidationError
+    from mig_core.manager import MigrationManager
+
+    class Typo:
+        @hookimpl
+        def mig_swichover(self, migration_id, side):  # the hookspec is mig_switchover
+            pass
+
+    m = MigrationManager()
+    with pytest.raises(HookValidationError, match="unknown hook 'mig_swichover'.*mig_switchover"):
+        m.hooks.register(Typo())
+    assert not [p for p in m.pm.get_plugins() if isinstance(p, Typo)]  # nothing of it stays
+    m.machine.close()

@@ -84,7 +84,7 @@ def main() -> None:
 
     machine.vcpus.run(simulate, 1)
     manager = MigrationManager(machine)
-    manager.pm.register(Announcer())
+    manager.hooks.register(Announcer())
 
     async def serve() -> None:
         server = QMPServer(manager)

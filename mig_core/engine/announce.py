@@ -11,8 +11,9 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import pluggy
 import structlog
+
+from mig_core.hooks import Hooks
 
 log = structlog.get_logger("mig.announce")
 
@@ -23,7 +24,7 @@ def schedule(params: dict[str, Any]) -> list[int]:
             for k in range(params["announce-rounds"])]
 
 
-def start_announce(pm: pluggy.PluginManager, params: dict[str, Any]) -> threading.Thread | None:
+def start_announce(hooks: Hooks, params: dict[str, Any]) -> threading.Thread | None:
     delays = schedule(params)
     if not delays:
         return None
@@ -33,7 +34,7 @@ def start_announce(pm: pluggy.PluginManager, params: dict[str, Any]) -> threadin
         for i, delay in enumerate(delays, 1):
             if stop.wait(delay / 1000):
                 return
-            pm.hook.mig_announce(round=i, rounds=len(delays))
+            hooks.announce(i, len(delays))
 
     t = threading.Thread(target=run, name="mig/dst/announce", daemon=True)
     t.stop = stop  # type: ignore[attr-defined]

@@ -203,7 +203,7 @@ class IncomingMigration:
             StreamWriter(self.channel, []).write_command(Command.RP_LOADED, 0)
         m.destination.cas(S.ACTIVE, S.COMPLETED)
         log.info("incoming_completed", runstate=machine.run.state.value)
-        self.announce = start_announce(m.pm, dict(m.params))
+        self.announce = start_announce(m.hooks, dict(m.params))
 
     def _load_mapped_ram(self, layout: MappedRamLayout) -> None:
         """Read the RAM regions of a mapped-ram file (multifd: multifd-channels descriptors in parallel)."""
@@ -284,7 +284,7 @@ class IncomingMigration:
         """QEMU's rule: run if the source ran and we may autostart; -S: paused; else adopt the source's state."""
         run = self.machine.run
         source_state = self.m.global_state.received_runstate
-        self.m.pm.hook.mig_switchover(migration_id=self.m.migration_id, side=self.m.destination.side)
+        self.m.hooks.switchover(self.m.migration_id, self.m.destination.side)
         if source_state in (None, RunState.RUNNING, RunState.FINISH_MIGRATE):
             run.set(RunState.RUNNING if run.autostart else RunState.PAUSED)
         else:

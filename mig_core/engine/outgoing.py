@@ -506,7 +506,7 @@ class OutgoingMigration:
         self._runstate_before = run.state
         self._runstate_before = run.enter(RunState.FINISH_MIGRATE)
         self.m.global_state.saved_runstate = self._runstate_before
-        self.m.pm.hook.mig_switchover(migration_id=m.migration_id, side=m.source.side)
+        self.m.hooks.switchover(m.migration_id, m.source.side)
         if self.caps[C.PAUSE_BEFORE_SWITCHOVER]:
             if not m.source.cas(S.ACTIVE, S.PRE_SWITCHOVER):
                 self._check_cancel()
