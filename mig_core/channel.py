@@ -165,6 +165,23 @@ class Channel(ABC):
 
     # -- positioned I/O (file transports) -------------------------------------------------
 
+    @property
+    def seekable(self) -> bool:
+        """Whether this channel is a file it can seek in (mapped-ram needs one); the others raise."""
+        return False
+
+    def tell(self) -> int:
+        """The current offset of the sequential stream in the file."""
+        raise ChannelError(f"{type(self).__name__} cannot seek")
+
+    def seek(self, offset: int) -> None:
+        """Continue the sequential stream at ``offset`` (mapped-ram: after the RAM regions)."""
+        raise ChannelError(f"{type(self).__name__} cannot seek")
+
+    def size(self) -> int:
+        """The file's size in bytes."""
+        raise ChannelError(f"{type(self).__name__} is not a file")
+
     def pwritev(self, buffers: Sequence[Buffer], offset: int) -> None:
         raise ChannelError(f"{type(self).__name__} has no positioned writes")
 
@@ -396,13 +413,33 @@ class FdChannel(Channel):
             got += n
             self.bytes_received += n
 
+    @property
+    def _fd(self) -> int:
+        return self.write_fd if self.write_fd >= 0 else self.read_fd
+
+    @property
+    def seekable(self) -> bool:
+        """A regular file (or block device) is; a pipe, a FIFO, a socket or a terminal is not."""
+        try:
+            os.lseek(self._fd, 0, os.SEEK_CUR)
+        except OSError:
+            return False
+        return True
+
     def tell(self) -> int:
-        """The current offset of the sequential stream in the file."""
-        return os.lseek(self.write_fd if self.write_fd >= 0 else self.read_fd, 0, os.SEEK_CUR)
+        try:
+            return os.lseek(self._fd, 0, os.SEEK_CUR)
+        except OSError as e:
+            raise ChannelError(f"cannot seek: {e.strerror}") from None
 
     def seek(self, offset: int) -> None:
-        """Continue the sequential stream at ``offset`` (mapped-ram: after the RAM regions)."""
-        os.lseek(self.write_fd if self.write_fd >= 0 else self.read_fd, offset, os.SEEK_SET)
+        try:
+            os.lseek(self._fd, offset, os.SEEK_SET)
+        except OSError as e:
+            raise ChannelError(f"cannot seek to {offset}: {e.strerror}") from None
+
+    def size(self) -> int:
+        return os.fstat(self._fd).st_size
 
     def close(self) -> None:
         for fd in (self.write_fd, self.read_fd, self._wake_r, self._wake_w):

@@ -9,7 +9,17 @@ from __future__ import annotations
 
 import struct
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import structlog
+
+if TYPE_CHECKING:
+    from mig_core.plugin_registry import PluginRegistry
+
+log = structlog.get_logger("mig.compressor")
+
+#: The entry-point group of compressor plugins (key: a MultiFDCompression value or a new name).
+GROUP = "mig_core.compressors"
 
 
 class Encoder(ABC):
@@ -196,3 +206,13 @@ class PageFramedDecoder(Decoder):
         if pos != view.nbytes:
             raise ValueError(f"packet has {view.nbytes - pos} bytes after its last page")
         return b"".join(pages)  # one allocation, raw pages copied once
+
+
+def load_compressor(registry: PluginRegistry, name: str, page_size: int, level: int | None = None) -> Compressor:
+    """The compressor serving ``name`` for pages of ``page_size``; logs which implementation and which
+    distribution serve it. ``PluginNotFound`` (naming the group and the name) if none can."""
+    comp: Compressor = registry.load(GROUP, name)(page_size=page_size)
+    entry = registry.choice(GROUP, name)
+    log.info("compressor_selected", method=name, level=level, implementation=comp.implementation(),
+             distribution=entry.distribution if entry else None)
+    return comp

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from mig_core.compressor import GROUP as COMPRESSORS
 from mig_core.errors import QMPError
 from mig_core.plugin_registry import PluginNotFound, PluginRegistry
 from mig_core.qapi import UNSET, Bool, Size, Str, StrOrNull, UInt8, UInt32, UInt64, UnsetType, Unstable
@@ -283,7 +284,7 @@ def defaults() -> dict[str, Any]:
 
 def check_compression(name: str, ctx: CheckContext) -> None:
     """Refuse a compression method no installed plugin provides (naming the plugin) or that fails to load."""
-    group = "mig_core.compressors"
+    group = COMPRESSORS
     try:
         ctx.registry.load(group, name)
         return

@@ -78,7 +78,7 @@ def contrib_python(tmp_path_factory) -> str:
 
 
 def _compression_event(host) -> dict:
-    return next(e for e in host.log_events() if e.get("event") == "multifd_compression")
+    return next(e for e in host.log_events() if e.get("event") == "compressor_selected")
 
 
 @pytest.mark.parametrize("case", ["lz4", "zstd-cross"])

@@ -9,14 +9,14 @@ error; the host's ``on_incoming_failed`` callback decides what happens next
 
 from __future__ import annotations
 
-import os
 import threading
 import uuid as uuid_mod
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from mig_core.channel import Channel, ChannelAborted, ChannelEOF, ChannelError, FdChannel
+from mig_core.channel import Channel, ChannelAborted, ChannelEOF, ChannelError
+from mig_core.compressor import load_compressor
 from mig_core.engine.announce import start_announce
 from mig_core.engine.multifd_recv import MultifdReceiver
 from mig_core.machine.device import Device, DeviceSection, DeviceStateError
@@ -144,12 +144,8 @@ class IncomingMigration:
             name = str(m.params["multifd-compression"])
             factory = None
             if name != "none":
-                comp = m.registry.load("mig_core.compressors", name)(page_size=min(
-                    (b.page_size for b in self.machine.blocks), default=4096))
-                factory = comp.decoder
-                entry = m.registry.choice("mig_core.compressors", name)
-                log.info("multifd_compression", method=name, implementation=comp.implementation(),
-                         distribution=entry.distribution if entry else None)
+                page_size = min((b.page_size for b in self.machine.blocks), default=4096)
+                factory = load_compressor(m.registry, name, page_size).decoder
             main = self.channel
             self.multifd = MultifdReceiver([self._extra[i] for i in range(want)], self.reader.source_blocks,
                                            self.placer, factory, lambda msg: main.abort(msg))
@@ -208,14 +204,9 @@ class IncomingMigration:
     def _load_mapped_ram(self, layout: MappedRamLayout) -> None:
         """Read the RAM regions of a mapped-ram file (multifd: multifd-channels descriptors in parallel)."""
         m, main = self.m, self.channel
-        assert isinstance(main, FdChannel)
+        assert main is not None
         if not m.caps[C.MAPPED_RAM]:
             raise StreamError("the stream has a MAPPED_RAM section, but capability mapped-ram is off")
-        try:
-            os.lseek(main.read_fd, 0, os.SEEK_CUR)
-        except OSError as e:
-            raise StreamError(f"the stream has a MAPPED_RAM section, but the incoming channel cannot seek "
-                              f"({e.strerror}): mapped-ram needs a regular file") from None
         readers: list[Channel] = [main]
         try:
             if m.caps[C.MULTIFD]:
@@ -223,10 +214,9 @@ class IncomingMigration:
                 readers += [self.listener.open_extra(direct_io) for _ in range(m.params["multifd-channels"])]
                 if direct_io:
                     readers = readers[1:]  # only the aligned page I/O goes through O_DIRECT descriptors
-            pages = mapped_ram.load(main, readers, layout, self.reader.source_blocks,
-                                    mapped_ram.file_size(main.read_fd),
+            pages = mapped_ram.load(main, readers, layout, self.reader.source_blocks, main.size(),
                                     lambda b, p: self.placer.place(b, p, None))
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, ChannelError) as e:
             raise StreamError(str(e)) from None
         finally:
             for r in readers:

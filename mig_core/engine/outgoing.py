@@ -19,6 +19,8 @@ import numpy as np
 import structlog
 
 from mig_core.channel import Channel, ChannelAborted, ChannelError
+from mig_core.compressor import GROUP as COMPRESSORS
+from mig_core.compressor import load_compressor
 from mig_core.dirty import DirtyConsumer
 from mig_core.engine.convergence import ConvergenceTrigger
 from mig_core.engine.multifd_send import MultifdSender
@@ -246,9 +248,9 @@ class OutgoingMigration:
             self._ping_sent = time.monotonic()
             self.writer.write_command(Command.PING, 0)  # its round trip (measured by the RP thread) feeds estimates
         if self.caps[C.MAPPED_RAM]:
-            layout, section = mapped_ram.plan(self.machine.blocks, self.channel.tell())  # type: ignore[attr-defined]
+            layout, section = mapped_ram.plan(self.machine.blocks, self.channel.tell())
             self.channel.send(section)
-            self.channel.seek(layout.resume_offset)  # type: ignore[attr-defined]
+            self.channel.seek(layout.resume_offset)
             self.mapped = MappedRamWriter(layout, self.machine.blocks)
         if self.caps[C.MULTIFD]:
             self._start_multifd()
@@ -283,12 +285,10 @@ class OutgoingMigration:
         name = str(params["multifd-compression"])
         factory = None
         if name != "none":
-            comp = self.m.registry.load("mig_core.compressors", name)(page_size=self.counters.page_size)
-            level = params[comp.level_parameter] if comp.level_parameter else 1
+            cls = self.m.registry.load(COMPRESSORS, name)
+            level = params[cls.level_parameter] if cls.level_parameter else 1
+            comp = load_compressor(self.m.registry, name, self.counters.page_size, level)
             factory = lambda: comp.encoder(level)  # noqa: E731 - one encoder per channel thread
-            entry = self.m.registry.choice("mig_core.compressors", name)
-            log.info("multifd_compression", method=name, level=level, implementation=comp.implementation(),
-                     distribution=entry.distribution if entry else None)
         channels = []
         direct_io = bool(params["direct-io"]) and self.mapped is not None
         try:

@@ -11,7 +11,6 @@ however many passes run. Layout details: docs/stream-format.md.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -199,6 +198,3 @@ def load(main: Channel, channels: Sequence[Channel], layout: MappedRamLayout, bl
     with ThreadPoolExecutor(len(channels), thread_name_prefix="mig/dst/mapped") as pool:
         return sum(pool.map(read, range(len(channels))))
 
-
-def file_size(fd: int) -> int:
-    return os.fstat(fd).st_size

@@ -189,11 +189,10 @@ class StreamReader:
             except ValueError:
                 raise StreamError(f"unknown command {obj[0]}") from None
         if section is Section.MAPPED_RAM:
-            try:
-                end = self.channel.tell() if hasattr(self.channel, "tell") else self.channel.bytes_received
-            except OSError as e:  # a pipe: mapped-ram's regions are found by offset, which it has not
-                raise StreamError(f"the stream has a MAPPED_RAM section, but the incoming channel cannot seek "
-                                  f"({e.strerror}): mapped-ram needs a regular file") from None
+            if not self.channel.seekable:  # a pipe or a socket: mapped-ram's regions are found by offset
+                raise StreamError("the stream has a MAPPED_RAM section, but the incoming channel cannot seek: "
+                                  "mapped-ram needs a regular file")
+            end = self.channel.tell()
             try:
                 layout = mapped_ram.parse(obj, self._blocks, end)
             except ValueError as e:

@@ -81,7 +81,7 @@ async def test_multifd_migration_with_qpl(start_host, tmp_path):
         await wait_for_status(dst, {"completed"})
         assert info["compression"]["compressed-size"] < info["compression"]["pages"] * 4096 / 2
         assert await ram_digest(src, 16 << 20, tmp_path / "s") == await ram_digest(dst, 16 << 20, tmp_path / "d")
-        ev = next(e for e in s.log_events() if e.get("event") == "multifd_compression")
+        ev = next(e for e in s.log_events() if e.get("event") == "compressor_selected")
         assert ev["implementation"] == "software (ISA-L): libqpl not found"
     finally:
         await src.disconnect()
