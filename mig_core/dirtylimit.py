@@ -115,6 +115,10 @@ class DirtyLimiter:
             return [DirtyLimitInfo(cpu_index=i, limit_rate=q, current_rate=self.current.get(i, 0))
                     for i, q in sorted(self.quota.items())]
 
+    def threads(self) -> list[threading.Thread]:
+        """The controller thread, while there is one."""
+        return [self._thread] if self._thread is not None else []
+
     # -- the controller ---------------------------------------------------------------
 
     def _ensure_running(self) -> None:

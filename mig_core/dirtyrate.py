@@ -50,6 +50,10 @@ class DirtyRateMeter:
         self._lock = threading.Lock()
         self.thread: threading.Thread | None = None
 
+    def threads(self) -> list[threading.Thread]:
+        """The measuring thread, while there is one."""
+        return [self.thread] if self.thread is not None else []
+
     def calc(self, calc_time: int, unit: TimeUnit | None, sample_pages: int | None,
              mode: DirtyRateMeasureMode | None) -> None:
         """Start a measurement, with QEMU's checks in QEMU's order."""

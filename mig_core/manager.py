@@ -241,8 +241,9 @@ class MigrationManager:
                 info.ram = c.to_stats()
                 if out.caps[C.XBZRLE]:
                     info.xbzrle_cache = out.xbzrle_stats()
-                if out.multifd is not None and out.multifd.encoder_factory is not None:
-                    info.compression = out.multifd.compression.to_stats()
+                compression = out.compression_stats()
+                if compression is not None:
+                    info.compression = compression
                 if self.machine.vcpus.throttle_pct:
                     info.cpu_throttle_percentage = self.machine.vcpus.throttle_pct
                 if out.caps[C.DIRTY_LIMIT] and out.convergence.dirty_limit_applied is not None:
@@ -429,18 +430,12 @@ class MigrationManager:
         """The migration's threads that are alive now, with their OS thread ids."""
         from mig_core.schema.migration import MigrationThreadInfo
 
-        threads = []
-        out, inc = self.outgoing, self.incoming
-        candidates = [out.thread if out else None, out._rp_thread if out else None, inc.thread if inc else None,
-                      getattr(inc, "announce", None) if inc else None, self.dirty_limiter._thread,
-                      self.dirty_rate.thread]
-        for side in (out, inc):
-            mfd = getattr(side, "multifd", None) if side else None
-            candidates += mfd.threads if mfd is not None else []
-        for t in candidates:
-            if t is not None and t.is_alive() and t.native_id is not None:
-                threads.append(MigrationThreadInfo(name=t.name, thread_id=t.native_id))
-        return threads
+        candidates: list[threading.Thread] = []
+        for part in (self.outgoing, self.incoming, self.dirty_limiter, self.dirty_rate):
+            if part is not None:
+                candidates += part.threads()
+        return [MigrationThreadInfo(name=t.name, thread_id=t.native_id) for t in candidates
+                if t.is_alive() and t.native_id is not None]
 
     def incoming_listener_closed(self) -> None:
         self._listener = None

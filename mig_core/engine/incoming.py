@@ -53,10 +53,16 @@ class IncomingMigration:
         self._extra: dict[int, Channel] = {}
         self.multifd: MultifdReceiver | None = None
         self.return_path = False
+        self.announce: threading.Thread | None = None
         self.thread = threading.Thread(target=self._run, name="mig/dst/main", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
+
+    def threads(self) -> list[threading.Thread]:
+        """The threads of this incoming migration (query-migrationthreads shows those alive)."""
+        out = [self.thread] + ([self.announce] if self.announce is not None else [])
+        return out + (self.multifd.threads if self.multifd is not None else [])
 
     def stop(self) -> None:
         """Abandon the incoming migration (host shutdown)."""

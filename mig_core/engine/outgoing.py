@@ -32,9 +32,9 @@ from mig_core.machine.device import DeviceStateError
 from mig_core.machine.ram import RAMBlock
 from mig_core.machine.vcpu import VcpuStopTimeout
 from mig_core.schema.common import RunState
+from mig_core.schema.migration import CompressionStats, XBZRLECacheStats
 from mig_core.schema.migration import MigrationCapability as C
 from mig_core.schema.migration import MigrationStatus as S
-from mig_core.schema.migration import XBZRLECacheStats
 from mig_core.stream import mapped_ram
 from mig_core.stream.format import Command
 from mig_core.stream.mapped_ram import MappedRamWriter
@@ -490,6 +490,17 @@ class OutgoingMigration:
         delay = self.limiter.wait_time(self._accounted - before)
         if delay:
             self.cancel_requested.wait(delay)
+
+    def threads(self) -> list[threading.Thread]:
+        """The threads of this migration (query-migrationthreads shows those alive)."""
+        out = [self.thread] + ([self._rp_thread] if self._rp_thread is not None else [])
+        return out + (self.multifd.threads if self.multifd is not None else [])
+
+    def compression_stats(self) -> CompressionStats | None:
+        """multifd compression counters, when a compressor is in use (mig's extension to query-migrate)."""
+        if self.multifd is None or self.multifd.encoder_factory is None:
+            return None
+        return self.multifd.compression.to_stats()
 
     def xbzrle_stats(self) -> XBZRLECacheStats:
         return self.xbzrle.stats(self.m.params["xbzrle-cache-size"])
