@@ -21,6 +21,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mig_core.errors import ChannelAborted, ChannelEOF, ChannelError
+
+__all__ = ["Buffer", "Channel", "ChannelAbilities", "ChannelAborted", "ChannelEOF", "ChannelError", "FdChannel",
+           "LoopbackChannel", "SocketChannel", "loopback_pair"]
+
 Buffer = Any  # bytes, bytearray, memoryview or a contiguous numpy array
 
 # Linux zero-copy send (MSG_ZEROCOPY, Documentation/networking/msg_zerocopy.rst)
@@ -49,18 +54,6 @@ def _consume(views: list[memoryview], n: int) -> None:
         else:
             views[0] = views[0][n:]
             n = 0
-
-
-class ChannelError(ConnectionError):
-    """The channel failed; the message says how."""
-
-
-class ChannelAborted(ChannelError):
-    """The channel was aborted (``abort()``) while or before it was used."""
-
-
-class ChannelEOF(ChannelError):
-    """The peer closed the channel before the expected bytes arrived."""
 
 
 @dataclass(frozen=True)

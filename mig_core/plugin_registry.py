@@ -22,6 +22,8 @@ import stevedore
 import structlog
 from stevedore.exception import NoMatches
 
+from mig_core.errors import PluginNotFound
+
 log = structlog.get_logger("mig.plugins")
 
 GROUPS = (
@@ -32,10 +34,6 @@ GROUPS = (
     "mig_core.replication",
     "mig_core.hooks",
 )
-
-
-class PluginNotFound(LookupError):
-    """No usable plugin of that name in that group; the message lists what is installed."""
 
 
 @dataclass(frozen=True)

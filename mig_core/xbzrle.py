@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mig_core.errors import StreamError
+
 #: A cache entry younger than this many dirty syncs is not evicted by another page (QEMU's lifetime).
 CACHED_PAGE_LIFETIME = 2
 DECODE_ERROR = "Failed to load XBZRLE page - decode error!"
@@ -48,32 +50,32 @@ def encode(old: np.ndarray, new: np.ndarray, limit: int) -> bytes | None:
 
 def _read_uleb(data: bytes, pos: int) -> tuple[int, int]:
     if len(data) - pos < 2:  # QEMU: two input bytes must remain before each length
-        raise ValueError(DECODE_ERROR)
+        raise StreamError(DECODE_ERROR)
     b = data[pos]
     if b < 0x80:
         return b, pos + 1
     if pos + 1 >= len(data) or data[pos + 1] >= 0x80:
-        raise ValueError(DECODE_ERROR)
+        raise StreamError(DECODE_ERROR)
     return (b & 0x7F) | (data[pos + 1] << 7), pos + 2
 
 
 def decode(data: bytes, page: np.ndarray) -> None:
     """Apply an encoding on top of ``page`` (a writable uint8 row), with QEMU's checks."""
     if len(data) > len(page):
-        raise ValueError("Failed to load XBZRLE page - len overflow!")
+        raise StreamError("Failed to load XBZRLE page - len overflow!")
     pos = out = 0
     first = True
     while pos < len(data):
         zrun, pos = _read_uleb(data, pos)
         if zrun == 0 and not first:
-            raise ValueError(DECODE_ERROR)
+            raise StreamError(DECODE_ERROR)
         first = False
         out += zrun
         if pos >= len(data):
-            raise ValueError(DECODE_ERROR)
+            raise StreamError(DECODE_ERROR)
         nzrun, pos = _read_uleb(data, pos)
         if nzrun == 0 or out + nzrun > len(page) or pos + nzrun > len(data):
-            raise ValueError(DECODE_ERROR)
+            raise StreamError(DECODE_ERROR)
         page[out:out + nzrun] = np.frombuffer(data, dtype=np.uint8, count=nzrun, offset=pos)
         pos += nzrun
         out += nzrun

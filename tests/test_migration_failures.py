@@ -15,6 +15,7 @@ import msgpack
 import numpy as np
 import pytest
 
+from mig_core.channel import SocketChannel
 from mig_core.machine.device import DeviceSection
 from mig_core.machine.ram import allocate
 from mig_core.stream import mapped_ram
@@ -398,3 +399,41 @@ async def test_mapped_ram_from_a_stream_that_cannot_seek(start_host, tmp_path):
         f"Could not open '{fifo}': Illegal seek")
     await dst.disconnect()
     await dst2.disconnect()
+
+
+def test_a_bug_on_the_destination_is_an_internal_error_not_a_bad_stream():
+    """Only mig's own errors (MigError, OSError) mean "this stream cannot be loaded"; a ValueError from a
+    bug is reported as an internal error, with its traceback in the log."""
+    from structlog.testing import capture_logs
+
+    from mig_core.engine.incoming import IncomingMigration
+    from mig_core.machine.device import Device
+    from mig_core.machine.machine import Machine
+    from mig_core.manager import MigrationManager
+    from mig_core.schema.common import RunState
+    from mig_core.schema.migration import MigrationStatus
+    from mig_core.transport import SingleChannelListener
+
+    class Buggy(Device):
+        id = "buggy"
+
+        def load_setup(self) -> None:
+            np.zeros(3).reshape(2, 2)  # ValueError: cannot reshape array of size 3 into shape (2,2)
+
+    machine = Machine(runstate=RunState.INMIGRATE)
+    machine.add_ram("pc.ram", 1 << 20)
+    machine.add_device(Buggy())
+    manager = MigrationManager(machine)
+    a, b = socket.socketpair()
+    a.sendall(stream(machine.blocks, lambda w: w.write_end()))
+    a.close()
+    manager.destination.cas(MigrationStatus.NONE, MigrationStatus.SETUP)
+    inc = IncomingMigration(manager, SingleChannelListener(SocketChannel(b), "test"), exit_on_error=False)
+    with capture_logs() as logs:
+        inc.start()
+        inc.thread.join(30)
+    assert manager.destination.state is MigrationStatus.FAILED
+    assert manager.error_desc == ("load of migration failed: internal error: ValueError: cannot reshape array of "
+                                  "size 3 into shape (2,2)")
+    assert any(e["event"] == "incoming_thread_crashed" and e.get("exc_info") for e in logs)
+    machine.close()

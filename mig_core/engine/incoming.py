@@ -19,6 +19,7 @@ from mig_core.channel import Channel, ChannelAborted, ChannelEOF, ChannelError
 from mig_core.compressor import load_compressor
 from mig_core.engine.announce import start_announce
 from mig_core.engine.multifd_recv import MultifdReceiver
+from mig_core.errors import MigError
 from mig_core.machine.device import Device, DeviceSection, DeviceStateError
 from mig_core.schema.common import RunState
 from mig_core.schema.migration import MigrationCapability as C
@@ -85,12 +86,12 @@ class IncomingMigration:
             m.incoming_listener_closed()
             m.destination.cas(S.SETUP, S.ACTIVE)
             self._load()
-        except (ChannelError, StreamError, DeviceStateError, MultifdError, ValueError, OSError) as e:
+        except (MigError, OSError) as e:  # a bad stream, a lost channel, state this host cannot take
             if isinstance(e, ChannelAborted) and m.destination.state is S.SETUP:
                 log.info("incoming_abandoned")
                 return
             self._fail(f"load of migration failed: {e}")
-        except Exception as e:  # noqa: BLE001 - report, never crash the host
+        except Exception as e:  # noqa: BLE001 - a bug (numpy's included): reported as one, never a crash
             log.exception("incoming_thread_crashed")
             self._fail(f"load of migration failed: internal error: {type(e).__name__}: {e}")
         finally:
@@ -222,7 +223,7 @@ class IncomingMigration:
                     readers = readers[1:]  # only the aligned page I/O goes through O_DIRECT descriptors
             pages = mapped_ram.load(main, readers, layout, self.reader.source_blocks, main.size(),
                                     lambda b, p: self.placer.place(b, p, None))
-        except (ValueError, OSError, ChannelError) as e:
+        except (OSError, ChannelError) as e:
             raise StreamError(str(e)) from None
         finally:
             for r in readers:

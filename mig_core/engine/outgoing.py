@@ -27,7 +27,7 @@ from mig_core.engine.multifd_send import MultifdSender
 from mig_core.engine.stats import MigrationCounters, RateLimiter, now_ms
 from mig_core.engine.write_behind import WriteBehind
 from mig_core.engine.xbzrle_send import XbzrleSender
-from mig_core.errors import QMPError
+from mig_core.errors import MigrationFailed, QMPError
 from mig_core.machine.device import DeviceStateError
 from mig_core.machine.ram import RAMBlock
 from mig_core.machine.vcpu import VcpuStopTimeout
@@ -60,10 +60,6 @@ def _union(a: np.ndarray, b: np.ndarray, npages: int) -> np.ndarray:
     mask[a] = True
     mask[b] = True
     return np.flatnonzero(mask)
-
-
-class MigrationFailed(Exception):
-    """Ends the migration as failed, with ``error-desc`` = the message."""
 
 
 class Cancelled(Exception):

@@ -25,11 +25,9 @@ import msgpack
 import msgspec
 import structlog
 
+from mig_core.errors import DeviceStateError
+
 log = structlog.get_logger("mig.device")
-
-
-class DeviceStateError(ValueError):
-    """Device state that cannot be loaded here; the message names the device and the reason."""
 
 
 class Device:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from mig_core.errors import BackingError
 from mig_core.machine import pagemap
 
 log = structlog.get_logger("mig.ram")
@@ -37,10 +38,6 @@ class Backing(enum.Enum):
     ANONYMOUS = "anonymous"  # private memory of this process
     FILE = "file"  # a shared mapping of a regular file
     HOST = "host"  # a buffer the host passed in; mig does not own its mapping
-
-
-class BackingError(ValueError):
-    """A feature needs a backing this block does not have."""
 
 
 @dataclass(eq=False)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from mig_core.errors import MigError
 from mig_core.machine.ram import Backing, RAMBlock
 
 log = structlog.get_logger("mig.uffd")
@@ -44,7 +45,7 @@ FEATURE_WP_ASYNC = 1 << 15
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class UffdError(RuntimeError):
+class UffdError(MigError, RuntimeError):
     """The kernel refused a userfaultfd operation (or a block cannot serve it); the message says why."""
 
     def __init__(self, errno_: int | None, message: str) -> None:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import structlog
 
+from mig_core.errors import VcpuStopTimeout
+
 log = structlog.get_logger("mig.vcpu")
 
 _local = threading.local()
@@ -27,10 +29,6 @@ THROTTLE_TIMESLICE = 0.010
 def current_vcpu() -> int | None:
     """The index of the vCPU the calling thread is, or None."""
     return getattr(_local, "vcpu", None)
-
-
-class VcpuStopTimeout(RuntimeError):
-    """Some vCPUs did not reach a safe point in time; the message names them."""
 
 
 @dataclass

@@ -19,6 +19,7 @@ import msgpack
 import numpy as np
 
 from mig_core.channel import Channel
+from mig_core.errors import StreamError
 from mig_core.machine.pagemap import pages_to_runs
 from mig_core.machine.ram import RAMBlock
 from mig_core.stream.format import META_HEADER, Section
@@ -91,30 +92,30 @@ def plan(blocks: Sequence[RAMBlock], section_offset: int) -> tuple[MappedRamLayo
 def parse(obj: object, blocks: Sequence[RAMBlock], section_end: int) -> MappedRamLayout:
     """Check a received MAPPED_RAM section against the source's block list; ValueError says what is wrong."""
     if not (isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], list) and isinstance(obj[1], int)):
-        raise ValueError("corrupt MAPPED_RAM section")
+        raise StreamError("corrupt MAPPED_RAM section")
     entries, resume = obj
     if len(entries) != len(blocks):
-        raise ValueError(f"the MAPPED_RAM section lists {len(entries)} blocks, the stream {len(blocks)}")
+        raise StreamError(f"the MAPPED_RAM section lists {len(entries)} blocks, the stream {len(blocks)}")
     regions, floor = [], section_end
     for e, b in zip(entries, blocks, strict=True):
         if not (isinstance(e, list) and len(e) == 5 and all(isinstance(x, int) for x in e[1:])):
-            raise ValueError(f"corrupt MAPPED_RAM entry {e!r}")
+            raise StreamError(f"corrupt MAPPED_RAM entry {e!r}")
         name, version, page_size, bitmap_offset, pages_offset = e
         if version > MAPPED_RAM_VERSION:
-            raise ValueError(f"Migration mapped-ram capability version not supported (expected <= "
+            raise StreamError(f"Migration mapped-ram capability version not supported (expected <= "
                              f"{MAPPED_RAM_VERSION}, got {version})")
         if name != b.name or page_size != b.page_size:
-            raise ValueError(f"MAPPED_RAM region for '{name}' (page size {page_size}) does not match RAM block "
+            raise StreamError(f"MAPPED_RAM region for '{name}' (page size {page_size}) does not match RAM block "
                              f"'{b.name}' (page size {b.page_size})")
         r = BlockRegion(name, page_size, b.npages, bitmap_offset, pages_offset)
         if bitmap_offset < floor or pages_offset < bitmap_offset + r.bitmap_bytes:
-            raise ValueError(f"MAPPED_RAM region for '{name}' overlaps what precedes it")
+            raise StreamError(f"MAPPED_RAM region for '{name}' overlaps what precedes it")
         if pages_offset % page_size or pages_offset % 4096:
-            raise ValueError(f"Error reading ramblock {name} pages, region has bad alignment")
+            raise StreamError(f"Error reading ramblock {name} pages, region has bad alignment")
         regions.append(r)
         floor = pages_offset + b.npages * page_size
     if resume < floor:
-        raise ValueError(f"the stream resumes at {resume}, inside the RAM regions (they end at {floor})")
+        raise StreamError(f"the stream resumes at {resume}, inside the RAM regions (they end at {floor})")
     return MappedRamLayout(regions, resume)
 
 
@@ -166,7 +167,7 @@ def load(main: Channel, channels: Sequence[Channel], layout: MappedRamLayout, bl
     work: list[tuple[RAMBlock, int, int, int]] = []  # block, first page, end page, file offset
     for r, b in zip(layout.regions, blocks, strict=True):
         if r.bitmap_offset + r.bitmap_bytes > file_size:
-            raise ValueError(f"Error reading dirty bitmap of RAM block '{r.name}': the file ends at {file_size}, "
+            raise StreamError(f"Error reading dirty bitmap of RAM block '{r.name}': the file ends at {file_size}, "
                              f"before its bitmap ({r.bitmap_offset}..{r.bitmap_offset + r.bitmap_bytes})")
         raw = np.empty(r.bitmap_bytes, dtype=np.uint8)
         main.preadv_into(raw, r.bitmap_offset)
@@ -175,7 +176,7 @@ def load(main: Channel, channels: Sequence[Channel], layout: MappedRamLayout, bl
             last = int(np.flatnonzero(present)[-1])
             need = r.pages_offset + (last + 1) * r.page_size
             if need > file_size:
-                raise ValueError(f"truncated file: RAM block '{r.name}' has pages up to byte {need} of the file, "
+                raise StreamError(f"truncated file: RAM block '{r.name}' has pages up to byte {need} of the file, "
                                  f"but the file has {file_size} bytes")
         starts, ends = pages_to_runs(np.flatnonzero(present))
         step = max(1, READ_CHUNK // r.page_size)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mig_core.channel import Channel, ChannelEOF
+from mig_core.errors import MultifdError
 
 #: first 8 bytes of a multifd channel (the main stream starts with ``MIGSTRM\0``)
 MULTIFD_MAGIC = b"MIGMFD\x00\x00"
@@ -37,10 +38,6 @@ class PacketFlag(enum.IntFlag):
     SYNC = 0x1  # end of pass ``pass``; no pages
     COMPRESSED = 0x2  # the payload went through the negotiated compressor
     FIN = 0x4  # the last packet of the channel
-
-
-class MultifdError(ValueError):
-    """A multifd channel carried something this host cannot accept; the message says what."""
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import numpy as np
 
 from mig_core import xbzrle
 from mig_core.channel import Channel, ChannelEOF
+from mig_core.errors import StreamError
 from mig_core.machine.device import DeviceSection
 from mig_core.machine.ram import RAMBlock
 from mig_core.stream import mapped_ram
@@ -36,10 +37,6 @@ from mig_core.stream.format import (
 )
 from mig_core.stream.mapped_ram import MappedRamLayout
 from mig_core.stream.placement import PagePlacer
-
-
-class StreamError(ValueError):
-    """The incoming stream is not one this host can load; the message says exactly why."""
 
 
 @dataclass(frozen=True)
