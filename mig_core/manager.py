@@ -316,6 +316,12 @@ class MigrationManager:
         self._check_transport_caps(addr)
         if args.resume is True:
             raise QMPError("Cannot resume if there is no paused migration")
+        self.migrate_with(cls(self._transport_context()), addr)
+
+    def migrate_with(self, transport: Transport, addr: MigrationAddress) -> None:
+        """Start an outgoing migration over a transport the caller made (``migrate`` after parsing;
+        also for embedders and tests with a transport of their own, e.g. ``mig_core.testing``'s loopback)."""
+        cls = type(transport)
         with self._lock:
             if self.source.state in RUNNING_STATES:
                 raise QMPError("There's a migration process in progress")
@@ -332,7 +338,6 @@ class MigrationManager:
             if self.caps[C.MULTIFD]:  # the plugin may have gone since migrate-set-parameters
                 params_mod.check_compression(self.multifd_compression(),
                                              params_mod.CheckContext(caps=self.caps, registry=self.registry))
-            transport = cls(self._transport_context())
             transport.check_address(addr, incoming=False)
             self.new_migration_id()
             self.error_desc = None
@@ -389,7 +394,19 @@ class MigrationManager:
                 raise QMPError("'-incoming' was not specified on the command line")
             cls, addr = self._address(args.uri, args.channels, incoming=True)
             self._check_transport_caps(addr)
-            transport = cls(self._transport_context())
+            self._start_incoming(cls(self._transport_context()), addr, args.exit_on_error is not False)
+
+    def migrate_incoming_with(self, transport: Transport, addr: MigrationAddress, exit_on_error: bool = True) -> None:
+        """Wait for an incoming migration over a transport the caller made (see ``migrate_with``)."""
+        with self._lock:
+            if self.incoming is not None or self.destination.state is not S.NONE:
+                raise QMPError("The incoming migration has already been started")
+            if self.run.state is not RunState.INMIGRATE:
+                raise QMPError("'-incoming' was not specified on the command line")
+            self._start_incoming(transport, addr, exit_on_error)
+
+    def _start_incoming(self, transport: Transport, addr: MigrationAddress, exit_on_error: bool) -> None:
+        with self._lock:
             transport.check_address(addr, incoming=True)
             listener = transport.listen(addr)
             self._listener = listener
@@ -397,7 +414,6 @@ class MigrationManager:
             self.new_migration_id()
             self.error_desc = None
             self.destination.cas(S.NONE, S.SETUP)
-            exit_on_error = args.exit_on_error is not False
             self.incoming = IncomingMigration(self, listener, exit_on_error)
             self.incoming.start()
 

@@ -21,7 +21,14 @@ from typing import Any, cast
 
 from qemu.qmp import QMPClient
 
-__all__ = ["Host", "RawQMP", "connect", "wait_until", "wait_for_status", "ram_digest", "vcpu_records", "qmp_error"]
+from mig_core.channel import Channel, ChannelAbilities, loopback_pair
+from mig_core.manager import MigrationManager
+from mig_core.schema.migration import MigrationAddress, MigrationStatus
+from mig_core.schema.sockets import SocketAddress, String
+from mig_core.transport import Listener, SingleChannelListener, Transport, TransportContext
+
+__all__ = ["Host", "RawQMP", "connect", "wait_until", "wait_for_status", "ram_digest", "vcpu_records", "qmp_error",
+           "LoopbackTransport", "migrate_in_process"]
 
 
 class Host:
@@ -223,3 +230,52 @@ async def qmp_error(awaitable: Any) -> str:
     except ExecuteError as e:
         return e.error.error.desc
     raise AssertionError("the command succeeded")
+
+
+# -- two machines in one process ------------------------------------------------------------
+
+
+class LoopbackTransport(Transport):
+    """An in-memory transport for tests: one instance is both ends of one migration, no sockets.
+
+    ``connect`` hands the source one end of a ``loopback_pair``; ``listen`` hands the destination the
+    other. Its address is a placeholder (a socket ``fd`` named ``loopback``) that nothing resolves.
+    """
+
+    address_type = "loopback"
+    uri_schemes = ()
+    abilities = ChannelAbilities(return_path=True)
+
+    def __init__(self, ctx: TransportContext | None = None) -> None:
+        super().__init__(ctx or TransportContext())
+        self._source, self._destination = loopback_pair()
+
+    @classmethod
+    def parse_uri(cls, uri: str) -> MigrationAddress:
+        return cls.address()
+
+    @staticmethod
+    def address() -> MigrationAddress:
+        return MigrationAddress("socket", SocketAddress("fd", String(str="loopback")))
+
+    def connect(self, addr: MigrationAddress, abort_check: Callable[[], bool]) -> Channel:
+        return self._source
+
+    def listen(self, addr: MigrationAddress) -> Listener:
+        return SingleChannelListener(self._destination, "loopback")
+
+
+def migrate_in_process(source: MigrationManager, destination: MigrationManager,
+                       timeout: float = 60.0) -> MigrationStatus:
+    """Migrate ``source`` into ``destination`` (a manager whose machine waits in inmigrate) over a
+    ``LoopbackTransport``; returns the source's final status once both sides have ended."""
+    from mig_core.status import RUNNING_STATES
+
+    transport = LoopbackTransport()
+    destination.migrate_incoming_with(transport, transport.address(), exit_on_error=False)
+    source.migrate_with(transport, transport.address())
+    ended = frozenset(set(MigrationStatus) - RUNNING_STATES - {MigrationStatus.NONE})
+    if not source.source.wait_for(ended, timeout):
+        raise AssertionError(f"the source is still {source.source.state.value} after {timeout:g} s")
+    destination.destination.wait_for({MigrationStatus.COMPLETED, MigrationStatus.FAILED}, timeout)
+    return source.source.state
