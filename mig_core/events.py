@@ -22,6 +22,16 @@ def timestamp() -> tuple[int, int]:
     return ns // 1_000_000_000, (ns // 1000) % 1_000_000
 
 
+def envelope(name: str, payload: dict[str, Any] | None = None,
+             when: tuple[int, int] | None = None) -> dict[str, Any]:
+    """A QMP event as clients receive it: timestamp, name and (if any) data."""
+    secs, usecs = when or timestamp()
+    msg: dict[str, Any] = {"timestamp": {"seconds": secs, "microseconds": usecs}, "event": name}
+    if payload is not None:
+        msg["data"] = payload
+    return msg
+
+
 class EventEmitter:
     """Builds QMP event envelopes and fans them out; safe to call from any thread."""
 
@@ -40,15 +50,13 @@ class EventEmitter:
                 self._subscribers.remove(fn)
 
     def emit(self, name: str, data: Any = None) -> None:
-        secs, usecs = timestamp()
+        when = timestamp()
         payload = None if data is None else to_qmp(data)
-        msg: dict[str, Any] = {"timestamp": {"seconds": secs, "microseconds": usecs}, "event": name}
-        if payload is not None:
-            msg["data"] = payload
+        msg = envelope(name, payload, when)
         log.debug("qmp_event", name=name, data=payload)
         with self._lock:
             subs = list(self._subscribers)
         for fn in subs:
             fn(msg)
         if self._hooks is not None:
-            self._hooks.event(name, payload, (secs, usecs))
+            self._hooks.event(name, payload, when)

@@ -71,6 +71,28 @@ class JsonStreamer:
         self._text.clear()
         self._depth = self._tokens = self._size = 0
 
+    def _abandon(self, error: str, inside_token: bool) -> JsonInputError:
+        """A limit broke: drop what was kept of this value; the rest of it is still scanned (to find its
+        end) but not kept, unless it has ended already."""
+        depth = self._depth
+        self._reset()
+        self._depth = depth
+        self._keep = depth == 0 and not inside_token
+        return JsonInputError(error)
+
+    def _stray(self, byte: int) -> JsonInputError:
+        """A byte no token holds: the value is dropped (as QEMU's streamer does) and input is skipped to
+        where a new value may begin."""
+        self._reset()
+        self._keep = True
+        self._state = _State.RESYNC
+        return JsonInputError(f"JSON parse error, stray '{_describe(byte)}'")
+
+    def _end_token(self) -> Iterator[bytes | JsonInputError]:
+        """The string or scalar begun at ``_token_start`` ended."""
+        self._state = _State.START
+        yield from self._token(len(self._text) - self._token_start if self._keep else 0)
+
     def _token(self, length: int) -> Iterator[bytes | JsonInputError]:
         """Account one finished token; yield the value if it ended, or an error if a limit broke."""
         if self._keep:
@@ -84,13 +106,7 @@ class JsonStreamer:
             elif self._depth > self.max_nesting:
                 error = "JSON nesting depth limit exceeded"
             if error is not None:
-                depth = self._depth
-                self._reset()
-                self._depth = depth
-                self._keep = depth == 0
-                yield JsonInputError(error)
-                if self._keep:
-                    self._depth = 0
+                yield self._abandon(error, inside_token=False)
                 return
         if self._depth == 0:
             if self._keep:
@@ -122,11 +138,7 @@ class JsonStreamer:
                 i = end
                 if self._keep and self._size + len(self._text) - self._token_start > self.max_token_size:
                     # a string growing past the limit: say so now instead of buffering all of it
-                    depth = self._depth
-                    self._reset()
-                    self._depth = depth
-                    self._keep = False
-                    yield JsonInputError("JSON token size limit exceeded")
+                    yield self._abandon("JSON token size limit exceeded", inside_token=True)
                 if m is None:
                     continue
                 stop = data[m.start()]
@@ -134,21 +146,16 @@ class JsonStreamer:
                     self._escape = True
                     continue
                 if stop != 0x22:
-                    self._reset()
-                    self._keep = True
-                    self._state = _State.RESYNC
-                    yield JsonInputError(f"JSON parse error, stray '{_describe(stop)}'")
+                    yield self._stray(stop)
                     continue
-                self._state = _State.START
-                yield from self._token(len(self._text) - self._token_start if self._keep else 0)
+                yield from self._end_token()
             elif state is _State.SCALAR:
                 m = _SCALAR_RUN.match(data, i)
                 assert m is not None
                 self._append(data[i:m.end()])
                 i = m.end()
                 if i < n:  # the scalar ended here (it may go on in the next chunk otherwise)
-                    self._state = _State.START
-                    yield from self._token(len(self._text) - self._token_start if self._keep else 0)
+                    yield from self._end_token()
             elif state is _State.RESYNC:
                 m = _RESYNC.search(data, i)
                 if m is None:
@@ -191,11 +198,6 @@ class JsonStreamer:
                     self._append(bytes([b]))
                     i += 1
                     yield from self._token(1)
-                else:
-                    # a byte no token starts with: the value being read is dropped (QEMU's streamer
-                    # does the same) and input is skipped to where a new value may begin
+                else:  # a byte no token starts with
                     i += 1
-                    self._reset()
-                    self._keep = True
-                    self._state = _State.RESYNC
-                    yield JsonInputError(f"JSON parse error, stray '{_describe(b)}'")
+                    yield self._stray(b)

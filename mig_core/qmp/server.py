@@ -15,12 +15,12 @@ from __future__ import annotations
 import array
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import socket
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from typing import Any
 import structlog
 
 from mig_core.errors import QMPError, command_not_found
-from mig_core.events import timestamp
+from mig_core.events import envelope
 from mig_core.qapi import to_qmp
 from mig_core.qmp.address import MonitorAddress, parse_monitor_address
 from mig_core.qmp.dispatch import (
@@ -54,8 +54,19 @@ OOB_THREADS = 4
 EVENTS_DROPPED = "MIG_EVENTS_DROPPED"
 
 
-def _has_nul(obj: Any) -> bool:
-    """Whether any string in a parsed request (keys included) holds U+0000."""
+def _wire(msg: dict[str, Any]) -> bytes:
+    """One QMP message as it goes on the socket."""
+    return json.dumps(msg).encode() + b"\r\n"
+
+
+def _has_nul(text: bytes, obj: Any) -> bool:
+    """Whether any string in a parsed request (keys included) holds U+0000.
+
+    Raw NUL bytes never reach here (the streamer refuses them), so only an escape can make one: the
+    walk runs only for the rare text that has ``\\u0000`` at all.
+    """
+    if b"\\u0000" not in text:
+        return False
     stack = [obj]
     while stack:
         o = stack.pop()
@@ -90,7 +101,6 @@ class QMPSession:
         self.server = server
         self.sock = sock
         self.loop = asyncio.get_running_loop()
-        self._write_lock = asyncio.Lock()
         self.negotiated = False
         self.oob = False
         self.queue: asyncio.Queue[Request] = asyncio.Queue(MAX_QUEUED)
@@ -105,7 +115,8 @@ class QMPSession:
         self._out_room = asyncio.Event()
         self._out_room.set()
         self._dropped = 0
-        self._writing = False
+        self._idle = asyncio.Event()  # nothing queued and nothing being written
+        self._idle.set()
         self.writer: asyncio.Task[Any] | None = None
 
     # -- output ------------------------------------------------------------------
@@ -113,6 +124,7 @@ class QMPSession:
     def _queue(self, data: bytes) -> None:
         self._out.append(data)
         self._out_bytes += len(data)
+        self._idle.clear()
         self._out_ready.set()
         if self._out_bytes > MAX_OUTPUT_BYTES:
             self._out_room.clear()
@@ -120,7 +132,7 @@ class QMPSession:
     async def send(self, msg: dict[str, Any]) -> None:
         """Queue a reply (replies are never dropped; a client's reads pause while its queue is full)."""
         if not self.closed:
-            self._queue(json.dumps(msg).encode() + b"\r\n")
+            self._queue(_wire(msg))
 
     def post_event(self, data: bytes) -> None:
         """Queue an event, or drop it (counted) while this client's queue is full."""
@@ -140,8 +152,9 @@ class QMPSession:
                     if self._dropped:  # the queue drained: say what was lost, once
                         n, self._dropped = self._dropped, 0
                         log.info("qmp_events_dropped_reported", peer=str(self.peer), count=n)
-                        self._queue(_event_bytes(EVENTS_DROPPED, {"count": n}))
+                        self._queue(_wire(envelope(EVENTS_DROPPED, {"count": n})))
                         continue
+                    self._idle.set()
                     self._out_ready.clear()
                     await self._out_ready.wait()
                     continue
@@ -149,11 +162,7 @@ class QMPSession:
                 self._out_bytes -= len(data)
                 if self._out_bytes <= MAX_OUTPUT_BYTES // 2:
                     self._out_room.set()
-                self._writing = True
-                try:
-                    await self.loop.sock_sendall(self.sock, data)
-                finally:
-                    self._writing = False
+                await self.loop.sock_sendall(self.sock, data)
         except (ConnectionError, OSError) as e:
             log.info("qmp_client_gone", peer=str(self.peer), error=str(e))
             self.close()
@@ -176,6 +185,7 @@ class QMPSession:
         self._out.clear()  # what a vanished client never read is freed with it
         self._out_bytes = 0
         self._out_room.set()
+        self._idle.set()
 
     async def reply(self, req: Request | None, result: Any = None, error: QMPError | None = None) -> None:
         msg: dict[str, Any] = {"error": error.to_qmp()} if error else {"return": result}
@@ -239,9 +249,8 @@ class QMPSession:
 
     async def flush(self, timeout: float = 1.0) -> None:
         """Let queued output go out (before the connection closes; bounded: the client may not read)."""
-        deadline = time.monotonic() + timeout
-        while (self._out or self._writing) and not self.closed and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
 
     async def _handle_text(self, text: bytes) -> None:
         try:
@@ -255,7 +264,7 @@ class QMPSession:
             return
         req_id = obj.get("id") if isinstance(obj, dict) else None
         has_id = isinstance(obj, dict) and "id" in obj
-        if _has_nul(obj):
+        if _has_nul(text, obj):
             # QEMU's parser refuses U+0000 in any string; mig answers with the request's id
             await self.reply(Request("", False, req_id, has_id, {}),
                              error=QMPError("JSON parse error, \\u0000 is not supported"))
@@ -323,12 +332,6 @@ class QMPSession:
                                                    extra)
         return await self.loop.run_in_executor(self.server.inband_executor, self.server.run_locked, call_manager,
                                                manager, cmd, args, extra)
-
-
-def _event_bytes(name: str, data: dict[str, Any]) -> bytes:
-    secs, usecs = timestamp()
-    msg = {"timestamp": {"seconds": secs, "microseconds": usecs}, "event": name, "data": data}
-    return json.dumps(msg).encode() + b"\r\n"
 
 
 class QMPServer:
@@ -408,7 +411,7 @@ class QMPServer:
         loop.call_soon_threadsafe(self._broadcast, msg)
 
     def _broadcast(self, msg: dict[str, Any]) -> None:
-        data = json.dumps(msg).encode() + b"\r\n"
+        data = _wire(msg)
         for s in list(self.sessions):
             if s.negotiated and not s.closed:
                 s.post_event(data)
