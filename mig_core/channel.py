@@ -219,8 +219,8 @@ class SocketChannel(Channel):
         self._zero_copy = False
         #: id the kernel gives the next zero-copy send (it counts them from 0, wrapping at 2**32)
         self._zc_next = 0
-        #: zero-copy sends not completed yet: id -> the buffers the kernel may still read (kept alive)
-        self._zc_pinned: dict[int, list[memoryview]] = {}
+        #: zero-copy sends not completed yet: id -> (their bytes, the buffers the kernel may still read)
+        self._zc_pinned: dict[int, tuple[int, list[memoryview]]] = {}
         self._zc_pinned_bytes = 0
         self._zc_copied = False
 
@@ -269,27 +269,28 @@ class SocketChannel(Channel):
             except OSError as e:
                 self._check_abort()
                 if e.errno == errno.ENOBUFS:  # too many notifications outstanding: collect them, retry
-                    self._reap(block=True)
+                    self._reap()
                     continue
                 raise ChannelError(f"send failed: {e.strerror or e}") from None
             if n:
-                self._zc_pinned[self._zc_next] = batch
-                self._zc_pinned_bytes += sum(v.nbytes for v in batch)
+                size = sum(v.nbytes for v in batch)
+                self._zc_pinned[self._zc_next] = (size, batch)
+                self._zc_pinned_bytes += size
                 self._zc_next = (self._zc_next + 1) & 0xFFFFFFFF
             self.bytes_sent += n
             _consume(views, n)
         if self._zc_pinned_bytes > ZERO_COPY_PIN_LIMIT:  # else completions are read at the next flush
-            self._reap(block=True, until_bytes=ZERO_COPY_PIN_LIMIT)
+            self._reap(until_bytes=ZERO_COPY_PIN_LIMIT)
 
     def flush_zero_copy(self) -> bool:
         """Read completion notifications from the error queue until every zero-copy send is done."""
-        self._reap(block=True)
+        self._reap()
         copied, self._zc_copied = self._zc_copied, False
         return copied
 
-    def _reap(self, block: bool, until_bytes: int = 0) -> None:
-        """Read completions; release each completed send's buffers. ``block``: until the pinned bytes
-        are at most ``until_bytes`` (0: every send completed)."""
+    def _reap(self, until_bytes: int = 0) -> None:
+        """Read completions, releasing each completed send's buffers, until the pinned bytes are at most
+        ``until_bytes`` (0: every send completed)."""
         poller = select.poll()
         poller.register(self.sock, select.POLLERR)
         while self._zc_pinned:
@@ -297,7 +298,7 @@ class SocketChannel(Channel):
             try:
                 _, ancdata, _, _ = self.sock.recvmsg(0, 256, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
             except BlockingIOError:
-                if not block or self._zc_pinned_bytes <= until_bytes:
+                if self._zc_pinned_bytes <= until_bytes:
                     return
                 poller.poll(100)
                 continue
@@ -313,7 +314,7 @@ class SocketChannel(Channel):
                 for i in range((hi - lo + 1) & 0xFFFFFFFF):  # ids lo..hi, inclusive, wrapping
                     done = self._zc_pinned.pop((lo + i) & 0xFFFFFFFF, None)
                     if done is not None:
-                        self._zc_pinned_bytes -= sum(v.nbytes for v in done)
+                        self._zc_pinned_bytes -= done[0]
                 if code & _SO_EE_CODE_ZEROCOPY_COPIED:
                     self._zc_copied = True
 

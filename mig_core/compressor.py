@@ -208,11 +208,11 @@ class PageFramedDecoder(Decoder):
         return b"".join(pages)  # one allocation, raw pages copied once
 
 
-def load_compressor(registry: PluginRegistry, name: str, page_size: int, level: int | None = None) -> Compressor:
+def load_compressor(registry: PluginRegistry, name: str, page_size: int) -> Compressor:
     """The compressor serving ``name`` for pages of ``page_size``; logs which implementation and which
     distribution serve it. ``PluginNotFound`` (naming the group and the name) if none can."""
     comp: Compressor = registry.load(GROUP, name)(page_size=page_size)
     entry = registry.choice(GROUP, name)
-    log.info("compressor_selected", method=name, level=level, implementation=comp.implementation(),
+    log.info("compressor_selected", method=name, implementation=comp.implementation(),
              distribution=entry.distribution if entry else None)
     return comp

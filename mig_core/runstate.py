@@ -67,17 +67,6 @@ class RunStateMachine:
             if self.running or self._state is RunState.PRELAUNCH:
                 self.set(state)
 
-    def enter(self, new: RunState) -> RunState:
-        """Enter ``new`` and return the state it replaced, with no ``stop``/``cont`` in between.
-
-        The migration thread enters finish-migrate this way: the state it restores after a failure is
-        the one it really replaced.
-        """
-        with self._lock:
-            old = self._state
-            self.set(new)
-            return old
-
     def cont(self) -> None:
         """Resume the machine (``cont`` command) with QEMU's refusals (qmp_cont).
 

@@ -19,7 +19,6 @@ import numpy as np
 import structlog
 
 from mig_core.channel import Channel, ChannelAborted, ChannelError
-from mig_core.compressor import GROUP as COMPRESSORS
 from mig_core.compressor import load_compressor
 from mig_core.dirty import DirtyConsumer
 from mig_core.engine.convergence import ConvergenceTrigger
@@ -281,9 +280,9 @@ class OutgoingMigration:
         name = str(params["multifd-compression"])
         factory = None
         if name != "none":
-            cls = self.m.registry.load(COMPRESSORS, name)
-            level = params[cls.level_parameter] if cls.level_parameter else 1
-            comp = load_compressor(self.m.registry, name, self.counters.page_size, level)
+            comp = load_compressor(self.m.registry, name, self.counters.page_size)
+            level = params[comp.level_parameter] if comp.level_parameter else 1
+            log.info("multifd_compression_level", method=name, level=level)
             factory = lambda: comp.encoder(level)  # noqa: E731 - one encoder per channel thread
         channels = []
         direct_io = bool(params["direct-io"]) and self.mapped is not None
@@ -508,10 +507,11 @@ class OutgoingMigration:
         log.info("switchover", expected_downtime_ms=c.expected_downtime, remaining=c.remaining,
                  bandwidth_bytes_per_ms=round(c.bandwidth, 1), passes=c.dirty_sync_count)
         c.downtime_start_ms = now_ms()
-        # stops the vCPUs (raises VcpuStopTimeout if they do not park); from here until the end cont is
-        # refused, so nothing resumes them before the destination has everything
+        # stops the vCPUs; from here until the end cont is refused, so nothing resumes them before the
+        # destination has everything. set() returns the state it replaced, under the run-state lock; the
+        # read before it is what a failure restores if stopping raises (VcpuStopTimeout) and set() with it
         self._runstate_before = run.state
-        self._runstate_before = run.enter(RunState.FINISH_MIGRATE)
+        self._runstate_before = run.set(RunState.FINISH_MIGRATE)
         self.m.global_state.saved_runstate = self._runstate_before
         self.m.hooks.switchover(m.migration_id, m.source.side)
         if self.caps[C.PAUSE_BEFORE_SWITCHOVER]:

@@ -10,6 +10,7 @@ machine runs (at switchover nothing is sent again, so the cache stays as is).
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import numpy as np
@@ -25,13 +26,12 @@ log = structlog.get_logger("mig.xbzrle")
 class XbzrleSender:
     """One migration's XBZRLE cache and counters; ``active`` once ``start`` ran."""
 
-    def __init__(self, cache_size: int, page_size: int, block_pages: list[int] | None = None) -> None:
+    def __init__(self, cache_size: int, page_size: int, block_pages: list[int]) -> None:
         """``block_pages``: the page count of each RAM block, in order (where each block's keys start)."""
         self.counters = XbzrleCounters(cache_size=cache_size)
         self.page_size = page_size
-        pages = block_pages or [1 << 40]
-        self._base = [sum(pages[:i]) for i in range(len(pages))]
-        self._ram_pages = sum(pages)
+        self._base = [0, *itertools.accumulate(block_pages)][:-1]
+        self._ram_pages = sum(block_pages)
         self.cache: PageCache | None = None
         self._period_start = time.monotonic()
 

@@ -56,13 +56,16 @@ class _ChildChannel(FdChannel):
             self._stderr += chunk
             del self._stderr[:-STDERR_TAIL]
 
-    def _exited(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` s for the child to exit; an abort wakes the wait (ChannelAborted)."""
+    def _exited(self, timeout: float, abortable: bool = True) -> bool:
+        """Wait up to ``timeout`` s for the child to exit (its pidfd turns readable; it is not reaped).
+
+        ``abortable``: an abort wakes the wait and raises ChannelAborted.
+        """
         if self._pidfd < 0:
             return True
         poller = select.poll()
         poller.register(self._pidfd, select.POLLIN)
-        if self._wake_r >= 0:
+        if abortable and self._wake_r >= 0:
             poller.register(self._wake_r, select.POLLIN)
         deadline = time.monotonic() + timeout
         while True:
@@ -132,10 +135,7 @@ class _ChildChannel(FdChannel):
             os.killpg(pgid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             return
-        if self._pidfd >= 0:
-            poller = select.poll()
-            poller.register(self._pidfd, select.POLLIN)
-            poller.poll(int(KILL_GRACE * 1000))
+        self._exited(KILL_GRACE, abortable=False)
         try:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -144,18 +144,13 @@ class _ChildChannel(FdChannel):
     def close(self) -> None:
         super().close()
         if self.proc.returncode is None:
-            if not self._exited_now():
+            if not self._exited(0, abortable=False):
                 log.info("exec_child_killed", command=self.what, pid=self.proc.pid)
             self._kill_group()
             self.proc.wait()
         if self._pidfd >= 0:
             os.close(self._pidfd)
             self._pidfd = -1
-
-    def _exited_now(self) -> bool:
-        poller = select.poll()
-        poller.register(self._pidfd, select.POLLIN)
-        return bool(poller.poll(0))
 
 
 class ExecTransport(Transport):
