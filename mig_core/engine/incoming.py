@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import uuid as uuid_mod
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -20,7 +20,7 @@ from mig_core.compressor import load_compressor
 from mig_core.engine.announce import start_announce
 from mig_core.engine.multifd_recv import MultifdReceiver
 from mig_core.errors import MigError
-from mig_core.machine.device import Device, DeviceSection, DeviceStateError
+from mig_core.machine.device import DeviceSection
 from mig_core.schema.common import RunState
 from mig_core.schema.migration import MigrationCapability as C
 from mig_core.schema.migration import MigrationStatus as S
@@ -164,19 +164,11 @@ class IncomingMigration:
         placer, reader = self.placer, self.reader
         for dev in machine.devices:
             dev.load_setup()
-        loaded: set[tuple[str, int]] = set()
-        # every device's final state is validated as it arrives and applied only once all of it is good:
-        # a bad section anywhere leaves every device as it was
-        states: list[tuple[Device, Any, int]] = []
+        states = machine.devices.pending()  # applied only once every device's state is in and valid
         try:
             for item in reader:
                 if isinstance(item, DeviceSection):
-                    if (item.id, item.instance) in loaded:
-                        raise DeviceStateError(f"the stream carries state for device '{item.id}' instance "
-                                               f"{item.instance} twice")
-                    dev, state = machine.devices.decode(item)
-                    states.append((dev, state, item.version))
-                    loaded.add((item.id, item.instance))
+                    states.add(item)
                 elif isinstance(item, DevicePart):
                     machine.devices.lookup(item.id, item.instance, item.version).load_iterate(item.chunk)
                 elif isinstance(item, CommandReceived):
@@ -195,11 +187,7 @@ class IncomingMigration:
         finally:
             for dev in machine.devices:
                 dev.load_cleanup()
-        missing = [f"'{d.id}' instance {d.instance}" for d in machine.devices if (d.id, d.instance) not in loaded]
-        if missing:
-            raise DeviceStateError(f"the stream carried no state for device {missing[0]}")
-        for dev, state, version in states:
-            machine.devices.apply(dev, state, version)
+        states.apply()
         self._drop_unsent(placer)
         self._start_machine()
         if self.return_path:

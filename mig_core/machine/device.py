@@ -184,8 +184,13 @@ class DeviceRegistry:
                                    f"{type(e).__name__}: {e}") from None
 
     def load(self, section: DeviceSection) -> None:
+        """Validate and apply one device's state."""
         dev, state = self.decode(section)
         self.apply(dev, state, section.version)
+
+    def pending(self) -> PendingStates:
+        """A collector for one load: each section validated as it comes, all applied together."""
+        return PendingStates(self)
 
     # -- buffered form (COLO checkpoints) --------------------------------------------------
 
@@ -200,6 +205,32 @@ class DeviceRegistry:
             sections = [DeviceSection(str(i), int(n), int(v), bytes(p)) for i, n, v, p in raw]
         except (ValueError, TypeError, msgpack.UnpackException) as e:
             raise DeviceStateError(f"corrupt device state buffer: {e}") from None
-        decoded = [(*self.decode(s), s.version) for s in sections]
-        for dev, state, version in decoded:
-            self.apply(dev, state, version)
+        pending = self.pending()
+        for s in sections:
+            pending.add(s)
+        pending.apply(require_all=False)
+
+
+class PendingStates:
+    """Device states of one load, decoded and validated as they arrive and applied only once all of them
+    are good: a bad or missing section anywhere leaves every device as it was."""
+
+    def __init__(self, registry: DeviceRegistry) -> None:
+        self.registry = registry
+        self._states: dict[tuple[str, int], tuple[Device, Any, int]] = {}
+
+    def add(self, section: DeviceSection) -> None:
+        key = (section.id, section.instance)
+        if key in self._states:
+            raise DeviceStateError(f"the stream carries state for device {_key(*key)} twice")
+        dev, state = self.registry.decode(section)
+        self._states[key] = (dev, state, section.version)
+
+    def apply(self, require_all: bool = True) -> None:
+        """``require_all``: every registered device must have had its state (a migration's end)."""
+        if require_all:
+            missing = [_key(d.id, d.instance) for d in self.registry if (d.id, d.instance) not in self._states]
+            if missing:
+                raise DeviceStateError(f"the stream carried no state for device {missing[0]}")
+        for dev, state, version in self._states.values():
+            self.registry.apply(dev, state, version)
