@@ -148,7 +148,15 @@ def unpace_loopback(sock: socket.socket) -> str | None:
     return None
 
 
-_KEEPALIVE_MEMBERS = ("keep_alive", "keep_alive_count", "keep_alive_idle", "keep_alive_interval")
+#: InetSocketAddress's keep-alive members: the socket option each sets, and its QMP name.
+_KEEPALIVE_OPTIONS = {
+    "keep_alive": (socket.SOL_SOCKET, socket.SO_KEEPALIVE, "keep-alive"),
+    "keep_alive_count": (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, "keep-alive-count"),
+    "keep_alive_idle": (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, "keep-alive-idle"),
+    "keep_alive_interval": (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, "keep-alive-interval"),
+}
+#: mig's keep-alive where the address gives none: a vanished peer is noticed within about 25 s.
+_KEEPALIVE_DEFAULTS = {"keep_alive": True, "keep_alive_count": 3, "keep_alive_idle": 10, "keep_alive_interval": 5}
 
 
 def _proto(v: InetSocketAddress) -> int:
@@ -258,22 +266,12 @@ class SocketTransport(Transport):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ctx.unpaced_loopback:
             unpace_loopback(sock)
-        given = v is not None and any(getattr(v, k) is not UNSET for k in _KEEPALIVE_MEMBERS)
-        if given:
-            assert v is not None
-            settings = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, v.keep_alive, "keep-alive"),
-                        (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, v.keep_alive_count, "keep-alive-count"),
-                        (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, v.keep_alive_idle, "keep-alive-idle"),
-                        (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, v.keep_alive_interval, "keep-alive-interval")]
-        elif self.ctx.keepalive:
-            settings = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, True, "keep-alive"),
-                        (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10, "keep-alive-idle"),
-                        (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5, "keep-alive-interval"),
-                        (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3, "keep-alive-count")]
-        else:
-            settings = []
-        for level, opt, value, name in settings:
-            if value is UNSET or (value == 0 and opt != socket.SO_KEEPALIVE):
+        given = {k: getattr(v, k) for k in _KEEPALIVE_OPTIONS} if v is not None else {}
+        given = {k: value for k, value in given.items() if value is not UNSET}
+        values = given or (_KEEPALIVE_DEFAULTS if self.ctx.keepalive else {})
+        for member, value in values.items():
+            level, opt, name = _KEEPALIVE_OPTIONS[member]
+            if value == 0 and opt != socket.SO_KEEPALIVE:
                 continue  # QEMU: a count, idle or interval of 0 leaves the system's value
             try:
                 sock.setsockopt(level, opt, int(value))

@@ -169,7 +169,11 @@ def test_keep_alive_values_the_kernel_refuses_are_refused_at_once():
 def test_mptcp_on_both_ends():
     enabled = Path("/proc/sys/net/mptcp/enabled")
     if not enabled.exists() or enabled.read_text().strip() != "1":
-        pytest.skip("MPTCP is not enabled on this kernel")
+        # a kernel without MPTCP: the option is refused at once, never ignored
+        t, addr = _inet("tcp:127.0.0.1:1,mptcp=on")
+        with pytest.raises(TransportError, match="Failed to create an MPTCP socket for '127.0.0.1:1'"):
+            t.check_address(addr, incoming=False)
+        return
     dst, src = _connected("tcp:127.0.0.1:0,mptcp=on")
     try:
         assert src.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) == socket.IPPROTO_MPTCP
@@ -185,11 +189,23 @@ def test_mptcp_on_both_ends():
         dst.close()
 
 
+def _busy_port_with_room() -> socket.socket:
+    """A listening socket on a port below the ephemeral range, with 20 ports above it to try."""
+    for port in range(20000, 32000, 37):
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            s.close()
+            continue
+        s.listen()
+        return s
+    raise AssertionError("no free port between 20000 and 32000")
+
+
 def test_to_listens_on_the_first_free_port_of_the_range():
-    with socket.create_server(("127.0.0.1", 0)) as busy:
+    with _busy_port_with_room() as busy:
         port = busy.getsockname()[1]
-        if port > 65000:
-            pytest.skip("no room above the busy port")
         t, addr = _inet(f"tcp:127.0.0.1:{port},to={port + 20}")
         listener = t.listen(addr)
         try:
