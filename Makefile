@@ -33,7 +33,7 @@ scale: $(STAMP)
 	$(BIN)/python -m pytest -q -m scale
 
 docs: $(STAMP)
-	$(BIN)/python -m mig_core.reference_doc > docs/qmp-reference.md
+	$(BIN)/python -m mig_core.qmp.reference_doc > docs/qmp-reference.md
 
 clean:
 	rm -rf $(VENV)

@@ -9,10 +9,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from mig_core.channel import Channel
+from mig_core.ext.channel import Channel
 from mig_core.machine.machine import Machine
-from mig_core.machine.ram import Backing, allocate
 from mig_core.machine.vcpu import VcpuController
+from mig_core.memory.ram import Backing, allocate
 from mig_core.stream.placement import CopyPlacer
 from mig_core.stream.reader import StreamReader
 from mig_core.stream.writer import StreamWriter

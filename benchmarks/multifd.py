@@ -87,7 +87,7 @@ def system_congestion() -> str:
 def sample(fill: str, size: int = 64 << 20) -> np.ndarray:
     """The bytes ``mig run --ram-fill`` puts in RAM, for measuring a compressor on the same data."""
     from mig_core.machine.machine import Machine
-    from mig_core.reference_host import fill as do_fill
+    from mig_core.machine.reference_host import fill as do_fill
 
     m = Machine()
     m.add_ram("pc.ram", size)
@@ -99,7 +99,7 @@ def codec_speeds(name: str, level: int, data: np.ndarray) -> tuple[float, float]
     """Bytes of ``data`` per second one thread compresses (the plugin's encoder, 4 MiB packets, each
     dropped before the next as a channel sends it) and decompresses (its decoder, the same packets in
     order). A first untimed round warms the allocator."""
-    from mig_core.plugin_registry import PluginRegistry
+    from mig_core.plugin.registry import PluginRegistry
 
     comp = PluginRegistry.from_environment().load("mig_core.compressors", name)()
     mv = memoryview(data)

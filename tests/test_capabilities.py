@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import pytest
 from qemu.qmp import ExecuteError
 
-from mig_core import capabilities as caps
+from mig_core.control import capabilities as caps
+from mig_core.control.manager import MigrationManager
 from mig_core.errors import QMPError
-from mig_core.manager import MigrationManager
 from mig_core.schema.common import RunState
 from mig_core.schema.migration import MigrationCapability as C
 from mig_core.schema.migration import MigrationStatus as S

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mig_core import reference_doc
+from mig_core.qmp import reference_doc
 from mig_core.testing import RawQMP
 
 REPO = Path(__file__).resolve().parent.parent

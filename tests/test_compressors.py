@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from mig_core.plugin_registry import PluginRegistry
+from mig_core.plugin.registry import PluginRegistry
 
 #: the first-party compressors (every one is installed by `make test`)
 NAMES = ["qpl", "uadk", "zlib", "zstd"]

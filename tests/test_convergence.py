@@ -227,9 +227,9 @@ async def test_announce_schedule(start_host, tmp_path):
     info = site / "announce_rec-1.0.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: announce-rec\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[mig_core.hooks]\nrec = announce_rec\n")
+    (info / "entry_points.txt").write_text("[mig_core.plugin.hooks]\nrec = announce_rec\n")
     (site / "announce_rec.py").write_text(
-        "import os, time\nfrom mig_core.hookspecs import hookimpl\n"
+        "import os, time\nfrom mig_core.plugin.hookspecs import hookimpl\n"
         "@hookimpl\ndef mig_announce(round, rounds):\n"
         "    with open(os.environ['ANNOUNCE_LOG'], 'a') as f:\n"
         "        f.write(f'{time.monotonic()} {round} {rounds}\\n')\n"
@@ -296,7 +296,7 @@ def test_throttle_time_per_round_is_measured():
     the sleep it really took, not the planned one."""
     import threading
 
-    from mig_core.dirtylimit import DirtyLimiter
+    from mig_core.engine.dirtylimit import DirtyLimiter
     from mig_core.machine.machine import Machine
 
     m = Machine()

@@ -7,10 +7,11 @@ import threading
 import numpy as np
 import pytest
 
-from mig_core.dirty import DirtyTracker, HostTracker, select_tracker
+from mig_core.ext.dirty_tracker import DirtyTracker, select_tracker
+from mig_core.machine.host_tracker import HostTracker
 from mig_core.machine.machine import Machine
-from mig_core.machine.ram import Backing, BackingError
-from mig_core.plugin_registry import PluginRegistry
+from mig_core.memory.ram import Backing, BackingError
+from mig_core.plugin.registry import PluginRegistry
 
 TRACKERS = ["uffd-wp", "hash", "host"]
 
@@ -209,7 +210,7 @@ def test_auto_selection_and_refusals():
 
 
 def test_uffd_wp_and_postcopy_cannot_share_a_block():
-    from mig_core.machine import uffd
+    from mig_core.host import uffd
 
     m = make_machine("uffd-wp")
     try:

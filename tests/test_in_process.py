@@ -7,9 +7,9 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from mig_core.control.manager import MigrationManager
 from mig_core.machine.device import Device
 from mig_core.machine.machine import Machine
-from mig_core.manager import MigrationManager
 from mig_core.schema.common import RunState
 from mig_core.schema.migration import MigrationStatus
 from mig_core.testing import migrate_in_process

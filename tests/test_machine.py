@@ -9,11 +9,11 @@ import time
 import msgpack
 import pytest
 
-from mig_core.machine import uffd
+from mig_core.host import uffd
 from mig_core.machine.device import Device, DeviceRegistry, DeviceSection, DeviceStateError
 from mig_core.machine.machine import Machine, block_layout
-from mig_core.machine.ram import Backing, BackingError, allocate, from_buffer
 from mig_core.machine.vcpu import VcpuController, VcpuStopTimeout
+from mig_core.memory.ram import Backing, BackingError, allocate, from_buffer
 from mig_core.schema.common import RunState
 from mig_core.testing import wait_until
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 
-from mig_core.manager import MigrationManager
+from mig_core.control.manager import MigrationManager
 from mig_core.qmp.dispatch import SESSION_COMMANDS
 from mig_core.schema.commands import COMMANDS
 

@@ -15,9 +15,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from mig_core.channel import SocketChannel
+from mig_core.ext.channel import SocketChannel
 from mig_core.machine.device import DeviceSection
-from mig_core.machine.ram import allocate
+from mig_core.memory.ram import allocate
 from mig_core.stream import mapped_ram
 from mig_core.stream.format import Command
 from mig_core.stream.writer import StreamWriter
@@ -406,13 +406,13 @@ def test_a_bug_on_the_destination_is_an_internal_error_not_a_bad_stream():
     bug is reported as an internal error, with its traceback in the log."""
     from structlog.testing import capture_logs
 
+    from mig_core.control.manager import MigrationManager
     from mig_core.engine.incoming import IncomingMigration
+    from mig_core.ext.transport import SingleChannelListener
     from mig_core.machine.device import Device
     from mig_core.machine.machine import Machine
-    from mig_core.manager import MigrationManager
     from mig_core.schema.common import RunState
     from mig_core.schema.migration import MigrationStatus
-    from mig_core.transport import SingleChannelListener
 
     class Buggy(Device):
         id = "buggy"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from qemu.qmp import ExecuteError
 
-from mig_core.parameters import PARAMETERS, SPECS
+from mig_core.schema.parameters import PARAMETERS, SPECS
 
 DEFAULTS = {
     "announce-initial": 50, "announce-max": 550, "announce-rounds": 5, "announce-step": 100,

@@ -286,7 +286,7 @@ async def test_execute_errors_through_qemu_qmp(qmp):
 
 def test_oob_command_overtakes_a_stuck_in_band_command(tmp_path):
     """An exec-oob command is answered while an in-band command holds the in-band lock."""
-    from mig_core.manager import MigrationManager
+    from mig_core.control.manager import MigrationManager
     from mig_core.qmp.server import QMPServer
 
     manager = MigrationManager()

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mig_core import parameters, schema
+from mig_core import schema
 from mig_core.qapi import UNSET, FlatUnion, QapiEnum, QapiInputError, from_qmp, members_of, to_qmp
 from mig_core.qapi.visitor import Node, type_node
-from mig_core.schema import commands
+from mig_core.schema import commands, parameters
 
 ENUMS = ["MigrationStatus", "MigrationCapability", "MigrationParameter", "MultiFDCompression", "MigMode",
          "ZeroPageDetection", "COLOMessage", "COLOMode", "FailoverStatus", "COLOExitReason", "MigrationAddressType",

@@ -6,12 +6,12 @@ import threading
 
 import pytest
 
-from mig_core.hookspecs import hookimpl
-from mig_core.manager import MigrationManager
+from mig_core.control.manager import MigrationManager
+from mig_core.control.status import DESTINATION_TRANSITIONS, SOURCE_TRANSITIONS, IllegalTransition, Side, StatusMachine
+from mig_core.plugin.hookspecs import hookimpl
 from mig_core.qapi import from_qmp
 from mig_core.schema.commands import MigrateSetCapabilitiesArgs
 from mig_core.schema.migration import MigrationStatus as S
-from mig_core.status import DESTINATION_TRANSITIONS, SOURCE_TRANSITIONS, IllegalTransition, Side, StatusMachine
 
 # Event sequences of the facts file (§3.8), mapped onto the 9.1 states.
 SOURCE_SEQUENCES = [
@@ -166,8 +166,8 @@ def test_wait_for():
 
 
 def test_a_misspelt_hook_is_refused_when_registered():
-    from mig_core.hooks import HookValidationError
-    from mig_core.manager import MigrationManager
+    from mig_core.control.manager import MigrationManager
+    from mig_core.plugin.hooks import HookValidationError
 
     class Typo:
         @hookimpl

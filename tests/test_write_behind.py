@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from mig_core.channel import ChannelAborted, ChannelError, SocketChannel
 from mig_core.engine.write_behind import WriteBehind
+from mig_core.ext.channel import ChannelAborted, ChannelError, SocketChannel
 
 
 def _drain(sock: socket.socket, out: bytearray) -> None:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mig_core import xbzrle
+from mig_core.memory import xbzrle
 from mig_core.testing import connect, qmp_error, ram_digest, wait_for_status
 
 
@@ -88,7 +88,7 @@ async def test_migration_with_xbzrle(start_host, tmp_path):
 
 
 def test_cache_allocates_no_more_slots_than_there_are_pages():
-    from mig_core.xbzrle import PageCache
+    from mig_core.memory.xbzrle import PageCache
 
     c = PageCache(1 << 63, 4096, max_slots=5000)
     assert c.slots == 8192 and c.data.shape == (8192, 4096)

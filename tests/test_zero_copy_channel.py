@@ -13,8 +13,8 @@ import weakref
 
 import numpy as np
 
-import mig_core.channel as channel_mod
-from mig_core.channel import SocketChannel
+import mig_core.ext.channel as channel_mod
+from mig_core.ext.channel import SocketChannel
 
 
 def tcp_pair() -> tuple[socket.socket, socket.socket]:

@@ -26,7 +26,7 @@ from rich.console import Console
 
 from mig_core.cli.options import parse_caps, parse_params
 from mig_core.cli.progress import follow, summary_table
-from mig_core.reference_host import RECORD, RECORD_STRIDE, parse_size
+from mig_core.machine.reference_host import RECORD, RECORD_STRIDE, parse_size
 
 
 class DemoFailed(click.ClickException):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import click
 
-from mig_core import __version__
 from mig_core.cli.demo import demo
 from mig_core.cli.operator import info_cmd, migrate_cmd, qmp_cmd
 from mig_core.cli.plugins import plugins
 from mig_core.cli.run import run
 from mig_core.cli.shell import shell_cmd
 from mig_core.logconfig import configure_logging
+from mig_core.version import __version__
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

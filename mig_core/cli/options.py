@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
-from mig_core.parameters import SPECS
 from mig_core.schema.migration import MigrationCapability
+from mig_core.schema.parameters import SPECS
 
 _BOOL = {"on": True, "off": False, "true": True, "false": False, "yes": True, "no": False}
 
@@ -28,7 +28,7 @@ def parse_caps(values: tuple[str, ...]) -> list[dict[str, Any]]:
 
 def parse_value(text: str) -> Any:
     """on/off → bool, integers (with K/M/G) → int, JSON lists/objects/null → as JSON, else the string."""
-    from mig_core.reference_host import parse_size
+    from mig_core.machine.reference_host import parse_size
 
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
         return text[1:-1]  # a quoted string stays a string

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from mig_core.plugin_registry import GROUPS, PluginRegistry
+from mig_core.plugin.registry import GROUPS, PluginRegistry
 
 
 def _implementation(reg: PluginRegistry, entry: object) -> str | None:

@@ -10,13 +10,13 @@ import sys
 import click
 import structlog
 
-from mig_core.dirty import GROUP as TRACKERS
+from mig_core.control.manager import MigrationManager
 from mig_core.errors import QMPError
+from mig_core.ext.dirty_tracker import GROUP as TRACKERS
 from mig_core.machine.machine import Machine
-from mig_core.manager import MigrationManager
+from mig_core.machine.reference_host import CounterDevice, RamSpec, Workload, fill, parse_ram, parse_size
 from mig_core.qmp.address import parse_monitor_address
 from mig_core.qmp.server import QMPServer
-from mig_core.reference_host import CounterDevice, RamSpec, Workload, fill, parse_ram, parse_size
 from mig_core.schema.commands import MigrateIncomingArgs
 from mig_core.schema.common import RunState
 

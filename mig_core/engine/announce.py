@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from mig_core.hooks import Hooks
+from mig_core.plugin.hooks import Hooks
 
 log = structlog.get_logger("mig.announce")
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from mig_core.dirtylimit import DirtyLimiter
+from mig_core.engine.dirtylimit import DirtyLimiter
 from mig_core.machine.vcpu import VcpuController
 
 log = structlog.get_logger("mig.convergence")

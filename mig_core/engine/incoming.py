@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from mig_core.channel import Channel, ChannelAborted, ChannelEOF, ChannelError
-from mig_core.compressor import load_compressor
 from mig_core.engine.announce import start_announce
 from mig_core.engine.multifd_recv import MultifdReceiver
 from mig_core.errors import MigError
+from mig_core.ext.channel import Channel, ChannelAborted, ChannelEOF, ChannelError
+from mig_core.ext.compressor import load_compressor
 from mig_core.machine.device import DeviceSection
+from mig_core.memory.zeropage import nonzero_pages
 from mig_core.schema.common import RunState
 from mig_core.schema.migration import MigrationCapability as C
 from mig_core.schema.migration import MigrationStatus as S
@@ -31,11 +32,10 @@ from mig_core.stream.multifd import MULTIFD_MAGIC, MultifdError, read_init
 from mig_core.stream.placement import CopyPlacer
 from mig_core.stream.reader import CommandReceived, DevicePart, End, PassEnd, StreamError, StreamReader
 from mig_core.stream.writer import StreamWriter
-from mig_core.zeropage import nonzero_pages
 
 if TYPE_CHECKING:
-    from mig_core.manager import MigrationManager
-    from mig_core.transport import Listener
+    from mig_core.control.manager import MigrationManager
+    from mig_core.ext.transport import Listener
 
 log = structlog.get_logger("mig.incoming")
 

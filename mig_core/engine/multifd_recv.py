@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import structlog
 
-from mig_core.channel import Channel, ChannelEOF, ChannelError
-from mig_core.compressor import Decoder
-from mig_core.machine.ram import RAMBlock
+from mig_core.ext.channel import Channel, ChannelEOF, ChannelError
+from mig_core.ext.compressor import Decoder
+from mig_core.memory.ram import RAMBlock
 from mig_core.stream.multifd import MultifdError, PacketFlag, read_packet
 from mig_core.stream.placement import PagePlacer
 

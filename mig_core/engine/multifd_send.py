@@ -20,15 +20,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import structlog
 
-from mig_core.channel import Channel, ChannelError
-from mig_core.compressor import Encoder
 from mig_core.engine.stats import MigrationCounters
-from mig_core.machine.ram import RAMBlock
+from mig_core.ext.channel import Channel, ChannelError
+from mig_core.ext.compressor import Encoder
+from mig_core.memory.ram import RAMBlock
+from mig_core.memory.zeropage import zero_mask
 from mig_core.schema.migration import CompressionStats
 from mig_core.stream.mapped_ram import MappedRamWriter
 from mig_core.stream.multifd import PacketFlag, init_packet, pack_header
 from mig_core.stream.writer import page_buffers
-from mig_core.zeropage import zero_mask
 
 log = structlog.get_logger("mig.multifd")
 

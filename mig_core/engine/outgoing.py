@@ -18,18 +18,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 import structlog
 
-from mig_core.channel import Channel, ChannelAborted, ChannelError
-from mig_core.compressor import load_compressor
-from mig_core.dirty import DirtyConsumer
 from mig_core.engine.convergence import ConvergenceTrigger
 from mig_core.engine.multifd_send import MultifdSender
 from mig_core.engine.stats import MigrationCounters, RateLimiter, now_ms
 from mig_core.engine.write_behind import WriteBehind
 from mig_core.engine.xbzrle_send import XbzrleSender
 from mig_core.errors import MigrationFailed, QMPError
+from mig_core.ext.channel import Channel, ChannelAborted, ChannelError
+from mig_core.ext.compressor import load_compressor
+from mig_core.ext.dirty_tracker import DirtyConsumer
 from mig_core.machine.device import DeviceStateError
-from mig_core.machine.ram import RAMBlock
 from mig_core.machine.vcpu import VcpuStopTimeout
+from mig_core.memory.ram import RAMBlock
+from mig_core.memory.zeropage import zero_mask
 from mig_core.schema.common import RunState
 from mig_core.schema.migration import CompressionStats, XBZRLECacheStats
 from mig_core.schema.migration import MigrationCapability as C
@@ -40,12 +41,11 @@ from mig_core.stream.mapped_ram import MappedRamWriter
 from mig_core.stream.placement import CopyPlacer
 from mig_core.stream.reader import CommandReceived, StreamError, StreamReader
 from mig_core.stream.writer import StreamWriter
-from mig_core.zeropage import zero_mask
 
 if TYPE_CHECKING:
-    from mig_core.manager import MigrationManager
+    from mig_core.control.manager import MigrationManager
+    from mig_core.ext.transport import Transport
     from mig_core.schema.migration import MigrationAddress
-    from mig_core.transport import Transport
 
 log = structlog.get_logger("mig.outgoing")
 

@@ -14,7 +14,7 @@ import queue
 import threading
 from collections.abc import Sequence
 
-from mig_core.channel import Buffer, Channel, ChannelError
+from mig_core.ext.channel import Buffer, Channel, ChannelError
 
 
 class WriteBehind:

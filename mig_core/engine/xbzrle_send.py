@@ -4,7 +4,7 @@ Pages are keyed by their index in guest RAM (blocks end to end, like QEMU's RAM
 address), so a cache with at least as many slots as RAM has pages gives every
 page a slot of its own; a larger one is never allocated. A page is cached on its first
 send after the first complete pass; a later send encodes it against the cached
-copy (QEMU's format, ``mig_core.xbzrle``) and refreshes the cache while the
+copy (QEMU's format, ``mig_core.memory.xbzrle``) and refreshes the cache while the
 machine runs (at switchover nothing is sent again, so the cache stays as is).
 """
 
@@ -16,9 +16,9 @@ import time
 import numpy as np
 import structlog
 
-from mig_core import xbzrle
+from mig_core.memory import xbzrle
+from mig_core.memory.xbzrle import PageCache, XbzrleCounters
 from mig_core.schema.migration import XBZRLECacheStats
-from mig_core.xbzrle import PageCache, XbzrleCounters
 
 log = structlog.get_logger("mig.xbzrle")
 

@@ -1,1 +1,1 @@
-"""The machine model: RAM blocks, userfaultfd registrations, vCPU threads, devices (``machine.Machine``)."""
+"""The machine model: the RAM blocks, devices and vCPU threads a host hands over, its run state, the host tracker."""

@@ -9,12 +9,12 @@ from typing import Any
 
 import structlog
 
-from mig_core.dirty import DirtyTracker, TrackerChoice, select_tracker
+from mig_core.ext.dirty_tracker import DirtyTracker, TrackerChoice, select_tracker
 from mig_core.machine.device import Device, DeviceRegistry
-from mig_core.machine.ram import Backing, RAMBlock, allocate, from_buffer
+from mig_core.machine.runstate import RunStateMachine
 from mig_core.machine.vcpu import VcpuController
-from mig_core.plugin_registry import PluginRegistry
-from mig_core.runstate import RunStateMachine
+from mig_core.memory.ram import Backing, RAMBlock, allocate, from_buffer
+from mig_core.plugin.registry import PluginRegistry
 from mig_core.schema.common import RunState
 
 log = structlog.get_logger("mig.machine")

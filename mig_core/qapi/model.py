@@ -62,12 +62,7 @@ Unstable = msgspec.Meta(extra={"features": ("unstable",)})
 
 
 class QapiStruct(msgspec.Struct, kw_only=True, rename="kebab"):
-    """Base of every QAPI struct: kebab-case names, optional members omitted when UNSET."""
-
-    def to_qmp(self) -> dict[str, Any]:
-        from mig_core.qapi.visitor import to_qmp
-
-        return to_qmp(self)
+    """Base of every QAPI struct: kebab-case names, optional members omitted when UNSET (``qapi.to_qmp``)."""
 
 
 class QapiEnum(str, enum.Enum):
@@ -116,8 +111,3 @@ class FlatUnion:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.tag.value!r}, {self.value!r})"
-
-    def to_qmp(self) -> dict[str, Any]:
-        from mig_core.qapi.visitor import to_qmp
-
-        return to_qmp(self)

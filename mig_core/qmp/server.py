@@ -27,8 +27,8 @@ from typing import Any
 
 import structlog
 
+from mig_core.control.events import envelope
 from mig_core.errors import QMPError, command_not_found
-from mig_core.events import envelope
 from mig_core.qapi import to_qmp
 from mig_core.qmp.address import MonitorAddress, parse_monitor_address
 from mig_core.qmp.dispatch import (

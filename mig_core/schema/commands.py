@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mig_core.parameters import MigrateSetParameters, MigrationParameters
 from mig_core.qapi import UNSET, Bool, Int, Int64, QapiStruct, Str, UInt64, UnsetType
 from mig_core.schema.common import (
     CommandInfo,
@@ -33,6 +32,7 @@ from mig_core.schema.migration import (
     MigrationThreadInfo,
     TimeUnit,
 )
+from mig_core.schema.parameters import MigrateSetParameters, MigrationParameters
 
 
 class MigrateSetCapabilitiesArgs(QapiStruct):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+
 from mig_core.qapi import UNSET, Bool, Int, QapiEnum, QapiStruct, Str, UnsetType
 
 
@@ -73,3 +75,10 @@ class EmptyStruct(QapiStruct):
 
 class QmpCapabilitiesArgs(QapiStruct):
     enable: list[QMPCapability] | UnsetType = UNSET
+
+
+class Side(enum.Enum):
+    """Which end of a migration a status, event or hook call belongs to (mig's own type, not in QAPI)."""
+
+    SOURCE = "source"
+    DESTINATION = "destination"

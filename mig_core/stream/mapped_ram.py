@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import msgpack
 import numpy as np
 
-from mig_core.channel import Channel
 from mig_core.errors import StreamError
-from mig_core.machine.pagemap import pages_to_runs
-from mig_core.machine.ram import RAMBlock
+from mig_core.ext.channel import Channel
+from mig_core.memory.pagemap import pages_to_runs
+from mig_core.memory.ram import RAMBlock
 from mig_core.stream.format import META_HEADER, Section
 
 MAPPED_RAM_VERSION = 1

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mig_core.channel import Channel, ChannelEOF
 from mig_core.errors import MultifdError
+from mig_core.ext.channel import Channel, ChannelEOF
 
 #: first 8 bytes of a multifd channel (the main stream starts with ``MIGSTRM\0``)
 MULTIFD_MAGIC = b"MIGMFD\x00\x00"

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mig_core.machine.pagemap import pages_to_runs
-from mig_core.machine.ram import Backing, RAMBlock
+from mig_core.memory.pagemap import pages_to_runs
+from mig_core.memory.ram import Backing, RAMBlock
 
 
 class PagePlacer(ABC):

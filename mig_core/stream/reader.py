@@ -15,11 +15,11 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from mig_core import xbzrle
-from mig_core.channel import Channel, ChannelEOF
 from mig_core.errors import StreamError
+from mig_core.ext.channel import Channel, ChannelEOF
 from mig_core.machine.device import DeviceSection
-from mig_core.machine.ram import RAMBlock
+from mig_core.memory import xbzrle
+from mig_core.memory.ram import RAMBlock
 from mig_core.stream import mapped_ram
 from mig_core.stream.format import (
     HEADER,

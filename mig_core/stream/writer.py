@@ -9,10 +9,10 @@ from typing import Protocol
 import msgpack
 import numpy as np
 
-from mig_core.channel import IOV_MAX, Buffer
+from mig_core.ext.channel import IOV_MAX, Buffer
 from mig_core.machine.device import DeviceSection
-from mig_core.machine.pagemap import pages_to_runs
-from mig_core.machine.ram import RAMBlock
+from mig_core.memory.pagemap import pages_to_runs
+from mig_core.memory.ram import RAMBlock
 from mig_core.stream.format import (
     HEADER,
     MAGIC,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import lz4.block
 
-from mig_core.compressor import Compressor, Decoder, Encoder
+from mig_core.ext.compressor import Compressor, Decoder, Encoder
 
 
 class _Lz4(Encoder, Decoder):

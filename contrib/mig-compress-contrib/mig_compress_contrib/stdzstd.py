@@ -11,7 +11,7 @@ try:
 except ImportError:
     from backports import zstd  # type: ignore[no-redef]
 
-from mig_core.compressor import Compressor, Decoder, Encoder
+from mig_core.ext.compressor import Compressor, Decoder, Encoder
 
 
 class _Encoder(Encoder):

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from isal import isal_zlib
 
-from mig_core.accelerator import AcceleratorProbe, probe
-from mig_core.compressor import Compressor, Decoder, Encoder, PageFramedDecoder, PageFramedEncoder
+from mig_core.ext.compressor import Compressor, Decoder, Encoder, PageFramedDecoder, PageFramedEncoder
+from mig_core.host.accelerator import AcceleratorProbe, probe
 
 __all__ = ["QplCompressor", "QplSupport", "detect"]
 

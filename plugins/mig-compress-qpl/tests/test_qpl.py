@@ -9,7 +9,7 @@ import zlib
 import mig_compress_qpl
 import pytest
 
-from mig_core.plugin_registry import PluginRegistry
+from mig_core.plugin.registry import PluginRegistry
 from mig_core.testing import connect, ram_digest, wait_for_status
 
 

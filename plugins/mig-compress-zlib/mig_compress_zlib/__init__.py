@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import zlib
 
-from mig_core.compressor import Compressor, Decoder, Encoder, FlushedStreamEncoder
+from mig_core.ext.compressor import Compressor, Decoder, Encoder, FlushedStreamEncoder
 
 __all__ = ["ZlibCompressor"]
 

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from mig_core.compressor import Compressor
-from mig_core.plugin_registry import PluginRegistry
+from mig_core.ext.compressor import Compressor
+from mig_core.plugin.registry import PluginRegistry
 
 
 def test_discovered_and_selected():

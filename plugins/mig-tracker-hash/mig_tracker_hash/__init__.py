@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mig_core.dirty import DirtyConsumer, DirtyReport, DirtyTracker
-from mig_core.machine.ram import RAMBlock
-from mig_core.pagehash import hash_pages
+from mig_core.ext.dirty_tracker import DirtyConsumer, DirtyReport, DirtyTracker
+from mig_core.memory.pagehash import hash_pages
+from mig_core.memory.ram import RAMBlock
 
 __all__ = ["HashTracker", "hash_pages"]
 

@@ -3,8 +3,8 @@
 import numpy as np
 from mig_tracker_hash import hash_pages
 
-from mig_core.machine.ram import allocate
-from mig_core.plugin_registry import PluginRegistry
+from mig_core.memory.ram import allocate
+from mig_core.plugin.registry import PluginRegistry
 
 
 def test_discovered():

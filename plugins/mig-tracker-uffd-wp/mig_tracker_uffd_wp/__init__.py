@@ -11,10 +11,11 @@ from collections.abc import Sequence
 import numpy as np
 import structlog
 
-from mig_core.dirty import HarvestingTracker
-from mig_core.host_features import uffd_features
-from mig_core.machine import pagemap, uffd
-from mig_core.machine.ram import RAMBlock
+from mig_core.ext.dirty_tracker import HarvestingTracker
+from mig_core.host import uffd
+from mig_core.host.features import uffd_features
+from mig_core.memory import pagemap
+from mig_core.memory.ram import RAMBlock
 
 __all__ = ["UffdWpTracker"]
 

@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mig_core.dirty import select_tracker
-from mig_core.machine import uffd
-from mig_core.machine.ram import Backing, allocate
-from mig_core.plugin_registry import PluginRegistry
+from mig_core.ext.dirty_tracker import select_tracker
+from mig_core.host import uffd
+from mig_core.memory.ram import Backing, allocate
+from mig_core.plugin.registry import PluginRegistry
 
 
 def test_discovered_and_preferred():

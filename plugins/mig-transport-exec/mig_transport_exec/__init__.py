@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
-from mig_core.channel import Buffer, Channel, ChannelAborted, ChannelError, FdChannel
+from mig_core.ext.channel import Buffer, Channel, ChannelAborted, ChannelError, FdChannel
+from mig_core.ext.transport import Listener, SingleChannelListener, Transport, TransportError
 from mig_core.schema.migration import MigrationAddress, MigrationAddressType, MigrationExecCommand
-from mig_core.transport import Listener, SingleChannelListener, Transport, TransportError
 
 __all__ = ["ExecTransport"]
 

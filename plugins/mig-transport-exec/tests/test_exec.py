@@ -121,8 +121,8 @@ async def test_successful_migration_leaves_no_process_of_the_group(start_host, t
 
 
 def test_nul_bytes_in_the_command_are_refused_before_anything_runs():
-    from mig_core.plugin_registry import PluginRegistry
-    from mig_core.transport import TransportContext, TransportError, TransportRegistry
+    from mig_core.ext.transport import TransportContext, TransportError, TransportRegistry
+    from mig_core.plugin.registry import PluginRegistry
 
     reg = TransportRegistry(PluginRegistry())
     cls, addr = reg.parse("exec:echo a\0b")

@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 import structlog
 
-from mig_core.channel import Channel, FdChannel
+from mig_core.ext.channel import Channel, FdChannel
+from mig_core.ext.transport import Listener, SingleChannelListener, Transport, TransportError
 from mig_core.schema.migration import FileMigrationArgs, MigrationAddress, MigrationAddressType
-from mig_core.transport import Listener, SingleChannelListener, Transport, TransportError
 
 __all__ = ["FileTransport", "parse_offset"]
 

@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 import structlog
 
-from mig_core.channel import Channel, ChannelAbilities, ChannelAborted, SocketChannel
+from mig_core.ext.channel import Channel, ChannelAbilities, ChannelAborted, SocketChannel
+from mig_core.ext.transport import Listener, SingleChannelListener, Transport, TransportError
 from mig_core.qapi import UNSET
 from mig_core.schema.migration import MigrationAddress, MigrationAddressType
 from mig_core.schema.sockets import (
@@ -22,7 +23,6 @@ from mig_core.schema.sockets import (
     UnixSocketAddress,
     VsockSocketAddress,
 )
-from mig_core.transport import Listener, SingleChannelListener, Transport, TransportError
 
 __all__ = ["SocketTransport", "parse_socket_uri"]
 

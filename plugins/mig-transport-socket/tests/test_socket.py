@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from mig_transport_socket import unpace_loopback
 
-from mig_core.plugin_registry import PluginRegistry
+from mig_core.ext.transport import TransportContext, TransportError, TransportRegistry
+from mig_core.plugin.registry import PluginRegistry
 from mig_core.qapi import to_qmp
-from mig_core.transport import TransportContext, TransportError, TransportRegistry
 
 
 def test_discovered_by_scheme():

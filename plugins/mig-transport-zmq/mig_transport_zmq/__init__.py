@@ -23,12 +23,12 @@ import structlog
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from mig_core.channel import Buffer, Channel, ChannelAbilities, ChannelAborted, ChannelError
+from mig_core.ext.channel import Buffer, Channel, ChannelAbilities, ChannelAborted, ChannelError
+from mig_core.ext.transport import Listener, Transport, TransportError
 from mig_core.qapi import UNSET
 from mig_core.qmp.address import split_host_port
 from mig_core.schema.migration import MigrationAddress, MigrationAddressType
 from mig_core.schema.sockets import InetSocketAddress, SocketAddress
-from mig_core.transport import Listener, Transport, TransportError
 
 __all__ = ["ZmqTransport", "parse_rdma_uri"]
 

@@ -9,9 +9,9 @@ import signal
 import pytest
 from mig_transport_zmq import ZmqTransport, parse_rdma_uri
 
+from mig_core.ext.transport import TransportError
 from mig_core.schema.migration import MigrationAddressType
 from mig_core.testing import connect, qmp_error, ram_digest, wait_for_status
-from mig_core.transport import TransportError
 
 RAM = 16 << 20
 WL = ("--ram", "16M", "--ram-fill", "half", "--vcpus", "2", "--dirty-rate", "4M")

@@ -32,7 +32,7 @@ GROUPS = (
     "mig_core.snapshot_backends",
     "mig_core.dirty_trackers",
     "mig_core.replication",
-    "mig_core.hooks",
+    "mig_core.plugin.hooks",
 )
 
 

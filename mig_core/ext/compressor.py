@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import structlog
 
 if TYPE_CHECKING:
-    from mig_core.plugin_registry import PluginRegistry
+    from mig_core.plugin.registry import PluginRegistry
 
 log = structlog.get_logger("mig.compressor")
 

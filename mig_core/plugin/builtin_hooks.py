@@ -6,7 +6,7 @@ from typing import Any
 
 import structlog
 
-from mig_core.hookspecs import hookimpl
+from mig_core.plugin.hookspecs import hookimpl
 
 log = structlog.get_logger("mig")
 

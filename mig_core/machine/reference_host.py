@@ -22,8 +22,8 @@ import structlog
 
 from mig_core.machine.device import Device, DeviceStateError
 from mig_core.machine.machine import Machine
-from mig_core.machine.ram import Backing
 from mig_core.machine.vcpu import Vcpu
+from mig_core.memory.ram import Backing
 
 log = structlog.get_logger("mig.run")
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import structlog
 
-from mig_core.hooks import Hooks
+from mig_core.plugin.hooks import Hooks
 from mig_core.qapi import to_qmp
 
 log = structlog.get_logger("mig.events")

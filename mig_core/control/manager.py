@@ -11,21 +11,23 @@ from typing import Any
 import pluggy
 import structlog
 
-import mig_core
-from mig_core import capabilities as caps_mod
-from mig_core import host_features
-from mig_core import parameters as params_mod
-from mig_core.dirtylimit import DirtyLimiter
-from mig_core.dirtyrate import DirtyRateMeter
+from mig_core.control import capabilities as caps_mod
+from mig_core.control import parameters as params_mod
+from mig_core.control.events import EventEmitter
+from mig_core.control.status import POSTCOPY_STATES, RUNNING_STATES, Side, StatusMachine
+from mig_core.engine.dirtylimit import DirtyLimiter
+from mig_core.engine.dirtyrate import DirtyRateMeter
 from mig_core.engine.globalstate import GlobalState
 from mig_core.engine.incoming import IncomingMigration
 from mig_core.engine.outgoing import OutgoingMigration
 from mig_core.errors import QMPError
-from mig_core.events import EventEmitter
-from mig_core.hooks import Hooks, make_plugin_manager
+from mig_core.ext.transport import Listener, Transport, TransportContext, TransportRegistry
+from mig_core.host import features as host_features
 from mig_core.machine.machine import Machine
-from mig_core.plugin_registry import PluginRegistry
+from mig_core.plugin.hooks import Hooks, make_plugin_manager
+from mig_core.plugin.registry import PluginRegistry
 from mig_core.qapi import UNSET, to_qmp
+from mig_core.schema import parameters as parameter_decls
 from mig_core.schema.commands import (
     MigrateArgs,
     MigrateContinueArgs,
@@ -45,8 +47,7 @@ from mig_core.schema.migration import (
 from mig_core.schema.migration import MigrationCapability as C
 from mig_core.schema.migration import MigrationStatus as S
 from mig_core.schema.sockets import SocketAddress
-from mig_core.status import POSTCOPY_STATES, RUNNING_STATES, Side, StatusMachine
-from mig_core.transport import Listener, Transport, TransportContext, TransportRegistry
+from mig_core.version import __version__
 
 log = structlog.get_logger("mig.manager")
 
@@ -79,7 +80,7 @@ class MigrationManager:
         self.source = StatusMachine(Side.SOURCE, self._on_status)
         self.destination = StatusMachine(Side.DESTINATION, self._on_status)
         self.caps: dict[C, bool] = caps_mod.defaults()
-        self.params: dict[str, Any] = params_mod.defaults()
+        self.params: dict[str, Any] = parameter_decls.defaults()
         self.migration_id = ""
         self.error_desc: str | None = None
         self._incoming_rdma = False
@@ -158,7 +159,7 @@ class MigrationManager:
     # -- QMP: machine ------------------------------------------------------------
 
     def query_version(self) -> VersionInfo:
-        return VersionInfo(qemu=SCHEMA_VERSION, package=f"mig {mig_core.__version__}")
+        return VersionInfo(qemu=SCHEMA_VERSION, package=f"mig {__version__}")
 
     def query_status(self) -> StatusInfo:
         return StatusInfo(running=self.run.running, status=self.run.state)
@@ -207,7 +208,7 @@ class MigrationManager:
         log.info("capabilities_set", on=[c.value for c, v in new.items() if v])
 
     def query_migrate_parameters(self) -> Any:
-        return params_mod.to_struct(self.params)
+        return parameter_decls.to_struct(self.params)
 
     def migrate_set_parameters(self, args: Any) -> None:
         with self._lock:

@@ -7,20 +7,15 @@ nothing, as in QEMU. A change that the table does not allow is a bug and raises.
 
 from __future__ import annotations
 
-import enum
 import threading
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 
+from mig_core.schema.common import Side
 from mig_core.schema.migration import MigrationStatus as S
 
 __all__ = ["Side", "IllegalTransition", "StatusMachine", "SOURCE_TRANSITIONS", "DESTINATION_TRANSITIONS",
            "RUNNING_STATES", "POSTCOPY_STATES"]
-
-
-class Side(enum.Enum):
-    SOURCE = "source"
-    DESTINATION = "destination"
 
 
 class IllegalTransition(RuntimeError):

@@ -22,7 +22,7 @@ import numpy as np
 import structlog
 
 from mig_core.errors import BackingError
-from mig_core.machine import pagemap
+from mig_core.memory import pagemap
 
 log = structlog.get_logger("mig.ram")
 

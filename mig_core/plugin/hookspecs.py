@@ -1,13 +1,13 @@
 """Every lifecycle hook of mig, in one typed module (pluggy hookspecs, prefixed ``mig_``).
 
-Implement any of these with ``@mig_core.hookspecs.hookimpl`` on a module or an
-object, and register it either through the ``mig_core.hooks`` entry-point group
+Implement any of these with ``@mig_core.plugin.hookspecs.hookimpl`` on a module or an
+object, and register it either through the ``mig_core.plugin.hooks`` entry-point group
 of a distribution, or, from an embedding host, with
 ``MigrationManager.hooks.register(obj)``. An implementation whose name matches no
 hookspec here is refused (the entry point is skipped with an error in the log;
 ``hooks.register`` raises). All hooks are observers: every implementation is
 called, return values are ignored unless a hook says otherwise. The core calls
-them only through ``mig_core.hooks.Hooks``.
+them only through ``mig_core.plugin.hooks.Hooks``.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from mig_core.schema.common import RunState
+    from mig_core.schema.common import RunState, Side
     from mig_core.schema.migration import MigrationStatus
-    from mig_core.status import Side
 
 hookspec = pluggy.HookspecMarker("mig")
 hookimpl = pluggy.HookimplMarker("mig")

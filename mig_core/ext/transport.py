@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from mig_core.channel import Channel, ChannelAbilities, ChannelAborted
 from mig_core.errors import QMPError
-from mig_core.plugin_registry import PluginNotFound, PluginRegistry
+from mig_core.ext.channel import Channel, ChannelAbilities, ChannelAborted
+from mig_core.plugin.registry import PluginNotFound, PluginRegistry
 from mig_core.schema.migration import MigrationAddress
 from mig_core.schema.sockets import SocketAddress
 

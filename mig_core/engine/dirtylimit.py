@@ -16,8 +16,8 @@ import time
 
 import structlog
 
-from mig_core.dirty import DirtyConsumer
 from mig_core.errors import QMPError
+from mig_core.ext.dirty_tracker import DirtyConsumer
 from mig_core.machine.machine import Machine
 from mig_core.schema.migration import DirtyLimitInfo
 

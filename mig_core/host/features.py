@@ -6,7 +6,7 @@ import errno
 import functools
 import os
 
-from mig_core.machine import uffd
+from mig_core.host import uffd
 
 
 @functools.cache

@@ -20,7 +20,7 @@ import structlog
 
 from mig_core.errors import QMPError
 from mig_core.machine.machine import Machine
-from mig_core.pagehash import hash_pages
+from mig_core.memory.pagehash import hash_pages
 from mig_core.schema.migration import DirtyRateInfo, DirtyRateMeasureMode, DirtyRateStatus, DirtyRateVcpu, TimeUnit
 
 log = structlog.get_logger("mig.dirtyrate")

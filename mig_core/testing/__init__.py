@@ -21,11 +21,11 @@ from typing import Any, cast
 
 from qemu.qmp import QMPClient
 
-from mig_core.channel import Channel, ChannelAbilities, loopback_pair
-from mig_core.manager import MigrationManager
+from mig_core.control.manager import MigrationManager
+from mig_core.ext.channel import Channel, ChannelAbilities, loopback_pair
+from mig_core.ext.transport import Listener, SingleChannelListener, Transport, TransportContext
 from mig_core.schema.migration import MigrationAddress, MigrationStatus
 from mig_core.schema.sockets import SocketAddress, String
-from mig_core.transport import Listener, SingleChannelListener, Transport, TransportContext
 
 __all__ = ["Host", "RawQMP", "connect", "wait_until", "wait_for_status", "ram_digest", "vcpu_records", "qmp_error",
            "LoopbackTransport", "migrate_in_process"]
@@ -191,7 +191,7 @@ async def ram_digest(client: QMPClient, size: int, path: Path) -> str:
 
 async def vcpu_records(client: QMPClient, vcpus: int, path: Path) -> list[tuple[int, int, int, int]]:
     """The reference host's per-vCPU records (counter, heartbeat ns, pages written, longest gap ns)."""
-    from mig_core.reference_host import RECORD, RECORD_STRIDE
+    from mig_core.machine.reference_host import RECORD, RECORD_STRIDE
 
     await client.execute("pmemsave", {"val": 0, "size": 4096, "filename": str(path)})
     data = path.read_bytes()
@@ -269,7 +269,7 @@ def migrate_in_process(source: MigrationManager, destination: MigrationManager,
                        timeout: float = 60.0) -> MigrationStatus:
     """Migrate ``source`` into ``destination`` (a manager whose machine waits in inmigrate) over a
     ``LoopbackTransport``; returns the source's final status once both sides have ended."""
-    from mig_core.status import RUNNING_STATES
+    from mig_core.control.status import RUNNING_STATES
 
     transport = LoopbackTransport()
     destination.migrate_incoming_with(transport, transport.address(), exit_on_error=False)

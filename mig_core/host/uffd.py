@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import structlog
 
 from mig_core.errors import MigError
-from mig_core.machine.ram import Backing, RAMBlock
+from mig_core.memory.ram import Backing, RAMBlock
 
 log = structlog.get_logger("mig.uffd")
 
