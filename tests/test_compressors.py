@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mig_core.plugin.registry import PluginRegistry
+from mig_core.testing.contracts import CompressorContract
 
 #: the first-party compressors (every one is installed by `make test`)
 NAMES = ["qpl", "uadk", "zlib", "zstd"]
@@ -66,3 +67,10 @@ def test_pages_written_while_compressed_still_decode(name):
     finally:
         stop.set()
         writer.join()
+
+
+class TestNoneContract(CompressorContract):
+    """The built-in ``none`` method runs the contract every compressor plugin runs."""
+
+    name = "none"
+    distribution = "mig-core"

@@ -78,7 +78,8 @@ def contrib_python(tmp_path_factory) -> str:
 
 
 def _compression_event(host) -> dict:
-    return next(e for e in host.log_events() if e.get("event") == "compressor_selected")
+    return next(e for e in host.log_events()
+                if e.get("event") == "extension_selected" and e.get("group") == "mig_core.compressors")
 
 
 @pytest.mark.parametrize("case", ["lz4", "zstd-cross"])

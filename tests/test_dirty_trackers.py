@@ -7,11 +7,13 @@ import threading
 import numpy as np
 import pytest
 
-from mig_core.ext.dirty_tracker import DirtyTracker, select_tracker
+from mig_core.ext import dirty_tracker
+from mig_core.ext.dirty_tracker import DirtyTracker
 from mig_core.machine.host_tracker import HostTracker
 from mig_core.machine.machine import Machine
 from mig_core.memory.ram import Backing, BackingError
 from mig_core.plugin.registry import PluginRegistry
+from mig_core.testing.contracts import DirtyTrackerContract
 
 TRACKERS = ["uffd-wp", "hash", "host"]
 
@@ -195,15 +197,15 @@ def test_auto_selection_and_refusals():
     m = make_machine("uffd-wp")
     try:
         reg = PluginRegistry()
-        choice = select_tracker(m.blocks, reg)
+        choice = dirty_tracker.select(m.blocks, reg)
         assert choice.cls.name == "uffd-wp"  # exact and needs no host cooperation
         assert not choice.cls.attributes_vcpus
         with pytest.raises(ValueError, match="dirty tracker 'host' cannot be used: the host does not report"):
-            select_tracker(m.blocks, reg, name="host")
+            dirty_tracker.select(m.blocks, reg, name="host")
         reg.disable("uffd-wp")
-        choice = select_tracker(m.blocks, reg)
+        choice = dirty_tracker.select(m.blocks, reg)
         assert choice.cls.name == "hash" and "uffd-wp" not in choice.skipped
-        assert select_tracker(m.blocks, reg, host_marks_writes=True).cls is HostTracker
+        assert dirty_tracker.select(m.blocks, reg, host_marks_writes=True).cls is HostTracker
         assert issubclass(choice.cls, DirtyTracker)
     finally:
         m.close()
@@ -230,3 +232,10 @@ def test_uffd_wp_and_postcopy_cannot_share_a_block():
             uffd.REGISTRY.register(m2.blocks[1], uffd.Mode.MISSING, owner="postcopy")
     finally:
         m2.close()
+
+
+class TestHostTrackerContract(DirtyTrackerContract):
+    """The built-in host tracker runs the contract every tracker plugin runs."""
+
+    name = "host"
+    distribution = "mig-core"

@@ -411,7 +411,7 @@ def test_a_bug_on_the_destination_is_an_internal_error_not_a_bad_stream():
     from mig_core.ext.transport import SingleChannelListener
     from mig_core.machine.device import Device
     from mig_core.machine.machine import Machine
-    from mig_core.schema.common import RunState
+    from mig_core.schema.common import RunState, Side
     from mig_core.schema.migration import MigrationStatus
 
     class Buggy(Device):
@@ -428,7 +428,8 @@ def test_a_bug_on_the_destination_is_an_internal_error_not_a_bad_stream():
     a.sendall(stream(machine.blocks, lambda w: w.write_end()))
     a.close()
     manager.destination.cas(MigrationStatus.NONE, MigrationStatus.SETUP)
-    inc = IncomingMigration(manager, SingleChannelListener(SocketChannel(b), "test"), exit_on_error=False)
+    inc = IncomingMigration(manager.engine_context(Side.DESTINATION), SingleChannelListener(SocketChannel(b), "test"),
+                            exit_on_error=False)
     with capture_logs() as logs:
         inc.start()
         inc.thread.join(30)

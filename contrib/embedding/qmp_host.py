@@ -21,13 +21,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from mig_core.control.manager import MigrationManager
-from mig_core.logconfig import configure_logging
-from mig_core.machine.device import Device
-from mig_core.machine.machine import Machine
-from mig_core.machine.vcpu import Vcpu
-from mig_core.plugin.hookspecs import hookimpl
-from mig_core.qmp.server import QMPServer
+from mig_core import Device, Machine, MigrationManager, QMPServer, Vcpu, configure_logging, hookimpl
 from mig_core.schema.common import RunState
 
 log = structlog.get_logger("example.host")

@@ -15,12 +15,14 @@ from mig_core.control import capabilities as caps_mod
 from mig_core.control import parameters as params_mod
 from mig_core.control.events import EventEmitter
 from mig_core.control.status import POSTCOPY_STATES, RUNNING_STATES, Side, StatusMachine
+from mig_core.engine.context import EngineContext
 from mig_core.engine.dirtylimit import DirtyLimiter
 from mig_core.engine.dirtyrate import DirtyRateMeter
 from mig_core.engine.globalstate import GlobalState
 from mig_core.engine.incoming import IncomingMigration
 from mig_core.engine.outgoing import OutgoingMigration
 from mig_core.errors import QMPError
+from mig_core.ext import replication
 from mig_core.ext.transport import Listener, Transport, TransportContext, TransportRegistry
 from mig_core.host import features as host_features
 from mig_core.machine.machine import Machine
@@ -145,7 +147,7 @@ class MigrationManager:
         return False
 
     def replication_available(self) -> bool:
-        return "colo" in self.registry.names("mig_core.replication")
+        return "colo" in self.registry.names(replication.GROUP)
 
     def per_vcpu_dirty_hint(self) -> str:
         return self.machine.attribution_hint
@@ -231,25 +233,22 @@ class MigrationManager:
             info.status = outgoing
             out = self.outgoing
             if out is not None and outgoing not in (S.SETUP, S.FAILED, S.CANCELLED, S.WAIT_UNPLUG, S.COLO):
-                c = out.counters
-                c.tick()
-                info.setup_time = c.setup_ms or 0
-                info.total_time = c.total_time()
-                if outgoing is S.COMPLETED:
-                    info.downtime = c.downtime_ms or 0
-                else:
-                    info.expected_downtime = c.expected_downtime or self.params["downtime-limit"]
-                info.ram = c.to_stats()
-                if out.caps[C.XBZRLE]:
-                    info.xbzrle_cache = out.xbzrle_stats()
-                compression = out.compression_stats()
-                if compression is not None:
-                    info.compression = compression
-                if self.machine.vcpus.throttle_pct:
-                    info.cpu_throttle_percentage = self.machine.vcpus.throttle_pct
-                if out.caps[C.DIRTY_LIMIT] and out.convergence.dirty_limit_applied is not None:
-                    info.dirty_limit_throttle_time_per_round = self.dirty_limiter.throttle_time_per_round_us()
-                    info.dirty_limit_ring_full_time = self.dirty_limiter.ring_full_time_us()
+                s = out.stats()
+                info.setup_time, info.total_time, info.ram = s.setup_time, s.total_time, s.ram
+                if s.downtime is not None:
+                    info.downtime = s.downtime
+                if s.expected_downtime is not None:
+                    info.expected_downtime = s.expected_downtime
+                if s.xbzrle_cache is not None:
+                    info.xbzrle_cache = s.xbzrle_cache
+                if s.compression is not None:
+                    info.compression = s.compression
+                if s.cpu_throttle_percentage:
+                    info.cpu_throttle_percentage = s.cpu_throttle_percentage
+                if s.dirty_limit_throttle_time_per_round is not None:
+                    info.dirty_limit_throttle_time_per_round = s.dirty_limit_throttle_time_per_round
+                if s.dirty_limit_ring_full_time is not None:
+                    info.dirty_limit_ring_full_time = s.dirty_limit_ring_full_time
         if self.error_desc and info.status is not UNSET:
             info.error_desc = self.error_desc
         return info
@@ -265,8 +264,20 @@ class MigrationManager:
             self.events.emit("MIGRATION_PASS", MigrationPassEventData(pass_=number))
         self.hooks.pass_completed(self.migration_id, number, dirty_bytes)
 
-    def caps_by_name(self, name: str) -> bool:
-        return self.caps[C(name)]
+    def engine_context(self, side: Side) -> EngineContext:
+        """The engine's whole view of this manager for one migration (see ``mig_core.engine.context``)."""
+        if side is Side.SOURCE:
+            caps = dict(self.caps)  # fixed for the migration: set-capabilities is refused while it runs
+            return EngineContext(
+                machine=self.machine, status=self.source, migration_id=self.migration_id,
+                capabilities=lambda: caps, parameters=lambda: self.params, set_error=self.set_error,
+                hooks=self.hooks, registry=self.registry, global_state=self.global_state,
+                pass_completed=self.migration_pass, dirty_limiter=self.dirty_limiter)
+        return EngineContext(
+            machine=self.machine, status=self.destination, migration_id=self.migration_id,
+            capabilities=lambda: self.caps, parameters=lambda: self.params, set_error=self.set_error,
+            hooks=self.hooks, registry=self.registry, global_state=self.global_state,
+            listener_closed=self._incoming_listener_closed, incoming_failed=self._incoming_failed)
 
     # -- QMP: migrate --------------------------------------------------------------------
 
@@ -342,7 +353,7 @@ class MigrationManager:
             transport.check_address(addr, incoming=False)
             self.new_migration_id()
             self.error_desc = None
-            out = OutgoingMigration(self, transport, addr)
+            out = OutgoingMigration(self.engine_context(Side.SOURCE), transport, addr)
             self.outgoing = out
             self.cancel_outgoing = out.cancel
             self.source.cas(self.source.state, S.SETUP)
@@ -415,7 +426,7 @@ class MigrationManager:
             self.new_migration_id()
             self.error_desc = None
             self.destination.cas(S.NONE, S.SETUP)
-            self.incoming = IncomingMigration(self, listener, exit_on_error)
+            self.incoming = IncomingMigration(self.engine_context(Side.DESTINATION), listener, exit_on_error)
             self.incoming.start()
 
     # -- QMP: dirty rate, dirty limit, threads ------------------------------------------
@@ -454,10 +465,10 @@ class MigrationManager:
         return [MigrationThreadInfo(name=t.name, thread_id=t.native_id) for t in candidates
                 if t.is_alive() and t.native_id is not None]
 
-    def incoming_listener_closed(self) -> None:
+    def _incoming_listener_closed(self) -> None:
         self._listener = None
 
-    def incoming_failed(self, error: str, exit_on_error: bool) -> None:
+    def _incoming_failed(self, error: str, exit_on_error: bool) -> None:
         cb = self.on_incoming_failed
         if cb is not None:
             cb(error, exit_on_error)

@@ -12,7 +12,7 @@ vCPU to ``vcpu-dirty-limit`` MB/s.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -28,7 +28,7 @@ PERIOD_S = 1.0
 class ConvergenceTrigger:
     """QEMU's period accounting and step rule; ``mode`` is ``auto-converge``, ``dirty-limit`` or None."""
 
-    def __init__(self, mode: str | None, params: Callable[[], dict[str, Any]], vcpus: VcpuController,
+    def __init__(self, mode: str | None, params: Callable[[], Mapping[str, Any]], vcpus: VcpuController,
                  limiter: DirtyLimiter | None) -> None:
         self.mode = mode
         self.params = params

@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING
 import structlog
 
 from mig_core.engine.announce import start_announce
+from mig_core.engine.context import EngineContext
 from mig_core.engine.multifd_recv import MultifdReceiver
+from mig_core.engine.return_path import DestinationReturnPath, Loaded, Pong, Shut
 from mig_core.errors import MigError
+from mig_core.ext import compressor
 from mig_core.ext.channel import Channel, ChannelAborted, ChannelEOF, ChannelError
-from mig_core.ext.compressor import load_compressor
 from mig_core.machine.device import DeviceSection
 from mig_core.memory.zeropage import nonzero_pages
 from mig_core.schema.common import RunState
@@ -31,10 +33,8 @@ from mig_core.stream.mapped_ram import MappedRamLayout
 from mig_core.stream.multifd import MULTIFD_MAGIC, MultifdError, read_init
 from mig_core.stream.placement import CopyPlacer
 from mig_core.stream.reader import CommandReceived, DevicePart, End, PassEnd, StreamError, StreamReader
-from mig_core.stream.writer import StreamWriter
 
 if TYPE_CHECKING:
-    from mig_core.control.manager import MigrationManager
     from mig_core.ext.transport import Listener
 
 log = structlog.get_logger("mig.incoming")
@@ -45,15 +45,16 @@ _NIL_UUID = str(uuid_mod.UUID(int=0))
 class IncomingMigration:
     """One incoming migration, loaded in a thread named ``mig/dst/main``."""
 
-    def __init__(self, manager: MigrationManager, listener: Listener, exit_on_error: bool) -> None:
-        self.m = manager
-        self.machine = manager.machine
+    def __init__(self, ctx: EngineContext, listener: Listener, exit_on_error: bool) -> None:
+        self.ctx = ctx
+        self.status = ctx.status
+        self.machine = ctx.machine
         self.listener = listener
         self.exit_on_error = exit_on_error
         self.channel: Channel | None = None
         self._extra: dict[int, Channel] = {}
         self.multifd: MultifdReceiver | None = None
-        self.return_path = False
+        self.return_path: DestinationReturnPath | None = None
         self.announce: threading.Thread | None = None
         self.thread = threading.Thread(target=self._run, name="mig/dst/main", daemon=True)
 
@@ -76,18 +77,18 @@ class IncomingMigration:
             ch.abort("incoming migration stopped")
 
     def _run(self) -> None:
-        m = self.m
+        ctx = self.ctx
         try:
             # pages this host holds before loading (those the source does not send are dropped at the end);
             # read now, while waiting, not on the loading path
             self._held = {b.name: b.populated_pages() for b in self.machine.blocks}
             self._connect()
             self.listener.close()
-            m.incoming_listener_closed()
-            m.destination.cas(S.SETUP, S.ACTIVE)
+            ctx.listener_closed()
+            self.status.cas(S.SETUP, S.ACTIVE)
             self._load()
         except (MigError, OSError) as e:  # a bad stream, a lost channel, state this host cannot take
-            if isinstance(e, ChannelAborted) and m.destination.state is S.SETUP:
+            if isinstance(e, ChannelAborted) and self.status.state is S.SETUP:
                 log.info("incoming_abandoned")
                 return
             self._fail(f"load of migration failed: {e}")
@@ -111,14 +112,14 @@ class IncomingMigration:
         stream's header and CONFIG are read as soon as it is there, so a source whose multifd
         settings differ is refused before this host waits for channels that never come.
         """
-        m = self.m
-        multifd = m.caps[C.MULTIFD]
-        want = m.params["multifd-channels"] if multifd else 0
+        caps = self.ctx.capabilities()
+        multifd = caps[C.MULTIFD]
+        want = self.ctx.parameter("multifd-channels") if multifd else 0
         self.placer = CopyPlacer(self.machine.blocks)
         uuids: dict[int, str] = {}
         while self.channel is None or len(self._extra) < want:
             ch = self.listener.accept()
-            if not multifd or m.caps[C.MAPPED_RAM]:  # a file: one stream, read by extra descriptors later
+            if not multifd or caps[C.MAPPED_RAM]:  # a file: one stream, read by extra descriptors later
                 self.channel = ch
                 self.reader = StreamReader(ch, self.machine.blocks, self.placer)
                 self.reader.read_header()
@@ -147,19 +148,19 @@ class IncomingMigration:
             if uuid != self.reader.source_uuid:
                 raise MultifdError(f"failed to receive packet via multifd channel {cid}: multifd: received uuid "
                                    f"'{uuid}' and expected uuid '{self.reader.source_uuid}' for channel {cid}")
-        if multifd and not m.caps[C.MAPPED_RAM]:
-            name = str(m.params["multifd-compression"])
+        if multifd and not caps[C.MAPPED_RAM]:
+            name = str(self.ctx.parameter("multifd-compression"))
             factory = None
             if name != "none":
                 page_size = min((b.page_size for b in self.machine.blocks), default=4096)
-                factory = load_compressor(m.registry, name, page_size).decoder
+                factory = compressor.load(self.ctx.registry, name, page_size).decoder
             main = self.channel
             self.multifd = MultifdReceiver([self._extra[i] for i in range(want)], self.reader.source_blocks,
                                            self.placer, factory, lambda msg: main.abort(msg))
             self.multifd.start()
 
     def _load(self) -> None:
-        m, machine = self.m, self.machine
+        machine = self.machine
         assert self.channel is not None
         placer, reader = self.placer, self.reader
         for dev in machine.devices:
@@ -190,23 +191,23 @@ class IncomingMigration:
         states.apply()
         self._drop_unsent(placer)
         self._start_machine()
-        if self.return_path:
-            StreamWriter(self.channel, []).write_command(Command.RP_LOADED, 0)
-        m.destination.cas(S.ACTIVE, S.COMPLETED)
+        if self.return_path is not None:
+            self.return_path.send(Loaded())
+        self.status.cas(S.ACTIVE, S.COMPLETED)
         log.info("incoming_completed", runstate=machine.run.state.value)
-        self.announce = start_announce(m.hooks, dict(m.params))
+        self.announce = start_announce(self.ctx.hooks, dict(self.ctx.parameters()))
 
     def _load_mapped_ram(self, layout: MappedRamLayout) -> None:
         """Read the RAM regions of a mapped-ram file (multifd: multifd-channels descriptors in parallel)."""
-        m, main = self.m, self.channel
+        main, caps = self.channel, self.ctx.capabilities()
         assert main is not None
-        if not m.caps[C.MAPPED_RAM]:
+        if not caps[C.MAPPED_RAM]:
             raise StreamError("the stream has a MAPPED_RAM section, but capability mapped-ram is off")
         readers: list[Channel] = [main]
         try:
-            if m.caps[C.MULTIFD]:
-                direct_io = bool(m.params["direct-io"])
-                readers += [self.listener.open_extra(direct_io) for _ in range(m.params["multifd-channels"])]
+            if caps[C.MULTIFD]:
+                direct_io = bool(self.ctx.parameter("direct-io"))
+                readers += [self.listener.open_extra(direct_io) for _ in range(self.ctx.parameter("multifd-channels"))]
                 if direct_io:
                     readers = readers[1:]  # only the aligned page I/O goes through O_DIRECT descriptors
             pages = mapped_ram.load(main, readers, layout, self.reader.source_blocks, main.size(),
@@ -237,18 +238,20 @@ class IncomingMigration:
 
     def _command(self, item: CommandReceived, source_uuid: str) -> None:
         if item.command is Command.OPEN_RETURN_PATH:
-            self.return_path = True
+            if self.return_path is None and self.channel is not None:
+                self.return_path = DestinationReturnPath(self.channel)
         elif item.command is Command.CONFIG:
             cfg = item.argument if isinstance(item.argument, dict) else {}
-            for cap in ("mapped-ram", "x-ignore-shared", "multifd"):
-                mine = self.m.caps_by_name(cap)
-                theirs = bool(cfg.get(cap, False))
+            caps = self.ctx.capabilities()
+            for cap in (C.MAPPED_RAM, C.X_IGNORE_SHARED, C.MULTIFD):
+                mine = caps[cap]
+                theirs = bool(cfg.get(cap.value, False))
                 if mine != theirs:
                     raise StreamError(f"Capability {cap} is {'on' if mine else 'off'}, but received capability "
                                       f"is {'on' if theirs else 'off'}")
             mfd = cfg.get("multifd")
-            if isinstance(mfd, dict) and self.m.caps_by_name("multifd") and not self.m.caps_by_name("mapped-ram"):
-                params = self.m.params
+            if isinstance(mfd, dict) and caps[C.MULTIFD] and not caps[C.MAPPED_RAM]:
+                params = self.ctx.parameters()
                 if mfd.get("channels") != params["multifd-channels"]:
                     raise StreamError(f"the source uses {mfd.get('channels')} multifd channels, this host expects "
                                       f"multifd-channels {params['multifd-channels']}")
@@ -262,29 +265,31 @@ class IncomingMigration:
                 elif local != source_uuid:
                     raise StreamError(f"UUID received is {source_uuid} and local is {local}")
         elif item.command is Command.PING:
-            if self.return_path and self.channel is not None:
-                StreamWriter(self.channel, []).write_command(Command.RP_PONG, item.argument)
+            if self.return_path is not None:
+                token = item.argument
+                if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                    raise StreamError(f"PING needs a non-negative integer token, got {token!r}")
+                self.return_path.send(Pong(token))
 
     def _start_machine(self) -> None:
         """QEMU's rule: run if the source ran and we may autostart; -S: paused; else adopt the source's state."""
         run = self.machine.run
-        source_state = self.m.global_state.received_runstate
-        self.m.hooks.switchover(self.m.migration_id, self.m.destination.side)
+        source_state = self.ctx.global_state.received_runstate
+        self.ctx.hooks.switchover(self.ctx.migration_id, self.status.side)
         if source_state in (None, RunState.RUNNING, RunState.FINISH_MIGRATE):
             run.set(RunState.RUNNING if run.autostart else RunState.PAUSED)
         else:
             run.set(source_state)
 
     def _fail(self, error: str) -> None:
-        m = self.m
-        m.set_error(error)
-        state = m.destination.state
+        self.ctx.set_error(error)
+        state = self.status.state
         if state in (S.SETUP, S.ACTIVE):
-            m.destination.cas(state, S.FAILED)
-        if self.return_path and self.channel is not None:
+            self.status.cas(state, S.FAILED)
+        if self.return_path is not None:
             try:
-                StreamWriter(self.channel, []).write_command(Command.RP_SHUT, 1)
+                self.return_path.send(Shut(1))
             except ChannelError:
                 pass
         log.error("incoming_failed", error=error)
-        m.incoming_failed(error, self.exit_on_error)
+        self.ctx.incoming_failed(error, self.exit_on_error)

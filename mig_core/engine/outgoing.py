@@ -12,38 +12,36 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import structlog
 
+from mig_core.engine.context import EngineContext
 from mig_core.engine.convergence import ConvergenceTrigger
 from mig_core.engine.multifd_send import MultifdSender
-from mig_core.engine.stats import MigrationCounters, RateLimiter, now_ms
+from mig_core.engine.return_path import SourceReturnPath
+from mig_core.engine.stats import MigrationCounters, PassRecord, RateLimiter, SourceStats, now_ms
 from mig_core.engine.write_behind import WriteBehind
 from mig_core.engine.xbzrle_send import XbzrleSender
 from mig_core.errors import MigrationFailed, QMPError
+from mig_core.ext import compressor
 from mig_core.ext.channel import Channel, ChannelAborted, ChannelError
-from mig_core.ext.compressor import load_compressor
 from mig_core.ext.dirty_tracker import DirtyConsumer
 from mig_core.machine.device import DeviceStateError
 from mig_core.machine.vcpu import VcpuStopTimeout
 from mig_core.memory.ram import RAMBlock
 from mig_core.memory.zeropage import zero_mask
 from mig_core.schema.common import RunState
-from mig_core.schema.migration import CompressionStats, XBZRLECacheStats
 from mig_core.schema.migration import MigrationCapability as C
 from mig_core.schema.migration import MigrationStatus as S
 from mig_core.stream import mapped_ram
 from mig_core.stream.format import Command
 from mig_core.stream.mapped_ram import MappedRamWriter
-from mig_core.stream.placement import CopyPlacer
-from mig_core.stream.reader import CommandReceived, StreamError, StreamReader
+from mig_core.stream.reader import StreamError
 from mig_core.stream.writer import StreamWriter
 
 if TYPE_CHECKING:
-    from mig_core.control.manager import MigrationManager
     from mig_core.ext.transport import Transport
     from mig_core.schema.migration import MigrationAddress
 
@@ -51,6 +49,8 @@ log = structlog.get_logger("mig.outgoing")
 
 #: Pages handed to one write (4 MiB of 4 KiB pages): small enough for prompt cancel and rate limiting.
 BATCH_PAGES = 1024
+#: The most a device's save_iterate is asked for at once (one DEVICE_PART section).
+DEVICE_CHUNK = 1 << 20
 
 
 def _union(a: np.ndarray, b: np.ndarray, npages: int) -> np.ndarray:
@@ -65,58 +65,60 @@ class Cancelled(Exception):
     """migrate_cancel was called."""
 
 
-@dataclass
-class _Confirmation:
-    event: threading.Event
-    code: int | None = None
-    error: str | None = None
-
-
 class OutgoingMigration:
     """One outgoing migration; ``start()`` runs it in a thread named ``live_migration``."""
 
-    def __init__(self, manager: MigrationManager, transport: Transport, addr: MigrationAddress) -> None:
-        self.m = manager
-        self.machine = manager.machine
+    def __init__(self, ctx: EngineContext, transport: Transport, addr: MigrationAddress) -> None:
+        self.ctx = ctx
+        self.status = ctx.status
+        self.machine = ctx.machine
         self.transport = transport
         self.addr = addr
-        self.caps = dict(manager.caps)
+        self.caps = dict(ctx.capabilities())
+        params = ctx.parameters
         self.counters = MigrationCounters(page_size=min((b.page_size for b in self.machine.blocks), default=4096))
         self.counters.total = self.machine.ram_size
         self.channel: Channel | None = None
         self.cancel_requested = threading.Event()
         self.continue_event = threading.Event()
-        self.limiter = RateLimiter(manager.params["max-bandwidth"])
+        self.limiter = RateLimiter(params()["max-bandwidth"])
         self.thread = threading.Thread(target=self._run, name="live_migration", daemon=True)
-        self._confirm = _Confirmation(threading.Event())
-        self._rp_thread: threading.Thread | None = None
+        self.return_path: SourceReturnPath | None = None
         self._consumer: DirtyConsumer | None = None
         #: pages the destination may hold non-zero (so a page that becomes zero must be sent as zero)
         self._sent_nonzero = {b.name: np.zeros(b.npages, dtype=bool) for b in self.machine.blocks}
         self._runstate_before: RunState | None = None
         self._dirty_pass_bandwidth = 0.0
         self._dirty_pass_measured = False  # a pass of more than 1 MiB gave _dirty_pass_bandwidth
-        self._rtt_ms = 0.0
-        self._ping_sent = 0.0
         self._sync_ms = 0.0
+        self._device_pending = 0
         mode = ("auto-converge" if self.caps[C.AUTO_CONVERGE]
                 else "dirty-limit" if self.caps[C.DIRTY_LIMIT] else None)
-        self.convergence = ConvergenceTrigger(mode, lambda: manager.params, self.machine.vcpus,
-                                              manager.dirty_limiter)
+        self.convergence = ConvergenceTrigger(mode, params, self.machine.vcpus, ctx.dirty_limiter)
         self._block_index = {b.name: i for i, b in enumerate(self.machine.blocks)}
-        self.xbzrle = XbzrleSender(manager.params["xbzrle-cache-size"], self.counters.page_size,
+        self.xbzrle = XbzrleSender(params()["xbzrle-cache-size"], self.counters.page_size,
                                    [b.npages for b in self.machine.blocks])
-        self._pong = threading.Condition()
-        self._pong_seen = -1
         self._accounted = 0
         self.multifd: MultifdSender | None = None
         self.mapped: MappedRamWriter | None = None
         self._out: WriteBehind | None = None
         self._pinned: list[RAMBlock] = []
-        zdp = manager.params["zero-page-detection"].value
+        zdp = params()["zero-page-detection"].value
         # where zero pages are found: here, per batch (legacy, or multifd without multifd); in
         # MultifdSender.send, still on this thread but while the channels write (multifd); or nowhere
         self._main_thread_zero = zdp == "legacy" or (zdp == "multifd" and not self.caps[C.MULTIFD])
+
+    @property
+    def _ch(self) -> Channel:
+        """The main channel (connected in setup; the sending methods run only after)."""
+        assert self.channel is not None
+        return self.channel
+
+    @property
+    def _dirty(self) -> DirtyConsumer:
+        """This migration's dirty-tracking consumer (made in setup; the sending methods run only after)."""
+        assert self._consumer is not None
+        return self._consumer
 
     # -- control from other threads ---------------------------------------------------
 
@@ -128,7 +130,8 @@ class OutgoingMigration:
         """Unblock whatever the migration thread waits on; it then ends as cancelled."""
         self.cancel_requested.set()
         self.continue_event.set()
-        self._confirm.event.set()
+        if self.return_path is not None:
+            self.return_path.wake()
         if self.channel is not None:
             self.channel.abort("migration cancelled")
         if self.multifd is not None:
@@ -139,15 +142,14 @@ class OutgoingMigration:
             raise Cancelled()
         if self.multifd is not None and self.multifd.error is not None:
             raise MigrationFailed(self.multifd.error)
-        conf = self._confirm
-        if conf.event.is_set() and (conf.error is not None or conf.code):
-            # the destination gave up (or its return path broke) before the end: stop sending
-            raise MigrationFailed(conf.error or f"Sibling indicated error {conf.code}")
+        failure = self.return_path.failure() if self.return_path is not None else None
+        if failure is not None:  # the destination gave up (or its return path broke) before the end
+            raise MigrationFailed(failure)
 
     # -- the migration thread ------------------------------------------------------------
 
     def _run(self) -> None:
-        status = self.m.source
+        status = self.status
         error: str | None = None
         failed = False
         try:
@@ -182,7 +184,7 @@ class OutgoingMigration:
         c.end_ms = now_ms()
         if self._runstate_before is not None and self.machine.run.state is RunState.FINISH_MIGRATE:
             self.machine.run.set(self._runstate_before)
-        status = self.m.source
+        status = self.status
         state = status.state
         if state is S.CANCELLING or error is None:
             if state is not S.CANCELLING:
@@ -190,7 +192,7 @@ class OutgoingMigration:
             status.cas(S.CANCELLING, S.CANCELLED)
             log.info("migration_cancelled")
         else:
-            self.m.set_error(error)
+            self.ctx.set_error(error)
             status.cas(state, S.FAILED)
             log.error("migration_failed", error=error)
 
@@ -211,13 +213,13 @@ class OutgoingMigration:
         if self.multifd is not None:
             self.multifd.abort("migration ended")
             self.multifd.close()
-        if self._rp_thread is not None:
-            self._rp_thread.join(5)
+        if self.return_path is not None:
+            self.return_path.join(5)
 
     # -- setup -------------------------------------------------------------------------
 
     def _setup(self) -> None:
-        m, c = self.m, self.counters
+        c = self.counters
         if self.channel is None:  # transports that connect synchronously did it in migrate
             self.channel = self.transport.connect(self.addr, self.cancel_requested.is_set)
         self._check_cancel()
@@ -232,16 +234,15 @@ class OutgoingMigration:
             "validate-uuid": self.caps[C.VALIDATE_UUID],
             "mapped-ram": self.caps[C.MAPPED_RAM],
             "x-ignore-shared": self.caps[C.X_IGNORE_SHARED],
-            "multifd": ({"channels": self.m.params["multifd-channels"],
-                         "compression": str(self.m.params["multifd-compression"])}
+            "multifd": ({"channels": self.ctx.parameter("multifd-channels"),
+                         "compression": str(self.ctx.parameter("multifd-compression"))}
                         if self.caps[C.MULTIFD] else None),
         })
         if self.caps[C.RETURN_PATH]:
             self.writer.write_command(Command.OPEN_RETURN_PATH)
-            self._rp_thread = threading.Thread(target=self._return_path, name="mig/src/rp_thr", daemon=True)
-            self._rp_thread.start()
-            self._ping_sent = time.monotonic()
-            self.writer.write_command(Command.PING, 0)  # its round trip (measured by the RP thread) feeds estimates
+            writer = self.writer
+            self.return_path = SourceReturnPath(self.channel, lambda token: writer.write_command(Command.PING, token))
+            self.return_path.start()  # its first PING's round trip feeds the downtime estimate
         if self.caps[C.MAPPED_RAM]:
             layout, section = mapped_ram.plan(self.machine.blocks, self.channel.tell())
             self.channel.send(section)
@@ -253,13 +254,14 @@ class OutgoingMigration:
             dev.save_setup()
         self._consumer = self.machine.tracker().consumer("migration", sends=True)
         self.pending = self._sync()
+        self._device_pending = self._devices_pending()
         if self.caps[C.RDMA_PIN_ALL] and self.addr.tag.value == "rdma":
             self._pin_all()
         # never-populated pages are zero pages that cost nothing: counted as QEMU counts zero pages
         c.duplicate += sum(b.npages - len(self.pending[b.name]) for b in self.machine.blocks)
         c.setup_ms = now_ms() - t0
         self.convergence.start(c.transferred)
-        if not m.source.cas(S.SETUP, S.ACTIVE):
+        if not self.status.cas(S.SETUP, S.ACTIVE):
             self._check_cancel()
             raise MigrationFailed("migration status changed during setup")
 
@@ -276,11 +278,11 @@ class OutgoingMigration:
 
     def _start_multifd(self) -> None:
         """Connect multifd-channels more connections to the same address and start their threads."""
-        params = self.m.params
+        params = self.ctx.parameters()
         name = str(params["multifd-compression"])
         factory = None
         if name != "none":
-            comp = load_compressor(self.m.registry, name, self.counters.page_size)
+            comp = compressor.load(self.ctx.registry, name, self.counters.page_size)
             level = params[comp.level_parameter] if comp.level_parameter else 1
             log.info("multifd_compression_level", method=name, level=level)
             factory = lambda: comp.encoder(level)  # noqa: E731 - one encoder per channel thread
@@ -318,7 +320,7 @@ class OutgoingMigration:
 
     def _account(self, pages: int, running: bool) -> None:
         """Count what the channel sent since the last call (page data, headers, commands alike)."""
-        sent = self.channel.bytes_sent  # type: ignore[union-attr]
+        sent = self._ch.bytes_sent
         self.counters.sent(sent - self._accounted, pages, running)
         self._accounted = sent
 
@@ -332,7 +334,7 @@ class OutgoingMigration:
         self.counters.synced(report.total)
         if self.counters.dirty_sync_count > 1:
             self.convergence.on_sync(report.total, self.counters.transferred, self.counters.page_size)
-        self.m.migration_pass(self.counters.dirty_sync_count, report.total * self.counters.page_size)
+        self.ctx.pass_completed(self.counters.dirty_sync_count, report.total * self.counters.page_size)
         return report.pages
 
     # -- passes ---------------------------------------------------------------------------
@@ -342,16 +344,9 @@ class OutgoingMigration:
 
         Returns the milliseconds it took (0 without a return path).
         """
-        if self._rp_thread is None:
+        if self.return_path is None:
             return 0.0
-        t0 = time.monotonic()
-        self.writer.write_command(Command.PING, token)
-        with self._pong:
-            while self._pong_seen < token and not self._confirm.event.is_set():
-                self._check_cancel()
-                self._pong.wait(0.1)
-        self._check_cancel()
-        return (time.monotonic() - t0) * 1000
+        return self.return_path.ping(token, self._check_cancel)
 
     def _switchover_bandwidth(self) -> float:
         """Bytes per ms the rest will go at: avail-switchover-bandwidth, else what the last dirty pass achieved.
@@ -363,7 +358,7 @@ class OutgoingMigration:
         low, which keeps the promise safe, and a guest that dirties a page or two per pass still
         converges after the second pass instead of waiting for a pass that finds nothing dirty.
         """
-        avail = self.m.params["avail-switchover-bandwidth"]
+        avail = self.ctx.parameter("avail-switchover-bandwidth")
         return avail / 1000 if avail else self._dirty_pass_bandwidth
 
     def _iterate(self) -> None:
@@ -371,41 +366,83 @@ class OutgoingMigration:
         while True:
             sent_before, t0 = self.counters.transferred, time.monotonic()
             self._send_all(self.pending, running=True)
+            device_bytes, device_ms = self._iterate_devices()
             self._end_pass(running=True)
             # with a return path, a pass ends when the destination has loaded it: the rate measured is
             # then what the destination achieves, and no backlog is left in socket buffers at switchover
             self._ping(self.counters.dirty_sync_count)
             sent = self.counters.transferred - sent_before
             elapsed_ms = (time.monotonic() - t0) * 1000
+            self.counters.passes.append(PassRecord(self.counters.dirty_sync_count, sent, device_bytes,
+                                                   round(device_ms, 3), round(elapsed_ms, 3)))
+            log.debug("pass_sent", number=self.counters.dirty_sync_count, bytes=sent, device_bytes=device_bytes,
+                      device_iterate_ms=round(device_ms, 3), ms=round(elapsed_ms, 3))
             self.pending = self._sync()
+            self._device_pending = self._devices_pending()
             if first and self.caps[C.XBZRLE]:
                 # after the first complete pass, pages sent again are encoded against what was sent before
-                self.xbzrle.start(self.m.params["xbzrle-cache-size"])
+                self.xbzrle.start(self.ctx.parameter("xbzrle-cache-size"))
             if self.xbzrle.active:
                 self.xbzrle.period()
             if not first and sent and elapsed_ms > 0 and (sent > (1 << 20) or not self._dirty_pass_measured):
                 self._dirty_pass_bandwidth = sent / elapsed_ms
                 self._dirty_pass_measured = sent > (1 << 20)
             first = False
-            remaining = sum(len(p) * b.page_size for b, p in self._pending_blocks())
+            # still-dirty RAM and the devices' pending state (both halves: without postcopy all must go now)
+            remaining = sum(len(p) * b.page_size for b, p in self._pending_blocks()) + self._device_pending
             bandwidth = self._switchover_bandwidth()
             # what a switchover costs besides sending: stopping, the last sync, the destination's answer
-            fixed_ms = self._sync_ms + self._rtt_ms + 1.0
+            rtt_ms = self.return_path.rtt_ms if self.return_path is not None else 0.0
+            fixed_ms = self._sync_ms + rtt_ms + 1.0
             if bandwidth:
                 self.counters.expected_downtime = int(remaining / bandwidth + fixed_ms)
-            if remaining == 0 or remaining <= bandwidth * max(0.0, self.m.params["downtime-limit"] - fixed_ms):
+            if remaining == 0 or remaining <= bandwidth * max(0.0, self.ctx.parameter("downtime-limit") - fixed_ms):
                 return
             self._check_cancel()
 
     def _pending_blocks(self) -> list[tuple[RAMBlock, np.ndarray]]:
         return [(b, self.pending[b.name]) for b in self.machine.blocks]
 
+    # -- devices with iterative state ------------------------------------------------------
+
+    def _devices_pending(self) -> int:
+        """Bytes of device state still to be sent (must-precopy and can-postcopy: precopy sends both)."""
+        return sum(dev.state_pending().total for dev in self.machine.devices)
+
+    def _iterate_devices(self) -> tuple[int, float]:
+        """One pass of iterative device state: each device with pending bytes is asked for chunks until it
+        has nothing more or has sent what it reported pending at the pass's start. Returns (bytes, ms)."""
+        sent = 0
+        t0 = time.monotonic()
+        for dev in self.machine.devices:
+            budget = dev.state_pending().total
+            given = 0
+            while given < budget:
+                self._check_cancel()
+                chunk = dev.save_iterate(min(DEVICE_CHUNK, budget - given))
+                if chunk is None:
+                    break
+                if not isinstance(chunk, bytes | bytearray | memoryview):
+                    raise DeviceStateError(f"device '{dev.id}' instance {dev.instance}: save_iterate returned "
+                                           f"{type(chunk).__name__}, not bytes")
+                if len(chunk) == 0:
+                    break
+                self.writer.write_device_part(dev.id, dev.instance, dev.version, bytes(chunk))
+                given += len(chunk)
+                before = self._accounted
+                self._account(0, running=True)
+                delay = self.limiter.wait_time(self._accounted - before)
+                if delay:
+                    self.cancel_requested.wait(delay)
+            sent += given
+        return sent, (time.monotonic() - t0) * 1000
+
     def _send_all(self, pages: dict[str, np.ndarray], running: bool) -> None:
         for b in self.machine.blocks:
             idx = pages[b.name]
             for i in range(0, len(idx), BATCH_PAGES):
                 self._check_cancel()
-                self.limiter.set_limit(self.m.params["max-bandwidth"] if running else 0)
+                self.limiter.set_limit(self.ctx.parameter("max-bandwidth") if running else 0)
                 self._send_batch(b, idx[i:i + BATCH_PAGES], running)
                 self.counters.remaining = max(0, self.counters.remaining - min(BATCH_PAGES, len(idx) - i) *
                                               b.page_size)
@@ -427,7 +464,7 @@ class OutgoingMigration:
                     self.writer.write_zero_pages(b, stale)
                     self._sent_nonzero[b.name][stale] = False
                     self._account(len(stale), running)
-                    self._consumer.sent(b, stale, np.zeros((len(stale), b.page_size), dtype=np.uint8))  # type: ignore[union-attr]
+                    self._dirty.sent(b, stale, np.zeros((len(stale), b.page_size), dtype=np.uint8))
         if not len(pages):
             return
         if self.multifd is not None:
@@ -437,11 +474,11 @@ class OutgoingMigration:
             self._send_xbzrle(b, pages, running)
             return
         data = None
-        if self._consumer.wants_copies:  # type: ignore[union-attr]
+        if self._dirty.wants_copies:
             data = b.pages[pages]  # the copy that is both sent and recorded
-            self._consumer.sent(b, pages, data)  # type: ignore[union-attr]
+            self._dirty.sent(b, pages, data)
         if self.mapped is not None:
-            nbytes = self.mapped.write(self.channel, b, pages, data)  # type: ignore[arg-type]
+            nbytes = self.mapped.write(self._ch, b, pages, data)
         else:
             nbytes = self.writer.write_pages(b, pages, data)
         self._sent_nonzero[b.name][pages] = True
@@ -453,9 +490,9 @@ class OutgoingMigration:
 
     def _send_multifd(self, b: RAMBlock, pages: np.ndarray, running: bool) -> None:
         data = None
-        if self._consumer.wants_copies:  # type: ignore[union-attr]
+        if self._dirty.wants_copies:
             data = b.pages[pages]  # the copy that is both sent and recorded
-            self._consumer.sent(b, pages, data)  # type: ignore[union-attr]
+            self._dirty.sent(b, pages, data)
         self._sent_nonzero[b.name][pages] = True
         assert self.multifd is not None
         self.multifd.send(self._block_index[b.name], b, pages, data, self.counters.dirty_sync_count,
@@ -468,7 +505,7 @@ class OutgoingMigration:
     # -- xbzrle -------------------------------------------------------------------------
 
     def _send_xbzrle(self, b: RAMBlock, pages: np.ndarray, running: bool) -> None:
-        self.xbzrle.resize_if_changed(self.m.params["xbzrle-cache-size"])  # resizable while migrating
+        self.xbzrle.resize_if_changed(self.ctx.parameter("xbzrle-cache-size"))  # resizable while migrating
         data = b.pages[pages]  # a snapshot: what is encoded, sent and cached is the same
         plain, encoded, enc_idx = self.xbzrle.encode(self._block_index[b.name], pages, data,
                                                      self.counters.dirty_sync_count, running)
@@ -479,7 +516,7 @@ class OutgoingMigration:
         if encoded:
             self.writer.write_xbzrle_pages(b, pages[np.array(enc_idx)], encoded)
         self._sent_nonzero[b.name][pages] = True
-        self._consumer.sent(b, pages, data)  # type: ignore[union-attr]
+        self._dirty.sent(b, pages, data)
         before = self._accounted
         self._account(len(plain) + len(encoded), running)
         delay = self.limiter.wait_time(self._accounted - before)
@@ -488,22 +525,34 @@ class OutgoingMigration:
 
     def threads(self) -> list[threading.Thread]:
         """The threads of this migration (query-migrationthreads shows those alive)."""
-        out = [self.thread] + ([self._rp_thread] if self._rp_thread is not None else [])
+        out = [self.thread] + ([self.return_path.thread] if self.return_path is not None else [])
         return out + (self.multifd.threads if self.multifd is not None else [])
 
-    def compression_stats(self) -> CompressionStats | None:
-        """multifd compression counters, when a compressor is in use (mig's extension to query-migrate)."""
-        if self.multifd is None or self.multifd.encoder_factory is None:
-            return None
-        return self.multifd.compression.to_stats()
-
-    def xbzrle_stats(self) -> XBZRLECacheStats:
-        return self.xbzrle.stats(self.m.params["xbzrle-cache-size"])
+    def stats(self) -> SourceStats:
+        """What query-migrate shows of this migration now (its RAM, timing, xbzrle, compression, throttling)."""
+        c, state = self.counters, self.status.state
+        c.tick()
+        s = SourceStats(setup_time=c.setup_ms or 0, total_time=c.total_time(), ram=c.to_stats(),
+                        passes=list(c.passes))
+        if state is S.COMPLETED:
+            s.downtime = c.downtime_ms or 0
+        else:
+            s.expected_downtime = c.expected_downtime or self.ctx.parameter("downtime-limit")
+        if self.caps[C.XBZRLE]:
+            s.xbzrle_cache = self.xbzrle.stats(self.ctx.parameter("xbzrle-cache-size"))
+        if self.multifd is not None and self.multifd.encoder_factory is not None:
+            s.compression = self.multifd.compression.to_stats()  # mig's extension to query-migrate
+        s.cpu_throttle_percentage = self.machine.vcpus.throttle_pct
+        limiter = self.ctx.dirty_limiter
+        if self.caps[C.DIRTY_LIMIT] and self.convergence.dirty_limit_applied is not None and limiter is not None:
+            s.dirty_limit_throttle_time_per_round = limiter.throttle_time_per_round_us()
+            s.dirty_limit_ring_full_time = limiter.ring_full_time_us()
+        return s
 
     # -- completion ----------------------------------------------------------------------
 
     def _complete(self) -> None:
-        m, c, run = self.m, self.counters, self.machine.run
+        c, run, status = self.counters, self.machine.run, self.status
         log.info("switchover", expected_downtime_ms=c.expected_downtime, remaining=c.remaining,
                  bandwidth_bytes_per_ms=round(c.bandwidth, 1), passes=c.dirty_sync_count)
         c.downtime_start_ms = now_ms()
@@ -512,16 +561,16 @@ class OutgoingMigration:
         # read before it is what a failure restores if stopping raises (VcpuStopTimeout) and set() with it
         self._runstate_before = run.state
         self._runstate_before = run.set(RunState.FINISH_MIGRATE)
-        self.m.global_state.saved_runstate = self._runstate_before
-        self.m.hooks.switchover(m.migration_id, m.source.side)
+        self.ctx.global_state.saved_runstate = self._runstate_before
+        self.ctx.hooks.switchover(self.ctx.migration_id, status.side)
         if self.caps[C.PAUSE_BEFORE_SWITCHOVER]:
-            if not m.source.cas(S.ACTIVE, S.PRE_SWITCHOVER):
+            if not status.cas(S.ACTIVE, S.PRE_SWITCHOVER):
                 self._check_cancel()
             self.continue_event.wait()
             self._check_cancel()
-            if not m.source.cas(S.PRE_SWITCHOVER, S.DEVICE):
+            if not status.cas(S.PRE_SWITCHOVER, S.DEVICE):
                 self._check_cancel()
-        elif not m.source.cas(S.ACTIVE, S.DEVICE):
+        elif not status.cas(S.ACTIVE, S.DEVICE):
             self._check_cancel()
         self.writer.write_command(Command.SWITCHOVER_START)
         self._account(0, running=True)  # what was written before the machine stopped
@@ -533,57 +582,23 @@ class OutgoingMigration:
         self._send_all(merged, running=False)
         self._end_pass(running=False)
         if self.mapped is not None:
-            self.mapped.write_bitmaps(self.channel)  # type: ignore[arg-type]
+            self.mapped.write_bitmaps(self._ch)
             self._account(0, running=False)
         log.debug("switchover_ram_sent", ms_since_stop=now_ms() - (c.downtime_start_ms or 0))
         for dev in self.machine.devices:
             self.writer.write_device(self.machine.devices.save(dev))
         self.writer.write_end()
         self._flush()
-        self.channel.finish()  # type: ignore[union-attr]
+        self._ch.finish()
         if self.multifd is not None:
             self.multifd.finish()
         self._account(0, running=False)
         log.debug("switchover_sent", ms_since_stop=now_ms() - (c.downtime_start_ms or 0))
-        if self._rp_thread is not None:
-            self._await_destination()
+        if self.return_path is not None:  # complete only once the destination confirms it loaded everything
+            self.return_path.await_end(self._check_cancel)
         c.finish()
-        if not m.source.cas(S.DEVICE, S.COMPLETED):
+        if not status.cas(S.DEVICE, S.COMPLETED):
             self._check_cancel()
         run.set(RunState.POSTMIGRATE)
         log.info("migration_completed", total_ms=c.total_time(), downtime_ms=c.downtime_ms,
                  transferred=c.transferred)
-
-    def _await_destination(self) -> None:
-        """With a return path: complete only once the destination confirms it loaded everything."""
-        conf = self._confirm
-        conf.event.wait()
-        self._check_cancel()
-        if conf.error is not None:
-            raise MigrationFailed(conf.error)
-        if conf.code:
-            raise MigrationFailed(f"Sibling indicated error {conf.code}")
-
-    def _return_path(self) -> None:
-        """Read the destination's messages until it confirms (or the channel ends)."""
-        assert self.channel is not None
-        reader = StreamReader(self.channel, [], CopyPlacer([]))
-        conf = self._confirm
-        try:
-            while True:
-                item = reader.next()
-                if isinstance(item, CommandReceived) and item.command is Command.RP_PONG:
-                    if item.argument == 0:
-                        self._rtt_ms = (time.monotonic() - self._ping_sent) * 1000
-                    with self._pong:
-                        self._pong_seen = max(self._pong_seen, int(item.argument or 0))
-                        self._pong.notify_all()
-                elif isinstance(item, CommandReceived) and item.command in (Command.RP_LOADED, Command.RP_SHUT):
-                    conf.code = int(item.argument or 0)
-                    return
-        except (ChannelError, StreamError) as e:
-            if conf.code is None:
-                conf.error = f"return path: {e}"
-        finally:
-            conf.event.set()
-

@@ -6,7 +6,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from mig_core.schema.migration import MigrationStats
+from mig_core.schema.migration import CompressionStats, MigrationStats, XBZRLECacheStats
 
 #: QEMU's BUFFER_DELAY: the window over which throughput and bandwidth are measured.
 WINDOW_S = 0.1
@@ -14,6 +14,35 @@ WINDOW_S = 0.1
 
 def now_ms() -> int:
     return time.monotonic_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """One precopy pass as the source lived it: what it sent of RAM and of device state, and how long."""
+
+    number: int
+    bytes: int
+    device_bytes: int
+    device_iterate_ms: float
+    ms: float
+
+
+@dataclass
+class SourceStats:
+    """What query-migrate shows of an outgoing migration, read from the engine in one call."""
+
+    setup_time: int
+    total_time: int
+    ram: MigrationStats
+    downtime: int | None = None
+    expected_downtime: int | None = None
+    xbzrle_cache: XBZRLECacheStats | None = None
+    compression: CompressionStats | None = None
+    cpu_throttle_percentage: int = 0
+    dirty_limit_throttle_time_per_round: int | None = None
+    dirty_limit_ring_full_time: int | None = None
+    #: every pass so far (mig's own: not in query-migrate, for embedders and tests)
+    passes: list[PassRecord] = field(default_factory=list)
 
 
 @dataclass
@@ -42,6 +71,7 @@ class MigrationCounters:
     end_ms: int | None = None
     downtime_start_ms: int | None = None
     downtime_ms: int | None = None
+    passes: list[PassRecord] = field(default_factory=list)
     _window_start: float = 0.0
     _window_bytes: int = 0
     _window_pages: int = 0

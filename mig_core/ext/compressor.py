@@ -208,11 +208,12 @@ class PageFramedDecoder(Decoder):
         return b"".join(pages)  # one allocation, raw pages copied once
 
 
-def load_compressor(registry: PluginRegistry, name: str, page_size: int) -> Compressor:
-    """The compressor serving ``name`` for pages of ``page_size``; logs which implementation and which
-    distribution serve it. ``PluginNotFound`` (naming the group and the name) if none can."""
-    comp: Compressor = registry.load(GROUP, name)(page_size=page_size)
-    entry = registry.choice(GROUP, name)
-    log.info("compressor_selected", method=name, implementation=comp.implementation(),
-             distribution=entry.distribution if entry else None)
+def load(registry: PluginRegistry, name: str, page_size: int) -> Compressor:
+    """The compressor serving ``name`` for pages of ``page_size``, ready to make encoders and decoders.
+
+    Logs which class and distribution serve the name (``extension_selected``) and which code path the
+    instance uses (``compressor_ready``: hardware or software). ``PluginNotFound`` naming the group and
+    the name if nothing can serve it."""
+    comp = registry.load_class(GROUP, name, Compressor)(page_size=page_size)
+    log.info("compressor_ready", method=name, implementation=comp.implementation())
     return comp

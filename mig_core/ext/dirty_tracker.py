@@ -164,11 +164,17 @@ class TrackerChoice:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def select_tracker(blocks: Sequence[RAMBlock], registry: PluginRegistry, *, name: str | None = None,
-                   host_marks_writes: bool = False) -> TrackerChoice:
+def load(registry: PluginRegistry, name: str) -> type[DirtyTracker]:
+    """The tracker class serving ``name``; logs its class and distribution. ``PluginNotFound`` naming the
+    group and the name if none does."""
+    return registry.load_class(GROUP, name, DirtyTracker)
+
+
+def select(blocks: Sequence[RAMBlock], registry: PluginRegistry, *, name: str | None = None,
+           host_marks_writes: bool = False) -> TrackerChoice:
     """The named tracker, or the best installed one that works for these blocks here."""
     if name is not None:
-        cls = registry.load(GROUP, name)
+        cls = load(registry, name)
         why = cls.unavailable(blocks, host_marks_writes)
         if why:
             raise ValueError(f"dirty tracker '{name}' cannot be used: {why}")
@@ -177,7 +183,7 @@ def select_tracker(blocks: Sequence[RAMBlock], registry: PluginRegistry, *, name
     candidates = []
     for n in registry.names(GROUP):
         try:
-            candidates.append(registry.load(GROUP, n))
+            candidates.append(load(registry, n))
         except PluginNotFound as e:
             skipped[n] = str(e)
     for cls in sorted(candidates, key=lambda c: (c.preference, c.name)):

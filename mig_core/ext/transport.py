@@ -23,6 +23,21 @@ from mig_core.schema.sockets import SocketAddress
 GROUP = "mig_core.transports"
 
 
+def split_host_port(rest: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` with a numeric port (QEMU's inet_parse errors); ValueError if bad."""
+    if rest.startswith("["):
+        host, sep, port = rest[1:].partition("]:")
+        if not sep or not host:
+            raise ValueError(f"error parsing IPv6 address '{rest}'")
+    else:
+        host, sep, port = rest.rpartition(":")
+        if not sep:
+            raise ValueError(f"error parsing address '{rest}'")
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"error parsing address '{rest}'")
+    return host, int(port)
+
+
 class TransportError(QMPError):
     """An address that cannot be parsed or used, or a connection that failed; QEMU's wording."""
 
@@ -149,10 +164,16 @@ class TransportRegistry:
     def for_address(self, addr: MigrationAddress) -> type[Transport]:
         name = addr.tag.value
         try:
-            return self.registry.load(GROUP, name)
+            return load(self.registry, name)
         except PluginNotFound as e:
             raise TransportError(f"migration transport '{name}' is not available: {e}") from None
 
     def parse(self, uri: str) -> tuple[type[Transport], MigrationAddress]:
         cls = self.for_uri(uri)
         return cls, cls.parse_uri(uri)
+
+
+def load(registry: PluginRegistry, name: str) -> type[Transport]:
+    """The transport class serving address type ``name``; logs its class and distribution.
+    ``PluginNotFound`` naming the group and the name if none does."""
+    return registry.load_class(GROUP, name, Transport)

@@ -1,11 +1,15 @@
-"""Devices: state that migrates beside RAM, with handlers shaped like QEMU's SaveVMHandlers.
+"""Devices: state that migrates beside RAM, with a contract shaped like QEMU's SaveVMHandlers.
 
-A device registers an id, an instance number and a version. Small devices
-implement ``save_state``/``load_state`` (encoded with msgpack). Devices with
-large state also stream it during precopy: ``save_setup``, ``save_iterate``
-(called in the migration thread while the machine runs), ``pending_bytes``,
-then ``save_state`` with the machine stopped. A loader refuses state from a
-newer version than it knows, or older than it still loads.
+A device registers an id, an instance number and a version, and overrides
+what it needs of the callbacks below; each says which thread calls it and
+whether the vCPUs run meanwhile. Small devices implement only
+``save_state``/``load_state`` (encoded with msgpack). A device with large
+state streams it while the program runs: the engine asks ``state_pending()``
+after every dirty sync, calls ``save_iterate`` in every pass while the device
+has pending bytes, counts those bytes in the expected downtime and in the
+switchover decision (like RAM that is still dirty), and calls ``save_state``
+once the vCPUs are stopped. A loader refuses state from a newer version than
+it knows, or older than it still loads.
 
 A device declares the shape of its state in ``state_type`` (a msgspec type: a
 Struct, a TypedDict, ``dict[str, int]`` …); state from the stream is validated
@@ -30,8 +34,24 @@ from mig_core.errors import DeviceStateError
 log = structlog.get_logger("mig.device")
 
 
+@dataclass(frozen=True)
+class PendingState:
+    """A device's state still to be sent, split as QEMU splits it (``state_pending_estimate``).
+
+    ``must_precopy`` bytes have to reach the destination before it may run; ``can_postcopy`` bytes may
+    follow after a switch to postcopy. Without postcopy both count toward the switchover decision.
+    """
+
+    must_precopy: int = 0
+    can_postcopy: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.must_precopy + self.can_postcopy
+
+
 class Device:
-    """Base of a migratable device; override what the device needs. Runs in the migration thread."""
+    """Base of a migratable device; override what the device needs (QEMU's SaveVMHandlers)."""
 
     #: Unique name of the device model or instance (QEMU's idstr).
     id: str = ""
@@ -49,36 +69,67 @@ class Device:
     # -- source ------------------------------------------------------------------
 
     def save_setup(self) -> None:
-        """Before the first pass: prepare to stream (QEMU's save_setup)."""
+        """Before the first pass: prepare to stream (QEMU's save_setup).
+
+        Migration thread; vCPUs running."""
+
+    def state_pending(self) -> PendingState:
+        """How much iterative state is still to be sent (QEMU's state_pending_estimate).
+
+        Migration thread, after each dirty sync; vCPUs running. Counted in expected-downtime and in the
+        switchover decision; a device whose pending bytes never fall keeps the migration from converging,
+        exactly like RAM dirtied faster than it is sent."""
+        return PendingState()
 
     def save_iterate(self, max_bytes: int) -> bytes | None:
-        """While the machine runs: the next chunk of large state, at most ``max_bytes`` (None: nothing now)."""
+        """The next chunk of iterative state, at most ``max_bytes``; None: nothing more this pass.
+
+        Migration thread, in every pass while ``state_pending()`` reported bytes (a pass asks for at most
+        what was pending at its start, so a device that keeps changing cannot hold a pass forever); vCPUs
+        running. The destination's ``load_iterate`` gets each chunk, in order."""
         return None
 
-    def pending_bytes(self) -> int:
-        """How much iterative state is still to be sent (QEMU's state_pending_*)."""
-        return 0
-
     def save_state(self) -> Any:
-        """With the machine stopped: the device's complete remaining state, msgpack-serialisable."""
+        """The device's complete remaining state, msgpack-serialisable (QEMU's save_live_complete_precopy).
+
+        Migration thread; vCPUs stopped (run state finish-migrate), so nothing changes any more."""
+        return None
+
+    def save_complete_postcopy(self) -> Any:
+        """The ``can_postcopy`` remainder at the end of a postcopy migration (QEMU's
+        save_live_complete_postcopy).
+
+        Called by the postcopy engine once it exists; precopy never calls it (its ``save_state`` is complete).
+        Migration thread; vCPUs running on the destination."""
         return None
 
     def save_cleanup(self) -> None:
-        """After the migration ended, however it ended."""
+        """After the migration ended, however it ended.
+
+        Migration thread; vCPUs running again unless the migration completed."""
 
     # -- destination -------------------------------------------------------------------
 
     def load_setup(self) -> None:
-        """Before any state arrives."""
+        """Before any state arrives.
+
+        Destination's load thread; the machine is not running (inmigrate)."""
 
     def load_iterate(self, chunk: bytes) -> None:
-        """A chunk produced by the source's ``save_iterate``."""
+        """A chunk produced by the source's ``save_iterate``, in the order it was produced.
+
+        Destination's load thread; the machine is not running."""
 
     def load_state(self, state: Any, version: int) -> None:
-        """The final state saved by a source of ``version`` (already checked to be loadable)."""
+        """The final state saved by a source of ``version`` (already checked to be loadable and of
+        ``state_type``); applied only once every device's final state has arrived and validated.
+
+        Destination's load thread; the machine is not running."""
 
     def load_cleanup(self) -> None:
-        """After loading ended, however it ended."""
+        """After loading ended, however it ended.
+
+        Destination's load thread; before the machine starts."""
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from typing import Any
 
 import structlog
 
-from mig_core.ext.dirty_tracker import DirtyTracker, TrackerChoice, select_tracker
+from mig_core.ext import dirty_tracker
+from mig_core.ext.dirty_tracker import DirtyTracker, TrackerChoice
 from mig_core.machine.device import Device, DeviceRegistry
 from mig_core.machine.runstate import RunStateMachine
 from mig_core.machine.vcpu import VcpuController
@@ -92,7 +93,7 @@ class Machine:
 
     def tracker_class(self) -> type[DirtyTracker]:
         """The tracker that would serve this machine (named, or the best that works here)."""
-        choice: TrackerChoice = select_tracker(self.blocks, self.registry, name=self.tracker_name,
+        choice: TrackerChoice = dirty_tracker.select(self.blocks, self.registry, name=self.tracker_name,
                                                host_marks_writes=self.host_marks_writes)
         return choice.cls
 

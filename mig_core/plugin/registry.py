@@ -26,6 +26,7 @@ from mig_core.errors import PluginNotFound
 
 log = structlog.get_logger("mig.plugins")
 
+
 GROUPS = (
     "mig_core.transports",
     "mig_core.compressors",
@@ -205,6 +206,20 @@ class PluginRegistry:
             raise PluginNotFound(f"plugin '{name}' in group {group} from {entry.distribution} failed to load: {why}")
         self._loaded[key] = obj
         return obj
+
+    def load_class(self, group: str, name: str, base: type) -> Any:
+        """The class serving ``name`` in ``group``, checked to subclass ``base``; logs which implementation
+        and which distribution serve it. Every extension point's ``load`` goes through here, so a missing
+        or wrong plugin is always one ``PluginNotFound`` naming the group and the name."""
+        cls = self.load(group, name)
+        entry = self.choice(group, name)
+        dist = entry.distribution if entry else None
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise PluginNotFound(f"plugin '{name}' in group {_full(group)} from {dist} is not a {base.__name__} "
+                                 f"(it is {cls!r})")
+        log.info("extension_selected", group=_full(group), name=name,
+                 implementation=f"{cls.__module__}:{cls.__qualname__}", distribution=dist)
+        return cls
 
     def load_all(self, group: str) -> dict[str, Any]:
         """Load the chosen implementation of every name in ``group``; failures are logged and skipped."""

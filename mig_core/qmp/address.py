@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mig_core.ext.transport import split_host_port
+
 
 @dataclass(frozen=True)
 class MonitorAddress:
@@ -14,21 +16,6 @@ class MonitorAddress:
 
     def __str__(self) -> str:
         return f"unix:{self.path}" if self.kind == "unix" else f"tcp:{self.host}:{self.port}"
-
-
-def split_host_port(rest: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[V6]:PORT`` with a numeric port (QEMU's inet_parse errors); ValueError if bad."""
-    if rest.startswith("["):
-        host, sep, port = rest[1:].partition("]:")
-        if not sep or not host:
-            raise ValueError(f"error parsing IPv6 address '{rest}'")
-    else:
-        host, sep, port = rest.rpartition(":")
-        if not sep:
-            raise ValueError(f"error parsing address '{rest}'")
-    if not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"error parsing address '{rest}'")
-    return host, int(port)
 
 
 def parse_monitor_address(text: str) -> MonitorAddress:

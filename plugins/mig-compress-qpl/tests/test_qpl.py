@@ -9,8 +9,9 @@ import zlib
 import mig_compress_qpl
 import pytest
 
-from mig_core.plugin.registry import PluginRegistry
+from mig_core import PluginRegistry
 from mig_core.testing import connect, ram_digest, wait_for_status
+from mig_core.testing.contracts import CompressorContract
 
 
 def codec(page_size=4096):
@@ -81,8 +82,16 @@ async def test_multifd_migration_with_qpl(start_host, tmp_path):
         await wait_for_status(dst, {"completed"})
         assert info["compression"]["compressed-size"] < info["compression"]["pages"] * 4096 / 2
         assert await ram_digest(src, 16 << 20, tmp_path / "s") == await ram_digest(dst, 16 << 20, tmp_path / "d")
-        ev = next(e for e in s.log_events() if e.get("event") == "compressor_selected")
+        ev = next(e for e in s.log_events() if e.get("event") == "compressor_ready")
         assert ev["implementation"] == "software (ISA-L): libqpl not found"
     finally:
         await src.disconnect()
         await dst.disconnect()
+
+
+class TestContract(CompressorContract):
+    """mig's compressor contract (mig_core.testing.contracts), as every compressor plugin runs it."""
+
+    name = "qpl"
+    distribution = "mig-compress-qpl"
+    levels = (1,)

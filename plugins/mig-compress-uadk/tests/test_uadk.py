@@ -9,8 +9,9 @@ import zlib
 import mig_compress_uadk
 import pytest
 
-from mig_core.plugin.registry import PluginRegistry
+from mig_core import PluginRegistry
 from mig_core.testing import connect, ram_digest, wait_for_status
+from mig_core.testing.contracts import CompressorContract
 
 
 def codec(page_size=4096):
@@ -70,3 +71,11 @@ async def test_multifd_migration_with_uadk(start_host, tmp_path):
     finally:
         await src.disconnect()
         await dst.disconnect()
+
+
+class TestContract(CompressorContract):
+    """mig's compressor contract (mig_core.testing.contracts), as every compressor plugin runs it."""
+
+    name = "uadk"
+    distribution = "mig-compress-uadk"
+    levels = (1,)

@@ -4,8 +4,9 @@ import os
 
 import pytest
 
+from mig_core import PluginRegistry
 from mig_core.ext.compressor import Compressor
-from mig_core.plugin.registry import PluginRegistry
+from mig_core.testing.contracts import CompressorContract
 
 
 def test_discovered_and_selected():
@@ -42,3 +43,11 @@ def test_wrong_size_is_refused():
     enc, dec = comp.encoder(1), comp.decoder()
     with pytest.raises(ValueError):
         dec.decompress(enc.compress(bytes(4096)), 8192)
+
+
+class TestContract(CompressorContract):
+    """mig's compressor contract (mig_core.testing.contracts), as every compressor plugin runs it."""
+
+    name = "zstd"
+    distribution = "mig-compress-zstd"
+    levels = (0, 1, 20)

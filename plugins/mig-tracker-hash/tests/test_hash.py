@@ -3,8 +3,9 @@
 import numpy as np
 from mig_tracker_hash import hash_pages
 
+from mig_core import PluginRegistry
 from mig_core.memory.ram import allocate
-from mig_core.plugin.registry import PluginRegistry
+from mig_core.testing.contracts import DirtyTrackerContract
 
 
 def test_discovered():
@@ -29,3 +30,10 @@ def test_reports_what_differs_from_what_was_sent():
     assert list(c.collect().pages["ram"]) == [10]
     assert len(hash_pages(np.zeros((0, 4096), np.uint8))) == 0
     b.close()
+
+
+class TestContract(DirtyTrackerContract):
+    """mig's dirty-tracker contract (mig_core.testing.contracts), as every tracker plugin runs it."""
+
+    name = "hash"
+    distribution = "mig-tracker-hash"

@@ -5,17 +5,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mig_core.ext.dirty_tracker import select_tracker
+from mig_core import PluginRegistry
+from mig_core.ext import dirty_tracker
 from mig_core.host import uffd
 from mig_core.memory.ram import Backing, allocate
-from mig_core.plugin.registry import PluginRegistry
+from mig_core.testing.contracts import DirtyTrackerContract
 
 
 def test_discovered_and_preferred():
     reg = PluginRegistry()
     assert reg.choice("dirty_trackers", "uffd-wp").distribution == "mig-tracker-uffd-wp"
     blocks = [allocate("ram", 1 << 20)]
-    assert select_tracker(blocks, reg).cls.name == "uffd-wp"
+    assert dirty_tracker.select(blocks, reg).cls.name == "uffd-wp"
 
 
 def test_exact_pages_and_release():
@@ -69,3 +70,10 @@ def test_huge_pages_are_tracked_per_page():
     finally:
         b.close()
         plain.close()
+
+
+class TestContract(DirtyTrackerContract):
+    """mig's dirty-tracker contract (mig_core.testing.contracts), as every tracker plugin runs it."""
+
+    name = "uffd-wp"
+    distribution = "mig-tracker-uffd-wp"

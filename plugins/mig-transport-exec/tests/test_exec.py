@@ -9,6 +9,7 @@ import subprocess
 from mig_transport_exec import EXIT_TIMEOUT
 
 from mig_core.testing import connect, qmp_error, ram_digest, wait_for_status, wait_until
+from mig_core.testing.contracts import TransportContract
 
 WL = ("--ram", "16M", "--ram-fill", "half", "--vcpus", "2", "--dirty-rate", "4M")
 
@@ -121,8 +122,8 @@ async def test_successful_migration_leaves_no_process_of_the_group(start_host, t
 
 
 def test_nul_bytes_in_the_command_are_refused_before_anything_runs():
+    from mig_core import PluginRegistry
     from mig_core.ext.transport import TransportContext, TransportError, TransportRegistry
-    from mig_core.plugin.registry import PluginRegistry
 
     reg = TransportRegistry(PluginRegistry())
     cls, addr = reg.parse("exec:echo a\0b")
@@ -131,3 +132,21 @@ def test_nul_bytes_in_the_command_are_refused_before_anything_runs():
 
     with pytest.raises(TransportError, match="exec: the command contains a NUL byte"):
         t.check_address(addr, incoming=False)
+
+
+class TestContract(TransportContract):
+    """mig's transport contract (mig_core.testing.contracts): one command writes, another reads."""
+
+    name = "exec"
+    distribution = "mig-transport-exec"
+    live_peer = False
+
+    def source_address(self, tmp_path):
+        from mig_transport_exec import ExecTransport
+
+        return ExecTransport.parse_uri(f"exec:cat > {tmp_path}/contract.bin")
+
+    def destination_address(self, tmp_path):
+        from mig_transport_exec import ExecTransport
+
+        return ExecTransport.parse_uri(f"exec:cat {tmp_path}/contract.bin")

@@ -6,6 +6,7 @@ import pytest
 from mig_transport_file import parse_offset
 
 from mig_core.testing import connect, qmp_error, ram_digest, wait_for_status
+from mig_core.testing.contracts import TransportContract
 
 WL = ("--ram", "16M", "--ram-fill", "half", "--vcpus", "2", "--dirty-rate", "4M")
 
@@ -63,3 +64,16 @@ async def test_truncated_foreign_and_missing_files(start_host, tmp_path):
     assert (await src.execute("query-migrate"))["status"] == "failed"
     await dst.disconnect()
     await src.disconnect()
+
+
+class TestContract(TransportContract):
+    """mig's transport contract (mig_core.testing.contracts): a file is written whole, then read."""
+
+    name = "file"
+    distribution = "mig-transport-file"
+    live_peer = False
+
+    def source_address(self, tmp_path):
+        from mig_transport_file import FileTransport
+
+        return FileTransport.parse_uri(f"file:{tmp_path}/contract.img")

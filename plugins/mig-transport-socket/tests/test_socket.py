@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 from mig_transport_socket import unpace_loopback
 
+from mig_core import PluginRegistry
 from mig_core.ext.transport import TransportContext, TransportError, TransportRegistry
-from mig_core.plugin.registry import PluginRegistry
 from mig_core.qapi import to_qmp
+from mig_core.testing.contracts import TransportContract
 
 
 def test_discovered_by_scheme():
@@ -219,3 +220,24 @@ def test_to_listens_on_the_first_free_port_of_the_range():
         t, addr = _inet(f"tcp:127.0.0.1:{port},to={port - 1}")
         with pytest.raises(TransportError, match=f"port range 'to' {port - 1} is below the port {port}"):
             t.listen(addr)
+
+
+class TestContract(TransportContract):
+    """mig's transport contract (mig_core.testing.contracts) over a Unix socket."""
+
+    name = "socket"
+    distribution = "mig-transport-socket"
+
+    def source_address(self, tmp_path):
+        return TransportRegistry(PluginRegistry()).parse(f"unix:{tmp_path}/contract.sock")[1]
+
+
+class TestContractTcp(TestContract):
+    """The same contract over TCP on loopback, on the port the listener was given."""
+
+    def destination_address(self, tmp_path):
+        return TransportRegistry(PluginRegistry()).parse("tcp:127.0.0.1:0")[1]
+
+    def connect_address(self, tmp_path, listener):
+        (sa,) = listener.socket_addresses
+        return TransportRegistry(PluginRegistry()).parse(f"tcp:127.0.0.1:{sa.value.port}")[1]

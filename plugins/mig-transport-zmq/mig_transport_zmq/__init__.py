@@ -24,9 +24,8 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from mig_core.ext.channel import Buffer, Channel, ChannelAbilities, ChannelAborted, ChannelError
-from mig_core.ext.transport import Listener, Transport, TransportError
+from mig_core.ext.transport import Listener, Transport, TransportError, split_host_port
 from mig_core.qapi import UNSET
-from mig_core.qmp.address import split_host_port
 from mig_core.schema.migration import MigrationAddress, MigrationAddressType
 from mig_core.schema.sockets import InetSocketAddress, SocketAddress
 
@@ -39,6 +38,8 @@ ZERO_COPY_MIN = 64 << 10
 #: messages queued per connection before a send waits (bounds memory like a socket buffer)
 HWM = 64
 _POLL_MS = 100
+#: How long connect waits for the destination to answer.
+CONNECT_TIMEOUT_S = 10.0
 _ids = itertools.count(1)
 
 
@@ -150,8 +151,11 @@ class _Pump:
         self.inproc = f"inproc://mig-zmq-{os.getpid()}-{next(_ids)}"
         self._pull = ctx.socket(zmq.PULL)
         self._pull.bind(self.inproc)
+        # a unique monitor endpoint: pyzmq's default is named after the socket's descriptor, which the next
+        # socket may reuse while the closed one's endpoint is still bound (its connection then goes unseen)
         self.monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
-                                               | zmq.EVENT_CLOSED)
+                                               | zmq.EVENT_CLOSED,
+                                               addr=f"inproc://mig-zmq-monitor-{os.getpid()}-{next(_ids)}")
         self.connected = self.closed_events = 0
         self.gone: str | None = None  # a DEALER's one connection went, or the socket failed
         self._fds: dict[bytes, int] = {}  # ROUTER: each peer's connection, to tell whose disconnect it was
@@ -340,16 +344,16 @@ class ZmqTransport(Transport):
         channel = ZmqChannel(pump, b"")
         pump.start()
         try:
-            for _ in range(int(10_000 / _POLL_MS)):
-                if pump.connected:
-                    break
+            deadline = time.monotonic() + CONNECT_TIMEOUT_S
+            while not pump.connected:
                 if pump.closed_events:  # refused, and no reconnection is attempted
                     raise TransportError(f"Failed to connect to '{what}': Connection refused")
                 if abort_check():
                     raise ChannelAborted("connect cancelled")
+                if time.monotonic() >= deadline:
+                    raise TransportError(f"Failed to connect to '{what}': no answer within "
+                                         f"{CONNECT_TIMEOUT_S:g} s")
                 time.sleep(_POLL_MS / 1000 / 10)
-            else:
-                raise TransportError(f"Failed to connect to '{what}': no answer within 10 s")
         except BaseException:
             channel.close()
             raise

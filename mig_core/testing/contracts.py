@@ -1,0 +1,329 @@
+"""Contract tests for plugin authors: subclass one in your plugin's tests and your plugin gets mig's checks.
+
+Each class is a pytest test class whose name does not start with ``Test``, so pytest collects only your
+subclass (``class TestMyCompressor(CompressorContract): name = "lz4"; distribution = "acme-lz4"``). Every
+first-party plugin's tests subclass these, so a third-party plugin is held to the same rules.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+
+from mig_core.errors import ChannelAborted
+from mig_core.ext import compressor as compressor_ext
+from mig_core.ext import dirty_tracker as tracker_ext
+from mig_core.ext import transport as transport_ext
+from mig_core.ext.channel import Channel
+from mig_core.ext.compressor import Compressor
+from mig_core.ext.dirty_tracker import DirtyConsumer, DirtyTracker
+from mig_core.ext.transport import Listener, Transport, TransportContext
+from mig_core.memory.ram import Backing, RAMBlock, allocate
+from mig_core.plugin.registry import PluginRegistry
+from mig_core.schema.migration import MigrationAddress
+from mig_core.schema.parameters import SPECS
+
+__all__ = ["CompressorContract", "DirtyTrackerContract", "TransportContract"]
+
+
+def _served_by(group: str, name: str, distribution: str | None) -> None:
+    entry = PluginRegistry().choice(group, name)
+    assert entry is not None, f"nothing serves '{name}' in {group}: is the distribution installed?"
+    if distribution is not None:
+        assert entry.distribution == distribution
+
+
+# ---------------------------------------------------------------------------
+# compressors
+
+
+class CompressorContract:
+    """A compressor plugin: found by name, each packet decodes on arrival, channels independent,
+    damaged or mis-sized packets refused with ``ValueError``."""
+
+    #: The entry-point name in ``mig_core.compressors`` (a multifd-compression value).
+    name: ClassVar[str]
+    #: The distribution expected to serve it (None: do not check).
+    distribution: ClassVar[str | None] = None
+    #: Levels to exercise (the plugin's level parameter's range ends and a middle).
+    levels: ClassVar[tuple[int, ...]] = (1,)
+    page_size: ClassVar[int] = 4096
+
+    def compressor(self) -> Compressor:
+        return compressor_ext.load(PluginRegistry(), self.name, self.page_size)
+
+    def packets(self) -> list[bytes]:
+        ps, rng = self.page_size, np.random.default_rng(7)
+        text = (b"mig compresses pages of a running program. " * (ps // 8))[: 2 * ps]
+        return [rng.integers(0, 256, ps, dtype=np.uint8).tobytes(), bytes(8 * ps), text,
+                rng.integers(0, 4, 16 * ps, dtype=np.uint8).tobytes()]
+
+    def test_served_by_its_distribution(self) -> None:
+        _served_by(compressor_ext.GROUP, self.name, self.distribution)
+        comp = self.compressor()
+        assert isinstance(comp, Compressor) and type(comp).name == self.name
+        if comp.level_parameter is not None:
+            assert comp.level_parameter in SPECS, f"level parameter {comp.level_parameter} is not a parameter"
+
+    def test_each_packet_decodes_on_arrival(self) -> None:
+        comp = self.compressor()
+        for level in self.levels:
+            enc, dec = comp.encoder(level), comp.decoder()
+            for p in self.packets():
+                wire = enc.compress(memoryview(p))
+                assert dec.decompress(wire, len(p)) == p, f"level {level}: a packet did not round-trip"
+
+    def test_channels_are_independent(self) -> None:
+        """Each multifd channel has its own encoder and decoder; interleaving them changes nothing."""
+        comp = self.compressor()
+        pairs = [(comp.encoder(self.levels[0]), comp.decoder()) for _ in range(2)]
+        for p in self.packets():
+            for enc, dec in pairs:
+                assert dec.decompress(enc.compress(memoryview(p)), len(p)) == p
+
+    def test_damaged_packet_is_refused(self) -> None:
+        comp = self.compressor()
+        with pytest.raises(ValueError):
+            comp.decoder().decompress(b"\x00 not a packet of this method \xff" * 5, self.page_size)
+
+    def test_wrong_size_is_refused(self) -> None:
+        comp = self.compressor()
+        enc, dec = comp.encoder(self.levels[0]), comp.decoder()
+        with pytest.raises(ValueError):
+            dec.decompress(enc.compress(memoryview(bytes(self.page_size))), 2 * self.page_size)
+
+
+# ---------------------------------------------------------------------------
+# transports
+
+
+class TransportContract:
+    """A transport plugin: found by address type, bytes cross in order, a return path where declared,
+    and ``abort`` unblocks a receive that waits for a peer."""
+
+    #: The entry-point name in ``mig_core.transports`` (a MigrationAddressType value).
+    name: ClassVar[str]
+    distribution: ClassVar[str | None] = None
+    #: False for a transport whose source must finish before the destination can open (a file).
+    live_peer: ClassVar[bool] = True
+
+    def source_address(self, tmp_path: Path) -> MigrationAddress:
+        """Where the source connects for one local round trip."""
+        raise NotImplementedError
+
+    def destination_address(self, tmp_path: Path) -> MigrationAddress:
+        """Where the destination listens for the same round trip (the same address for most transports)."""
+        return self.source_address(tmp_path)
+
+    def connect_address(self, tmp_path: Path, listener: Listener) -> MigrationAddress:
+        """Where the source connects once the destination listens (override to use the port it was given)."""
+        return self.source_address(tmp_path)
+
+    def transport(self) -> Transport:
+        return transport_ext.load(PluginRegistry(), self.name)(TransportContext())
+
+    def _pair(self, tmp_path: Path, payload: bytes, finish: bool = True) -> tuple[Channel, _Source]:
+        """The destination's channel once the source connected and began sending ``payload`` (then
+        finished, if ``finish``); the source runs in a thread (``_Source``) when the peer is live."""
+        src_t, dst_t = self.transport(), self.transport()
+        if not self.live_peer:  # the source writes everything first, then the destination opens it
+            source = _Source(src_t, self.source_address(tmp_path), payload, finish)
+            source.run()
+            source.check()
+            for s in source.channels:
+                s.close()
+            listener = dst_t.listen(self.destination_address(tmp_path))
+            try:
+                return listener.accept(), source
+            finally:
+                listener.close()
+        listener = dst_t.listen(self.destination_address(tmp_path))
+        source = _Source(src_t, self.connect_address(tmp_path, listener), payload, finish)
+        source.start()
+        try:
+            return listener.accept(), source
+        finally:
+            listener.close()
+
+    def test_served_by_its_distribution(self) -> None:
+        _served_by(transport_ext.GROUP, self.name, self.distribution)
+        assert type(self.transport()).address_type == self.name
+
+    def test_bytes_cross_in_order(self, tmp_path: Path) -> None:
+        payload = os.urandom(3 << 20)
+        ch, source = self._pair(tmp_path, payload)
+        try:
+            assert ch.recv_exact(len(payload)) == payload
+            source.check()
+        finally:
+            ch.close()
+            source.close()
+
+    def test_return_path_where_declared(self, tmp_path: Path) -> None:
+        cls = type(self.transport())
+        if not (cls.abilities.return_path and self.live_peer):
+            pytest.skip(f"{self.name} declares no return path")
+        ch, source = self._pair(tmp_path, b"ping", finish=False)
+        try:
+            assert ch.recv_exact(4) == b"ping"
+            source.check()
+            ch.send(b"pong")
+            assert source.channels[0].recv_exact(4) == b"pong"
+        finally:
+            ch.close()
+            source.close()
+
+    def test_abort_unblocks_a_waiting_receive(self, tmp_path: Path) -> None:
+        if not self.live_peer:
+            pytest.skip(f"{self.name} has no live peer to wait for")
+        # one byte first (some transports see a peer only once it sends), then silence: a receive waits
+        ch, source = self._pair(tmp_path, b"x", finish=False)
+        outcome: list[BaseException] = []
+
+        def receive() -> None:
+            try:
+                ch.recv_exact(1)
+            except BaseException as e:  # noqa: BLE001 - the test looks at it
+                outcome.append(e)
+
+        try:
+            assert ch.recv_exact(1) == b"x"
+            source.check()
+            t = threading.Thread(target=receive, daemon=True)
+            t.start()
+            ch.abort("contract test")
+            t.join(30)
+            assert not t.is_alive(), "abort did not unblock the receive"
+            assert outcome and isinstance(outcome[0], ChannelAborted), outcome
+        finally:
+            ch.close()
+            source.close()
+
+
+class _Source:
+    """The sending end of a transport round trip, run in a thread when the destination is live."""
+
+    def __init__(self, transport: Transport, addr: MigrationAddress, payload: bytes, finish: bool) -> None:
+        self.transport, self.addr, self.payload, self.finish = transport, addr, payload, finish
+        self.channels: list[Channel] = []
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self.run, name="contract-source", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def run(self) -> None:
+        try:
+            ch = self.transport.connect(self.addr, lambda: False)
+            self.channels.append(ch)
+            ch.send(self.payload)
+            if self.finish:
+                ch.finish()
+        except BaseException as e:  # noqa: BLE001 - check() reports it
+            self.errors.append(e)
+
+    def check(self) -> None:
+        """Wait for the sender to be done; its error, if it had one."""
+        if self.thread.ident is not None:
+            self.thread.join(60)
+            assert not self.thread.is_alive(), "the source is still sending"
+        assert not self.errors, self.errors
+
+    def close(self) -> None:
+        for ch in self.channels:
+            ch.abort("contract test ended")
+            ch.close()
+        if self.thread.ident is not None:
+            self.thread.join(30)
+
+
+# ---------------------------------------------------------------------------
+# dirty trackers
+
+
+class DirtyTrackerContract:
+    """A dirty tracker: the first collect reports exactly the populated pages, every write is reported to
+    every consumer (a copy built from reports equals memory), consumers never steal each other's pages."""
+
+    #: The entry-point name in ``mig_core.dirty_trackers``.
+    name: ClassVar[str]
+    distribution: ClassVar[str | None] = None
+
+    def blocks(self) -> list[RAMBlock]:
+        a = allocate("ram0", 4 << 20, backing=Backing.MEMFD)  # exact populated pages (no huge pages)
+        b = allocate("ram1", 2 << 20, backing=Backing.ANONYMOUS)
+        a.pages[:16] = 3  # state from before tracking starts
+        return [a, b]
+
+    def tracker(self, blocks: list[RAMBlock]) -> DirtyTracker:
+        cls = tracker_ext.load(PluginRegistry(), self.name)
+        why = cls.unavailable(blocks, self.marks_writes(cls))
+        if why:
+            pytest.skip(f"{self.name} cannot run here: {why}")
+        return cls(blocks)
+
+    @staticmethod
+    def marks_writes(cls: type[DirtyTracker]) -> bool:
+        return hasattr(cls, "mark_dirty")
+
+    def write(self, tracker: DirtyTracker, block: RAMBlock, page: int, value: int) -> None:
+        """Write one byte of ``page`` as a program would (and report it where the tracker needs that)."""
+        block.pages[page, 7] = value
+        mark = getattr(tracker, "mark_dirty", None)
+        if mark is not None:
+            mark(block.name, page * block.page_size + 7, 1)
+
+    @staticmethod
+    def round(consumer: DirtyConsumer, blocks: list[RAMBlock], copy: dict[str, np.ndarray]) -> int:
+        report = consumer.collect()
+        for b in blocks:
+            idx = report.pages[b.name]
+            data = b.pages[idx]
+            copy[b.name][idx] = data
+            consumer.sent(b, idx, data)
+        return report.total
+
+    def test_served_by_its_distribution(self) -> None:
+        _served_by(tracker_ext.GROUP, self.name, self.distribution)
+        assert tracker_ext.load(PluginRegistry(), self.name).name == self.name
+
+    def test_first_collect_reports_the_populated_pages(self) -> None:
+        blocks = self.blocks()
+        t = self.tracker(blocks)
+        try:
+            r = t.consumer("c", sends=True).collect()
+            assert list(r.pages["ram0"]) == list(range(16))
+            assert len(r.pages["ram1"]) == 0
+        finally:
+            t.close()
+            for b in blocks:
+                b.close()
+
+    def test_every_write_reaches_every_consumer(self) -> None:
+        blocks = self.blocks()
+        t = self.tracker(blocks)
+        try:
+            copies = [{b.name: np.zeros_like(b.pages) for b in blocks} for _ in range(2)]
+            migration, rate = t.consumer("migration", sends=True), t.consumer("dirty-rate")
+            rng = np.random.default_rng(3)
+            for i in range(6):
+                for _ in range(40):
+                    b = blocks[int(rng.integers(len(blocks)))]
+                    self.write(t, b, int(rng.integers(b.npages)), int(rng.integers(1, 255)))
+                self.round(migration, blocks, copies[0])
+                if i % 2:  # the second consumer at its own pace never loses the first one's pages
+                    self.round(rate, blocks, copies[1])
+            self.round(rate, blocks, copies[1])
+            for copy in copies:
+                assert all(np.array_equal(copy[b.name], b.pages) for b in blocks)
+            if t.exact:
+                assert self.round(migration, blocks, copies[0]) == 0  # nothing written since, nothing reported
+        finally:
+            t.close()
+            for b in blocks:
+                b.close()
