@@ -227,7 +227,7 @@ async def test_announce_schedule(start_host, tmp_path):
     info = site / "announce_rec-1.0.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: announce-rec\nVersion: 1.0\n")
-    (info / "entry_points.txt").write_text("[mig_core.plugin.hooks]\nrec = announce_rec\n")
+    (info / "entry_points.txt").write_text("[mig_core.hooks]\nrec = announce_rec\n")
     (site / "announce_rec.py").write_text(
         "import os, time\nfrom mig_core.plugin.hookspecs import hookimpl\n"
         "@hookimpl\ndef mig_announce(round, rounds):\n"

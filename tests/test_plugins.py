@@ -49,10 +49,10 @@ def site(tmp_path):
     make_dist(root, "acme-lz", "1.1", {"mig_core.compressors": {"lzacme": "acme_lz:Lz"}},
               {"acme_lz": COMPRESSOR_SRC.format(cls="Lz", name="lzacme")})
     make_dist(root, "broken-plugin", "0.1", {"mig_core.compressors": {"lz9": "broken_mod:X"},
-                                             "mig_core.plugin.hooks": {"broken": "broken_hooks"}},
+                                             "mig_core.hooks": {"broken": "broken_hooks"}},
               {"broken_mod": "raise ImportError('libfoo.so.1: cannot open shared object file')\n",
                "broken_hooks": "raise RuntimeError('hook plugin exploded at import')\n"})
-    make_dist(root, "acme-hooks", "1.0", {"mig_core.plugin.hooks": {"acme": "acme_hooks"}}, {"acme_hooks": """
+    make_dist(root, "acme-hooks", "1.0", {"mig_core.hooks": {"acme": "acme_hooks"}}, {"acme_hooks": """
         import os
         from mig_core.plugin.hookspecs import hookimpl
         @hookimpl
@@ -60,7 +60,7 @@ def site(tmp_path):
             with open(os.environ["ACME_HOOK_LOG"], "a") as f:
                 f.write(f"{old.value}->{new.value}\\n")
     """})
-    make_dist(root, "typo-hooks", "1.0", {"mig_core.plugin.hooks": {"typo": "typo_hooks"}}, {"typo_hooks": """
+    make_dist(root, "typo-hooks", "1.0", {"mig_core.hooks": {"typo": "typo_hooks"}}, {"typo_hooks": """
         import os
         from mig_core.plugin.hookspecs import hookimpl
         @hookimpl

@@ -359,7 +359,7 @@ class MigrationManager:
             self.source.cas(self.source.state, S.SETUP)
             if cls.connects_synchronously:
                 try:
-                    out.channel = transport.connect(addr, lambda: False)
+                    out.use_channel(transport.connect(addr, lambda: False))
                 except QMPError as e:  # QEMU: returned to the caller and the migration fails
                     self.set_error(e.desc)
                     self.source.cas(S.SETUP, S.FAILED)
@@ -394,7 +394,7 @@ class MigrationManager:
             raise QMPError(f"Migration not in expected state: {state.value}")
         out = self.outgoing
         if state is S.PRE_SWITCHOVER and out is not None:
-            out.continue_event.set()
+            out.continue_switchover()
 
     # -- QMP: migrate-incoming ---------------------------------------------------------------
 
@@ -487,7 +487,7 @@ class MigrationManager:
         if stop is not None:
             stop()
         out = self.outgoing
-        if out is not None and out.thread.ident is None:
+        if out is not None and not out.started:
             self.source.cas(S.CANCELLING, S.CANCELLED)  # cancelled before its thread started
 
     def migrate_pause(self) -> None:

@@ -126,6 +126,19 @@ class OutgoingMigration:
         self.counters.start()
         self.thread.start()
 
+    def use_channel(self, channel: Channel) -> None:
+        """The main channel, connected already (transports that connect synchronously do it in migrate)."""
+        self.channel = channel
+
+    def continue_switchover(self) -> None:
+        """migrate-continue in pre-switchover: go on to the device stage."""
+        self.continue_event.set()
+
+    @property
+    def started(self) -> bool:
+        """Whether the migration thread has started (a cancel before then ends it at once)."""
+        return self.thread.ident is not None
+
     def cancel(self) -> None:
         """Unblock whatever the migration thread waits on; it then ends as cancelled."""
         self.cancel_requested.set()

@@ -1,7 +1,7 @@
 """The pluggy plugin manager and ``Hooks``, the one typed way mig calls its hooks.
 
 Hook plugins come from three places, all checked the same way: mig's built-ins
-(``DEFAULT_PLUGINS``), the ``mig_core.plugin.hooks`` entry-point group, and objects an
+(``DEFAULT_PLUGINS``), the ``mig_core.hooks`` entry-point group, and objects an
 embedding host registers with ``Hooks.register``. A hook implementation whose
 name matches no hookspec (a misspelt ``mig_swichover``) is refused: an
 entry-point plugin is skipped with an error in the log, a host's own object
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("mig.hooks")
 
-GROUP = "mig_core.plugin.hooks"
+GROUP = "mig_core.hooks"
 
 #: Built-in behaviour registered exactly like a third-party plugin.
 DEFAULT_PLUGINS = (builtin_hooks,)
@@ -52,7 +52,7 @@ def _spec_names() -> list[str]:
 
 
 def make_plugin_manager(registry: PluginRegistry | None = None) -> pluggy.PluginManager:
-    """A manager with every hookspec, the built-ins, and each ``mig_core.plugin.hooks`` entry point that loads."""
+    """A manager with every hookspec, the built-ins, and each ``mig_core.hooks`` entry point that loads."""
     pm = pluggy.PluginManager("mig")
     pm.add_hookspecs(hookspecs)
     for plugin in DEFAULT_PLUGINS:

@@ -33,7 +33,7 @@ GROUPS = (
     "mig_core.snapshot_backends",
     "mig_core.dirty_trackers",
     "mig_core.replication",
-    "mig_core.plugin.hooks",
+    "mig_core.hooks",
 )
 
 

@@ -161,9 +161,9 @@ class TestContract(TransportContract):
         return ZmqTransport.parse_uri(f"rdma:127.0.0.1:{sa.value.port}")
 
     # Found by this contract: after one connection has come and gone, a second connection made in the same
-    # process sometimes never reports itself connected (mig itself makes one per process and migration, so
-    # `mig run` is not affected until a second migration over rdma). Open defect, see CHANGELOG "Known issues";
-    # until it is fixed only the first connection of the process is checked here.
+    # process sometimes never reports itself connected (mig makes one per process and migration, so `mig run`
+    # meets it only on a second rdma migration). Open defect, see docs/differences.md "Known issues"; until it
+    # is fixed only the first connection of the process is checked here.
     _SECOND = "mig-transport-zmq: a second in-process connection may never complete (known issue)"
 
     @pytest.mark.skip(reason=_SECOND)
