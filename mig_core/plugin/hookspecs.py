@@ -1,6 +1,6 @@
 """Every lifecycle hook of mig, in one typed module (pluggy hookspecs, prefixed ``mig_``).
 
-Implement any of these with ``@mig_core.plugin.hookspecs.hookimpl`` on a module or an
+Implement any of these with ``@mig_core.hookimpl`` on a module or an
 object, and register it either through the ``mig_core.hooks`` entry-point group
 of a distribution, or, from an embedding host, with
 ``MigrationManager.hooks.register(obj)``. An implementation whose name matches no

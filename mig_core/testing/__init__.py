@@ -3,7 +3,9 @@
 Plugin authors use these in their own tests: ``Host`` starts a host serving QMP
 on a unix socket, ``RawQMP`` speaks QMP over a plain socket (for requests a
 library client refuses to send), ``connect`` returns a negotiated ``qemu.qmp``
-client.
+client, ``LoopbackTransport``/``migrate_in_process`` migrate two machines in one
+process without sockets. ``mig_core.testing.contracts`` holds the contract test
+classes a plugin's tests subclass (compressor, transport, dirty tracker).
 """
 
 from __future__ import annotations
