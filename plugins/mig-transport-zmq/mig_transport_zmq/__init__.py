@@ -86,6 +86,7 @@ class ZmqChannel(Channel):
         self._pump, self._ident = pump, ident
         self._inbox = pump.inbox(ident)
         # a private inproc socket into the pump (ZeroMQ sockets belong to one thread at a time)
+        pump.hold()
         self._push = pump.ctx.socket(zmq.PUSH)
         self._push.setsockopt(zmq.SNDHWM, HWM)
         self._push.setsockopt(zmq.LINGER, -1)
@@ -135,6 +136,7 @@ class ZmqChannel(Channel):
         # ordered after this channel's data: the pump forwards everything before it lets the channel go
         self._push.send_multipart([self._ident, _CLOSE if self._finished else _ABORT])
         self._push.close()
+        self._pump.release()
 
 
 _CLOSE = b"\x00mig-close"
@@ -147,6 +149,9 @@ class _Pump:
 
     def __init__(self, ctx: zmq.Context, sock: zmq.Socket, router: bool, graceful_linger_ms: int) -> None:
         self.ctx, self.sock, self.router = ctx, sock, router
+        # the context ends once the pump and every channel's socket are gone (see release)
+        self._holders = 1
+        self._holders_lock = threading.Lock()
         self.linger_ms = graceful_linger_ms
         self.inproc = f"inproc://mig-zmq-{os.getpid()}-{next(_ids)}"
         self._pull = ctx.socket(zmq.PULL)
@@ -219,6 +224,21 @@ class _Pump:
             self.monitor.close(0)
             self._pull.close(0)
             self.sock.close(self.linger_ms if self._graceful else 0)
+            self.release()
+
+    def hold(self) -> None:
+        """A channel made a socket in this pump's context: the context lives until it is released."""
+        with self._holders_lock:
+            self._holders += 1
+
+    def release(self) -> None:
+        """The pump or a channel is done with the context; the last one ends it, off this thread (a socket
+        closed with data still lingering keeps ``term`` waiting for up to its linger time)."""
+        with self._holders_lock:
+            self._holders -= 1
+            last = self._holders == 0
+        if last:
+            threading.Thread(target=self.ctx.term, name="mig/zmq-term", daemon=True).start()
 
     def _receive(self) -> None:
         while True:
@@ -283,6 +303,7 @@ class _ZmqListener(Listener):
             sock.bind(_endpoint(v, bind=True))
         except zmq.ZMQError as e:
             sock.close(0)
+            ctx.term()
             raise TransportError(f"Failed to bind socket: {e.strerror}") from None
         endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
@@ -333,7 +354,7 @@ class ZmqTransport(Transport):
     def connect(self, addr: MigrationAddress, abort_check: Callable[[], bool]) -> Channel:
         v: InetSocketAddress = addr.value
         what = f"{v.host}:{v.port}"
-        ctx = zmq.Context.instance()
+        ctx = zmq.Context()  # one per connection (see listen)
         sock = ctx.socket(zmq.DEALER)
         _tune(sock, self.ctx.user_timeout)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a finished connection
@@ -361,4 +382,6 @@ class ZmqTransport(Transport):
         return channel
 
     def listen(self, addr: MigrationAddress) -> Listener:
-        return _ZmqListener(zmq.Context.instance(), addr.value, self.ctx.user_timeout)
+        # a context per listener and per connection: with one shared context, a connection made after an
+        # earlier one had been closed on the destination side sometimes never completed
+        return _ZmqListener(zmq.Context(), addr.value, self.ctx.user_timeout)

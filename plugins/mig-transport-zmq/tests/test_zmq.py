@@ -159,17 +159,3 @@ class TestContract(TransportContract):
     def connect_address(self, tmp_path, listener):
         (sa,) = listener.socket_addresses
         return ZmqTransport.parse_uri(f"rdma:127.0.0.1:{sa.value.port}")
-
-    # Found by this contract: after one connection has come and gone, a second connection made in the same
-    # process sometimes never reports itself connected (mig makes one per process and migration, so `mig run`
-    # meets it only on a second rdma migration). Open defect, see docs/differences.md "Known issues"; until it
-    # is fixed only the first connection of the process is checked here.
-    _SECOND = "mig-transport-zmq: a second in-process connection may never complete (known issue)"
-
-    @pytest.mark.skip(reason=_SECOND)
-    def test_return_path_where_declared(self, tmp_path):
-        raise AssertionError("skipped")
-
-    @pytest.mark.skip(reason=_SECOND)
-    def test_abort_unblocks_a_waiting_receive(self, tmp_path):
-        raise AssertionError("skipped")
