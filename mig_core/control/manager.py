@@ -57,6 +57,9 @@ log = structlog.get_logger("mig.manager")
 SCHEMA_VERSION = VersionTriple(major=9, minor=1, micro=0)
 
 #: Destination states that query-migrate reports (QEMU's fill_destination_migration_info).
+#: query-migrate members a SourceStats may leave out (None)
+_OPTIONAL_SOURCE_STATS = ("downtime", "expected_downtime", "xbzrle_cache", "compression", "cpu_throttle_percentage",
+                          "dirty_limit_throttle_time_per_round", "dirty_limit_ring_full_time")
 _REPORTED_INCOMING = frozenset({S.SETUP, S.CANCELLING, S.CANCELLED, S.ACTIVE, S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED,
                                 S.POSTCOPY_RECOVER, S.FAILED, S.COLO, S.COMPLETED})
 
@@ -235,20 +238,10 @@ class MigrationManager:
             if out is not None and outgoing not in (S.SETUP, S.FAILED, S.CANCELLED, S.WAIT_UNPLUG, S.COLO):
                 s = out.stats()
                 info.setup_time, info.total_time, info.ram = s.setup_time, s.total_time, s.ram
-                if s.downtime is not None:
-                    info.downtime = s.downtime
-                if s.expected_downtime is not None:
-                    info.expected_downtime = s.expected_downtime
-                if s.xbzrle_cache is not None:
-                    info.xbzrle_cache = s.xbzrle_cache
-                if s.compression is not None:
-                    info.compression = s.compression
-                if s.cpu_throttle_percentage:
-                    info.cpu_throttle_percentage = s.cpu_throttle_percentage
-                if s.dirty_limit_throttle_time_per_round is not None:
-                    info.dirty_limit_throttle_time_per_round = s.dirty_limit_throttle_time_per_round
-                if s.dirty_limit_ring_full_time is not None:
-                    info.dirty_limit_ring_full_time = s.dirty_limit_ring_full_time
+                for name in _OPTIONAL_SOURCE_STATS:  # shown only when the engine has a figure
+                    value = getattr(s, name)
+                    if value is not None:
+                        setattr(info, name, value)
         if self.error_desc and info.status is not UNSET:
             info.error_desc = self.error_desc
         return info

@@ -19,6 +19,7 @@ import structlog
 
 from mig_core.engine.context import EngineContext
 from mig_core.engine.convergence import ConvergenceTrigger
+from mig_core.engine.device_iteration import DeviceIteration
 from mig_core.engine.multifd_send import MultifdSender
 from mig_core.engine.return_path import SourceReturnPath
 from mig_core.engine.stats import MigrationCounters, PassRecord, RateLimiter, SourceStats, now_ms
@@ -49,8 +50,6 @@ log = structlog.get_logger("mig.outgoing")
 
 #: Pages handed to one write (4 MiB of 4 KiB pages): small enough for prompt cancel and rate limiting.
 BATCH_PAGES = 1024
-#: The most a device's save_iterate is asked for at once (one DEVICE_PART section).
-DEVICE_CHUNK = 1 << 20
 
 
 def _union(a: np.ndarray, b: np.ndarray, npages: int) -> np.ndarray:
@@ -91,6 +90,7 @@ class OutgoingMigration:
         self._dirty_pass_bandwidth = 0.0
         self._dirty_pass_measured = False  # a pass of more than 1 MiB gave _dirty_pass_bandwidth
         self._sync_ms = 0.0
+        self.device_state = DeviceIteration(self.machine.devices)
         self._device_pending = 0
         mode = ("auto-converge" if self.caps[C.AUTO_CONVERGE]
                 else "dirty-limit" if self.caps[C.DIRTY_LIMIT] else None)
@@ -267,7 +267,7 @@ class OutgoingMigration:
             dev.save_setup()
         self._consumer = self.machine.tracker().consumer("migration", sends=True)
         self.pending = self._sync()
-        self._device_pending = self._devices_pending()
+        self._device_pending = self.device_state.sync()
         if self.caps[C.RDMA_PIN_ALL] and self.addr.tag.value == "rdma":
             self._pin_all()
         # never-populated pages are zero pages that cost nothing: counted as QEMU counts zero pages
@@ -379,7 +379,8 @@ class OutgoingMigration:
         while True:
             sent_before, t0 = self.counters.transferred, time.monotonic()
             self._send_all(self.pending, running=True)
-            device_bytes, device_ms = self._iterate_devices()
+            device_bytes, device_ms = self.device_state.send_pass(self.writer, self._check_cancel,
+                                                                  lambda: self._account_and_pace(0, True))
             self._end_pass(running=True)
             # with a return path, a pass ends when the destination has loaded it: the rate measured is
             # then what the destination achieves, and no backlog is left in socket buffers at switchover
@@ -391,7 +392,7 @@ class OutgoingMigration:
             log.debug("pass_sent", number=self.counters.dirty_sync_count, bytes=sent, device_bytes=device_bytes,
                       device_iterate_ms=round(device_ms, 3), ms=round(elapsed_ms, 3))
             self.pending = self._sync()
-            self._device_pending = self._devices_pending()
+            self._device_pending = self.device_state.sync()
             if first and self.caps[C.XBZRLE]:
                 # after the first complete pass, pages sent again are encoded against what was sent before
                 self.xbzrle.start(self.ctx.parameter("xbzrle-cache-size"))
@@ -416,39 +417,13 @@ class OutgoingMigration:
     def _pending_blocks(self) -> list[tuple[RAMBlock, np.ndarray]]:
         return [(b, self.pending[b.name]) for b in self.machine.blocks]
 
-    # -- devices with iterative state ------------------------------------------------------
-
-    def _devices_pending(self) -> int:
-        """Bytes of device state still to be sent (must-precopy and can-postcopy: precopy sends both)."""
-        return sum(dev.state_pending().total for dev in self.machine.devices)
-
-    def _iterate_devices(self) -> tuple[int, float]:
-        """One pass of iterative device state: each device with pending bytes is asked for chunks until it
-        has nothing more or has sent what it reported pending at the pass's start. Returns (bytes, ms)."""
-        sent = 0
-        t0 = time.monotonic()
-        for dev in self.machine.devices:
-            budget = dev.state_pending().total
-            given = 0
-            while given < budget:
-                self._check_cancel()
-                chunk = dev.save_iterate(min(DEVICE_CHUNK, budget - given))
-                if chunk is None:
-                    break
-                if not isinstance(chunk, bytes | bytearray | memoryview):
-                    raise DeviceStateError(f"device '{dev.id}' instance {dev.instance}: save_iterate returned "
-                                           f"{type(chunk).__name__}, not bytes")
-                if len(chunk) == 0:
-                    break
-                self.writer.write_device_part(dev.id, dev.instance, dev.version, bytes(chunk))
-                given += len(chunk)
-                before = self._accounted
-                self._account(0, running=True)
-                delay = self.limiter.wait_time(self._accounted - before)
-                if delay:
-                    self.cancel_requested.wait(delay)
-            sent += given
-        return sent, (time.monotonic() - t0) * 1000
+    def _account_and_pace(self, pages: int, running: bool) -> None:
+        """Count what the channel sent since the last call, then wait as max-bandwidth asks for those bytes."""
+        before = self._accounted
+        self._account(pages, running)
+        delay = self.limiter.wait_time(self._accounted - before)
+        if delay:
+            self.cancel_requested.wait(delay)
 
     def _send_all(self, pages: dict[str, np.ndarray], running: bool) -> None:
         for b in self.machine.blocks:
@@ -530,11 +505,7 @@ class OutgoingMigration:
             self.writer.write_xbzrle_pages(b, pages[np.array(enc_idx)], encoded)
         self._sent_nonzero[b.name][pages] = True
         self._dirty.sent(b, pages, data)
-        before = self._accounted
-        self._account(len(plain) + len(encoded), running)
-        delay = self.limiter.wait_time(self._accounted - before)
-        if delay:
-            self.cancel_requested.wait(delay)
+        self._account_and_pace(len(plain) + len(encoded), running)
 
     def threads(self) -> list[threading.Thread]:
         """The threads of this migration (query-migrationthreads shows those alive)."""
@@ -555,7 +526,7 @@ class OutgoingMigration:
             s.xbzrle_cache = self.xbzrle.stats(self.ctx.parameter("xbzrle-cache-size"))
         if self.multifd is not None and self.multifd.encoder_factory is not None:
             s.compression = self.multifd.compression.to_stats()  # mig's extension to query-migrate
-        s.cpu_throttle_percentage = self.machine.vcpus.throttle_pct
+        s.cpu_throttle_percentage = self.machine.vcpus.throttle_pct or None
         limiter = self.ctx.dirty_limiter
         if self.caps[C.DIRTY_LIMIT] and self.convergence.dirty_limit_applied is not None and limiter is not None:
             s.dirty_limit_throttle_time_per_round = limiter.throttle_time_per_round_us()

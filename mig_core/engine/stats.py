@@ -38,7 +38,8 @@ class SourceStats:
     expected_downtime: int | None = None
     xbzrle_cache: XBZRLECacheStats | None = None
     compression: CompressionStats | None = None
-    cpu_throttle_percentage: int = 0
+    #: None while the vCPUs are not throttled (query-migrate then omits it)
+    cpu_throttle_percentage: int | None = None
     dirty_limit_throttle_time_per_round: int | None = None
     dirty_limit_ring_full_time: int | None = None
     #: every pass so far (mig's own: not in query-migrate, for embedders and tests)
