@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import threading
 
 import numpy as np
@@ -226,10 +227,12 @@ def test_uffd_wp_and_postcopy_cannot_share_a_block():
     # closing the tracker released the registration
     m2 = make_machine("uffd-wp")
     try:
-        reg = uffd.REGISTRY.register(m2.blocks[0], uffd.Mode.MISSING, owner="postcopy")
-        uffd.REGISTRY.unregister(reg)
-        with pytest.raises(BackingError, match="needs RAM block 'ram1' to be memfd-backed, but it is anonymous"):
-            uffd.REGISTRY.register(m2.blocks[1], uffd.Mode.MISSING, owner="postcopy")
+        for b in m2.blocks:  # memfd and anonymous memory alike: the page server fills either with UFFDIO_COPY
+            uffd.REGISTRY.unregister(uffd.REGISTRY.register(b, uffd.Mode.MISSING, owner="postcopy"))
+        host = m2.add_host_ram("lent", mmap.mmap(-1, 1 << 20))  # a buffer of the host's own, page-aligned
+        with pytest.raises(BackingError, match="needs RAM block 'lent' to be memfd or anonymous or file-backed, "
+                                               "but it is host-backed"):
+            uffd.REGISTRY.register(host, uffd.Mode.MISSING, owner="postcopy")
     finally:
         m2.close()
 

@@ -62,7 +62,7 @@ def test_host_buffers_and_their_limits():
     b.pages[1] = 5
     assert buf[4096] == 5  # the host's own memory
     with pytest.raises(BackingError, match="userfaultfd missing \\(postcopy\\) needs RAM block 'host' to be "
-                                           "memfd-backed, but it is host-backed"):
+                                           "memfd or anonymous or file-backed, but it is host-backed"):
         uffd.REGISTRY.register(b, uffd.Mode.MISSING, owner="postcopy")
     with pytest.raises(ValueError, match="read-only"):
         from_buffer("ro", bytes(4096))

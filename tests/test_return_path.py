@@ -24,8 +24,8 @@ from mig_core.ext.channel import loopback_pair
 from mig_core.stream.format import Command
 from mig_core.stream.reader import CommandReceived
 
-MESSAGES = [Pong(7), Loaded(), Shut(1), RequestPages("pc.ram", 4096, 8192), ReceivedBitmap("pc.ram"), ResumeAck(1),
-            SwitchoverAck()]
+MESSAGES = [Pong(7), Loaded(), Shut(1), RequestPages("pc.ram", 4096, 8192), ReceivedBitmap("pc.ram", b"\x80\x01"),
+            ResumeAck(1), SwitchoverAck()]
 
 
 @pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
@@ -38,7 +38,7 @@ def test_every_message_survives_its_encoding(msg):
     (Command.RP_PONG, "7", "return path: PONG needs a non-negative integer, got '7'"),
     (Command.RP_SHUT, -1, "return path: SHUT needs a non-negative integer, got -1"),
     (Command.RP_REQ_PAGES, ["pc.ram", 0], "return path: REQ_PAGES needs [block, offset, length], got ['pc.ram', 0]"),
-    (Command.RP_RECV_BITMAP, 3, "return path: RECV_BITMAP needs a block name, got 3"),
+    (Command.RP_RECV_BITMAP, 3, "return path: RECV_BITMAP needs [block, bitmap], got 3"),
     (Command.PING, 1, "return path: PING is not a return-path message"),
 ])
 def test_malformed_messages_are_refused_by_name(command, argument, error):

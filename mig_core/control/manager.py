@@ -26,6 +26,7 @@ from mig_core.ext import replication
 from mig_core.ext.transport import Listener, Transport, TransportContext, TransportRegistry
 from mig_core.host import features as host_features
 from mig_core.machine.machine import Machine
+from mig_core.memory.ram import Backing
 from mig_core.plugin.hooks import Hooks, make_plugin_manager
 from mig_core.plugin.registry import PluginRegistry
 from mig_core.qapi import UNSET, to_qmp
@@ -106,6 +107,9 @@ class MigrationManager:
         self.machine.add_device(self.global_state)
         self.dirty_rate = DirtyRateMeter(self.machine)
         self.dirty_limiter = DirtyLimiter(self.machine)
+        #: Postcopy: pages the source sends after each page the destination asked for (``mig run
+        #: --postcopy-prefetch``); 0 sends only the page, and the background scan continues after it.
+        self.postcopy_prefetch_pages = 0
 
     # -- notifications ---------------------------------------------------------
 
@@ -141,7 +145,16 @@ class MigrationManager:
         return bool(self.params["tls-creds"])
 
     def postcopy_unsupported(self) -> str | None:
-        return host_features.postcopy_unsupported()
+        reason = host_features.postcopy_unsupported()
+        if reason is not None:
+            return reason
+        for b in self.machine.blocks:
+            if b.backing is Backing.HOST:
+                return (f"RAM block '{b.name}' is a buffer of the host's own, whose pages mig can neither drop nor "
+                        "fill on fault (add it with Machine.add_ram)")
+            if b.backing is Backing.FILE and not host_features.missing_mode_filesystem(str(b.path)):
+                return f"Host backend files need to be TMPFS or HUGETLBFS only (RAM block '{b.name}' is {b.path})"
+        return None
 
     def background_snapshot_unsupported(self) -> str | None:
         return host_features.background_snapshot_unsupported()
@@ -265,7 +278,8 @@ class MigrationManager:
                 machine=self.machine, status=self.source, migration_id=self.migration_id,
                 capabilities=lambda: caps, parameters=lambda: self.params, set_error=self.set_error,
                 hooks=self.hooks, registry=self.registry, global_state=self.global_state,
-                pass_completed=self.migration_pass, dirty_limiter=self.dirty_limiter)
+                pass_completed=self.migration_pass, dirty_limiter=self.dirty_limiter,
+                postcopy_prefetch_pages=self.postcopy_prefetch_pages)
         return EngineContext(
             machine=self.machine, status=self.destination, migration_id=self.migration_id,
             capabilities=lambda: self.caps, parameters=lambda: self.params, set_error=self.set_error,
@@ -309,8 +323,14 @@ class MigrationManager:
         if (self.caps[C.MULTIFD] or self.caps[C.POSTCOPY_PREEMPT]) and not (
                 multi or (addr.tag is MigrationAddressType.FILE and self.caps[C.MAPPED_RAM])):
             raise QMPError("Migration requires multi-channel URIs (e.g. tcp)")
-        for cap in (C.POSTCOPY_RAM, C.X_COLO, C.BACKGROUND_SNAPSHOT, C.SWITCHOVER_ACK, C.X_IGNORE_SHARED):
-            if self.caps[cap]:
+        if self.caps[C.POSTCOPY_RAM] and not (addr.tag is MigrationAddressType.SOCKET and socket_kind in (
+                "inet", "unix", "vsock", "fd")):
+            # the page requests come back on the connection, and the destination's page server continues it
+            raise QMPError(f"Postcopy needs a socket transport (tcp, unix, vsock or fd): the {addr.tag.value} "
+                           "transport has no return path another process can continue")
+        for cap in (C.POSTCOPY_PREEMPT, C.POSTCOPY_BLOCKTIME, C.RELEASE_RAM, C.X_COLO, C.BACKGROUND_SNAPSHOT,
+                    C.SWITCHOVER_ACK, C.X_IGNORE_SHARED):
+            if self.caps[cap] and (self.caps[C.POSTCOPY_RAM] or cap not in (C.RELEASE_RAM, C.POSTCOPY_BLOCKTIME)):
                 raise QMPError(f"mig cannot migrate with capability {cap.value} yet")
         mode = self.params["mode"]
         if mode is not MigMode.NORMAL:
@@ -320,7 +340,17 @@ class MigrationManager:
         cls, addr = self._address(args.uri, args.channels, incoming=False)
         self._check_transport_caps(addr)
         if args.resume is True:
-            raise QMPError("Cannot resume if there is no paused migration")
+            with self._lock:
+                out = self.outgoing
+                if self.source.state is not S.POSTCOPY_PAUSED or out is None:
+                    raise QMPError("Cannot resume if there is no paused migration")
+                if self.caps[C.RELEASE_RAM]:
+                    raise QMPError("Postcopy recovery cannot work when release-ram capability is set")
+                transport = cls(self._transport_context())
+                transport.check_address(addr, incoming=False)
+                self.error_desc = None
+                out.resume_postcopy(transport, addr)
+            return
         self.migrate_with(cls(self._transport_context()), addr)
 
     def migrate_with(self, transport: Transport, addr: MigrationAddress) -> None:
@@ -483,10 +513,39 @@ class MigrationManager:
         if out is not None and not out.started:
             self.source.cas(S.CANCELLING, S.CANCELLED)  # cancelled before its thread started
 
+    def migrate_start_postcopy(self) -> None:
+        """Switch the running migration to postcopy at its next batch (QEMU's checks and texts)."""
+        with self._lock:
+            if not (self.caps[C.POSTCOPY_RAM] or self.caps[C.DIRTY_BITMAPS]):
+                raise QMPError("Enable postcopy with migrate_set_capability before the start of migration")
+            if self.source.state is S.NONE:
+                raise QMPError("Postcopy must be started after migration has been started")
+            out = self.outgoing
+        if out is not None and self.source.state in RUNNING_STATES:
+            out.start_postcopy()  # after the end (completed, failed, cancelled) it does nothing, as QEMU
+
     def migrate_pause(self) -> None:
-        # Out-of-band capable. Until postcopy lands neither side can be in postcopy-active or
-        # postcopy-recover, so every call gets QEMU's state error.
+        """Break a running postcopy's connection on purpose: both sides wait in postcopy-paused (OOB-capable)."""
+        alive = (S.POSTCOPY_ACTIVE, S.POSTCOPY_RECOVER)
+        out, inc = self.outgoing, self.incoming
+        if self.source.state in alive and out is not None:
+            out.pause_postcopy()
+            return
+        if self.destination.state in alive and inc is not None and inc.postcopy is not None:
+            error = inc.postcopy.request("pause")
+            if error is not None:
+                raise QMPError(error)
+            return
         raise QMPError("migrate-pause is currently only supported during postcopy-active or postcopy-recover state")
+
+    def migrate_recover(self, args: Any) -> None:
+        """On a paused postcopy destination: listen at ``uri`` for the source's ``migrate resume=true``."""
+        inc = self.incoming
+        if self.destination.state is not S.POSTCOPY_PAUSED or inc is None or inc.postcopy is None:
+            raise QMPError("Migrate recover can only be run when postcopy is paused.")
+        error = inc.postcopy.request("recover", uri=args.uri)
+        if error is not None:
+            raise QMPError(error)
 
     # -- QMP: file descriptors ---------------------------------------------------------
 

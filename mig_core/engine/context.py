@@ -65,6 +65,8 @@ class EngineContext:
     listener_closed: Callable[[], None] = lambda: None
     #: The destination's load failed: ``(error, exit_on_error)``; the host decides what follows.
     incoming_failed: Callable[[str, bool], None] = _ignore_failure
+    #: Postcopy: pages sent after each requested page (the destination likely touches them next).
+    postcopy_prefetch_pages: int = 0
 
     def capability(self, cap: MigrationCapability) -> bool:
         return bool(self.capabilities().get(cap, False))

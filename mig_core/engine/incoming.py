@@ -18,16 +18,18 @@ import structlog
 from mig_core.engine.announce import start_announce
 from mig_core.engine.context import EngineContext
 from mig_core.engine.multifd_recv import MultifdReceiver
-from mig_core.engine.return_path import DestinationReturnPath, Loaded, Pong, Shut
+from mig_core.engine.postcopy.destination import PostcopyIncoming
+from mig_core.engine.return_path import DestinationReturnPath, Loaded, Message, Pong, Shut
 from mig_core.errors import MigError
 from mig_core.ext import compressor
 from mig_core.ext.channel import Channel, ChannelAborted, ChannelEOF, ChannelError
-from mig_core.machine.device import DeviceSection
+from mig_core.machine.device import DeviceSection, PendingStates
 from mig_core.memory.zeropage import nonzero_pages
 from mig_core.schema.common import RunState
 from mig_core.schema.migration import MigrationCapability as C
 from mig_core.schema.migration import MigrationStatus as S
 from mig_core.stream import mapped_ram
+from mig_core.stream import postcopy as postcopy_wire
 from mig_core.stream.format import MAGIC, Command
 from mig_core.stream.mapped_ram import MappedRamLayout
 from mig_core.stream.multifd import MULTIFD_MAGIC, MultifdError, read_init
@@ -55,6 +57,8 @@ class IncomingMigration:
         self._extra: dict[int, Channel] = {}
         self.multifd: MultifdReceiver | None = None
         self.return_path: DestinationReturnPath | None = None
+        #: set by POSTCOPY_ADVISE; after the switch the page server owns the connection
+        self.postcopy: PostcopyIncoming | None = None
         self.announce: threading.Thread | None = None
         self.thread = threading.Thread(target=self._run, name="mig/dst/main", daemon=True)
 
@@ -102,8 +106,10 @@ class IncomingMigration:
                 self.multifd.close()
             for ch in self._extra.values():
                 ch.close()
+            if self.postcopy is not None:
+                self.postcopy.close()
             if self.channel is not None:
-                self.channel.close()
+                self.channel.close()  # this process's descriptor only: the page server may hold another
 
     def _connect(self) -> None:
         """Accept the main channel and, with multifd, multifd-channels more; check the source's config.
@@ -166,12 +172,17 @@ class IncomingMigration:
         for dev in machine.devices:
             dev.load_setup()
         states = machine.devices.pending()  # applied only once every device's state is in and valid
+        package: CommandReceived | None = None
         try:
             for item in reader:
                 if isinstance(item, DeviceSection):
                     states.add(item)
                 elif isinstance(item, DevicePart):
                     machine.devices.lookup(item.id, item.instance, item.version).load_iterate(item.chunk)
+                elif isinstance(item, CommandReceived) and item.command is Command.PACKAGED:
+                    package = item
+                    self._read_package(item, states)
+                    break
                 elif isinstance(item, CommandReceived):
                     self._command(item, reader.source_uuid)
                 elif isinstance(item, MappedRamLayout):
@@ -185,16 +196,55 @@ class IncomingMigration:
                     if self.multifd is not None:
                         self.multifd.finish()
                     break
+            if package is None:
+                states.apply()
         finally:
             for dev in machine.devices:
                 dev.load_cleanup()
-        states.apply()
+        if package is not None:
+            self._postcopy(package, states)
+            return
+        if self.postcopy is not None:  # advised, but the source completed in precopy
+            self.postcopy.close()
+            self.postcopy = None
         self._drop_unsent(placer)
         self._start_machine()
         if self.return_path is not None:
             self.return_path.send(Loaded())
         self.status.cas(S.ACTIVE, S.COMPLETED)
         log.info("incoming_completed", runstate=machine.run.state.value)
+        self.announce = start_announce(self.ctx.hooks, dict(self.ctx.parameters()))
+
+    def _read_package(self, item: CommandReceived, states: PendingStates) -> None:
+        """PACKAGED: read the device state that follows, whole, before the page server takes the connection."""
+        if self.postcopy is None:
+            raise StreamError("CMD_PACKAGED without POSTCOPY_ADVISE: postcopy was never advised")
+        _token, count = postcopy_wire.package(item.argument)
+        for _ in range(count):
+            section = self.reader.next()
+            if not isinstance(section, DeviceSection):
+                raise StreamError(f"CMD_PACKAGED: expected device state, got {type(section).__name__}")
+            states.add(section)
+        if self.multifd is not None:  # the source ended its multifd channels before the switch
+            self.multifd.finish()
+
+    def _postcopy(self, package: CommandReceived, states: PendingStates) -> None:
+        """The switch: hand over to the page server, load the devices, run, wait for the last page."""
+        pc = self.postcopy
+        assert pc is not None and self.channel is not None
+        token, _count = postcopy_wire.package(package.argument)
+        pc.on_status = self._postcopy_status
+        pc.listen(self.channel, self.reader.source_blocks, self.placer.received, self.reader.source_uuid)
+        self.return_path = None  # the page server writes the connection from now on
+        self.status.cas(S.ACTIVE, S.POSTCOPY_ACTIVE)
+        states.apply()
+        self._start_machine()
+        pc.send(Pong(token))
+        log.info("postcopy_running", runstate=self.machine.run.state.value)
+        figures = pc.wait()
+        pc.send(Loaded())
+        self.status.cas(S.POSTCOPY_ACTIVE, S.COMPLETED)
+        log.info("incoming_completed", runstate=self.machine.run.state.value, postcopy=True, **figures)
         self.announce = start_announce(self.ctx.hooks, dict(self.ctx.parameters()))
 
     def _load_mapped_ram(self, layout: MappedRamLayout) -> None:
@@ -264,6 +314,19 @@ class IncomingMigration:
                     log.warning("uuid_not_validated", reason="this host has no uuid", received=source_uuid)
                 elif local != source_uuid:
                     raise StreamError(f"UUID received is {source_uuid} and local is {local}")
+        elif item.command is Command.POSTCOPY_ADVISE:
+            if not self.ctx.capability(C.POSTCOPY_RAM):
+                raise StreamError("RAM postcopy is disabled but have 16 byte advise")
+            if self.postcopy is not None:
+                raise StreamError("CMD_POSTCOPY_ADVISE in wrong postcopy state (1)")
+            postcopy_wire.check_advise(item.argument, self.machine.blocks)
+            self.postcopy = PostcopyIncoming(self.machine.blocks)
+            self.postcopy.advise()
+        elif item.command is Command.POSTCOPY_RAM_DISCARD:
+            if self.postcopy is None:
+                raise StreamError("CMD_POSTCOPY_RAM_DISCARD in wrong postcopy state (0)")
+            block, starts, ends = postcopy_wire.parse_discard(item.argument, {b.name: b for b in self.machine.blocks})
+            self.postcopy.discard(block, starts, ends)
         elif item.command is Command.PING:
             if self.return_path is not None:
                 token = item.argument
@@ -281,15 +344,28 @@ class IncomingMigration:
         else:
             run.set(source_state)
 
+    def _postcopy_status(self, state: str, error: str | None) -> None:
+        """The page server paused (the connection broke), recovers, or runs again: this side's status follows."""
+        new = S(state)
+        if error is not None and new is S.POSTCOPY_PAUSED:
+            log.warning("postcopy_paused", error=error)
+        self.status.cas(self.status.state, new)
+
+    def _tell_source(self, msg: Message) -> None:
+        """Send on the return path: this process's end, or the page server's after the switch; best effort."""
+        try:
+            if self.return_path is not None:
+                self.return_path.send(msg)
+            elif self.postcopy is not None and self.postcopy.listening:
+                self.postcopy.send(msg)
+        except (ChannelError, MigError):
+            pass
+
     def _fail(self, error: str) -> None:
         self.ctx.set_error(error)
         state = self.status.state
-        if state in (S.SETUP, S.ACTIVE):
+        if state in (S.SETUP, S.ACTIVE, S.POSTCOPY_ACTIVE):
             self.status.cas(state, S.FAILED)
-        if self.return_path is not None:
-            try:
-                self.return_path.send(Shut(1))
-            except ChannelError:
-                pass
+        self._tell_source(Shut(1))
         log.error("incoming_failed", error=error)
         self.ctx.incoming_failed(error, self.exit_on_error)

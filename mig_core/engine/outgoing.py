@@ -10,6 +10,7 @@ were, and a new migration can start.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -21,6 +22,7 @@ from mig_core.engine.context import EngineContext
 from mig_core.engine.convergence import ConvergenceTrigger
 from mig_core.engine.device_iteration import DeviceIteration
 from mig_core.engine.multifd_send import MultifdSender
+from mig_core.engine.postcopy.source import PostcopySender, run_postcopy
 from mig_core.engine.return_path import SourceReturnPath
 from mig_core.engine.stats import MigrationCounters, PassRecord, RateLimiter, SourceStats, now_ms
 from mig_core.engine.write_behind import WriteBehind
@@ -37,6 +39,7 @@ from mig_core.schema.common import RunState
 from mig_core.schema.migration import MigrationCapability as C
 from mig_core.schema.migration import MigrationStatus as S
 from mig_core.stream import mapped_ram
+from mig_core.stream import postcopy as postcopy_wire
 from mig_core.stream.format import Command
 from mig_core.stream.mapped_ram import MappedRamWriter
 from mig_core.stream.reader import StreamError
@@ -80,6 +83,13 @@ class OutgoingMigration:
         self.channel: Channel | None = None
         self.cancel_requested = threading.Event()
         self.continue_event = threading.Event()
+        #: migrate-start-postcopy was called: switch at the next batch (postcopy-ram decides whether it can)
+        self.postcopy_requested = threading.Event()
+        #: pages the pass being sent had not reached when the switch to postcopy came
+        self._unsent: dict[str, np.ndarray] | None = None
+        self.postcopy: PostcopySender | None = None
+        #: ``migrate resume=true`` on a paused postcopy: (transport, address) of the new connection
+        self.resume_requests: queue.Queue[tuple[Transport, MigrationAddress]] = queue.Queue()
         self.limiter = RateLimiter(params()["max-bandwidth"])
         self.thread = threading.Thread(target=self._run, name="live_migration", daemon=True)
         self.return_path: SourceReturnPath | None = None
@@ -134,6 +144,31 @@ class OutgoingMigration:
         """migrate-continue in pre-switchover: go on to the device stage."""
         self.continue_event.set()
 
+    def start_postcopy(self) -> None:
+        """migrate-start-postcopy: a sticky request, acted on before the next batch of pages."""
+        self.postcopy_requested.set()
+
+    def pause_postcopy(self) -> None:
+        """migrate-pause: break the connection; the migration thread then waits in postcopy-paused."""
+        if self.channel is not None:
+            self.channel.abort("Postcopy migration is paused by the user")
+
+    def resume_postcopy(self, transport: Transport, addr: MigrationAddress) -> None:
+        """migrate resume=true: the paused migration thread connects there and recovers."""
+        self.resume_requests.put((transport, addr))
+
+    def use_connection(self, channel: Channel) -> None:
+        """Continue the stream on a new connection (postcopy recovery): new write-behind, writer and counts."""
+        if self._out is not None:
+            self._out.close()
+        self.channel = channel
+        self._accounted = 0
+        self._out = WriteBehind(channel)
+        self.writer = StreamWriter(self._out, self.machine.blocks)
+
+    def _postcopy_due(self) -> bool:
+        return self.caps[C.POSTCOPY_RAM] and self.postcopy_requested.is_set()
+
     @property
     def started(self) -> bool:
         """Whether the migration thread has started (a cancel before then ends it at once)."""
@@ -168,7 +203,10 @@ class OutgoingMigration:
         try:
             self._setup()
             self._iterate()
-            self._complete()
+            if self._unsent is not None:
+                self._postcopy()
+            else:
+                self._complete()
         except Cancelled:
             failed = True
         except (MigrationFailed, QMPError, ChannelError, StreamError, DeviceStateError, VcpuStopTimeout,
@@ -197,6 +235,8 @@ class OutgoingMigration:
         c.end_ms = now_ms()
         if self._runstate_before is not None and self.machine.run.state is RunState.FINISH_MIGRATE:
             self.machine.run.set(self._runstate_before)
+        if error is not None and c.in_postcopy:
+            error += " (in postcopy: the destination already runs this machine, so the source stays stopped)"
         status = self.status
         state = status.state
         if state is S.CANCELLING or error is None:
@@ -251,11 +291,13 @@ class OutgoingMigration:
                          "compression": str(self.ctx.parameter("multifd-compression"))}
                         if self.caps[C.MULTIFD] else None),
         })
-        if self.caps[C.RETURN_PATH]:
+        if self.caps[C.RETURN_PATH] or self.caps[C.POSTCOPY_RAM]:  # postcopy always has a return path
             self.writer.write_command(Command.OPEN_RETURN_PATH)
             writer = self.writer
             self.return_path = SourceReturnPath(self.channel, lambda token: writer.write_command(Command.PING, token))
             self.return_path.start()  # its first PING's round trip feeds the downtime estimate
+        if self.caps[C.POSTCOPY_RAM]:
+            self.writer.write_command(Command.POSTCOPY_ADVISE, postcopy_wire.advise(self.machine.blocks))
         if self.caps[C.MAPPED_RAM]:
             layout, section = mapped_ram.plan(self.machine.blocks, self.channel.tell())
             self.channel.send(section)
@@ -379,6 +421,8 @@ class OutgoingMigration:
         while True:
             sent_before, t0 = self.counters.transferred, time.monotonic()
             self._send_all(self.pending, running=True)
+            if self._unsent is not None:
+                return  # migrate-start-postcopy: the rest of this pass goes in postcopy
             device_bytes, device_ms = self.device_state.send_pass(self.writer, self._check_cancel,
                                                                   lambda: self._account_and_pace(0, True))
             self._end_pass(running=True)
@@ -402,6 +446,9 @@ class OutgoingMigration:
                 self._dirty_pass_bandwidth = sent / elapsed_ms
                 self._dirty_pass_measured = sent > (1 << 20)
             first = False
+            if self._postcopy_due():
+                self._unsent = self.pending
+                return
             # still-dirty RAM and the devices' pending state (both halves: without postcopy all must go now)
             remaining = sum(len(p) * b.page_size for b, p in self._pending_blocks()) + self._device_pending
             bandwidth = self._switchover_bandwidth()
@@ -426,10 +473,15 @@ class OutgoingMigration:
             self.cancel_requested.wait(delay)
 
     def _send_all(self, pages: dict[str, np.ndarray], running: bool) -> None:
-        for b in self.machine.blocks:
+        for bi, b in enumerate(self.machine.blocks):
             idx = pages[b.name]
             for i in range(0, len(idx), BATCH_PAGES):
                 self._check_cancel()
+                if running and self._postcopy_due():  # what this pass has not sent yet goes in postcopy
+                    self._unsent = {x.name: (pages[x.name][i:] if x is b else pages[x.name][len(pages[x.name]):]
+                                             if xi < bi else pages[x.name])
+                                    for xi, x in enumerate(self.machine.blocks)}
+                    return
                 self.limiter.set_limit(self.ctx.parameter("max-bandwidth") if running else 0)
                 self._send_batch(b, idx[i:i + BATCH_PAGES], running)
                 self.counters.remaining = max(0, self.counters.remaining - min(BATCH_PAGES, len(idx) - i) *
@@ -518,8 +570,8 @@ class OutgoingMigration:
         c.tick()
         s = SourceStats(setup_time=c.setup_ms or 0, total_time=c.total_time(), ram=c.to_stats(),
                         passes=list(c.passes))
-        if state is S.COMPLETED:
-            s.downtime = c.downtime_ms or 0
+        if state is S.COMPLETED or c.in_postcopy:
+            s.downtime = c.downtime_ms if c.downtime_ms is not None else now_ms() - (c.downtime_start_ms or now_ms())
         else:
             s.expected_downtime = c.expected_downtime or self.ctx.parameter("downtime-limit")
         if self.caps[C.XBZRLE]:
@@ -535,10 +587,12 @@ class OutgoingMigration:
 
     # -- completion ----------------------------------------------------------------------
 
-    def _complete(self) -> None:
+    def _stop_for_switchover(self) -> None:
+        """Stop the machine (finish-migrate), wait in pre-switchover if asked, reach ``device``."""
         c, run, status = self.counters, self.machine.run, self.status
         log.info("switchover", expected_downtime_ms=c.expected_downtime, remaining=c.remaining,
-                 bandwidth_bytes_per_ms=round(c.bandwidth, 1), passes=c.dirty_sync_count)
+                 bandwidth_bytes_per_ms=round(c.bandwidth, 1), passes=c.dirty_sync_count,
+                 postcopy=self._unsent is not None)
         c.downtime_start_ms = now_ms()
         # stops the vCPUs; from here until the end cont is refused, so nothing resumes them before the
         # destination has everything. set() returns the state it replaced, under the run-state lock; the
@@ -559,6 +613,10 @@ class OutgoingMigration:
         self.writer.write_command(Command.SWITCHOVER_START)
         self._account(0, running=True)  # what was written before the machine stopped
         log.debug("switchover_stopped", ms_since_stop=now_ms() - (c.downtime_start_ms or 0))
+
+    def _complete(self) -> None:
+        c, run, status = self.counters, self.machine.run, self.status
+        self._stop_for_switchover()
         final = self._sync()
         merged = {b.name: _union(self.pending[b.name], final[b.name], b.npages) for b in self.machine.blocks}
         log.debug("switchover_synced", ms_since_stop=now_ms() - (c.downtime_start_ms or 0),
@@ -586,3 +644,9 @@ class OutgoingMigration:
         run.set(RunState.POSTMIGRATE)
         log.info("migration_completed", total_ms=c.total_time(), downtime_ms=c.downtime_ms,
                  transferred=c.transferred)
+
+    # -- postcopy ---------------------------------------------------------------------
+
+    def _postcopy(self) -> None:
+        """Switch to postcopy: the destination runs, the rest follows (engine/postcopy/source.py)."""
+        run_postcopy(self)

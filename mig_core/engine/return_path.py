@@ -59,9 +59,10 @@ class RequestPages:
 
 @dataclass(frozen=True)
 class ReceivedBitmap:
-    """Postcopy recovery: the destination's bitmap of received pages of ``block`` follows."""
+    """Postcopy recovery: the pages of ``block`` the destination holds (``numpy.packbits`` of a bool per page)."""
 
     block: str
+    bitmap: bytes
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def encode(msg: Message) -> tuple[Command, object]:
     if isinstance(msg, RequestPages):
         return Command.RP_REQ_PAGES, [msg.block, msg.offset, msg.length]
     if isinstance(msg, ReceivedBitmap):
-        return Command.RP_RECV_BITMAP, msg.block
+        return Command.RP_RECV_BITMAP, [msg.block, msg.bitmap]
     if isinstance(msg, ResumeAck):
         return Command.RP_RESUME_ACK, msg.value
     return Command.RP_SWITCHOVER_ACK, None
@@ -116,9 +117,9 @@ def decode(item: CommandReceived) -> Message:
             raise StreamError(f"return path: REQ_PAGES needs [block, offset, length], got {arg!r}")
         return RequestPages(arg[0], _int(arg[1], "REQ_PAGES offset"), _int(arg[2], "REQ_PAGES length"))
     if cmd is Command.RP_RECV_BITMAP:
-        if not isinstance(arg, str):
-            raise StreamError(f"return path: RECV_BITMAP needs a block name, got {arg!r}")
-        return ReceivedBitmap(arg)
+        if not (isinstance(arg, list) and len(arg) == 2 and isinstance(arg[0], str) and isinstance(arg[1], bytes)):
+            raise StreamError(f"return path: RECV_BITMAP needs [block, bitmap], got {arg!r:.80}")
+        return ReceivedBitmap(arg[0], arg[1])
     if cmd is Command.RP_RESUME_ACK:
         return ResumeAck(_int(arg, "RESUME_ACK"))
     if cmd is Command.RP_SWITCHOVER_ACK:
@@ -135,6 +136,10 @@ class DestinationReturnPath:
 
     def send(self, msg: Message) -> None:
         command, argument = encode(msg)
+        self.send_raw(command, argument)
+
+    def send_raw(self, command: Command, argument: object) -> None:
+        """Send an encoded message (one the host asked the postcopy page server to pass on)."""
         with self._lock:
             self._writer.write_command(command, argument)
 
@@ -158,13 +163,25 @@ class SourceReturnPath:
         self._first_ping = 0.0
         #: Round trip of the first PING (sent at setup), in milliseconds; feeds the downtime estimate.
         self.rtt_ms = 0.0
+        #: Called on this thread for every PONG (postcopy ends its downtime on the package's).
+        self.on_pong: Callable[[Pong], None] | None = None
+        #: Called on this thread for every page request (set while postcopy runs; a StreamError ends it).
+        self.on_request: Callable[[RequestPages], None] | None = None
+        #: Called on this thread for a recovery's messages (received bitmaps, the resume ack).
+        self.on_recovery: Callable[[ReceivedBitmap | ResumeAck], None] | None = None
         self.thread = threading.Thread(target=self._run, name="mig/src/rp_thr", daemon=True)
 
-    def start(self) -> None:
+    def start(self, ping: bool = True) -> None:
+        """Start reading; ``ping`` measures the round trip first (not on a postcopy recovery's connection)."""
         self.thread.start()
-        self._first_ping = time.monotonic()
-        self._send_ping(0)
+        if ping:
+            self._first_ping = time.monotonic()
+            self._send_ping(0)
 
+    @property
+    def broken(self) -> bool:
+        """True if the return path ended by an I/O or protocol error (not by the destination's verdict)."""
+        return self._ended.is_set() and self._error is not None
     def failure(self) -> str | None:
         """Why the destination can no longer succeed (it gave up, or the return path broke); None if it still can."""
         if not self._ended.is_set():
@@ -216,6 +233,12 @@ class SourceReturnPath:
                     with self._pong:
                         self._pong_seen = max(self._pong_seen, msg.token)
                         self._pong.notify_all()
+                    if self.on_pong is not None:
+                        self.on_pong(msg)
+                elif isinstance(msg, RequestPages) and self.on_request is not None:
+                    self.on_request(msg)
+                elif isinstance(msg, ReceivedBitmap | ResumeAck) and self.on_recovery is not None:
+                    self.on_recovery(msg)
                 elif isinstance(msg, Loaded | Shut):
                     self._code = msg.code
                     return

@@ -57,6 +57,10 @@ class MigrationCounters:
     normal: int = 0
     precopy_bytes: int = 0
     downtime_bytes: int = 0
+    postcopy_bytes: int = 0
+    postcopy_requests: int = 0
+    #: set at the switch to postcopy: what the stopped source sends from then on counts as postcopy-bytes
+    in_postcopy: bool = False
     multifd_bytes: int = 0
     missed_zero_copy: int = 0
     remaining: int = 0
@@ -90,6 +94,8 @@ class MigrationCounters:
             self.transferred += nbytes
             if running:
                 self.precopy_bytes += nbytes
+            elif self.in_postcopy:
+                self.postcopy_bytes += nbytes
             else:
                 self.downtime_bytes += nbytes
             self._window_bytes += nbytes
@@ -148,7 +154,7 @@ class MigrationCounters:
     def finish(self) -> None:
         """Freeze the clocks; mbps becomes the average over the whole migration, as QEMU reports it."""
         self.end_ms = now_ms()
-        if self.downtime_start_ms is not None:
+        if self.downtime_start_ms is not None and self.downtime_ms is None:  # postcopy measured it already
             self.downtime_ms = self.end_ms - self.downtime_start_ms
         busy = self.total_time() - (self.setup_ms or 0)
         if busy > 0:
@@ -162,10 +168,10 @@ class MigrationCounters:
                 transferred=self.transferred, remaining=self.remaining, total=self.total,
                 duplicate=self.duplicate, normal=self.normal, normal_bytes=self.normal * self.page_size,
                 dirty_pages_rate=self.dirty_pages_rate, mbps=round(self.mbps, 4),
-                dirty_sync_count=self.dirty_sync_count, postcopy_requests=0, page_size=self.page_size,
-                multifd_bytes=self.multifd_bytes, pages_per_second=self.pages_per_second,
-                precopy_bytes=self.precopy_bytes,
-                downtime_bytes=self.downtime_bytes, postcopy_bytes=0, dirty_sync_missed_zero_copy=self.missed_zero_copy,
+                dirty_sync_count=self.dirty_sync_count, postcopy_requests=self.postcopy_requests,
+                page_size=self.page_size, multifd_bytes=self.multifd_bytes, pages_per_second=self.pages_per_second,
+                precopy_bytes=self.precopy_bytes, downtime_bytes=self.downtime_bytes,
+                postcopy_bytes=self.postcopy_bytes, dirty_sync_missed_zero_copy=self.missed_zero_copy,
             )
 
 

@@ -156,6 +156,29 @@ class Channel(ABC):
         self.recv_into(buf)
         return bytes(buf)
 
+    # -- handing the connection to another process ------------------------------------------
+
+    def fileno(self) -> int:
+        """The descriptor another process can carry on this connection with (postcopy's helper); -1 if none."""
+        return -1
+
+    def take_buffered(self) -> bytes:
+        """The bytes read ahead from the kernel but not consumed yet (whoever continues the stream needs them)."""
+        data = bytes(self._ra[self._ra_pos:self._ra_end])
+        self._ra_pos = self._ra_end = 0
+        return data
+
+    def preload(self, data: bytes) -> None:
+        """Make ``data`` the next bytes this channel returns (what another reader took over with the descriptor)."""
+        if not data:
+            return
+        if self._ra_end - self._ra_pos:
+            raise ChannelError("preload: the channel already holds unread bytes")
+        if len(data) > len(self._ra):
+            self._ra = memoryview(bytearray(len(data)))
+        self._ra[:len(data)] = data
+        self._ra_pos, self._ra_end = 0, len(data)
+
     # -- positioned I/O (file transports) -------------------------------------------------
 
     @property
@@ -323,6 +346,9 @@ class SocketChannel(Channel):
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
 
     def close(self) -> None:
         self.sock.close()

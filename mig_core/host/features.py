@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import os
@@ -37,3 +38,17 @@ def background_snapshot_unsupported() -> str | None:
         return os.strerror(e.errno or errno.ENOSYS)
     need = uffd.FEATURE_PAGEFAULT_FLAG_WP | uffd.FEATURE_WP_UNPOPULATED
     return None if feats & need == need else f"missing userfaultfd features {need & ~feats:#x}"
+
+
+#: statfs f_type of the filesystems whose pages userfaultfd serves in missing mode (shmem, hugetlbfs)
+_TMPFS_MAGIC = 0x01021994
+_HUGETLBFS_MAGIC = 0x958458F6
+
+
+def missing_mode_filesystem(path: str) -> bool:
+    """Whether userfaultfd can serve missing pages of a file at ``path`` (tmpfs or hugetlbfs)."""
+    buf = ctypes.create_string_buffer(120)  # struct statfs: f_type (a long) comes first
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.statfs(os.fsencode(path), buf) != 0:
+        return False
+    return int.from_bytes(buf.raw[:8], "little") in (_TMPFS_MAGIC, _HUGETLBFS_MAGIC)

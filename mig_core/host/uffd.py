@@ -29,6 +29,9 @@ _USERFAULTFD_IOC_NEW = 0xAA00
 UFFDIO_API = 0xC018AA3F
 UFFDIO_REGISTER = 0xC020AA00
 UFFDIO_UNREGISTER = 0x8010AA01
+UFFDIO_WAKE = 0x8010AA02
+UFFDIO_COPY = 0xC028AA03
+UFFDIO_ZEROPAGE = 0xC020AA04
 UFFDIO_WRITEPROTECT = 0xC018AA06
 _UFFD_API = 0xAA
 
@@ -109,8 +112,9 @@ _MODE_FEATURES = {
 }
 _MODE_REGISTER = {Mode.WP_ASYNC: REGISTER_MODE_WP, Mode.MISSING: REGISTER_MODE_MISSING, Mode.WP_SYNC: REGISTER_MODE_WP}
 _MODE_BACKINGS = {
-    # the postcopy helper maps the block from its descriptor; anonymous memory cannot be shared with it
-    Mode.MISSING: (Backing.MEMFD,),
+    # the postcopy helper fills pages with UFFDIO_COPY, which acts on this process's memory whoever calls
+    # it: any mapping mig made will do; a host's own buffer is refused (mig cannot discard its pages)
+    Mode.MISSING: (Backing.MEMFD, Backing.ANONYMOUS, Backing.FILE),
     Mode.WP_SYNC: (Backing.MEMFD, Backing.ANONYMOUS),
     Mode.WP_ASYNC: (Backing.MEMFD, Backing.ANONYMOUS, Backing.FILE, Backing.HOST),
 }
@@ -143,16 +147,17 @@ class UffdRegistry:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_block: dict[str, Registration] = {}
+        #: by id(block): two machines in one process may both have a block of the same name
+        self._by_block: dict[int, Registration] = {}
 
     def registration(self, block: RAMBlock) -> Registration | None:
-        return self._by_block.get(block.name)
+        return self._by_block.get(id(block))
 
     def register(self, block: RAMBlock, mode: Mode, owner: str) -> Registration:
         """Register ``block`` for ``mode`` on behalf of ``owner``; refuse a block already registered."""
         block.require(*_MODE_BACKINGS[mode], feature=f"userfaultfd {mode.value} ({mode.purpose})")
         with self._lock:
-            held = self._by_block.get(block.name)
+            held = self._by_block.get(id(block))
             if held is not None:
                 raise UffdError(errno.EBUSY, f"RAM block '{block.name}' is already registered with userfaultfd "
                                              f"for {held.mode.value} ({held.mode.purpose}, by {held.owner}); it "
@@ -175,22 +180,27 @@ class UffdRegistry:
                 try:
                     _ioctl(fd, UFFDIO_REGISTER, buf)
                 except OSError as e:
+                    if e.errno == errno.EINVAL and block.backing is Backing.FILE and mode is not Mode.WP_ASYNC:
+                        raise UffdError(e.errno, f"RAM block '{block.name}' is backed by {block.path}, on a "
+                                                 f"filesystem whose pages userfaultfd cannot serve for "
+                                                 f"{mode.purpose} (Host backend files need to be TMPFS or "
+                                                 "HUGETLBFS only)") from None
                     raise UffdError(e.errno, f"UFFDIO_REGISTER of RAM block '{block.name}' for {mode.value} failed: "
                                              f"{os.strerror(e.errno or 0)}") from None
             except BaseException:
                 os.close(fd)
                 raise
             reg = Registration(block, mode, fd, wanted, owner)
-            self._by_block[block.name] = reg
+            self._by_block[id(block)] = reg
         log.info("uffd_registered", block=block.name, mode=mode.value, owner=owner)
         return reg
 
     def unregister(self, reg: Registration) -> None:
         """Drop a registration (all its write-protect state goes with it) and close its descriptor."""
         with self._lock:
-            if self._by_block.get(reg.block.name) is not reg:
+            if self._by_block.get(id(reg.block)) is not reg:
                 return
-            del self._by_block[reg.block.name]
+            del self._by_block[id(reg.block)]
         buf = ctypes.create_string_buffer(struct.pack("QQ", reg.block.address, reg.block.size), 16)
         try:
             _ioctl(reg.fd, UFFDIO_UNREGISTER, buf)
@@ -199,6 +209,73 @@ class UffdRegistry:
         finally:
             os.close(reg.fd)
         log.info("uffd_unregistered", block=reg.block.name, mode=reg.mode.value)
+
+
+class PageFiller:
+    """UFFDIO_COPY, UFFDIO_ZEROPAGE and UFFDIO_WAKE on one userfaultfd, from whichever process holds it.
+
+    The ioctls act on the memory of the process that created the descriptor, so a helper process
+    fills the host's pages from a buffer of its own. Each call goes through ctypes, which releases
+    the GIL while the kernel copies.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._copy = ctypes.create_string_buffer(40)
+        self._zero = ctypes.create_string_buffer(32)
+        self._wake = ctypes.create_string_buffer(16)
+
+    def copy(self, dst: int, src: int, length: int) -> None:
+        """Place ``length`` bytes from ``src`` (this process) at ``dst`` (the host) atomically and wake waiters.
+
+        Pages that were placed already (EEXIST) are skipped: the rest of the range is still filled.
+        """
+        while length > 0:
+            struct.pack_into("QQQQq", self._copy, 0, dst, src, length, 0, 0)
+            if _libc.ioctl(self.fd, UFFDIO_COPY, self._copy) == 0:
+                return
+            err = ctypes.get_errno()
+            done = struct.unpack_from("q", self._copy, 32)[0]
+            if err == errno.EAGAIN and done > 0:  # the host's mappings changed meanwhile: go on after them
+                dst, src, length = dst + done, src + done, length - done
+                continue
+            if err == errno.EEXIST:
+                step = max(done, 0) + mmap_page_size()
+                dst, src, length = dst + step, src + step, length - step
+                continue
+            if err == errno.EAGAIN:
+                continue
+            raise OSError(err, f"UFFDIO_COPY: {os.strerror(err)}")
+
+    def zeropage(self, start: int, length: int) -> None:
+        """Map zero pages over ``[start, start + length)`` and wake waiters (placed pages are skipped)."""
+        while length > 0:
+            struct.pack_into("QQQq", self._zero, 0, start, length, 0, 0)
+            if _libc.ioctl(self.fd, UFFDIO_ZEROPAGE, self._zero) == 0:
+                return
+            err = ctypes.get_errno()
+            done = struct.unpack_from("q", self._zero, 24)[0]
+            if err in (errno.EAGAIN, errno.EEXIST):
+                step = max(done, 0) + (mmap_page_size() if err == errno.EEXIST else 0)
+                start, length = start + step, length - step
+                continue
+            raise OSError(err, f"UFFDIO_ZEROPAGE: {os.strerror(err)}")
+
+    def wake(self, start: int, length: int) -> None:
+        """Wake threads waiting on a range whose pages are present already (a duplicate fault)."""
+        struct.pack_into("QQ", self._wake, 0, start, length)
+        if _libc.ioctl(self.fd, UFFDIO_WAKE, self._wake) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"UFFDIO_WAKE: {os.strerror(err)}")
+
+
+def mmap_page_size() -> int:
+    return os.sysconf("SC_PAGE_SIZE")
+
+
+#: one ``struct uffd_msg`` (x86_64): event, 3 reserved, flags, address, thread id, padding
+UFFD_MSG = struct.Struct("<BBHIQQI4x")
+UFFD_EVENT_PAGEFAULT = 0x12
 
 
 #: The registry of this process.

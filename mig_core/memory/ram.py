@@ -54,6 +54,11 @@ class RAMBlock:
     _mmap: mmap.mmap | None = field(default=None, repr=False)
     _owner: Any = field(default=None, repr=False)
 
+    @classmethod
+    def geometry(cls, name: str, size: int, page_size: int) -> RAMBlock:
+        """A block that only describes another process's memory (name, size, page size): it has no view."""
+        return cls(name, size, page_size, Backing.HOST, memoryview(b""))
+
     @property
     def npages(self) -> int:
         return self.size // self.page_size

@@ -55,6 +55,7 @@ class Command(enum.IntEnum):
     POSTCOPY_RAM_DISCARD = 19
     POSTCOPY_RESUME = 20
     PACKAGED = 21
+    POSTCOPY_RECV_BITMAP = 22  # argument: a block name; the destination answers RP_RECV_BITMAP
     COLO_ENABLE = 32
     COLO_MESSAGE = 33  # argument: a COLOMessage value
     # on the return path (destination → source)

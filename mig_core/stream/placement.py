@@ -16,6 +16,9 @@ from mig_core.memory.ram import Backing, RAMBlock
 class PagePlacer(ABC):
     """Puts received pages into RAM blocks and remembers which pages arrived."""
 
+    #: Whether the placer can read what a page holds now (XBZRLE pages are applied on top of it).
+    reads_back = True
+
     def __init__(self, blocks: Sequence[RAMBlock]) -> None:
         self.blocks = list(blocks)
         self.received = {b.name: np.zeros(b.npages, dtype=bool) for b in self.blocks}

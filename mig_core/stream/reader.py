@@ -90,6 +90,14 @@ class StreamReader:
         self._blocks: list[RAMBlock] = []  # indexed as the source numbered them
         self._staging = np.empty(0, dtype=np.uint8)
 
+    @classmethod
+    def continuing(cls, channel: Channel, source_blocks: Sequence[RAMBlock], placer: PagePlacer) -> StreamReader:
+        """A reader that takes over a stream whose header another reader checked (postcopy's page server)."""
+        reader = cls(channel, source_blocks, placer)
+        reader._blocks = list(source_blocks)
+        reader.version = VERSION
+        return reader
+
     def _recv(self, n: int, what: str) -> bytes:
         try:
             return self.channel.recv_exact(n)
@@ -221,6 +229,8 @@ class StreamReader:
             self.placer.place_zero(block, pages)
             return PagesReceived(block, pages, encoding)
         if encoding is PageEncoding.XBZRLE:
+            _expect(self.placer.reads_back, f"XBZRLE pages for RAM block '{block.name}' during postcopy (they "
+                                            "need the previous contents, which postcopy pages never have)")
             lengths = np.empty(count, dtype="<u2")
             self._recv_into(lengths, "a page batch's XBZRLE lengths")
             _expect(bool((lengths <= block.page_size).all()), "Failed to load XBZRLE page - len overflow!")

@@ -1,0 +1,265 @@
+"""The destination host's side of postcopy: advise, discard, hand over to the page server, complete.
+
+At POSTCOPY_ADVISE (migration setup) this host drops all its RAM, so every page
+it does not receive is missing, and starts the page server process early (its
+start-up costs no downtime later). Discard ranges name the pages the source
+will still send. At the switch (PACKAGED) it registers every block with
+userfaultfd in missing mode, keeps those descriptors (a page server that dies
+must leave faulting threads waiting, never let the kernel fill zeros), and
+passes duplicates and the migration connection to the page server. The host
+then loads the devices and runs; its migration thread only waits for the page
+server's verdict, in a blocking call that holds no lock and touches no RAM.
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import numpy as np
+import structlog
+
+from mig_core.engine.postcopy.ipc import ControlClosed, ControlConnection
+from mig_core.engine.return_path import Message, encode
+from mig_core.errors import MigError, StreamError
+from mig_core.ext.channel import Channel
+from mig_core.host.uffd import REGISTRY, Mode, Registration, UffdError
+from mig_core.memory.pagemap import pages_to_runs
+from mig_core.memory.ram import Backing, RAMBlock
+
+log = structlog.get_logger("mig.postcopy.destination")
+
+_MADV_NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", 15)
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
+
+
+class PageServerFailed(MigError):
+    """The page server reported a failure or died; the message names the cause."""
+
+
+def _exit_description(proc: subprocess.Popen[bytes]) -> str:
+    try:
+        code = proc.wait(2)
+    except subprocess.TimeoutExpired:
+        return "it stopped answering"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit status {code}"
+
+
+def _drop(block: RAMBlock, starts: np.ndarray, ends: np.ndarray) -> None:
+    """Drop the pages of these runs from this host's memory (they read as missing, or zero, afterwards)."""
+    assert block._mmap is not None
+    advice = mmap.MADV_REMOVE if block.backing in (Backing.MEMFD, Backing.FILE) else mmap.MADV_DONTNEED
+    ps = block.page_size
+    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+        block._mmap.madvise(advice, s * ps, (e - s) * ps)
+
+
+class PostcopyIncoming:
+    """One destination's postcopy: from the advise to the page server's last page."""
+
+    def __init__(self, blocks: Sequence[RAMBlock]) -> None:
+        self.blocks = list(blocks)
+        self.coming = {b.name: np.zeros(b.npages, dtype=bool) for b in self.blocks}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ctl: ControlConnection | None = None
+        self.pid = 0
+        self._registrations: list[Registration] = []
+        self.listening = False
+        #: Called on the control thread with (status, error) when the page server moves (pause, recovery).
+        self.on_status: Callable[[str, str | None], None] = lambda state, error: None
+        self._verdicts: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._replies: dict[int, tuple[threading.Event, list[str | None]]] = {}
+        self._ids = itertools.count(1)
+        self._reader: threading.Thread | None = None
+        self._dead: PageServerFailed | None = None
+        self._closing = False
+
+    # -- advise ------------------------------------------------------------------------
+
+    def advise(self) -> None:
+        """Drop all RAM (every page not received is then missing) and start the page server."""
+        for b in self.blocks:
+            if b.backing is Backing.HOST or b._mmap is None:
+                raise StreamError(f"Postcopy is not supported: RAM block '{b.name}' is a buffer of the host's own, "
+                                  "whose pages mig cannot drop")
+            if b.backing is Backing.ANONYMOUS:
+                # missing pages are filled one page at a time; a huge page would make a fault cost 512 of them
+                b._mmap.madvise(_MADV_NOHUGEPAGE)
+            _drop(b, np.array([0]), np.array([b.npages]))
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "mig_core.engine.postcopy.page_server",
+                                          str(theirs.fileno())], pass_fds=[theirs.fileno()])
+        finally:
+            theirs.close()
+        self.ctl = ControlConnection(ours)
+        log.info("page_server_started", pid=self.proc.pid)
+
+    def discard(self, block: RAMBlock, starts: np.ndarray, ends: np.ndarray) -> None:
+        """The source will still send these pages: whatever this host holds there is stale."""
+        if self.listening:
+            raise StreamError("CMD_POSTCOPY_RAM_DISCARD in wrong postcopy state (listening)")
+        mask = self.coming[block.name]
+        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+            mask[s:e] = True
+
+    # -- listen ----------------------------------------------------------------------------
+
+    def listen(self, channel: Channel, source_blocks: Sequence[RAMBlock], received: dict[str, np.ndarray],
+               source_uuid: str) -> None:
+        """Register RAM with userfaultfd and hand the connection and the descriptors to the page server."""
+        ctl = self._control()
+        fd = channel.fileno()
+        if fd < 0:
+            raise StreamError(f"postcopy needs a connection another process can continue ({type(channel).__name__} "
+                              "has no descriptor)")
+        blocks_msg = []
+        for b in source_blocks:
+            coming = self.coming[b.name]
+            present = received[b.name] & ~coming
+            stale = np.flatnonzero(received[b.name] & coming)
+            if len(stale):
+                _drop(b, *pages_to_runs(stale))
+            blocks_msg.append([b.name, b.size, b.page_size, b.address, np.packbits(present).tobytes(),
+                               np.packbits(coming).tobytes()])
+        try:
+            for b in source_blocks:
+                self._registrations.append(REGISTRY.register(b, Mode.MISSING, owner="postcopy"))
+        except UffdError as e:
+            raise StreamError(f"Postcopy is not supported: {e}") from None
+        buffered = channel.take_buffered()
+        ctl.send({"op": "listen", "blocks": blocks_msg, "buffered": buffered, "source_uuid": source_uuid},
+                 [fd, *(r.fd for r in self._registrations)])
+        self.listening = True
+        log.info("postcopy_listening", page_server=self.pid,
+                 pages_coming=int(sum(int(m.sum()) for m in self.coming.values())))
+
+    def _control(self) -> ControlConnection:
+        """The control connection, once the page server said it is ready."""
+        if self.ctl is None or self.proc is None:
+            raise StreamError("CMD_POSTCOPY_LISTEN in wrong postcopy state (0): no POSTCOPY_ADVISE came first")
+        if not self.pid:
+            try:
+                msg, _ = self.ctl.recv()
+            except ControlClosed:
+                raise self._died() from None
+            if msg["op"] != "ready":
+                raise PageServerFailed(f"the postcopy page server said {msg['op']!r} instead of 'ready'")
+            self.pid = int(msg["pid"])
+            self._reader = threading.Thread(target=self._read, name="mig/dst/pc-ctl", daemon=True)
+            self._reader.start()
+        return self.ctl
+
+    def _read(self) -> None:
+        """The control thread: status changes, replies to requests, the page server's verdict."""
+        assert self.ctl is not None
+        try:
+            while True:
+                msg, _ = self.ctl.recv()
+                op = msg["op"]
+                if op == "status":
+                    self.on_status(str(msg["state"]), msg.get("error"))
+                elif op == "reply":
+                    waiter = self._replies.pop(int(msg.get("id") or 0), None)
+                    if waiter is not None:
+                        waiter[1].append(msg.get("error"))
+                        waiter[0].set()
+                elif op in ("complete", "failed"):
+                    self._verdicts.put(msg)
+        except ControlClosed:
+            if not self._closing:
+                self._dead = self._died()
+            self._verdicts.put(None)
+            for event, _ in list(self._replies.values()):
+                event.set()
+
+    def request(self, op: str, **args: Any) -> str | None:
+        """Ask the page server (migrate-recover, migrate-pause); its error text, or None when it did it."""
+        ctl = self._control()
+        rid = next(self._ids)
+        event, answer = threading.Event(), cast(list[str | None], [])
+        self._replies[rid] = (event, answer)
+        try:
+            ctl.send({"op": op, "id": rid, **args})
+        except (ControlClosed, OSError):
+            raise self._died() from None
+        if not event.wait(10) or not answer:
+            raise self._dead or PageServerFailed(f"the postcopy page server did not answer {op}")
+        return answer[0]
+
+    def send(self, msg: Message) -> None:
+        """Send a return-path message through the page server (it owns the connection now)."""
+        command, argument = encode(msg)
+        try:
+            self._control().send({"op": "rp", "command": int(command), "argument": argument})
+        except (ControlClosed, OSError):
+            raise self._died() from None
+
+    # -- completion ------------------------------------------------------------------------
+
+    def wait(self) -> dict[str, int]:
+        """Block until every page arrived (then unregister RAM) or the page server failed (PageServerFailed)."""
+        self._control()
+        msg = self._verdicts.get()
+        if msg is None:
+            raise self._dead or self._died()
+        if msg["op"] == "failed":
+            raise PageServerFailed(str(msg.get("error")))
+        if msg["op"] != "complete":
+            raise PageServerFailed(f"the postcopy page server said {msg['op']!r}")
+        self._unregister()
+        return {"faults": int(msg.get("faults", 0)), "requests": int(msg.get("requests", 0))}
+
+    def _died(self) -> PageServerFailed:
+        assert self.proc is not None
+        if self._dead is not None:
+            return self._dead
+        missing = sum(int(m.sum()) for m in self.coming.values())
+        how = _exit_description(self.proc)
+        error = (f"the postcopy page server (pid {self.proc.pid}) died ({how}); pages that had not arrived "
+                 f"(up to {missing}) cannot arrive any more and this machine cannot continue")
+        log.error("page_server_died", pid=self.proc.pid, how=how)
+        return PageServerFailed(error)
+
+    def _unregister(self) -> None:
+        for r in self._registrations:
+            REGISTRY.unregister(r)
+            if r.block.backing is Backing.ANONYMOUS and r.block._mmap is not None:
+                try:
+                    r.block._mmap.madvise(_MADV_HUGEPAGE)
+                except OSError:
+                    pass
+        self._registrations.clear()
+
+    def close(self) -> None:
+        """Stop the page server (after completion it sends nothing more)."""
+        self._closing = True
+        if self.ctl is not None:
+            try:
+                self.ctl.send({"op": "exit"})
+            except (ControlClosed, OSError):
+                pass
+        if self.proc is not None:
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.ctl is not None:
+            self.ctl.sock.shutdown(socket.SHUT_RDWR)
+            if self._reader is not None:
+                self._reader.join(5)
+            self.ctl.close()
+            self.ctl = None
+        # registrations left now belong to a postcopy that failed: they stay, so a thread touching a page
+        # that never arrived waits instead of reading zeros (the host is told the machine cannot continue)
