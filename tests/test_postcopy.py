@@ -151,3 +151,77 @@ async def test_migrate_pause_and_recover_twice(start_host, tmp_path):
         for c in (src, dst):
             with contextlib.suppress(Exception):
                 await c.disconnect()
+
+
+def _threads_in_fault(pid: int) -> int:
+    """How many threads of ``pid`` wait in the kernel for a userfaultfd page (wchan handle_userfault)."""
+    from pathlib import Path
+
+    n = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "wchan").read_text().strip() == "handle_userfault":
+                n += 1
+        except OSError:
+            continue
+    return n
+
+
+async def test_destination_qmp_answers_while_a_vcpu_waits_on_a_cut_link(start_host, tmp_path):
+    import asyncio
+    import time
+
+    from mig_core.testing.proxy import CuttableProxy
+
+    src_h, dst_h, src, dst = await _pair(start_host)  # the destination runs: its vCPUs fault
+    proxy = None
+    try:
+        await dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/dst.sock"})
+        proxy = CuttableProxy(tmp_path / "proxy.sock", tmp_path / "dst.sock")
+        await src.execute("migrate-set-parameters", {"max-bandwidth": 2 << 20, "max-postcopy-bandwidth": 2 << 20})
+        await src.execute("migrate", {"uri": f"unix:{tmp_path}/proxy.sock"})
+        await wait_for_status(src, {"active"})
+        await src.execute("migrate-start-postcopy")
+        await _wait_postcopy_bytes(src, 256 << 10)
+        proxy.cut()
+        await wait_for_status(src, {"postcopy-paused"})
+        paused = await wait_for_status(dst, {"postcopy-paused"})
+        assert "cannot complete without it" in paused["error-desc"], paused
+        # a vCPU touches a page that cannot arrive now: it waits in the kernel (holding the GIL, this
+        # stops every thread of the destination process, its QMP server included)
+        for _ in range(500):
+            if _threads_in_fault(dst_h.proc.pid):
+                break
+            await asyncio.sleep(0.02)
+        assert _threads_in_fault(dst_h.proc.pid), "no destination thread waits on a missing page"
+        worst = 0.0
+        t_end = time.monotonic() + 10
+        while time.monotonic() < t_end:
+            t0 = time.monotonic()
+            info = await dst.execute("query-migrate")
+            worst = max(worst, time.monotonic() - t0)
+            assert info["status"] == "postcopy-paused", info
+            assert _threads_in_fault(dst_h.proc.pid)  # still blocked: nothing arrived meanwhile
+            await asyncio.sleep(0.05)
+        assert worst < 0.1, f"query-migrate took {worst * 1000:.1f} ms"
+        t0 = time.monotonic()
+        await dst.execute("migrate-recover", {"uri": f"unix:{tmp_path}/r.sock"})
+        assert time.monotonic() - t0 < 0.5
+        await src.execute("migrate-set-parameters", {"max-postcopy-bandwidth": 0})
+        await src.execute("migrate", {"uri": f"unix:{tmp_path}/r.sock", "resume": True})
+        done = await wait_for_status(src, {"completed", "failed"}, timeout=60)
+        assert done["status"] == "completed", done
+        assert "error-desc" not in done
+        await wait_for_status(dst, {"completed"})
+        await dst.execute("stop")
+        await ram_digest(src, RAM, tmp_path / "s.mem")
+        await ram_digest(dst, RAM, tmp_path / "d.mem")
+        s = np.fromfile(tmp_path / "s.mem", np.uint8).reshape(-1, 4096)
+        d = np.fromfile(tmp_path / "d.mem", np.uint8).reshape(-1, 4096)
+        assert np.array_equal(s[1:, 8:], d[1:, 8:])
+    finally:
+        if proxy is not None:
+            proxy.close()
+        for c in (src, dst):
+            with contextlib.suppress(Exception):
+                await c.disconnect()

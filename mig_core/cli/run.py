@@ -125,12 +125,14 @@ def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: boo
         except QMPError as e:
             raise click.ClickException(f"-incoming {incoming}: {e.desc}") from None
     workload.start()
-    asyncio.run(_serve(manager, qmp))
+    # a destination may run with pages missing (postcopy): its QMP is served through a front process that
+    # keeps answering while a page fault stops this one
+    asyncio.run(_serve(manager, qmp, front=incoming is not None))
     workload.stop.set()
 
 
-async def _serve(manager: MigrationManager, addresses: list[object]) -> None:
-    server = QMPServer(manager)
+async def _serve(manager: MigrationManager, addresses: list[object], front: bool) -> None:
+    server = QMPServer(manager, front=front)
     for addr in addresses:
         bound = await server.listen(addr)  # type: ignore[arg-type]
         click.echo(f"mig: QMP listening on {bound}", file=sys.stdout)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import uuid
 from collections.abc import Callable
@@ -110,6 +111,8 @@ class MigrationManager:
         #: Postcopy: pages the source sends after each page the destination asked for (``mig run
         #: --postcopy-prefetch``); 0 sends only the page, and the background scan continues after it.
         self.postcopy_prefetch_pages = 0
+        #: Set by a QMP server that runs a monitor front: a new connection to it for a postcopy page server.
+        self.front_link: Callable[[], socket.socket | None] = lambda: None
 
     # -- notifications ---------------------------------------------------------
 
@@ -284,7 +287,8 @@ class MigrationManager:
             machine=self.machine, status=self.destination, migration_id=self.migration_id,
             capabilities=lambda: self.caps, parameters=lambda: self.params, set_error=self.set_error,
             hooks=self.hooks, registry=self.registry, global_state=self.global_state,
-            listener_closed=self._incoming_listener_closed, incoming_failed=self._incoming_failed)
+            listener_closed=self._incoming_listener_closed, incoming_failed=self._incoming_failed,
+            front_link=self.front_link)
 
     # -- QMP: migrate --------------------------------------------------------------------
 
@@ -543,6 +547,7 @@ class MigrationManager:
         inc = self.incoming
         if self.destination.state is not S.POSTCOPY_PAUSED or inc is None or inc.postcopy is None:
             raise QMPError("Migrate recover can only be run when postcopy is paused.")
+        self.error_desc = None
         error = inc.postcopy.request("recover", uri=args.uri)
         if error is not None:
             raise QMPError(error)

@@ -9,6 +9,7 @@ it without the engine reaching into its fields.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -67,6 +68,9 @@ class EngineContext:
     incoming_failed: Callable[[str, bool], None] = _ignore_failure
     #: Postcopy: pages sent after each requested page (the destination likely touches them next).
     postcopy_prefetch_pages: int = 0
+    #: A connection for the postcopy page server to the host's monitor front, which answers QMP for it
+    #: while the host is stopped by a fault (None: the host has no front).
+    front_link: Callable[[], socket.socket | None] = lambda: None
 
     def capability(self, cap: MigrationCapability) -> bool:
         return bool(self.capabilities().get(cap, False))

@@ -320,7 +320,7 @@ class IncomingMigration:
             if self.postcopy is not None:
                 raise StreamError("CMD_POSTCOPY_ADVISE in wrong postcopy state (1)")
             postcopy_wire.check_advise(item.argument, self.machine.blocks)
-            self.postcopy = PostcopyIncoming(self.machine.blocks)
+            self.postcopy = PostcopyIncoming(self.machine.blocks, self.ctx.front_link)
             self.postcopy.advise()
         elif item.command is Command.POSTCOPY_RAM_DISCARD:
             if self.postcopy is None:
@@ -346,10 +346,12 @@ class IncomingMigration:
 
     def _postcopy_status(self, state: str, error: str | None) -> None:
         """The page server paused (the connection broke), recovers, or runs again: this side's status follows."""
-        new = S(state)
+        new, old = S(state), self.status.state
         if error is not None and new is S.POSTCOPY_PAUSED:
             log.warning("postcopy_paused", error=error)
-        self.status.cas(self.status.state, new)
+            self.ctx.set_error(error)
+        if new is not old:
+            self.status.cas(old, new)
 
     def _tell_source(self, msg: Message) -> None:
         """Send on the return path: this process's end, or the page server's after the switch; best effort."""

@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import socket
+import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +29,7 @@ from typing import Any
 import structlog
 
 from mig_core.control.events import envelope
+from mig_core.engine.postcopy.ipc import ControlClosed, ControlConnection
 from mig_core.errors import QMPError, command_not_found
 from mig_core.qapi import to_qmp
 from mig_core.qmp.address import MonitorAddress, parse_monitor_address
@@ -337,8 +339,13 @@ class QMPSession:
 class QMPServer:
     """Serves QMP for one ``MigrationManager`` on any number of unix/tcp addresses."""
 
-    def __init__(self, manager: Any) -> None:
+    def __init__(self, manager: Any, front: bool = False) -> None:
+        """``front``: serve clients through a monitor front process (mig_core.qmp.front), which keeps
+        answering a postcopy's commands while this process is stopped by a page fault."""
         self.manager = manager
+        self.front = front
+        self._front_proc: subprocess.Popen[bytes] | None = None
+        self._front_ctl: ControlConnection | None = None
         self.sessions: set[QMPSession] = set()
         self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -379,10 +386,66 @@ class QMPServer:
             bound = MonitorAddress("tcp", host=host, port=port)
         sock.listen(16)
         sock.setblocking(False)
-        self._listeners.append(sock)
-        self._tasks.add(asyncio.create_task(self._accept_loop(sock)))
-        log.info("qmp_listening", address=str(bound))
+        if self.front:
+            self._start_front().send({"op": "listener"}, [sock.fileno()])
+            sock.close()  # the front accepts; this process gets each client over its control connection
+        else:
+            self._listeners.append(sock)
+            self._tasks.add(asyncio.create_task(self._accept_loop(sock)))
+        log.info("qmp_listening", address=str(bound), front=self.front)
         return bound
+
+    def _start_front(self) -> ControlConnection:
+        if self._front_ctl is None:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self._front_proc = subprocess.Popen(
+                    [sys.executable, "-m", "mig_core.qmp.front", str(theirs.fileno()), str(os.getpid())],
+                    pass_fds=[theirs.fileno()])
+            finally:
+                theirs.close()
+            self._front_ctl = ControlConnection(ours)
+            threading.Thread(target=self._front_clients, args=(self._front_ctl,), name="qmp-front",
+                             daemon=True).start()
+            self.manager.front_link = self._front_link
+            log.info("qmp_front_started", pid=self._front_proc.pid)
+        return self._front_ctl
+
+    def _front_clients(self, ctl: ControlConnection) -> None:
+        """Each client the front accepted arrives here as one end of a socket pair."""
+        try:
+            while True:
+                msg, fds = ctl.recv()
+                if msg["op"] == "client" and fds:
+                    sock = socket.socket(fileno=fds[0])
+                    loop = self._loop
+                    if loop is None or loop.is_closed():
+                        sock.close()
+                        continue
+                    loop.call_soon_threadsafe(self._adopt, sock)
+        except ControlClosed:
+            log.info("qmp_front_gone")
+
+    def _adopt(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        task = asyncio.create_task(self._serve(sock))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _front_link(self) -> socket.socket | None:
+        """A connection from the front to a postcopy page server (the server's end is returned)."""
+        ctl = self._front_ctl
+        if ctl is None:
+            return None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            ctl.send({"op": "page-server"}, [theirs.fileno()])
+        except (ControlClosed, OSError):
+            ours.close()
+            return None
+        finally:
+            theirs.close()
+        return ours
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         while True:
@@ -434,5 +497,14 @@ class QMPServer:
             if p.is_socket():
                 p.unlink()
         self.manager.events.unsubscribe(self._on_event)
+        if self._front_ctl is not None:
+            self._front_ctl.sock.shutdown(socket.SHUT_RDWR)
+            self._front_ctl.close()
+            self._front_ctl = None
+        if self._front_proc is not None:
+            try:
+                self._front_proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._front_proc.kill()
         self.inband_executor.shutdown(wait=False)
         self.oob_executor.shutdown(wait=False)

@@ -67,8 +67,11 @@ def _drop(block: RAMBlock, starts: np.ndarray, ends: np.ndarray) -> None:
 class PostcopyIncoming:
     """One destination's postcopy: from the advise to the page server's last page."""
 
-    def __init__(self, blocks: Sequence[RAMBlock]) -> None:
+    def __init__(self, blocks: Sequence[RAMBlock], front_link: Callable[[], socket.socket | None] = lambda: None
+                 ) -> None:
+        """``front_link``: a connection to the host's monitor front, if it has one (see mig_core.qmp.front)."""
         self.blocks = list(blocks)
+        self._front_link = front_link
         self.coming = {b.name: np.zeros(b.npages, dtype=bool) for b in self.blocks}
         self.proc: subprocess.Popen[bytes] | None = None
         self.ctl: ControlConnection | None = None
@@ -97,11 +100,15 @@ class PostcopyIncoming:
                 b._mmap.madvise(_MADV_NOHUGEPAGE)
             _drop(b, np.array([0]), np.array([b.npages]))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        front = self._front_link()
+        fds = [theirs.fileno()] + ([front.fileno()] if front is not None else [])
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", "mig_core.engine.postcopy.page_server",
-                                          str(theirs.fileno())], pass_fds=[theirs.fileno()])
+                                          *map(str, fds)], pass_fds=fds)
         finally:
             theirs.close()
+            if front is not None:
+                front.close()
         self.ctl = ControlConnection(ours)
         log.info("page_server_started", pid=self.proc.pid)
 

@@ -130,9 +130,12 @@ ACTIVE, PAUSED, RECOVER = "postcopy-active", "postcopy-paused", "postcopy-recove
 class PageServer:
     """The helper's state and threads (see the module docstring)."""
 
-    def __init__(self, ctl: ControlConnection) -> None:
+    def __init__(self, ctl: ControlConnection, front: ControlConnection | None = None) -> None:
         self.ctl = ctl
-        self.peers: list[ControlConnection] = [ctl]
+        #: whoever hears the status: the host and, if it has one, its monitor front (which also sends requests)
+        self.peers: list[ControlConnection] = [ctl] + ([front] if front is not None else [])
+        self.front = front
+        self._request_lock = threading.Lock()
         self.lock = threading.Lock()
         self.states: list[BlockState] = []
         self.placer: UffdPlacer | None = None
@@ -153,6 +156,8 @@ class PageServer:
 
     def run(self) -> int:
         self.ctl.send({"op": "ready", "pid": os.getpid()})
+        if self.front is not None:
+            threading.Thread(target=self._serve_front, args=(self.front,), name="mig/pc/front", daemon=True).start()
         try:
             while True:
                 msg, fds = self.ctl.recv()
@@ -190,13 +195,24 @@ class PageServer:
             for t in self._threads:
                 t.join(2)
 
+    def _serve_front(self, front: ControlConnection) -> None:
+        """Requests from the monitor front (it answers migrate-recover/migrate-pause while the host cannot)."""
+        try:
+            while True:
+                msg, _ = front.recv()
+                if msg["op"] in ("recover", "pause"):
+                    self._request(front, msg)
+        except ControlClosed:
+            pass
+
     def _request(self, peer: ControlConnection, msg: dict[str, Any]) -> None:
         """migrate-recover / migrate-pause on this destination: answer ``{"op": "reply", "id", "error"}``."""
         try:
-            if msg["op"] == "recover":
-                self.recover(str(msg["uri"]))
-            else:
-                self.pause_by_user()
+            with self._request_lock:
+                if msg["op"] == "recover":
+                    self.recover(str(msg["uri"]))
+                else:
+                    self.pause_by_user()
             error = None
         except QMPError as e:
             error = e.desc
@@ -241,6 +257,7 @@ class PageServer:
         self._threads.append(faults)
         faults.start()
         self._start_stream(reader)
+        self._set_status(ACTIVE)
 
     def _use(self, channel: Channel) -> None:
         self.channel = channel
@@ -274,7 +291,9 @@ class PageServer:
                 raise StreamError(f"unexpected {type(item).__name__} in the postcopy stream")
         except (StreamError, ChannelError, OSError) as e:
             if not self._finished:
-                self._pause(channel, f"postcopy: {e}")
+                self._pause(channel, f"postcopy: the connection to the source broke ({e}); the pages still missing "
+                                     "can only come from the source, so this machine cannot complete without it: "
+                                     "recover with migrate-recover")
             return
         if self.placer.left:
             missing = [f"{s.block.name}: {int((s.coming & ~s.placed).sum())}" for s in self.states]
@@ -430,15 +449,16 @@ class PageServer:
 
 def main(argv: Sequence[str]) -> int:
     configure_logging()
-    if len(argv) != 2:
-        print("usage: python -m mig_core.engine.postcopy.page_server CONTROL_FD", file=sys.stderr)
+    if len(argv) not in (2, 3):
+        print("usage: python -m mig_core.engine.postcopy.page_server CONTROL_FD [FRONT_FD]", file=sys.stderr)
         return 2
     try:
         os.setpriority(os.PRIO_PROCESS, 0, -15)  # serve faults before the host's own threads
     except OSError:
         pass
     ctl = ControlConnection(socket.socket(fileno=int(argv[1])))
-    return PageServer(ctl).run()
+    front = ControlConnection(socket.socket(fileno=int(argv[2]))) if len(argv) == 3 else None
+    return PageServer(ctl, front).run()
 
 
 if __name__ == "__main__":

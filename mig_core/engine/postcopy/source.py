@@ -347,6 +347,9 @@ HANDSHAKE_TIMEOUT_S = 30.0
 def _pause_until_recovered(engine: SwitchingEngine, sender: PostcopySender, error: str) -> None:
     """postcopy-paused until ``migrate resume=true`` connects and the handshake completes (then active)."""
     status = engine.status
+    engine.ctx.set_error(f"postcopy: the connection to the destination broke ({error}); it can resume only to the "
+                         "same destination process (migrate-recover there, then migrate with resume): a destination "
+                         "that died took the machine's state and the pages it had received with it")
     status.cas(status.state, S.POSTCOPY_PAUSED)
     log.warning("postcopy_paused", error=error, msg="Detected IO failure for postcopy. Migration paused.")
     _drop_connection(engine)
