@@ -70,6 +70,7 @@ async def test_postcopy_running_destination_serves_faults(start_host, tmp_path):
         # byte of every page is the source's, so no page was lost, zeroed or misplaced
         assert np.array_equal(s[1:, 8:], d[1:, 8:])
         assert (await dst.execute("query-status"))["status"] == "paused"
+        assert "workload_inconsistent" not in dst_h.logs()  # every read-back saw what was written
     finally:
         for c in (src, dst):
             with contextlib.suppress(Exception):
@@ -219,9 +220,73 @@ async def test_destination_qmp_answers_while_a_vcpu_waits_on_a_cut_link(start_ho
         s = np.fromfile(tmp_path / "s.mem", np.uint8).reshape(-1, 4096)
         d = np.fromfile(tmp_path / "d.mem", np.uint8).reshape(-1, 4096)
         assert np.array_equal(s[1:, 8:], d[1:, 8:])
+        assert "workload_inconsistent" not in dst_h.logs()
     finally:
         if proxy is not None:
             proxy.close()
+        for c in (src, dst):
+            with contextlib.suppress(Exception):
+                await c.disconnect()
+
+
+def _page_server_pid(host) -> int:
+    pids = [e["pid"] for e in host.log_events() if e.get("event") == "page_server_started"]
+    assert pids, "no page server was started"
+    return int(pids[-1])
+
+
+@pytest.mark.parametrize("while_paused", [False, True])
+async def test_killed_page_server_fails_the_destination_loudly(start_host, tmp_path, while_paused):
+    import asyncio
+    import os
+    import signal
+
+    src_h, dst_h, src, dst = await _pair(start_host)
+    try:
+        await _start_postcopy(src, dst, tmp_path, bandwidth=2 << 20)
+        await src.execute("migrate-set-parameters", {"max-postcopy-bandwidth": 2 << 20})
+        await _wait_postcopy_bytes(src, 256 << 10)
+        if while_paused:  # a vCPU then waits on a page that cannot come, which may stop the whole host
+            await dst.execute("migrate-pause")
+            await wait_for_status(dst, {"postcopy-paused"})
+            for _ in range(500):
+                if _threads_in_fault(dst_h.proc.pid):
+                    break
+                await asyncio.sleep(0.02)
+        os.kill(_page_server_pid(dst_h), signal.SIGKILL)
+        # the machine cannot continue without the pages that never came: the destination process ends
+        # (by itself, or killed by its monitor front if a fault holds it), never runs on with zero pages
+        for _ in range(1000):
+            if dst_h.proc.poll() is not None:
+                break
+            await asyncio.sleep(0.02)
+        assert dst_h.proc.poll() not in (None, 0), "the destination did not end"
+        logs = dst_h.logs()
+        assert "page_server_died" in logs and "cannot continue" in logs, logs[-3000:]
+        # the source loses its destination: it pauses and says why resuming elsewhere is impossible
+        paused = await wait_for_status(src, {"postcopy-paused"})
+        assert "same destination process" in paused["error-desc"], paused
+    finally:
+        for c in (src, dst):
+            with contextlib.suppress(Exception):
+                await c.disconnect()
+
+
+async def test_killed_source_leaves_the_destination_paused(start_host, tmp_path):
+    import os
+    import signal
+
+    src_h, dst_h, src, dst = await _pair(start_host, dst_extra=("-S",))
+    try:
+        await _start_postcopy(src, dst, tmp_path, bandwidth=2 << 20)
+        await src.execute("migrate-set-parameters", {"max-postcopy-bandwidth": 2 << 20})
+        await _wait_postcopy_bytes(src, 256 << 10)
+        os.kill(src_h.proc.pid, signal.SIGKILL)
+        paused = await wait_for_status(dst, {"postcopy-paused"})
+        assert "cannot complete without it" in paused["error-desc"], paused
+        with pytest.raises(Exception, match="migrate-pause is currently only supported during postcopy-active"):
+            await dst.execute("migrate-pause")
+    finally:
         for c in (src, dst):
             with contextlib.suppress(Exception):
                 await c.disconnect()

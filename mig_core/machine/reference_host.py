@@ -32,6 +32,7 @@ _SUFFIX = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40
 #: between two heartbeats in ns (after a migration: the downtime the workload itself saw)
 RECORD = struct.Struct("<QQQQ")
 RECORD_STRIDE = 64
+_WORD = struct.Struct("<Q")
 
 
 def parse_size(text: str, what: str = "size") -> int:
@@ -153,6 +154,8 @@ class Workload:
         self.device = device
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
+        #: reads that did not return what this workload had just written (logged: workload_inconsistent)
+        self.inconsistent = 0
         if RECORD_STRIDE * vcpus > machine.blocks[0].page_size:
             raise ValueError(f"at most {machine.blocks[0].page_size // RECORD_STRIDE} vCPUs fit the record page")
 
@@ -197,8 +200,17 @@ class Workload:
                     take = np.take(perm, np.arange(pos[bi], pos[bi] + n), mode="wrap")
                     pos[bi] = (pos[bi] + n) % len(perm)
                     b = m.block(name)
+                    ps = b.page_size
+                    # plain Python first (it holds the GIL, even while it waits for a postcopy page),
+                    # then numpy; then read one page back the plain way: it must hold what was written
+                    _ = b.view[int(take[-1]) * ps + 8]
                     b.array.view(np.uint64).reshape(b.npages, -1)[take, 0] = counter
                     m.mark_pages(name, take)
+                    (seen,) = _WORD.unpack_from(b.view, int(take[0]) * ps)
+                    if seen != counter:
+                        self.inconsistent += 1
+                        log.error("workload_inconsistent", vcpu=v.index, block=name, page=int(take[0]),
+                                  wrote=counter, read=seen)
             RECORD.pack_into(rec, 0, counter + 1, t_ns, pages + n, gap)
             m.mark_dirty(m.blocks[0].name, v.index * RECORD_STRIDE, RECORD.size)
             if v.index == 0:
