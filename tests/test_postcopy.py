@@ -290,3 +290,29 @@ async def test_killed_source_leaves_the_destination_paused(start_host, tmp_path)
         for c in (src, dst):
             with contextlib.suppress(Exception):
                 await c.disconnect()
+
+
+@pytest.mark.parametrize("preempt", [False, True])
+async def test_postcopy_after_multifd_precopy(start_host, tmp_path, preempt):
+    caps = ("events", "postcopy-ram", "multifd") + (("postcopy-preempt",) if preempt else ())
+    src_h, dst_h, src, dst = await _pair(start_host, caps=caps)
+    try:
+        await _start_postcopy(src, dst, tmp_path, bandwidth=8 << 20)
+        await src.execute("migrate-set-parameters", {"max-postcopy-bandwidth": 4 << 20})
+        info = await _wait_postcopy_bytes(src, 64 << 10)
+        assert info["ram"]["multifd-bytes"] > 0, info  # precopy went over the multifd channels
+        done = await wait_for_status(src, {"completed", "failed"}, timeout=60)
+        assert done["status"] == "completed", done
+        await wait_for_status(dst, {"completed"})
+        assert done["ram"]["postcopy-requests"] > 0
+        await dst.execute("stop")
+        await ram_digest(src, RAM, tmp_path / "s.mem")
+        await ram_digest(dst, RAM, tmp_path / "d.mem")
+        s = np.fromfile(tmp_path / "s.mem", np.uint8).reshape(-1, 4096)
+        d = np.fromfile(tmp_path / "d.mem", np.uint8).reshape(-1, 4096)
+        assert np.array_equal(s[1:, 8:], d[1:, 8:])
+        assert "workload_inconsistent" not in dst_h.logs()
+    finally:
+        for c in (src, dst):
+            with contextlib.suppress(Exception):
+                await c.disconnect()

@@ -332,7 +332,7 @@ class MigrationManager:
             # the page requests come back on the connection, and the destination's page server continues it
             raise QMPError(f"Postcopy needs a socket transport (tcp, unix, vsock or fd): the {addr.tag.value} "
                            "transport has no return path another process can continue")
-        for cap in (C.POSTCOPY_PREEMPT, C.POSTCOPY_BLOCKTIME, C.RELEASE_RAM, C.X_COLO, C.BACKGROUND_SNAPSHOT,
+        for cap in (C.POSTCOPY_BLOCKTIME, C.RELEASE_RAM, C.X_COLO, C.BACKGROUND_SNAPSHOT,
                     C.SWITCHOVER_ACK, C.X_IGNORE_SHARED):
             if self.caps[cap] and (self.caps[C.POSTCOPY_RAM] or cap not in (C.RELEASE_RAM, C.POSTCOPY_BLOCKTIME)):
                 raise QMPError(f"mig cannot migrate with capability {cap.value} yet")

@@ -57,7 +57,7 @@ class IncomingMigration:
         self._extra: dict[int, Channel] = {}
         self.multifd: MultifdReceiver | None = None
         self.return_path: DestinationReturnPath | None = None
-        #: set by POSTCOPY_ADVISE; after the switch the page server owns the connection
+        #: set by the postcopy advise in CONFIG; after the switch the page server owns the connection
         self.postcopy: PostcopyIncoming | None = None
         self.announce: threading.Thread | None = None
         self.thread = threading.Thread(target=self._run, name="mig/dst/main", daemon=True)
@@ -87,7 +87,8 @@ class IncomingMigration:
             # read now, while waiting, not on the loading path
             self._held = {b.name: b.populated_pages() for b in self.machine.blocks}
             self._connect()
-            self.listener.close()
+            if not ctx.capability(C.POSTCOPY_PREEMPT):  # else the preempt connection comes at the switch
+                self.listener.close()
             ctx.listener_closed()
             self.status.cas(S.SETUP, S.ACTIVE)
             self._load()
@@ -218,7 +219,7 @@ class IncomingMigration:
     def _read_package(self, item: CommandReceived, states: PendingStates) -> None:
         """PACKAGED: read the device state that follows, whole, before the page server takes the connection."""
         if self.postcopy is None:
-            raise StreamError("CMD_PACKAGED without POSTCOPY_ADVISE: postcopy was never advised")
+            raise StreamError("CMD_PACKAGED without a postcopy advise: postcopy was never advised")
         _token, count = postcopy_wire.package(item.argument)
         for _ in range(count):
             section = self.reader.next()
@@ -233,8 +234,14 @@ class IncomingMigration:
         pc = self.postcopy
         assert pc is not None and self.channel is not None
         token, _count = postcopy_wire.package(package.argument)
+        preempt = None
+        if self.ctx.capability(C.POSTCOPY_PREEMPT):  # the source connected it before it sent the package
+            preempt = self.listener.accept()
+            self._extra[-1] = preempt
+            postcopy_wire.read_preempt_header(preempt, self.reader.source_uuid)
+            self.listener.close()
         pc.on_status = self._postcopy_status
-        pc.listen(self.channel, self.reader.source_blocks, self.placer.received, self.reader.source_uuid)
+        pc.listen(self.channel, self.reader.source_blocks, self.placer.received, self.reader.source_uuid, preempt)
         self.return_path = None  # the page server writes the connection from now on
         self.status.cas(S.ACTIVE, S.POSTCOPY_ACTIVE)
         states.apply()
@@ -293,7 +300,7 @@ class IncomingMigration:
         elif item.command is Command.CONFIG:
             cfg = item.argument if isinstance(item.argument, dict) else {}
             caps = self.ctx.capabilities()
-            for cap in (C.MAPPED_RAM, C.X_IGNORE_SHARED, C.MULTIFD):
+            for cap in (C.MAPPED_RAM, C.X_IGNORE_SHARED, C.MULTIFD, C.POSTCOPY_PREEMPT):
                 mine = caps[cap]
                 theirs = bool(cfg.get(cap.value, False))
                 if mine != theirs:
@@ -314,14 +321,14 @@ class IncomingMigration:
                     log.warning("uuid_not_validated", reason="this host has no uuid", received=source_uuid)
                 elif local != source_uuid:
                     raise StreamError(f"UUID received is {source_uuid} and local is {local}")
-        elif item.command is Command.POSTCOPY_ADVISE:
-            if not self.ctx.capability(C.POSTCOPY_RAM):
-                raise StreamError("RAM postcopy is disabled but have 16 byte advise")
-            if self.postcopy is not None:
-                raise StreamError("CMD_POSTCOPY_ADVISE in wrong postcopy state (1)")
-            postcopy_wire.check_advise(item.argument, self.machine.blocks)
-            self.postcopy = PostcopyIncoming(self.machine.blocks, self.ctx.front_link)
-            self.postcopy.advise()
+            advise = cfg.get("postcopy-advise")
+            if advise is not None:
+                # part of CONFIG, so RAM is dropped before any page can land (multifd channels start after it)
+                if not self.ctx.capability(C.POSTCOPY_RAM):
+                    raise StreamError("RAM postcopy is disabled but have 16 byte advise")
+                postcopy_wire.check_advise(advise, self.machine.blocks)
+                self.postcopy = PostcopyIncoming(self.machine.blocks, self.ctx.front_link)
+                self.postcopy.advise()
         elif item.command is Command.POSTCOPY_RAM_DISCARD:
             if self.postcopy is None:
                 raise StreamError("CMD_POSTCOPY_RAM_DISCARD in wrong postcopy state (0)")

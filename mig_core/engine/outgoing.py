@@ -287,6 +287,9 @@ class OutgoingMigration:
             "validate-uuid": self.caps[C.VALIDATE_UUID],
             "mapped-ram": self.caps[C.MAPPED_RAM],
             "x-ignore-shared": self.caps[C.X_IGNORE_SHARED],
+            "postcopy-preempt": self.caps[C.POSTCOPY_PREEMPT] and self.caps[C.POSTCOPY_RAM],
+            # QEMU's POSTCOPY_ADVISE, carried in CONFIG: the destination reads it before any page
+            "postcopy-advise": postcopy_wire.advise(self.machine.blocks) if self.caps[C.POSTCOPY_RAM] else None,
             "multifd": ({"channels": self.ctx.parameter("multifd-channels"),
                          "compression": str(self.ctx.parameter("multifd-compression"))}
                         if self.caps[C.MULTIFD] else None),
@@ -296,8 +299,6 @@ class OutgoingMigration:
             writer = self.writer
             self.return_path = SourceReturnPath(self.channel, lambda token: writer.write_command(Command.PING, token))
             self.return_path.start()  # its first PING's round trip feeds the downtime estimate
-        if self.caps[C.POSTCOPY_RAM]:
-            self.writer.write_command(Command.POSTCOPY_ADVISE, postcopy_wire.advise(self.machine.blocks))
         if self.caps[C.MAPPED_RAM]:
             layout, section = mapped_ram.plan(self.machine.blocks, self.channel.tell())
             self.channel.send(section)

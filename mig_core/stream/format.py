@@ -49,7 +49,7 @@ class Command(enum.IntEnum):
     PING = 2
     SWITCHOVER_START = 3
     CONFIG = 4  # capabilities both ends must agree on (mapped-ram, x-ignore-shared)
-    POSTCOPY_ADVISE = 16
+    POSTCOPY_ADVISE = 16  # reserved: the advise travels in CONFIG (postcopy-advise)
     POSTCOPY_LISTEN = 17
     POSTCOPY_RUN = 18
     POSTCOPY_RAM_DISCARD = 19

@@ -1,7 +1,9 @@
 """Payloads of the postcopy commands on the main stream: advise, discard ranges, the device package.
 
-POSTCOPY_ADVISE ``[page sizes OR-ed, target page size]`` is sent at setup when
-postcopy-ram is on. At the switch, POSTCOPY_RAM_DISCARD ``[block, runs]`` (runs:
+The advise ``[page sizes OR-ed, target page size]`` (QEMU's POSTCOPY_ADVISE) is
+the ``postcopy-advise`` member of CONFIG when postcopy-ram is on: the destination
+reads it before its multifd channels start, so it drops its RAM before any page
+lands. At the switch, POSTCOPY_RAM_DISCARD ``[block, runs]`` (runs:
 little-endian u64 pairs ``start, end`` of pages, half-open) names the pages the
 source will still send; the destination drops whatever it holds there and
 treats them as missing. PACKAGED ``[token, count]`` is followed by ``count``
@@ -12,11 +14,13 @@ answers PONG ``token``.
 
 from __future__ import annotations
 
+import uuid as uuid_mod
 from collections.abc import Sequence
 
 import numpy as np
 
 from mig_core.errors import StreamError
+from mig_core.ext.channel import Channel, ChannelEOF
 from mig_core.memory.pagemap import pages_to_runs
 from mig_core.memory.ram import RAMBlock
 
@@ -38,7 +42,7 @@ def advise(blocks: Sequence[RAMBlock]) -> list[int]:
 def check_advise(argument: object, blocks: Sequence[RAMBlock]) -> None:
     """Refuse an advise whose page sizes differ from this host's (QEMU's texts)."""
     if not (isinstance(argument, list) and len(argument) == 2 and all(isinstance(x, int) for x in argument)):
-        raise StreamError(f"POSTCOPY_ADVISE needs [page sizes, target page size], got {argument!r}")
+        raise StreamError(f"the postcopy advise needs [page sizes, target page size], got {argument!r}")
     theirs, target = argument
     mine = advise(blocks)
     if theirs != mine[0]:
@@ -82,3 +86,24 @@ def package(argument: object) -> tuple[int, int]:
             isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in argument)):
         raise StreamError(f"CMD_PACKAGED needs [token, device count], got {argument!r}")
     return argument[0], argument[1]
+
+
+#: First bytes of a postcopy-preempt connection (then the source's uuid): page batches follow, nothing else.
+PREEMPT_MAGIC = b"MIGPRMPT"
+
+
+def preempt_header(source_uuid: str) -> bytes:
+    return PREEMPT_MAGIC + uuid_mod.UUID(source_uuid).bytes
+
+
+def read_preempt_header(channel: Channel, source_uuid: str) -> None:
+    """Check that ``channel`` is the preempt connection of the source ``source_uuid`` (StreamError if not)."""
+    try:
+        head = channel.recv_exact(len(PREEMPT_MAGIC) + 16)
+    except ChannelEOF:
+        raise StreamError("the postcopy-preempt connection closed before its header") from None
+    if head[:len(PREEMPT_MAGIC)] != PREEMPT_MAGIC:
+        raise StreamError(f"expected the postcopy-preempt connection, got one starting {head[:8]!r}")
+    theirs = str(uuid_mod.UUID(bytes=head[len(PREEMPT_MAGIC):]))
+    if theirs != source_uuid:
+        raise StreamError(f"a postcopy-preempt connection from source {theirs}, not {source_uuid}")

@@ -1,6 +1,6 @@
 """The destination host's side of postcopy: advise, discard, hand over to the page server, complete.
 
-At POSTCOPY_ADVISE (migration setup) this host drops all its RAM, so every page
+At the postcopy advise (in CONFIG, before any page) this host drops all its RAM, so every page
 it does not receive is missing, and starts the page server process early (its
 start-up costs no downtime later). Discard ranges name the pages the source
 will still send. At the switch (PACKAGED) it registers every block with
@@ -123,7 +123,7 @@ class PostcopyIncoming:
     # -- listen ----------------------------------------------------------------------------
 
     def listen(self, channel: Channel, source_blocks: Sequence[RAMBlock], received: dict[str, np.ndarray],
-               source_uuid: str) -> None:
+               source_uuid: str, preempt: Channel | None = None) -> None:
         """Register RAM with userfaultfd and hand the connection and the descriptors to the page server."""
         ctl = self._control()
         fd = channel.fileno()
@@ -145,8 +145,10 @@ class PostcopyIncoming:
         except UffdError as e:
             raise StreamError(f"Postcopy is not supported: {e}") from None
         buffered = channel.take_buffered()
-        ctl.send({"op": "listen", "blocks": blocks_msg, "buffered": buffered, "source_uuid": source_uuid},
-                 [fd, *(r.fd for r in self._registrations)])
+        fds = [fd] + ([preempt.fileno()] if preempt is not None else [])
+        ctl.send({"op": "listen", "blocks": blocks_msg, "buffered": buffered, "source_uuid": source_uuid,
+                  "preempt": None if preempt is None else preempt.take_buffered()},
+                 [*fds, *(r.fd for r in self._registrations)])
         self.listening = True
         log.info("postcopy_listening", page_server=self.pid,
                  pages_coming=int(sum(int(m.sum()) for m in self.coming.values())))
@@ -154,7 +156,7 @@ class PostcopyIncoming:
     def _control(self) -> ControlConnection:
         """The control connection, once the page server said it is ready."""
         if self.ctl is None or self.proc is None:
-            raise StreamError("CMD_POSTCOPY_LISTEN in wrong postcopy state (0): no POSTCOPY_ADVISE came first")
+            raise StreamError("CMD_POSTCOPY_LISTEN in wrong postcopy state (0): no postcopy advise came first")
         if not self.pid:
             try:
                 msg, _ = self.ctl.recv()

@@ -47,6 +47,7 @@ from mig_core.host.uffd import UFFD_EVENT_PAGEFAULT, UFFD_MSG, PageFiller
 from mig_core.logconfig import configure_logging
 from mig_core.memory.ram import RAMBlock
 from mig_core.plugin.registry import PluginRegistry
+from mig_core.stream import postcopy as postcopy_wire
 from mig_core.stream.format import Command
 from mig_core.stream.placement import PagePlacer
 from mig_core.stream.reader import CommandReceived, End, PagesReceived, StreamError, StreamReader
@@ -125,6 +126,8 @@ class UffdPlacer(PagePlacer):
 
 
 ACTIVE, PAUSED, RECOVER = "postcopy-active", "postcopy-paused", "postcopy-recover"
+#: Faults on one page after it was placed before it counts as lost (a few are duplicates of one fault).
+REWAKE_LIMIT = 10_000
 
 
 class PageServer:
@@ -141,6 +144,8 @@ class PageServer:
         self.placer: UffdPlacer | None = None
         self.rp: DestinationReturnPath | None = None
         self.channel: Channel | None = None
+        self.preempt: Channel | None = None
+        self.preempt_enabled = False
         self.source_uuid = ""
         self.status = ACTIVE
         self.error: str | None = None
@@ -151,6 +156,7 @@ class PageServer:
         self._finished = False
         self._stop_r, self._stop_w = os.pipe()
         self._threads: list[threading.Thread] = []
+        self._rewakes: dict[tuple[str, int], int] = {}
 
     # -- control ---------------------------------------------------------------------
 
@@ -235,7 +241,12 @@ class PageServer:
 
     def _listen(self, msg: dict[str, Any], fds: list[int]) -> None:
         """Take over the connection and the userfaultfds; start placing pages and serving faults."""
+        preempt_buffered = msg.get("preempt")
+        self.preempt_enabled = preempt_buffered is not None
         chan_fd, uffds = fds[0], fds[1:]
+        preempt_fd = -1
+        if self.preempt_enabled:
+            preempt_fd, uffds = uffds[0], uffds[1:]
         blocks = msg["blocks"]
         if len(uffds) != len(blocks):
             raise MigError(f"listen: {len(blocks)} blocks but {len(uffds)} userfaultfds")
@@ -257,6 +268,10 @@ class PageServer:
         self._threads.append(faults)
         faults.start()
         self._start_stream(reader)
+        if self.preempt_enabled:
+            preempt = SocketChannel(socket.socket(fileno=preempt_fd))
+            preempt.preload(preempt_buffered or b"")
+            self._start_preempt(preempt)
         self._set_status(ACTIVE)
 
     def _use(self, channel: Channel) -> None:
@@ -267,6 +282,31 @@ class PageServer:
         t = threading.Thread(target=self._stream, args=(reader,), name="mig/pc/stream", daemon=True)
         self._threads.append(t)
         t.start()
+
+    def _start_preempt(self, channel: Channel) -> None:
+        assert self.placer is not None
+        self.preempt = channel
+        reader = StreamReader.continuing(channel, [s.block for s in self.states], self.placer)
+        t = threading.Thread(target=self._preempt_stream, args=(reader,), name="mig/pc/preempt", daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _preempt_stream(self, reader: StreamReader) -> None:
+        """Requested pages on their own connection (postcopy-preempt): they overtake the background stream."""
+        channel = reader.channel
+        try:
+            while True:
+                item = reader.next()
+                if isinstance(item, End):
+                    return  # the source sent the last page it was asked for
+                if not isinstance(item, PagesReceived):
+                    raise StreamError(f"unexpected {type(item).__name__} on the postcopy-preempt connection")
+        except (StreamError, ChannelError, OSError) as e:
+            if not self._finished and self.status in (ACTIVE, RECOVER) and self.preempt is channel:
+                main = self.channel
+                if main is not None:  # the main stream's thread pauses (one pause, one reason)
+                    log.warning("postcopy_preempt_broken", error=str(e))
+                    main.abort(f"the postcopy-preempt connection broke: {e}")
 
     def _report_failure(self, error: str) -> None:
         log.error("page_server_failed", error=error)
@@ -310,8 +350,12 @@ class PageServer:
         with self.lock:
             if self.channel is channel:
                 self.rp = None
+            preempt, self.preempt = self.preempt, None
         channel.abort("postcopy paused")
         channel.close()
+        if preempt is not None:
+            preempt.abort("postcopy paused")
+            preempt.close()
         log.warning("postcopy_paused", error=error)
         self._set_status(PAUSED, error)
 
@@ -347,9 +391,6 @@ class PageServer:
             if self._listener is listener and not self._finished:
                 log.warning("postcopy_recover_accept_failed", error=str(e))
             return
-        listener.close()
-        if self._listener is listener:
-            self._listener = None
         assert self.placer is not None
         reader = StreamReader(channel, [s.block for s in self.states], self.placer)
         try:
@@ -360,13 +401,17 @@ class PageServer:
             with self.lock:
                 self._use(channel)
             self._set_status(RECOVER)
-            self._handshake(reader)
-        except (StreamError, ChannelError, OSError) as e:
+            self._handshake(reader, listener)
+        except (StreamError, ChannelError, OSError, MigError) as e:
             self._pause(channel, f"postcopy recovery: {e}")
             return
+        finally:
+            listener.close()
+            if self._listener is listener:
+                self._listener = None
         self._start_stream(reader)
 
-    def _handshake(self, reader: StreamReader) -> None:
+    def _handshake(self, reader: StreamReader, listener: Listener) -> None:
         """RECV_BITMAP per block, then POSTCOPY_RESUME: ack, and ask again for every page still awaited."""
         rp = self.rp
         assert rp is not None
@@ -383,6 +428,10 @@ class PageServer:
                     bitmap = np.packbits(st.placed).tobytes()
                 rp.send(ReceivedBitmap(st.block.name, bitmap))
             elif item.command is Command.POSTCOPY_RESUME:
+                if self.preempt_enabled:  # the source connected its new preempt connection before RESUME
+                    preempt = listener.accept()
+                    postcopy_wire.read_preempt_header(preempt, self.source_uuid)
+                    self._start_preempt(preempt)
                 break
             else:
                 raise StreamError(f"unexpected command {item.command.name} during postcopy recovery")
@@ -431,6 +480,10 @@ class PageServer:
             self.faults += 1
             if st.placed[page]:
                 st.filler.wake(at, ps)  # placed between the fault and now: the thread only needs waking
+                n = self._rewakes[(st.block.name, page)] = self._rewakes.get((st.block.name, page), 0) + 1
+                if n == REWAKE_LIMIT:  # a page this server placed is missing again: never serve zeros for it
+                    self._report_failure(f"postcopy: page {page} of RAM block '{st.block.name}' keeps faulting "
+                                         "although it was placed: its contents were lost in this host")
             elif st.coming[page]:
                 request = not st.requested[page]
                 st.requested[page] = True

@@ -34,6 +34,7 @@ from mig_core.machine.machine import Machine
 from mig_core.memory.ram import RAMBlock
 from mig_core.memory.zeropage import zero_mask
 from mig_core.schema.common import RunState
+from mig_core.schema.migration import MigrationCapability
 from mig_core.schema.migration import MigrationStatus as S
 from mig_core.stream import postcopy as postcopy_wire
 from mig_core.stream.format import Command
@@ -112,6 +113,9 @@ class SwitchingEngine(SourceEngine, Protocol):
     """The outgoing migration as the switch to postcopy drives it."""
 
     ctx: EngineContext
+    caps: dict[MigrationCapability, bool]
+    transport: Transport
+    addr: MigrationAddress
     channel: Channel | None
     cancel_requested: threading.Event
     resume_requests: queue.Queue[tuple[Transport, MigrationAddress]]
@@ -149,6 +153,13 @@ class PostcopySender:
         self.urgent = UrgentQueue()
         self._cursor = (0, 0)
         self.requests = 0
+        #: guards the masks, the cursor and the counts: with preempt, requests are served on the
+        #: return-path thread while the migration thread sends the background
+        self._lock = threading.Lock()
+        #: the postcopy-preempt connection's writer (None without preempt, or once it was closed)
+        self.preempt: StreamWriter | None = None
+        self.preempt_channel: Channel | None = None
+        self._preempt_lock = threading.Lock()
 
     @staticmethod
     def _mask(block: RAMBlock, pages: np.ndarray) -> np.ndarray:
@@ -157,15 +168,42 @@ class PostcopySender:
         return mask
 
     def on_request(self, req: RequestPages) -> None:
-        """Return-path thread: a page request (checked here; a wrong one ends the migration)."""
+        """Return-path thread: a page request (checked here; a wrong one ends the migration).
+
+        With postcopy-preempt the page goes out right here, on its own connection, overtaking whatever
+        the background stream has queued; without, the migration thread sends it before its next batch.
+        """
         check_request(req, self.by_name)
-        self.urgent.put(req)
+        if self.preempt is not None:
+            self._serve(req)
+        else:
+            self.urgent.put(req)
+
+    def use_preempt(self, channel: Channel, source_uuid: str) -> None:
+        """Send requested pages on ``channel`` from now on (its header goes first)."""
+        channel.send(postcopy_wire.preempt_header(source_uuid))
+        with self._preempt_lock:
+            self.preempt_channel = channel
+            self.preempt = StreamWriter(channel, self.blocks)
+
+    def close_preempt(self, end: bool) -> None:
+        """Stop using the preempt connection (``end``: tell the destination it is finished first)."""
+        with self._preempt_lock:
+            writer, channel = self.preempt, self.preempt_channel
+            self.preempt = self.preempt_channel = None
+            if writer is not None and end:
+                writer.write_end()
+        if channel is not None:
+            if not end:
+                channel.abort("postcopy paused")
+            channel.close()
 
     def reload(self, received: dict[str, np.ndarray]) -> None:
         """After a recovery: send again every page that was coming and the destination does not hold."""
-        for b in self.blocks:
-            self.to_send[b.name] = self.coming[b.name] & ~received[b.name]
-        self.left = sum(int(m.sum()) for m in self.to_send.values())
+        with self._lock:
+            for b in self.blocks:
+                self.to_send[b.name] = self.coming[b.name] & ~received[b.name]
+            self.left = sum(int(m.sum()) for m in self.to_send.values())
         self.urgent.drain()  # the destination asks again for what it still waits for
         self.engine.counters.remaining = self.remaining_bytes()
         log.info("postcopy_bitmaps_reloaded", pages_left=self.left)
@@ -180,13 +218,14 @@ class PostcopySender:
             e._check_cancel()
             for req in self.urgent.drain():
                 self._serve(req)
-            if not self.left:
-                break
-            found = self._next_batch()
+            with self._lock:
+                found = self._next_batch() if self.left else None
+                if found is not None:
+                    self._take(*found)
             if found is None:
                 break
             block, pages = found
-            nbytes = self._send(block, pages)
+            nbytes = self._send(block, pages, None)
             e.limiter.set_limit(self.limit())
             delay = e.limiter.wait_time(nbytes)
             if delay:
@@ -195,18 +234,26 @@ class PostcopySender:
         e._account(0, False)
 
     def _serve(self, req: RequestPages) -> None:
-        self.requests += 1
-        self.engine.counters.postcopy_requests += 1
         block = self.by_name[req.block]
         ps = block.page_size
         first = req.offset // ps
         last = min(block.npages, (req.offset + req.length) // ps + self.prefetch)
-        mask = self.to_send[block.name]
-        pages = first + np.flatnonzero(mask[first:last])
-        if len(pages):  # else already sent: it is on its way
-            self._send(block, pages)
-            self.engine._flush()  # a requested page waits behind nothing of this process
-            self._cursor = (self.blocks.index(block), int(pages[-1]) + 1)
+        with self._lock:
+            self.requests += 1
+            self.engine.counters.postcopy_requests += 1
+            mask = self.to_send[block.name]
+            pages = first + np.flatnonzero(mask[first:last])
+            if not len(pages):
+                return  # already sent: it is on its way
+            self._take(block, pages)
+            self._cursor = (self.blocks.index(block), int(pages[-1]) + 1)  # its neighbours are likely next
+        with self._preempt_lock:
+            preempt = self.preempt
+            if preempt is not None:
+                self._send(block, pages, preempt)
+                return
+        self._send(block, pages, None)
+        self.engine._flush()  # a requested page waits behind nothing of this process
 
     def _next_batch(self) -> tuple[RAMBlock, np.ndarray] | None:
         """Up to BACKGROUND_BATCH unsent pages from the cursor on, wrapping around the blocks."""
@@ -225,22 +272,31 @@ class PostcopySender:
                 lo += window
         return None
 
-    def _send(self, block: RAMBlock, pages: np.ndarray) -> int:
-        e, c = self.engine, self.engine.counters
+    def _take(self, block: RAMBlock, pages: np.ndarray) -> None:
+        """Mark ``pages`` sent (under the lock): whoever took them sends them."""
         self.to_send[block.name][pages] = False
         self.left -= len(pages)
+        self.engine.counters.remaining = max(0, self.engine.counters.remaining - len(pages) * block.page_size)
+
+    def _send(self, block: RAMBlock, pages: np.ndarray, writer: StreamWriter | None) -> int:
+        """Send pages (zero ones as zero): on the main stream (``writer`` None) or the preempt connection."""
+        e, c = self.engine, self.engine.counters
+        out = writer if writer is not None else e.writer
         is_zero = zero_mask(block.words, pages)
         nbytes = 0
-        if is_zero.any():
-            zero = pages[is_zero]
-            nbytes += e.writer.write_zero_pages(block, zero)
-            c.duplicate += len(zero)
+        zero = pages[is_zero]
+        if len(zero):
+            nbytes += out.write_zero_pages(block, zero)
             pages = pages[~is_zero]
         if len(pages):
-            nbytes += e.writer.write_pages(block, pages)
+            nbytes += out.write_pages(block, pages)
+        with self._lock:
+            c.duplicate += len(zero)
             c.normal += len(pages)
-        e._account(len(pages), False)
-        c.remaining = max(0, c.remaining - (len(pages) + int(is_zero.sum())) * block.page_size)
+        if writer is None:
+            e._account(len(pages), False)
+        else:
+            c.sent(nbytes, len(pages), False)
         return nbytes
 
 
@@ -308,6 +364,9 @@ def run_postcopy(engine: SwitchingEngine) -> None:
     sender = engine.postcopy = PostcopySender(engine, coming, lambda: engine.ctx.parameter("max-postcopy-bandwidth"),
                                               engine.ctx.postcopy_prefetch_pages)
     engine.return_path.on_request = sender.on_request
+    if engine.caps[MigrationCapability.POSTCOPY_PREEMPT]:  # the destination accepts it before it runs
+        sender.use_preempt(engine.transport.connect_extra(engine.addr, engine.cancel_requested.is_set, False),
+                           engine.machine.uuid)
     send_package(engine, token)
     engine._flush()
     engine._account(0, running=False)
@@ -320,6 +379,7 @@ def run_postcopy(engine: SwitchingEngine) -> None:
     while True:
         try:
             sender.run()
+            sender.close_preempt(end=True)
             engine.writer.write_end()
             engine._flush()
             engine._ch.finish()
@@ -352,6 +412,7 @@ def _pause_until_recovered(engine: SwitchingEngine, sender: PostcopySender, erro
                          "that died took the machine's state and the pages it had received with it")
     status.cas(status.state, S.POSTCOPY_PAUSED)
     log.warning("postcopy_paused", error=error, msg="Detected IO failure for postcopy. Migration paused.")
+    sender.close_preempt(end=False)
     _drop_connection(engine)
     while True:
         transport, addr = _next_resume(engine)
@@ -366,9 +427,10 @@ def _pause_until_recovered(engine: SwitchingEngine, sender: PostcopySender, erro
             continue
         status.cas(S.POSTCOPY_RECOVER_SETUP, S.POSTCOPY_RECOVER)
         try:
-            _handshake(engine, sender, channel)
-        except (ChannelError, StreamError, MigrationFailed, TimeoutError) as e:
-            log.warning("postcopy_recover_failed", error=str(e))
+            _handshake(engine, sender, channel, transport, addr)
+        except (ChannelError, StreamError, MigrationFailed, TimeoutError, QMPError) as e:
+            log.warning("postcopy_recover_failed", error=e.desc if isinstance(e, QMPError) else str(e))
+            sender.close_preempt(end=False)
             _drop_connection(engine)
             status.cas(S.POSTCOPY_RECOVER, S.POSTCOPY_PAUSED)
             continue
@@ -399,7 +461,8 @@ def _drop_connection(engine: SwitchingEngine) -> None:
         ch.close()
 
 
-def _handshake(engine: SwitchingEngine, sender: PostcopySender, channel: Channel) -> None:
+def _handshake(engine: SwitchingEngine, sender: PostcopySender, channel: Channel, transport: Transport,
+               addr: MigrationAddress) -> None:
     """On the new connection: header, RECV_BITMAP per block, POSTCOPY_RESUME; RESUME_ACK ends it."""
     engine.use_connection(channel)
     writer = engine.writer
@@ -435,6 +498,8 @@ def _handshake(engine: SwitchingEngine, sender: PostcopySender, channel: Channel
     engine._flush()
     _wait(cond, lambda: len(bitmaps) == len(sender.blocks), rp, engine)
     sender.reload(bitmaps)
+    if engine.caps[MigrationCapability.POSTCOPY_PREEMPT]:  # a new preempt connection before the resume
+        sender.use_preempt(transport.connect_extra(addr, engine.cancel_requested.is_set, False), engine.machine.uuid)
     rp.on_request = sender.on_request
     writer.write_command(Command.POSTCOPY_RESUME)
     engine._flush()
