@@ -316,3 +316,106 @@ async def test_postcopy_after_multifd_precopy(start_host, tmp_path, preempt):
         for c in (src, dst):
             with contextlib.suppress(Exception):
                 await c.disconnect()
+
+
+def _rss(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+async def test_blocktime_and_release_ram(start_host, tmp_path):
+    import asyncio
+
+    src_h = start_host(*WORKLOAD, name="src")
+    dst_h = start_host(*WORKLOAD, "--incoming", "defer", name="dst")
+    src, dst = await connect(src_h.sock, "src"), await connect(dst_h.sock, "dst")
+    on = lambda *caps: {"capabilities": [{"capability": c, "state": True} for c in caps]}  # noqa: E731
+    try:
+        await src.execute("migrate-set-capabilities", on("events", "postcopy-ram", "release-ram"))
+        await dst.execute("migrate-set-capabilities", on("events", "postcopy-ram", "postcopy-blocktime"))
+        before = _rss(src_h.proc.pid)
+        await _start_postcopy(src, dst, tmp_path, bandwidth=4 << 20)
+        await src.execute("migrate-set-parameters", {"max-postcopy-bandwidth": 8 << 20})
+        samples = []
+        while (info := await src.execute("query-migrate"))["status"] not in ("completed", "failed"):
+            samples.append((info["status"], _rss(src_h.proc.pid)))
+            await asyncio.sleep(0.05)
+        assert info["status"] == "completed", info
+        during = [r for st, r in samples if st == "postcopy-active"]
+        assert during and min(during) < before - RAM // 4, (before, samples)  # freed as it went
+        assert _rss(src_h.proc.pid) < before - RAM * 3 // 4  # at the end nearly all of it
+        done = await wait_for_status(dst, {"completed"})
+        assert done["postcopy-blocktime"] >= 0
+        assert len(done["postcopy-vcpu-blocktime"]) == 3 and sum(done["postcopy-vcpu-blocktime"]) > 0, done
+        assert "postcopy-blocktime" not in info  # the source does not measure it
+    finally:
+        for c in (src, dst):
+            with contextlib.suppress(Exception):
+                await c.disconnect()
+
+
+async def test_release_ram_forbids_recovery(start_host, tmp_path):
+    src_h, dst_h, src, dst = await _pair(start_host, dst_extra=("-S",))
+    try:
+        await src.execute("migrate-set-capabilities", {"capabilities": [{"capability": "release-ram", "state": True}]})
+        await src.execute("migrate-set-parameters", {"max-postcopy-bandwidth": 2 << 20})
+        await _start_postcopy(src, dst, tmp_path, bandwidth=2 << 20)
+        await _wait_postcopy_bytes(src, 256 << 10)
+        await src.execute("migrate-pause")
+        paused = await wait_for_status(src, {"postcopy-paused"})
+        assert "cannot resume" in paused["error-desc"], paused
+        with pytest.raises(Exception, match="Postcopy recovery cannot work when release-ram capability is set"):
+            await src.execute("migrate", {"uri": f"unix:{tmp_path}/r.sock", "resume": True})
+    finally:
+        for c in (src, dst):
+            with contextlib.suppress(Exception):
+                await c.disconnect()
+
+
+@pytest.mark.parametrize("backing", ["memfd", "file"])
+async def test_postcopy_memfd_and_tmpfs_file_backings(start_host, tmp_path, backing):
+    import os
+
+    shm = f"/dev/shm/mig-test-{os.getpid()}-{tmp_path.name}"
+    ram = "32M,backing=memfd" if backing == "memfd" else None
+    src_args = ("--ram", ram or f"32M,backing=file,path={shm}.src", *WORKLOAD[2:])
+    dst_args = ("--ram", ram or f"32M,backing=file,path={shm}.dst", *WORKLOAD[2:])
+    src_h = start_host(*src_args, name="src")
+    dst_h = start_host(*dst_args, "--incoming", "defer", name="dst")
+    src, dst = await connect(src_h.sock, "src"), await connect(dst_h.sock, "dst")
+    try:
+        for c in (src, dst):
+            await c.execute("migrate-set-capabilities",
+                            {"capabilities": [{"capability": "postcopy-ram", "state": True}]})
+        await _start_postcopy(src, dst, tmp_path, bandwidth=4 << 20)
+        done = await wait_for_status(src, {"completed", "failed"}, timeout=60)
+        assert done["status"] == "completed", done
+        await wait_for_status(dst, {"completed"})
+        await dst.execute("stop")
+        await ram_digest(src, RAM, tmp_path / "s.mem")
+        await ram_digest(dst, RAM, tmp_path / "d.mem")
+        s = np.fromfile(tmp_path / "s.mem", np.uint8).reshape(-1, 4096)
+        d = np.fromfile(tmp_path / "d.mem", np.uint8).reshape(-1, 4096)
+        assert np.array_equal(s[1:, 8:], d[1:, 8:])
+        assert "workload_inconsistent" not in dst_h.logs()
+    finally:
+        for c in (src, dst):
+            with contextlib.suppress(Exception):
+                await c.disconnect()
+        for suffix in (".src", ".dst"):
+            with contextlib.suppress(OSError):
+                os.unlink(shm + suffix)
+
+
+async def test_postcopy_refuses_ram_it_cannot_serve(start_host, tmp_path):
+    dst_h = start_host("--ram", f"32M,backing=file,path={tmp_path}/ram", "--incoming", "defer", name="dst")
+    dst = await connect(dst_h.sock, "dst")
+    try:
+        with pytest.raises(Exception, match=r"Postcopy is not supported: Host backend files need to be TMPFS or "
+                                            r"HUGETLBFS only \(RAM block 'pc.ram' is .*/ram\)"):
+            await dst.execute("migrate-set-capabilities",
+                              {"capabilities": [{"capability": "postcopy-ram", "state": True}]})
+    finally:
+        await dst.disconnect()

@@ -47,9 +47,10 @@ def _rates(_ctx: click.Context, param: click.Parameter, value: str) -> list[int]
 @click.command()
 @click.option("--qmp", "qmp", multiple=True, required=True, callback=_monitor_address,
               metavar="unix:PATH|tcp:HOST:PORT", help="Serve QMP here (repeatable).")
-@click.option("--ram", "rams", multiple=True, callback=_rams, metavar="[NAME=]SIZE[,page-size=N][,backing=B]",
-              help="A RAM block (repeatable; default pc.ram=64M; backing anonymous with huge pages, or memfd). "
-                   "K, M, G are powers of 1024.")
+@click.option("--ram", "rams", multiple=True, callback=_rams,
+              metavar="[NAME=]SIZE[,page-size=N][,backing=B][,path=P]",
+              help="A RAM block (repeatable; default pc.ram=64M; backing anonymous with huge pages, memfd, or file "
+                   "with path=P). K, M, G are powers of 1024.")
 @click.option("--ram-fill", type=click.Choice(["zero", "random", "half", "text"]), default="zero",
               help="Initial RAM contents: never touched, random, half random, or text-like (with --incoming: "
                    "stale contents the migration replaces).")
@@ -60,12 +61,16 @@ def _rates(_ctx: click.Context, param: click.Parameter, value: str) -> list[int]
 @click.option("-S", "paused", is_flag=True, help="Start paused; a destination stays paused after loading.")
 @click.option("--incoming", metavar="URI|defer", help="Wait for an incoming migration ('defer': migrate-incoming).")
 @click.option("--uuid", help="The machine's uuid (validate-uuid compares it).")
+@click.option("--postcopy-prefetch", type=click.IntRange(0, 4096), default=0, metavar="PAGES",
+              help="Postcopy source: pages sent after each page the destination asks for (default 0: the "
+                   "background stream continues after it instead).")
 @click.option("--dirty-tracker", "dirty_tracker", metavar="NAME",
               help="The dirty tracker (an installed mig_core.dirty_trackers plugin: uffd-wp, hash, host ...) "
                    "instead of the best one that works here. dirty-limit and calc-dirty-rate's dirty-ring "
                    "mode need 'host', which attributes writes to vCPUs.")
 def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: bool, vcpus: int, dirty_rate: list[int],
-        paused: bool, incoming: str | None, uuid: str | None, dirty_tracker: str | None) -> None:
+        paused: bool, incoming: str | None, uuid: str | None, postcopy_prefetch: int, dirty_tracker: str | None
+        ) -> None:
     if len(dirty_rate) not in (1, vcpus):  # type: ignore[arg-type]
         raise click.BadParameter(f"give one rate or {vcpus} (one per vCPU)", param_hint="--dirty-rate")
     """Run the reference host serving QMP until 'quit' or a signal."""
@@ -87,7 +92,7 @@ def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: boo
     machine.attribution_hint = "mig run gets it with --dirty-tracker host"
     for spec in rams:
         try:
-            machine.add_ram(spec.name, spec.size, page_size=spec.page_size, backing=spec.backing,
+            machine.add_ram(spec.name, spec.size, page_size=spec.page_size, backing=spec.backing, path=spec.path,
                              prealloc=mem_prealloc)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--ram") from None
@@ -97,6 +102,7 @@ def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: boo
     device = CounterDevice(vcpus, sum(dirty_rate))
     machine.add_device(device)
     manager = MigrationManager(machine)
+    manager.postcopy_prefetch_pages = postcopy_prefetch
     try:
         log.info("dirty_tracker", tracker=machine.tracker_class().name)  # chosen now, not at migrate time
     except ValueError as e:

@@ -247,6 +247,10 @@ class MigrationManager:
             info.socket_address = listener.socket_addresses
         if incoming in _REPORTED_INCOMING:
             info.status = incoming
+            inc = self.incoming
+            if incoming is S.COMPLETED and inc is not None and "blocktime_ms" in inc.postcopy_figures:
+                info.postcopy_blocktime = int(inc.postcopy_figures["blocktime_ms"])
+                info.postcopy_vcpu_blocktime = [int(x) for x in inc.postcopy_figures["vcpu_blocktime_ms"]]
         outgoing = self.source.state
         if outgoing is not S.NONE:
             info.status = outgoing
@@ -332,9 +336,8 @@ class MigrationManager:
             # the page requests come back on the connection, and the destination's page server continues it
             raise QMPError(f"Postcopy needs a socket transport (tcp, unix, vsock or fd): the {addr.tag.value} "
                            "transport has no return path another process can continue")
-        for cap in (C.POSTCOPY_BLOCKTIME, C.RELEASE_RAM, C.X_COLO, C.BACKGROUND_SNAPSHOT,
-                    C.SWITCHOVER_ACK, C.X_IGNORE_SHARED):
-            if self.caps[cap] and (self.caps[C.POSTCOPY_RAM] or cap not in (C.RELEASE_RAM, C.POSTCOPY_BLOCKTIME)):
+        for cap in (C.X_COLO, C.BACKGROUND_SNAPSHOT, C.SWITCHOVER_ACK, C.X_IGNORE_SHARED):
+            if self.caps[cap]:
                 raise QMPError(f"mig cannot migrate with capability {cap.value} yet")
         mode = self.params["mode"]
         if mode is not MigMode.NORMAL:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import uuid as uuid_mod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -59,6 +59,8 @@ class IncomingMigration:
         self.return_path: DestinationReturnPath | None = None
         #: set by the postcopy advise in CONFIG; after the switch the page server owns the connection
         self.postcopy: PostcopyIncoming | None = None
+        #: the page server's figures at the end (faults, requests; blocktime with postcopy-blocktime)
+        self.postcopy_figures: dict[str, Any] = {}
         self.announce: threading.Thread | None = None
         self.thread = threading.Thread(target=self._run, name="mig/dst/main", daemon=True)
 
@@ -241,7 +243,10 @@ class IncomingMigration:
             postcopy_wire.read_preempt_header(preempt, self.reader.source_uuid)
             self.listener.close()
         pc.on_status = self._postcopy_status
-        pc.listen(self.channel, self.reader.source_blocks, self.placer.received, self.reader.source_uuid, preempt)
+        vcpus = ([v.thread_id for v in self.machine.vcpus.vcpus] if self.ctx.capability(C.POSTCOPY_BLOCKTIME)
+                 else None)
+        pc.listen(self.channel, self.reader.source_blocks, self.placer.received, self.reader.source_uuid, preempt,
+                  vcpus)
         self.return_path = None  # the page server writes the connection from now on
         self.status.cas(S.ACTIVE, S.POSTCOPY_ACTIVE)
         states.apply()
@@ -249,6 +254,7 @@ class IncomingMigration:
         pc.send(Pong(token))
         log.info("postcopy_running", runstate=self.machine.run.state.value)
         figures = pc.wait()
+        self.postcopy_figures = figures
         pc.send(Loaded())
         self.status.cas(S.POSTCOPY_ACTIVE, S.COMPLETED)
         log.info("incoming_completed", runstate=self.machine.run.state.value, postcopy=True, **figures)

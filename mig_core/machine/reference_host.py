@@ -49,27 +49,33 @@ class RamSpec:
     size: int
     page_size: int
     backing: Backing = Backing.ANONYMOUS
+    path: str | None = None
 
 
 def parse_ram(text: str, index: int) -> RamSpec:
-    """``[NAME=]SIZE[,page-size=N][,backing=anonymous|memfd]``."""
+    """``[NAME=]SIZE[,page-size=N][,backing=anonymous|memfd|file,path=PATH]``."""
     main, *opts = text.split(",")
     name, eq, size = main.rpartition("=")
     if not eq:
         name = "pc.ram" if index == 0 else f"ram{index}"
     page_size = 4096
     backing = Backing.ANONYMOUS
+    path = None
     for opt in opts:
         key, _, value = opt.partition("=")
         if key == "page-size":
             page_size = parse_size(value, "page size")
         elif key == "backing":
-            if value not in ("anonymous", "memfd"):
-                raise ValueError(f"invalid --ram backing '{value}' (anonymous or memfd)")
+            if value not in ("anonymous", "memfd", "file"):
+                raise ValueError(f"invalid --ram backing '{value}' (anonymous, memfd or file)")
             backing = Backing(value)
+        elif key == "path":
+            path = value
         else:
-            raise ValueError(f"unknown --ram option '{key}' (known: page-size, backing)")
-    return RamSpec(name, parse_size(size, "RAM size"), page_size, backing)
+            raise ValueError(f"unknown --ram option '{key}' (known: page-size, backing, path)")
+    if (backing is Backing.FILE) != (path is not None):
+        raise ValueError("--ram: backing=file needs path=PATH, and path= only goes with backing=file")
+    return RamSpec(name, parse_size(size, "RAM size"), page_size, backing, path)
 
 
 #: Bytes filled at a time: the temporaries of a fill never exceed this, whatever the RAM size.

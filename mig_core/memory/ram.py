@@ -139,6 +139,15 @@ class RAMBlock:
         else:
             self._mmap.madvise(mmap.MADV_DONTNEED)
 
+    def discard_runs(self, starts: np.ndarray, ends: np.ndarray) -> None:
+        """Drop the pages of runs ``[start, end)``: they read as zero (or fault, if registered) and free memory."""
+        if self.backing is Backing.HOST or self._mmap is None:
+            raise BackingError(f"RAM block '{self.name}' is a buffer of the host's own: mig cannot drop its pages")
+        advice = mmap.MADV_REMOVE if self.backing in (Backing.MEMFD, Backing.FILE) else mmap.MADV_DONTNEED
+        ps = self.page_size
+        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+            self._mmap.madvise(advice, s * ps, (e - s) * ps)
+
     def lock(self) -> None:
         """Pin the whole block in memory (mlock): every page becomes resident and cannot be swapped out.
 

@@ -57,11 +57,7 @@ def _exit_description(proc: subprocess.Popen[bytes]) -> str:
 
 def _drop(block: RAMBlock, starts: np.ndarray, ends: np.ndarray) -> None:
     """Drop the pages of these runs from this host's memory (they read as missing, or zero, afterwards)."""
-    assert block._mmap is not None
-    advice = mmap.MADV_REMOVE if block.backing in (Backing.MEMFD, Backing.FILE) else mmap.MADV_DONTNEED
-    ps = block.page_size
-    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
-        block._mmap.madvise(advice, s * ps, (e - s) * ps)
+    block.discard_runs(starts, ends)
 
 
 class PostcopyIncoming:
@@ -123,7 +119,8 @@ class PostcopyIncoming:
     # -- listen ----------------------------------------------------------------------------
 
     def listen(self, channel: Channel, source_blocks: Sequence[RAMBlock], received: dict[str, np.ndarray],
-               source_uuid: str, preempt: Channel | None = None) -> None:
+               source_uuid: str, preempt: Channel | None = None, blocktime_vcpus: list[int] | None = None) -> None:
+        """``blocktime_vcpus``: the vCPU threads' ids, to measure their blocked time (postcopy-blocktime)."""
         """Register RAM with userfaultfd and hand the connection and the descriptors to the page server."""
         ctl = self._control()
         fd = channel.fileno()
@@ -147,7 +144,7 @@ class PostcopyIncoming:
         buffered = channel.take_buffered()
         fds = [fd] + ([preempt.fileno()] if preempt is not None else [])
         ctl.send({"op": "listen", "blocks": blocks_msg, "buffered": buffered, "source_uuid": source_uuid,
-                  "preempt": None if preempt is None else preempt.take_buffered()},
+                  "preempt": None if preempt is None else preempt.take_buffered(), "blocktime_vcpus": blocktime_vcpus},
                  [*fds, *(r.fd for r in self._registrations)])
         self.listening = True
         log.info("postcopy_listening", page_server=self.pid,
@@ -216,7 +213,7 @@ class PostcopyIncoming:
 
     # -- completion ------------------------------------------------------------------------
 
-    def wait(self) -> dict[str, int]:
+    def wait(self) -> dict[str, Any]:
         """Block until every page arrived (then unregister RAM) or the page server failed (PageServerFailed)."""
         self._control()
         msg = self._verdicts.get()
@@ -227,7 +224,7 @@ class PostcopyIncoming:
         if msg["op"] != "complete":
             raise PageServerFailed(f"the postcopy page server said {msg['op']!r}")
         self._unregister()
-        return {"faults": int(msg.get("faults", 0)), "requests": int(msg.get("requests", 0))}
+        return {k: v for k, v in msg.items() if k != "op"}
 
     def _died(self) -> PageServerFailed:
         assert self.proc is not None

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import structlog
 
+from mig_core.engine.postcopy.blocktime import BlocktimeMeter
 from mig_core.engine.postcopy.ipc import ControlClosed, ControlConnection
 from mig_core.engine.return_path import DestinationReturnPath, ReceivedBitmap, RequestPages, ResumeAck
 from mig_core.errors import MigError, QMPError
@@ -71,9 +72,12 @@ class BlockState:
     #: pages the source still sends (everything else it never had: zero)
     coming: np.ndarray
     requested: np.ndarray = field(init=False)
+    #: pages a vCPU waits on (postcopy-blocktime)
+    waited: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         self.requested = np.zeros(self.block.npages, dtype=bool)
+        self.waited = np.zeros(self.block.npages, dtype=bool)
 
 
 def _segments(pages: np.ndarray, rows: np.ndarray) -> list[tuple[int, int]]:
@@ -91,10 +95,12 @@ class UffdPlacer(PagePlacer):
 
     reads_back = False
 
-    def __init__(self, states: Sequence[BlockState], lock: threading.Lock) -> None:
+    def __init__(self, states: Sequence[BlockState], lock: threading.Lock,
+                 blocktime: BlocktimeMeter | None = None) -> None:
         super().__init__([s.block for s in states])
         self.states = {s.block.name: s for s in states}
         self.lock = lock
+        self.blocktime = blocktime
         #: pages of ``coming`` not placed yet (0: every page the source had has arrived)
         self.left = sum(int((s.coming & ~s.placed).sum()) for s in states)
 
@@ -105,6 +111,10 @@ class UffdPlacer(PagePlacer):
     def _placed(self, st: BlockState, pages: np.ndarray) -> None:
         self.left -= int((st.coming[pages] & ~st.placed[pages]).sum())
         st.placed[pages] = True
+        if self.blocktime is not None and st.waited.any():
+            for page in pages[st.waited[pages]].tolist():
+                self.blocktime.placed(st.block.name, page)
+            st.waited[pages] = False
 
     def place(self, block: RAMBlock, pages: np.ndarray, data: np.ndarray | None) -> None:
         assert data is not None  # no direct view: every batch is staged in this process
@@ -152,6 +162,7 @@ class PageServer:
         self.faults = 0
         self.requests = 0
         self.zero_filled = 0
+        self.blocktime: BlocktimeMeter | None = None
         self._listener: Listener | None = None
         self._finished = False
         self._stop_r, self._stop_w = os.pipe()
@@ -257,7 +268,9 @@ class PageServer:
                 block, address, PageFiller(fd), fd,
                 np.unpackbits(np.frombuffer(placed, np.uint8), count=n).astype(bool),
                 np.unpackbits(np.frombuffer(coming, np.uint8), count=n).astype(bool)))
-        self.placer = UffdPlacer(self.states, self.lock)
+        tids = msg.get("blocktime_vcpus")
+        self.blocktime = BlocktimeMeter(tids) if tids is not None else None
+        self.placer = UffdPlacer(self.states, self.lock, self.blocktime)
         self.source_uuid = str(msg["source_uuid"])
         channel = SocketChannel(socket.socket(fileno=chan_fd))
         channel.preload(msg["buffered"])
@@ -341,7 +354,8 @@ class PageServer:
             return
         log.info("page_server_complete", seconds=round(time.monotonic() - t0, 3), faults=self.faults,
                  requests=self.requests, zero_filled=self.zero_filled)
-        self._notify({"op": "complete", "faults": self.faults, "requests": self.requests})
+        self._notify({"op": "complete", "faults": self.faults, "requests": self.requests,
+                      **(self.blocktime.report() if self.blocktime is not None else {})})
 
     # -- pause and recovery ---------------------------------------------------------------
 
@@ -462,13 +476,13 @@ class PageServer:
                         continue
                     st = by_fd[fd]
                     for off in range(0, len(data) - UFFD_MSG.size + 1, UFFD_MSG.size):
-                        event, _r1, _r2, _r3, _flags, address, _tid = UFFD_MSG.unpack_from(data, off)
+                        event, _r1, _r2, _r3, _flags, address, tid = UFFD_MSG.unpack_from(data, off)
                         if event == UFFD_EVENT_PAGEFAULT:
-                            self._fault(st, address)
+                            self._fault(st, address, tid)
         except OSError as e:
             self._report_failure(f"postcopy fault service: {e}")
 
-    def _fault(self, st: BlockState, address: int) -> None:
+    def _fault(self, st: BlockState, address: int, tid: int) -> None:
         ps = st.block.page_size
         page = (address - st.address) // ps
         if not 0 <= page < st.block.npages:
@@ -487,6 +501,8 @@ class PageServer:
             elif st.coming[page]:
                 request = not st.requested[page]
                 st.requested[page] = True
+                if self.blocktime is not None and self.blocktime.fault(st.block.name, page, tid):
+                    st.waited[page] = True
             else:  # the source never had this page: it is zero there
                 st.filler.zeropage(at, ps)
                 st.placed[page] = True

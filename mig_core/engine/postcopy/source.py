@@ -31,6 +31,7 @@ from mig_core.engine.stats import MigrationCounters, RateLimiter, now_ms
 from mig_core.errors import MigrationFailed, QMPError, StreamError
 from mig_core.ext.channel import Channel, ChannelError
 from mig_core.machine.machine import Machine
+from mig_core.memory.pagemap import pages_to_runs
 from mig_core.memory.ram import RAMBlock
 from mig_core.memory.zeropage import zero_mask
 from mig_core.schema.common import RunState
@@ -48,6 +49,9 @@ log = structlog.get_logger("mig.postcopy.source")
 
 #: Pages per background batch: small, so a requested page waits behind little (256 KiB of 4 KiB pages).
 BACKGROUND_BATCH = 64
+#: release-ram: background batches sent before the pages they carried are freed (the write-behind must
+#: have written them first: freeing waits for it, so not after every batch)
+RELEASE_EVERY = 64
 
 
 class UrgentQueue:
@@ -97,6 +101,7 @@ class SourceEngine(Protocol):
     """What the postcopy phase uses of the outgoing migration (its engine, seen narrowly)."""
 
     machine: Machine
+    caps: dict[MigrationCapability, bool]
     writer: StreamWriter
     counters: MigrationCounters
     limiter: RateLimiter
@@ -113,7 +118,6 @@ class SwitchingEngine(SourceEngine, Protocol):
     """The outgoing migration as the switch to postcopy drives it."""
 
     ctx: EngineContext
-    caps: dict[MigrationCapability, bool]
     transport: Transport
     addr: MigrationAddress
     channel: Channel | None
@@ -160,6 +164,10 @@ class PostcopySender:
         self.preempt: StreamWriter | None = None
         self.preempt_channel: Channel | None = None
         self._preempt_lock = threading.Lock()
+        #: release-ram: free source pages once sent (the same host's destination holds them then)
+        self.release = bool(engine.caps[MigrationCapability.RELEASE_RAM])
+        self._unreleased: list[tuple[RAMBlock, np.ndarray]] = []
+        self.released_pages = 0
 
     @staticmethod
     def _mask(block: RAMBlock, pages: np.ndarray) -> np.ndarray:
@@ -226,12 +234,37 @@ class PostcopySender:
                 break
             block, pages = found
             nbytes = self._send(block, pages, None)
+            if self.release:
+                self._unreleased.append((block, pages))
+                if len(self._unreleased) >= RELEASE_EVERY:
+                    self.release_sent()
             e.limiter.set_limit(self.limit())
             delay = e.limiter.wait_time(nbytes)
             if delay:
                 self.urgent.wait(delay)  # a request is served at once: only background pages are throttled
         e._flush()
         e._account(0, False)
+        if self.release:
+            self.release_sent()
+
+    def release_sent(self) -> None:
+        """release-ram: free the pages the main stream has sent (after the write-behind wrote them)."""
+        self.engine._flush()
+        pending, self._unreleased = self._unreleased, []
+        for block, pages in pending:
+            self._release(block, pages)
+
+    def _release(self, block: RAMBlock, pages: np.ndarray) -> None:
+        block.discard_runs(*pages_to_runs(np.sort(pages)))
+        self.released_pages += len(pages)
+
+    def release_migrated(self) -> None:
+        """release-ram at the switch: free every page that is not still to be sent (precopy sent them)."""
+        for b in self.blocks:
+            done = np.flatnonzero(~self.coming[b.name])
+            if len(done):
+                self._release(b, done)
+        log.info("release_ram", pages=self.released_pages)
 
     def _serve(self, req: RequestPages) -> None:
         block = self.by_name[req.block]
@@ -250,10 +283,14 @@ class PostcopySender:
         with self._preempt_lock:
             preempt = self.preempt
             if preempt is not None:
-                self._send(block, pages, preempt)
+                self._send(block, pages, preempt)  # written when this returns: free to release
+                if self.release:
+                    self._release(block, pages)
                 return
         self._send(block, pages, None)
         self.engine._flush()  # a requested page waits behind nothing of this process
+        if self.release:
+            self._release(block, pages)
 
     def _next_batch(self) -> tuple[RAMBlock, np.ndarray] | None:
         """Up to BACKGROUND_BATCH unsent pages from the cursor on, wrapping around the blocks."""
@@ -372,6 +409,8 @@ def run_postcopy(engine: SwitchingEngine) -> None:
     engine._account(0, running=False)
     c.in_postcopy = True
     engine._runstate_before = None  # the destination may run from now on: a failure never resumes here
+    if sender.release:
+        sender.release_migrated()
     if not status.cas(S.DEVICE, S.POSTCOPY_ACTIVE):
         engine._check_cancel()
     c.remaining = sender.remaining_bytes()
@@ -407,9 +446,13 @@ HANDSHAKE_TIMEOUT_S = 30.0
 def _pause_until_recovered(engine: SwitchingEngine, sender: PostcopySender, error: str) -> None:
     """postcopy-paused until ``migrate resume=true`` connects and the handshake completes (then active)."""
     status = engine.status
-    engine.ctx.set_error(f"postcopy: the connection to the destination broke ({error}); it can resume only to the "
-                         "same destination process (migrate-recover there, then migrate with resume): a destination "
-                         "that died took the machine's state and the pages it had received with it")
+    if sender.release:
+        engine.ctx.set_error(f"postcopy: the connection to the destination broke ({error}); with release-ram this "
+                             "source freed the pages it had sent, so it cannot resume the migration")
+    else:
+        engine.ctx.set_error(f"postcopy: the connection to the destination broke ({error}); it can resume only to "
+                             "the same destination process (migrate-recover there, then migrate with resume): a "
+                             "destination that died took the machine's state and the pages it had received with it")
     status.cas(status.state, S.POSTCOPY_PAUSED)
     log.warning("postcopy_paused", error=error, msg="Detected IO failure for postcopy. Migration paused.")
     sender.close_preempt(end=False)
