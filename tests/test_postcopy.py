@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 import numpy as np
@@ -32,17 +33,34 @@ async def _start_postcopy(src, dst, tmp_path, bandwidth=8 << 20):
     await src.execute("migrate-start-postcopy")
 
 
-async def test_postcopy_paused_destination_is_exact(start_host, tmp_path):
+@pytest.mark.parametrize("switch", ["at once", "after a pass"])
+async def test_postcopy_paused_destination_is_exact(start_host, tmp_path, switch):
     src_h, dst_h, src, dst = await _pair(start_host, dst_extra=("-S",))
     try:
-        await _start_postcopy(src, dst, tmp_path)
+        if switch == "at once":  # most pages are still to come: the destination swaps in fresh memory
+            await _start_postcopy(src, dst, tmp_path)
+        else:  # most pages arrived in precopy: the destination drops only what is stale
+            await dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/pc.sock"})
+            await src.execute("migrate-set-parameters", {"max-bandwidth": 64 << 20, "max-postcopy-bandwidth": 4 << 20})
+            await src.execute("migrate", {"uri": f"unix:{tmp_path}/pc.sock"})
+            for _ in range(3000):
+                info = await src.execute("query-migrate")
+                if info.get("ram", {}).get("dirty-sync-count", 0) >= 2:
+                    break
+                await asyncio.sleep(0.01)
+            await src.execute("migrate-start-postcopy")
         info = await wait_for_status(src, {"postcopy-active", "completed", "failed"})
         assert info["status"] in ("postcopy-active", "completed"), info
         done = await wait_for_status(src, {"completed", "failed"}, timeout=60)
         assert done["status"] == "completed", done
         await wait_for_status(dst, {"completed"})
         ram = done["ram"]
-        assert ram["postcopy-bytes"] > RAM // 2, ram  # most pages went after the switch
+        if switch == "at once":
+            assert ram["postcopy-bytes"] > RAM // 2, ram  # most pages went after the switch
+        else:
+            assert 0 < ram["postcopy-bytes"] < RAM // 2, ram
+        dropped = [e for e in dst_h.log_events() if e.get("event") == "postcopy_fresh_mapping"]
+        assert bool(dropped) == (switch == "at once")
         assert done["downtime"] >= 0
         assert await src.execute("query-status") == {"running": False, "status": "postmigrate"}
         assert await dst.execute("query-status") == {"running": False, "status": "paused"}

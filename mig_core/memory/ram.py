@@ -148,6 +148,39 @@ class RAMBlock:
         for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
             self._mmap.madvise(advice, s * ps, (e - s) * ps)
 
+    def move_pages_away(self) -> int:
+        """Move this anonymous block's pages to a new address and leave fresh, empty memory in their place.
+
+        Returns where the old pages are now (``release_moved`` frees them). Both steps only move page
+        tables, so the block is empty at once, whatever it held; freeing the old pages (the slow part)
+        can then happen off any critical path. The block's address, views and mapping stay valid.
+        """
+        if self.backing is not Backing.ANONYMOUS or self._mmap is None:
+            raise BackingError(f"RAM block '{self.name}' is {self.backing.value}-backed: only anonymous memory "
+                               "can be swapped for a fresh mapping")
+        lib = _LIBC
+        spare = lib.mmap(None, ctypes.c_size_t(self.size), 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
+                         -1, ctypes.c_long(0))
+        if spare in (None, _MAP_FAILED):
+            raise OSError(ctypes.get_errno(), f"cannot reserve {self.size} bytes to move RAM block '{self.name}'")
+        moved = lib.mremap(ctypes.c_void_p(self.address), ctypes.c_size_t(self.size), ctypes.c_size_t(self.size),
+                           _MREMAP_MAYMOVE | _MREMAP_FIXED, ctypes.c_void_p(spare))
+        if moved in (None, _MAP_FAILED):
+            err = ctypes.get_errno()
+            lib.munmap(ctypes.c_void_p(spare), ctypes.c_size_t(self.size))
+            raise OSError(err, f"mremap of RAM block '{self.name}' failed: {os.strerror(err)}")
+        fresh = lib.mmap(ctypes.c_void_p(self.address), ctypes.c_size_t(self.size),
+                         mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED, -1,
+                         ctypes.c_long(0))
+        if fresh != self.address:
+            raise OSError(ctypes.get_errno(), f"cannot map fresh memory for RAM block '{self.name}'")
+        return int(moved)
+
+    def release_moved(self, address: int) -> None:
+        """Free pages ``move_pages_away`` moved (dropping them first, so the unmap holds no lock for long)."""
+        _LIBC.madvise(ctypes.c_void_p(address), ctypes.c_size_t(self.size), mmap.MADV_DONTNEED)
+        _LIBC.munmap(ctypes.c_void_p(address), ctypes.c_size_t(self.size))
+
     def lock(self) -> None:
         """Pin the whole block in memory (mlock): every page becomes resident and cannot be swapped out.
 
@@ -175,6 +208,15 @@ class RAMBlock:
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.mmap.restype = ctypes.c_void_p
+_LIBC.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_LIBC.mremap.restype = ctypes.c_void_p
+_LIBC.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_MAP_FIXED = 0x10
+_MAP_NORESERVE = 0x4000
+_MREMAP_MAYMOVE = 1
+_MREMAP_FIXED = 2
 
 
 def swap_active() -> bool:

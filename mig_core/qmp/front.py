@@ -157,11 +157,13 @@ class ClientRelay:
             if not fut.done():
                 fut.set_result(None)
 
-        self.loop.add_reader(sock.fileno(), ready)
+        fd = sock.fileno()
+        self.loop.add_reader(fd, ready)
         try:
             await fut
         finally:
-            self.loop.remove_reader(sock.fileno())
+            with contextlib.suppress(ValueError, OSError):  # the socket may have been closed meanwhile
+                self.loop.remove_reader(fd)
 
     async def _recvmsg(self, sock: socket.socket) -> tuple[bytes, list[int]]:
         while True:

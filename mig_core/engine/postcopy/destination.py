@@ -31,7 +31,7 @@ from mig_core.engine.postcopy.ipc import ControlClosed, ControlConnection
 from mig_core.engine.return_path import Message, encode
 from mig_core.errors import MigError, StreamError
 from mig_core.ext.channel import Channel
-from mig_core.host.uffd import REGISTRY, Mode, Registration, UffdError
+from mig_core.host.uffd import REGISTRY, Mode, PageFiller, Registration, UffdError
 from mig_core.memory.pagemap import pages_to_runs
 from mig_core.memory.ram import Backing, RAMBlock
 
@@ -128,17 +128,12 @@ class PostcopyIncoming:
             raise StreamError(f"postcopy needs a connection another process can continue ({type(channel).__name__} "
                               "has no descriptor)")
         blocks_msg = []
-        for b in source_blocks:
-            coming = self.coming[b.name]
-            present = received[b.name] & ~coming
-            stale = np.flatnonzero(received[b.name] & coming)
-            if len(stale):
-                _drop(b, *pages_to_runs(stale))
-            blocks_msg.append([b.name, b.size, b.page_size, b.address, np.packbits(present).tobytes(),
-                               np.packbits(coming).tobytes()])
         try:
             for b in source_blocks:
-                self._registrations.append(REGISTRY.register(b, Mode.MISSING, owner="postcopy"))
+                present = received[b.name] & ~self.coming[b.name]
+                self._registrations.append(self._empty_but(b, present))
+                blocks_msg.append([b.name, b.size, b.page_size, b.address, np.packbits(present).tobytes(),
+                                   np.packbits(self.coming[b.name]).tobytes()])
         except UffdError as e:
             raise StreamError(f"Postcopy is not supported: {e}") from None
         buffered = channel.take_buffered()
@@ -149,6 +144,32 @@ class PostcopyIncoming:
         self.listening = True
         log.info("postcopy_listening", page_server=self.pid,
                  pages_coming=int(sum(int(m.sum()) for m in self.coming.values())))
+
+    def _empty_but(self, b: RAMBlock, present: np.ndarray) -> Registration:
+        """Make every page of ``b`` missing except ``present`` ones, and register it (during the downtime).
+
+        Dropping a page frees it, which costs the kernel about 0.3 µs per page: 70 ms for a GiB that
+        was all sent once and dirtied again. When most pages go, an anonymous block instead swaps its
+        memory for a fresh mapping (page tables only), copies the few present pages back with
+        UFFDIO_COPY, and frees the old pages in a thread after the machine runs.
+        """
+        npresent = int(present.sum())
+        if b.backing is Backing.ANONYMOUS and npresent < b.npages // 2:
+            moved = b.move_pages_away()
+            b._mmap.madvise(_MADV_NOHUGEPAGE)  # type: ignore[union-attr]  # (anonymous: it has a mapping)
+            reg = REGISTRY.register(b, Mode.MISSING, owner="postcopy")
+            filler, ps = PageFiller(reg.fd), b.page_size
+            starts, ends = pages_to_runs(np.flatnonzero(present))
+            for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+                filler.copy(b.address + s * ps, moved + s * ps, (e - s) * ps)
+            threading.Thread(target=b.release_moved, args=(moved,), name="mig/dst/free-stale", daemon=True).start()
+            log.debug("postcopy_fresh_mapping", block=b.name, kept_pages=npresent)
+            return reg
+        # runs of "not present" rather than only the stale pages: as few calls as there are runs
+        absent = np.flatnonzero(~present)
+        if len(absent):
+            _drop(b, *pages_to_runs(absent))
+        return REGISTRY.register(b, Mode.MISSING, owner="postcopy")
 
     def _control(self) -> ControlConnection:
         """The control connection, once the page server said it is ready."""

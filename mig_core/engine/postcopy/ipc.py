@@ -15,6 +15,9 @@ from typing import Any
 import msgpack
 
 _LEN = struct.Struct("<I")
+#: The GIL switch interval of the page server, and of a source while it serves postcopy requests: a
+#: thread that wants the GIL waits up to this long for the one holding it (the default is 5 ms).
+SWITCH_INTERVAL_S = 0.0002
 MAX_MESSAGE = 256 << 20
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import structlog
 
 from mig_core.engine.postcopy.blocktime import BlocktimeMeter
-from mig_core.engine.postcopy.ipc import ControlClosed, ControlConnection
+from mig_core.engine.postcopy.ipc import SWITCH_INTERVAL_S, ControlClosed, ControlConnection
 from mig_core.engine.return_path import DestinationReturnPath, ReceivedBitmap, RequestPages, ResumeAck
 from mig_core.errors import MigError, QMPError
 from mig_core.ext.channel import Channel, ChannelError, SocketChannel
@@ -119,6 +119,13 @@ class UffdPlacer(PagePlacer):
     def place(self, block: RAMBlock, pages: np.ndarray, data: np.ndarray | None) -> None:
         assert data is not None  # no direct view: every batch is staged in this process
         st, ps = self.states[block.name], block.page_size
+        if len(pages) == 1:  # a requested page: the short path (no array work)
+            page = int(pages[0])
+            with self.lock:
+                if not st.placed[page]:
+                    st.filler.copy(st.address + page * ps, int(data.ctypes.data), ps)
+                    self._placed(st, pages)
+            return
         with self.lock:
             todo, rows = self._todo(st, pages)
             base = int(data.ctypes.data)
@@ -525,6 +532,9 @@ def main(argv: Sequence[str]) -> int:
         os.setpriority(os.PRIO_PROCESS, 0, -15)  # serve faults before the host's own threads
     except OSError:
         pass
+    # a thread that wants the GIL waits up to this long for the one holding it: the fault thread must
+    # not wait 5 ms (the default) behind a page batch being placed
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     ctl = ControlConnection(socket.socket(fileno=int(argv[1])))
     front = ControlConnection(socket.socket(fileno=int(argv[2]))) if len(argv) == 3 else None
     return PageServer(ctl, front).run()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ import structlog
 
 from mig_core.engine.context import EngineContext, StatusCell
 from mig_core.engine.multifd_send import MultifdSender
+from mig_core.engine.postcopy.ipc import SWITCH_INTERVAL_S
 from mig_core.engine.return_path import Pong, ReceivedBitmap, RequestPages, ResumeAck, SourceReturnPath
 from mig_core.engine.stats import MigrationCounters, RateLimiter, now_ms
 from mig_core.errors import MigrationFailed, QMPError, StreamError
@@ -275,9 +277,14 @@ class PostcopySender:
             self.requests += 1
             self.engine.counters.postcopy_requests += 1
             mask = self.to_send[block.name]
-            pages = first + np.flatnonzero(mask[first:last])
+            if last - first == 1:  # one page (no prefetch): no array search
+                if not mask[first]:
+                    return  # already sent: it is on its way
+                pages = np.array([first])
+            else:
+                pages = first + np.flatnonzero(mask[first:last])
             if not len(pages):
-                return  # already sent: it is on its way
+                return
             self._take(block, pages)
             self._cursor = (self.blocks.index(block), int(pages[-1]) + 1)  # its neighbours are likely next
         with self._preempt_lock:
@@ -415,6 +422,24 @@ def run_postcopy(engine: SwitchingEngine) -> None:
         engine._check_cancel()
     c.remaining = sender.remaining_bytes()
     log.info("postcopy_started", pages=sender.left, ms_since_stop=now_ms() - (c.downtime_start_ms or 0))
+    # a page request waits for the GIL behind whatever thread holds it: up to the switch interval (5 ms
+    # by default); a short one keeps fault latency low while the source has nothing else to run
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, SWITCH_INTERVAL_S))
+    try:
+        _send_rest(engine, sender)
+    finally:
+        sys.setswitchinterval(interval)
+    c.finish()
+    if not status.cas(S.POSTCOPY_ACTIVE, S.COMPLETED):
+        engine._check_cancel()
+    run.set(RunState.POSTMIGRATE)
+    log.info("migration_completed", total_ms=c.total_time(), downtime_ms=c.downtime_ms,
+             transferred=c.transferred, postcopy_requests=c.postcopy_requests)
+
+
+def _send_rest(engine: SwitchingEngine, sender: PostcopySender) -> None:
+    """Background and requested pages until the destination confirms the end; pauses on a broken connection."""
     while True:
         try:
             sender.run()
@@ -431,12 +456,6 @@ def run_postcopy(engine: SwitchingEngine) -> None:
             if not _recoverable(engine, e):
                 raise
             _pause_until_recovered(engine, sender, str(e))
-    c.finish()
-    if not status.cas(S.POSTCOPY_ACTIVE, S.COMPLETED):
-        engine._check_cancel()
-    run.set(RunState.POSTMIGRATE)
-    log.info("migration_completed", total_ms=c.total_time(), downtime_ms=c.downtime_ms,
-             transferred=c.transferred, postcopy_requests=c.postcopy_requests)
 
 
 #: How long a recovery's destination may take to answer the handshake before the source pauses again.
