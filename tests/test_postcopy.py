@@ -437,3 +437,32 @@ async def test_postcopy_refuses_ram_it_cannot_serve(start_host, tmp_path):
                               {"capabilities": [{"capability": "postcopy-ram", "state": True}]})
     finally:
         await dst.disconnect()
+
+
+async def test_postcopy_command_errors_in_the_wrong_state(start_host, tmp_path):
+    h = start_host("--ram", "8M", name="h")
+    c = await connect(h.sock, "h")
+    on = lambda *caps: {"capabilities": [{"capability": x, "state": True} for x in caps]}  # noqa: E731
+    try:
+        with pytest.raises(Exception, match="^Enable postcopy with migrate_set_capability before the start of "
+                                            "migration$"):
+            await c.execute("migrate-start-postcopy")
+        await c.execute("migrate-set-capabilities", on("dirty-bitmaps"))
+        with pytest.raises(Exception, match="^Postcopy must be started after migration has been started$"):
+            await c.execute("migrate-start-postcopy")
+        await c.execute("migrate-set-capabilities", on("postcopy-ram"))
+        with pytest.raises(Exception, match="^Postcopy must be started after migration has been started$"):
+            await c.execute("migrate-start-postcopy")
+        with pytest.raises(Exception, match="^Migrate recover can only be run when postcopy is paused.$"):
+            await c.execute("migrate-recover", {"uri": f"unix:{tmp_path}/r.sock"})
+        with pytest.raises(Exception, match="^migrate-pause is currently only supported during postcopy-active or "
+                                            "postcopy-recover state$"):
+            await c.execute("migrate-pause")
+        with pytest.raises(Exception, match="^Cannot resume if there is no paused migration$"):
+            await c.execute("migrate", {"uri": f"unix:{tmp_path}/r.sock", "resume": True})
+        with pytest.raises(Exception, match=r"^Postcopy needs a socket transport \(tcp, unix, vsock or fd\): the "
+                                            r"exec transport has no return path another process can continue$"):
+            await c.execute("migrate", {"uri": "exec:cat > /dev/null"})
+        assert (await c.execute("query-migrate")) == {}
+    finally:
+        await c.disconnect()
