@@ -59,8 +59,11 @@ def test_run_refuses_bad_monitor_address():
 
 
 def test_run_refuses_bad_ram_options():
-    for bad, text in [("64M,backing=hugetlb", "invalid --ram backing 'hugetlb' (anonymous or memfd)"),
-                      ("64M,color=red", "unknown --ram option 'color' (known: page-size, backing)")]:
+    for bad, text in [("64M,backing=hugetlb", "invalid --ram backing 'hugetlb' (anonymous, memfd or file)"),
+                      ("64M,color=red", "unknown --ram option 'color' (known: page-size, backing, path)"),
+                      ("64M,backing=file", "--ram: backing=file needs path=PATH, and path= only goes with "
+                                           "backing=file"),
+                      ("64M,path=/dev/shm/x", "--ram: backing=file needs path=PATH")]:
         out = mig("run", "--ram", bad)
         assert out.returncode == 2 and text in out.stderr, out.stderr
 

@@ -155,7 +155,7 @@ async def test_migrate_pause_and_recover_twice(start_host, tmp_path):
         await _start_postcopy(src, dst, tmp_path, bandwidth=4 << 20)
         await _wait_postcopy_bytes(src, 1 << 20)
         for i, pauser in enumerate((src, dst)):
-            await pauser.execute("migrate-pause")
+            await pauser.execute("migrate-pause", oob=True)  # out of band: never queued behind other commands
             await wait_for_status(src, {"postcopy-paused"})
             await wait_for_status(dst, {"postcopy-paused"})
             await dst.execute("migrate-recover", {"uri": f"unix:{tmp_path}/r{i}.sock"})
