@@ -26,6 +26,8 @@ class WriteBehind:
         self._cond = threading.Condition()
         self._pending = 0
         self._error: ChannelError | None = None
+        #: held around each write to the channel: ``send_now`` writes between two queued writes
+        self._send_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -44,6 +46,16 @@ class WriteBehind:
 
     def send(self, data: Buffer) -> None:
         self.sendv([data])
+
+    def send_now(self, buffers: Sequence[Buffer]) -> None:
+        """Write ``buffers`` from the calling thread, ahead of what is queued (never inside another write).
+
+        For data that must not wait behind the queue (a postcopy page a thread is blocked on); the caller
+        makes sure its order relative to queued writes does not matter.
+        """
+        self._raise_if_failed()
+        with self._send_lock:
+            self.channel.sendv(buffers)
 
     def flush(self) -> None:
         """Wait until every queued buffer is written (or a write failed: then raise its error)."""
@@ -77,7 +89,8 @@ class WriteBehind:
                 return
             try:
                 if self._error is None:  # after a failure the rest is dropped, so senders never block
-                    self.channel.sendv(item)
+                    with self._send_lock:
+                        self.channel.sendv(item)
             except ChannelError as e:
                 with self._cond:
                     self._error = self._error or e

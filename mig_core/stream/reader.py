@@ -7,6 +7,7 @@ outside a block, and a peer that closes early ends the read (no hang).
 
 from __future__ import annotations
 
+import struct
 import uuid as uuid_mod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -71,6 +72,9 @@ class End:
 
 
 Item = PagesReceived | DeviceSection | DevicePart | CommandReceived | PassEnd | MappedRamLayout | End
+
+
+_U64 = struct.Struct("<Q")
 
 
 def _expect(cond: bool, message: str) -> None:
@@ -157,11 +161,12 @@ class StreamReader:
     # -- sections ----------------------------------------------------------------
 
     def _meta(self, section: Section) -> Any:
-        rest = self._recv(META_HEADER.size - 1, f"a {section.name} section header")
+        rest = self._recv(META_HEADER.size - 1, "a section header")
         (length,) = META_HEADER.unpack(bytes([section]) + rest)[1:]
-        _expect(length <= MAX_META_BYTES, f"{section.name} section of {length} bytes exceeds the "
-                                          f"{MAX_META_BYTES >> 20} MiB limit")
-        payload = self._recv(length, f"a {section.name} section")
+        if length > MAX_META_BYTES:
+            raise StreamError(f"{section.name} section of {length} bytes exceeds the {MAX_META_BYTES >> 20} MiB "
+                              "limit")
+        payload = self._recv(length, "a metadata section")
         try:
             return msgpack.unpackb(payload, raw=False, strict_map_key=False)
         except (ValueError, msgpack.UnpackException) as e:
@@ -213,18 +218,28 @@ class StreamReader:
             encoding = PageEncoding(enc)
         except ValueError:
             raise StreamError(f"unknown page encoding {enc}") from None
-        _expect(index < len(self._blocks), f"page batch for block index {index}, but the source listed "
-                                           f"{len(self._blocks)} blocks")
+        # the checks of this hot path build their messages only when they fail
+        if index >= len(self._blocks):
+            raise StreamError(f"page batch for block index {index}, but the source listed {len(self._blocks)} "
+                              "blocks")
         block = self._blocks[index]
-        _expect(0 < count <= MAX_BATCH_PAGES, f"page batch of {count} pages (allowed: 1 to {MAX_BATCH_PAGES})")
+        if not 0 < count <= MAX_BATCH_PAGES:
+            raise StreamError(f"page batch of {count} pages (allowed: 1 to {MAX_BATCH_PAGES})")
         nbytes = count * block.page_size
-        _expect(encoding is PageEncoding.ZERO or nbytes <= MAX_BATCH_BYTES,
-                f"page batch of {nbytes} bytes exceeds the {MAX_BATCH_BYTES >> 20} MiB limit")
-        pages = np.empty(count, dtype="<u8")
-        self._recv_into(pages, "a page batch's offsets")
-        _expect(bool((pages < block.npages).all()), f"page batch for RAM block '{block.name}' names page "
-                                                    f"{int(pages.max())}, beyond its {block.npages} pages")
-        pages = pages.astype(np.int64)
+        if encoding is not PageEncoding.ZERO and nbytes > MAX_BATCH_BYTES:
+            raise StreamError(f"page batch of {nbytes} bytes exceeds the {MAX_BATCH_BYTES >> 20} MiB limit")
+        if count == 1:  # a single page (a postcopy request): no array work to read its index
+            (first,) = _U64.unpack(self._recv(8, "a page batch's offsets"))
+            if first >= block.npages:
+                raise StreamError(f"page batch for RAM block '{block.name}' names page {first}, beyond its "
+                                  f"{block.npages} pages")
+            pages = np.array([first], dtype=np.int64)
+        else:
+            raw = np.empty(count, dtype="<u8")
+            self._recv_into(raw, "a page batch's offsets")
+            _expect(bool((raw < block.npages).all()), f"page batch for RAM block '{block.name}' names page "
+                                                      f"{int(raw.max())}, beyond its {block.npages} pages")
+            pages = raw.astype(np.int64)
         if encoding is PageEncoding.ZERO:
             self.placer.place_zero(block, pages)
             return PagesReceived(block, pages, encoding)

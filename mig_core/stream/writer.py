@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import uuid as uuid_mod
 from collections.abc import Sequence
 from typing import Protocol
@@ -25,6 +26,8 @@ from mig_core.stream.format import (
     PageEncoding,
     Section,
 )
+
+_U64 = struct.Struct("<Q")
 
 #: Scatter-gather from RAM when a batch has at most this many runs; gather-copy otherwise.
 _MAX_RUNS = IOV_MAX - 3
@@ -93,6 +96,13 @@ class StreamWriter:
         bufs = [head, idx, np.ascontiguousarray(data)] if data is not None else [head, idx, *page_buffers(block, pages)]
         self.channel.sendv(bufs)
         return PAGES_HEADER.size + idx.nbytes + len(pages) * block.page_size
+
+    def write_page(self, block: RAMBlock, page: int) -> int:
+        """Send one page straight from RAM (a postcopy request's page: the short path)."""
+        ps = block.page_size
+        head = PAGES_HEADER.pack(Section.PAGES, PageEncoding.RAW, self._index[block.name], 1) + _U64.pack(page)
+        self.channel.sendv([head, block.view[page * ps:(page + 1) * ps]])
+        return len(head) + ps
 
     def write_zero_pages(self, block: RAMBlock, pages: np.ndarray) -> int:
         """Tell the destination these pages are zero now (no page data travels)."""

@@ -127,7 +127,12 @@ class UffdPlacer(PagePlacer):
             with self.lock:
                 if not st.placed[page]:
                     st.filler.copy(st.address + page * ps, int(data.ctypes.data), ps)
-                    self._placed(st, pages)
+                    if st.coming[page]:
+                        self.left -= 1
+                    st.placed[page] = True
+                    if self.blocktime is not None and st.waited[page]:
+                        self.blocktime.placed(block.name, page)
+                        st.waited[page] = False
                     t0 = self.asked.pop((block.name, page), None)
                     if t0 is not None:
                         self.service_ns.append(time.monotonic_ns() - t0)

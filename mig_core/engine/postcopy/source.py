@@ -15,11 +15,12 @@ and the background scan continues after it (its neighbours are likely next).
 from __future__ import annotations
 
 import collections
+import functools
 import queue
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -30,8 +31,9 @@ from mig_core.engine.multifd_send import MultifdSender
 from mig_core.engine.postcopy.ipc import SWITCH_INTERVAL_S
 from mig_core.engine.return_path import Pong, ReceivedBitmap, RequestPages, ResumeAck, SourceReturnPath
 from mig_core.engine.stats import MigrationCounters, RateLimiter, now_ms
+from mig_core.engine.write_behind import WriteBehind
 from mig_core.errors import MigrationFailed, QMPError, StreamError
-from mig_core.ext.channel import Channel, ChannelError
+from mig_core.ext.channel import Buffer, Channel, ChannelError
 from mig_core.machine.machine import Machine
 from mig_core.memory.pagemap import pages_to_runs
 from mig_core.memory.ram import RAMBlock
@@ -85,6 +87,11 @@ class UrgentQueue:
             self._cond.notify_all()
 
 
+@functools.cache
+def _zero_page(size: int) -> bytes:
+    return bytes(size)
+
+
 def check_request(req: RequestPages, blocks: dict[str, RAMBlock]) -> RAMBlock:
     """The block a page request names, refused with QEMU's texts when it is wrong."""
     block = blocks.get(req.block)
@@ -105,6 +112,7 @@ class SourceEngine(Protocol):
     machine: Machine
     caps: dict[MigrationCapability, bool]
     writer: StreamWriter
+    _out: WriteBehind | None
     counters: MigrationCounters
     limiter: RateLimiter
     return_path: SourceReturnPath | None
@@ -114,6 +122,19 @@ class SourceEngine(Protocol):
     def _account(self, pages: int, running: bool) -> None: ...
 
     def _check_cancel(self) -> None: ...
+
+
+class _Urgent:
+    """A byte sink that writes ahead of the write-behind queue (requested pages without preempt)."""
+
+    def __init__(self, out: WriteBehind) -> None:
+        self.out = out
+
+    def sendv(self, buffers: Sequence[Buffer]) -> None:
+        self.out.send_now(buffers)
+
+    def send(self, data: Buffer) -> None:
+        self.out.send_now([data])
 
 
 class SwitchingEngine(SourceEngine, Protocol):
@@ -166,6 +187,9 @@ class PostcopySender:
         self.preempt: StreamWriter | None = None
         self.preempt_channel: Channel | None = None
         self._preempt_lock = threading.Lock()
+        #: without preempt: requested pages written by the return-path thread ahead of the queued background
+        self.direct: StreamWriter | None = None
+        self.finished = False
         #: release-ram: free source pages once sent (the same host's destination holds them then)
         self.release = bool(engine.caps[MigrationCapability.RELEASE_RAM])
         self._unreleased: list[tuple[RAMBlock, np.ndarray]] = []
@@ -184,10 +208,21 @@ class PostcopySender:
         the background stream has queued; without, the migration thread sends it before its next batch.
         """
         check_request(req, self.by_name)
-        if self.preempt is not None:
+        if self.preempt is not None or self.direct is not None:
             self._serve(req)
         else:
             self.urgent.put(req)
+
+    def use_main(self) -> None:
+        """Write requested pages on the main connection straight from the return-path thread (no preempt)."""
+        out = self.engine._out
+        self.direct = StreamWriter(_Urgent(out), self.blocks) if out is not None else None
+
+    def finish(self) -> None:
+        """Nothing more goes out on the main connection but its end: requests are pages already sent."""
+        with self._preempt_lock:
+            self.finished = True
+            self.direct = None
 
     def use_preempt(self, channel: Channel, source_uuid: str) -> None:
         """Send requested pages on ``channel`` from now on (its header goes first)."""
@@ -288,11 +323,15 @@ class PostcopySender:
             self._take(block, pages)
             self._cursor = (self.blocks.index(block), int(pages[-1]) + 1)  # its neighbours are likely next
         with self._preempt_lock:
-            preempt = self.preempt
-            if preempt is not None:
-                self._send(block, pages, preempt)  # written when this returns: free to release
+            direct = self.preempt if self.preempt is not None else self.direct
+            if direct is not None:
+                # written when this returns (free to release); main-connection bytes are counted by the
+                # migration thread with the rest of that connection's
+                self._send(block, pages, direct, count=direct is self.preempt)
                 if self.release:
                     self._release(block, pages)
+                return
+            if self.finished:
                 return
         self._send(block, pages, None)
         self.engine._flush()  # a requested page waits behind nothing of this process
@@ -322,24 +361,32 @@ class PostcopySender:
         self.left -= len(pages)
         self.engine.counters.remaining = max(0, self.engine.counters.remaining - len(pages) * block.page_size)
 
-    def _send(self, block: RAMBlock, pages: np.ndarray, writer: StreamWriter | None) -> int:
+    def _send(self, block: RAMBlock, pages: np.ndarray, writer: StreamWriter | None, count: bool = True) -> int:
         """Send pages (zero ones as zero): on the main stream (``writer`` None) or the preempt connection."""
         e, c = self.engine, self.engine.counters
         out = writer if writer is not None else e.writer
-        is_zero = zero_mask(block.words, pages)
         nbytes = 0
-        zero = pages[is_zero]
-        if len(zero):
-            nbytes += out.write_zero_pages(block, zero)
-            pages = pages[~is_zero]
-        if len(pages):
-            nbytes += out.write_pages(block, pages)
+        if len(pages) == 1:  # a requested page: one zero test, one section, no array work
+            page = int(pages[0])
+            ps = block.page_size
+            if block.view[page * ps:(page + 1) * ps].tobytes() != _zero_page(ps):  # memcmp: ~0.3 µs
+                nbytes, zero = out.write_page(block, page), pages[:0]
+            else:
+                nbytes, zero, pages = out.write_zero_pages(block, pages), pages, pages[:0]
+        else:
+            is_zero = zero_mask(block.words, pages)
+            zero = pages[is_zero]
+            if len(zero):
+                nbytes += out.write_zero_pages(block, zero)
+                pages = pages[~is_zero]
+            if len(pages):
+                nbytes += out.write_pages(block, pages)
         with self._lock:
             c.duplicate += len(zero)
             c.normal += len(pages)
         if writer is None:
             e._account(len(pages), False)
-        else:
+        elif count:
             c.sent(nbytes, len(pages), False)
         return nbytes
 
@@ -414,6 +461,8 @@ def run_postcopy(engine: SwitchingEngine) -> None:
     send_package(engine, token)
     engine._flush()
     engine._account(0, running=False)
+    if sender.preempt is None:
+        sender.use_main()
     c.in_postcopy = True
     engine._runstate_before = None  # the destination may run from now on: a failure never resumes here
     if sender.release:
@@ -443,6 +492,7 @@ def _send_rest(engine: SwitchingEngine, sender: PostcopySender) -> None:
     while True:
         try:
             sender.run()
+            sender.finish()
             sender.close_preempt(end=True)
             engine.writer.write_end()
             engine._flush()
@@ -475,6 +525,7 @@ def _pause_until_recovered(engine: SwitchingEngine, sender: PostcopySender, erro
     status.cas(status.state, S.POSTCOPY_PAUSED)
     log.warning("postcopy_paused", error=error, msg="Detected IO failure for postcopy. Migration paused.")
     sender.close_preempt(end=False)
+    sender.direct = None  # its connection is gone; the recovery writes on the new one
     _drop_connection(engine)
     while True:
         transport, addr = _next_resume(engine)
@@ -562,6 +613,8 @@ def _handshake(engine: SwitchingEngine, sender: PostcopySender, channel: Channel
     sender.reload(bitmaps)
     if engine.caps[MigrationCapability.POSTCOPY_PREEMPT]:  # a new preempt connection before the resume
         sender.use_preempt(transport.connect_extra(addr, engine.cancel_requested.is_set, False), engine.machine.uuid)
+    if sender.preempt is None:
+        sender.use_main()
     rp.on_request = sender.on_request
     writer.write_command(Command.POSTCOPY_RESUME)
     engine._flush()
