@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.migration import _rss
 from mig_core.testing import Host, connect, wait_for_status
 
 ENV = {"MIG_LOG_LEVEL": "warning"}
@@ -176,13 +177,6 @@ async def loopback_faults(tmp: Path, size: int = GIB, preempt: bool = False) -> 
 
 # -- precopy against postcopy, release-ram -------------------------------------------------------------
 
-def _rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 async def versus(tmp: Path, postcopy: bool, release_ram: bool = False, size: int = GIB, bandwidth: int = 64 << 20,
                  limit_s: float = 60.0) -> dict:
     """1 GiB, dirtied at twice max-bandwidth by 2 vCPUs on each side; postcopy starts after the first pass."""
@@ -214,7 +208,7 @@ async def versus(tmp: Path, postcopy: bool, release_ram: bool = False, size: int
                 started = True
             if now > limit_s:
                 break
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1 if not started else 0.05)
         out = {"status": info["status"], "total_s": round(time.monotonic() - t0, 1),
                "downtime_ms": info.get("downtime"), "expected_downtime_ms": info.get("expected-downtime"),
                "passes": info.get("ram", {}).get("dirty-sync-count"),
@@ -255,7 +249,9 @@ def main() -> None:
         print("\n### Source RSS with release-ram (MiB)\n")
         rss = runs[2][1]["rss"]
         print("| s | status | source RSS |\n|---|---|---|")
-        marks = np.linspace(0, len(rss) - 1, min(12, len(rss))).astype(int)
+        switch = next((i for i, (_, st, _) in enumerate(rss) if st != "active" and i), len(rss) - 1)
+        # the precopy pass every 4 s, then every sample from the switch on
+        marks = sorted({*range(0, switch, 40), *range(max(0, switch - 1), len(rss))})
         for i in marks:
             t, st, r = rss[i]
             print(f"| {t:.1f} | {st} | {r >> 20} |")

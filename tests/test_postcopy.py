@@ -23,6 +23,40 @@ async def _pair(start_host, dst_extra=(), caps=("events", "postcopy-ram")):
     return src_h, dst_h, src, dst
 
 
+async def _disconnect(*clients):
+    for c in clients:
+        with contextlib.suppress(Exception):
+            await c.disconnect()
+
+
+async def _assert_exact_but_what_the_workload_wrote(src, dst, dst_h, tmp_path):
+    """Stop the destination; every page equals the source's except the 8 bytes the workload writes per page.
+
+    The workload writes only the first word of a page (and its records in page 0): every other byte of
+    every page must be the source's, so no page was lost, zeroed or misplaced; and every read-back the
+    workload made saw what it had written.
+    """
+    await dst.execute("stop")
+    await ram_digest(src, RAM, tmp_path / "s.mem")
+    await ram_digest(dst, RAM, tmp_path / "d.mem")
+    s = np.fromfile(tmp_path / "s.mem", np.uint8).reshape(-1, 4096)
+    d = np.fromfile(tmp_path / "d.mem", np.uint8).reshape(-1, 4096)
+    assert np.array_equal(s[1:, 8:], d[1:, 8:])
+    assert "workload_inconsistent" not in dst_h.logs()
+
+
+async def _migrate_through_proxy(src, dst, tmp_path, bandwidth):
+    """Start a migration whose connection runs through a CuttableProxy (returned); postcopy not yet."""
+    from mig_core.testing.proxy import CuttableProxy
+
+    await dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/dst.sock"})
+    proxy = CuttableProxy(tmp_path / "proxy.sock", tmp_path / "dst.sock")
+    await src.execute("migrate-set-parameters", {"max-bandwidth": bandwidth, "max-postcopy-bandwidth": bandwidth})
+    await src.execute("migrate", {"uri": f"unix:{tmp_path}/proxy.sock"})
+    await wait_for_status(src, {"active"})
+    return proxy
+
+
 async def _start_postcopy(src, dst, tmp_path, bandwidth=8 << 20):
     uri = f"unix:{tmp_path}/pc.sock"
     await dst.execute("migrate-incoming", {"uri": uri})
@@ -66,9 +100,7 @@ async def test_postcopy_paused_destination_is_exact(start_host, tmp_path, switch
         assert await dst.execute("query-status") == {"running": False, "status": "paused"}
         assert await ram_digest(src, RAM, tmp_path / "s.mem") == await ram_digest(dst, RAM, tmp_path / "d.mem")
     finally:
-        for c in (src, dst):
-            with contextlib.suppress(Exception):
-                await c.disconnect()
+        await _disconnect(src, dst)
 
 
 async def test_postcopy_running_destination_serves_faults(start_host, tmp_path):
@@ -79,20 +111,10 @@ async def test_postcopy_running_destination_serves_faults(start_host, tmp_path):
         assert done["status"] == "completed", done
         await wait_for_status(dst, {"completed"})
         assert done["ram"]["postcopy-requests"] > 0, done  # the destination's vCPUs asked for pages
-        await dst.execute("stop")
-        await ram_digest(src, RAM, tmp_path / "s.mem")
-        await ram_digest(dst, RAM, tmp_path / "d.mem")
-        s = np.fromfile(tmp_path / "s.mem", np.uint8).reshape(-1, 4096)
-        d = np.fromfile(tmp_path / "d.mem", np.uint8).reshape(-1, 4096)
-        # the workload writes only the first 8 bytes of a page (and its records in page 0): every other
-        # byte of every page is the source's, so no page was lost, zeroed or misplaced
-        assert np.array_equal(s[1:, 8:], d[1:, 8:])
+        await _assert_exact_but_what_the_workload_wrote(src, dst, dst_h, tmp_path)
         assert (await dst.execute("query-status"))["status"] == "paused"
-        assert "workload_inconsistent" not in dst_h.logs()  # every read-back saw what was written
     finally:
-        for c in (src, dst):
-            with contextlib.suppress(Exception):
-                await c.disconnect()
+        await _disconnect(src, dst)
 
 
 async def _wait_postcopy_bytes(src, at_least):
@@ -107,16 +129,10 @@ async def _wait_postcopy_bytes(src, at_least):
 
 
 async def test_postcopy_link_cut_pauses_both_sides_and_recovers_exactly(start_host, tmp_path):
-    from mig_core.testing.proxy import CuttableProxy
-
     src_h, dst_h, src, dst = await _pair(start_host, dst_extra=("-S",))
     proxy = None
     try:
-        await dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/dst.sock"})
-        proxy = CuttableProxy(tmp_path / "proxy.sock", tmp_path / "dst.sock")
-        await src.execute("migrate-set-parameters", {"max-bandwidth": 4 << 20, "max-postcopy-bandwidth": 4 << 20})
-        await src.execute("migrate", {"uri": f"unix:{tmp_path}/proxy.sock"})
-        await wait_for_status(src, {"active"})
+        proxy = await _migrate_through_proxy(src, dst, tmp_path, 4 << 20)
         # wrong states, with QEMU's texts
         with pytest.raises(Exception, match="Migrate recover can only be run when postcopy is paused."):
             await dst.execute("migrate-recover", {"uri": f"unix:{tmp_path}/r.sock"})
@@ -143,9 +159,7 @@ async def test_postcopy_link_cut_pauses_both_sides_and_recovers_exactly(start_ho
     finally:
         if proxy is not None:
             proxy.close()
-        for c in (src, dst):
-            with contextlib.suppress(Exception):
-                await c.disconnect()
+        await _disconnect(src, dst)
 
 
 async def test_migrate_pause_and_recover_twice(start_host, tmp_path):
@@ -167,9 +181,7 @@ async def test_migrate_pause_and_recover_twice(start_host, tmp_path):
         await wait_for_status(dst, {"completed"})
         assert await ram_digest(src, RAM, tmp_path / "s.mem") == await ram_digest(dst, RAM, tmp_path / "d.mem")
     finally:
-        for c in (src, dst):
-            with contextlib.suppress(Exception):
-                await c.disconnect()
+        await _disconnect(src, dst)
 
 
 def _threads_in_fault(pid: int) -> int:
@@ -190,16 +202,10 @@ async def test_destination_qmp_answers_while_a_vcpu_waits_on_a_cut_link(start_ho
     import asyncio
     import time
 
-    from mig_core.testing.proxy import CuttableProxy
-
     src_h, dst_h, src, dst = await _pair(start_host)  # the destination runs: its vCPUs fault
     proxy = None
     try:
-        await dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/dst.sock"})
-        proxy = CuttableProxy(tmp_path / "proxy.sock", tmp_path / "dst.sock")
-        await src.execute("migrate-set-parameters", {"max-bandwidth": 2 << 20, "max-postcopy-bandwidth": 2 << 20})
-        await src.execute("migrate", {"uri": f"unix:{tmp_path}/proxy.sock"})
-        await wait_for_status(src, {"active"})
+        proxy = await _migrate_through_proxy(src, dst, tmp_path, 2 << 20)
         await src.execute("migrate-start-postcopy")
         await _wait_postcopy_bytes(src, 256 << 10)
         proxy.cut()
@@ -232,19 +238,11 @@ async def test_destination_qmp_answers_while_a_vcpu_waits_on_a_cut_link(start_ho
         assert done["status"] == "completed", done
         assert "error-desc" not in done
         await wait_for_status(dst, {"completed"})
-        await dst.execute("stop")
-        await ram_digest(src, RAM, tmp_path / "s.mem")
-        await ram_digest(dst, RAM, tmp_path / "d.mem")
-        s = np.fromfile(tmp_path / "s.mem", np.uint8).reshape(-1, 4096)
-        d = np.fromfile(tmp_path / "d.mem", np.uint8).reshape(-1, 4096)
-        assert np.array_equal(s[1:, 8:], d[1:, 8:])
-        assert "workload_inconsistent" not in dst_h.logs()
+        await _assert_exact_but_what_the_workload_wrote(src, dst, dst_h, tmp_path)
     finally:
         if proxy is not None:
             proxy.close()
-        for c in (src, dst):
-            with contextlib.suppress(Exception):
-                await c.disconnect()
+        await _disconnect(src, dst)
 
 
 def _page_server_pid(host) -> int:
@@ -285,9 +283,7 @@ async def test_killed_page_server_fails_the_destination_loudly(start_host, tmp_p
         paused = await wait_for_status(src, {"postcopy-paused"})
         assert "same destination process" in paused["error-desc"], paused
     finally:
-        for c in (src, dst):
-            with contextlib.suppress(Exception):
-                await c.disconnect()
+        await _disconnect(src, dst)
 
 
 async def test_killed_source_leaves_the_destination_paused(start_host, tmp_path):
@@ -305,9 +301,7 @@ async def test_killed_source_leaves_the_destination_paused(start_host, tmp_path)
         with pytest.raises(Exception, match="migrate-pause is currently only supported during postcopy-active"):
             await dst.execute("migrate-pause")
     finally:
-        for c in (src, dst):
-            with contextlib.suppress(Exception):
-                await c.disconnect()
+        await _disconnect(src, dst)
 
 
 @pytest.mark.parametrize("preempt", [False, True])
@@ -323,17 +317,9 @@ async def test_postcopy_after_multifd_precopy(start_host, tmp_path, preempt):
         assert done["status"] == "completed", done
         await wait_for_status(dst, {"completed"})
         assert done["ram"]["postcopy-requests"] > 0
-        await dst.execute("stop")
-        await ram_digest(src, RAM, tmp_path / "s.mem")
-        await ram_digest(dst, RAM, tmp_path / "d.mem")
-        s = np.fromfile(tmp_path / "s.mem", np.uint8).reshape(-1, 4096)
-        d = np.fromfile(tmp_path / "d.mem", np.uint8).reshape(-1, 4096)
-        assert np.array_equal(s[1:, 8:], d[1:, 8:])
-        assert "workload_inconsistent" not in dst_h.logs()
+        await _assert_exact_but_what_the_workload_wrote(src, dst, dst_h, tmp_path)
     finally:
-        for c in (src, dst):
-            with contextlib.suppress(Exception):
-                await c.disconnect()
+        await _disconnect(src, dst)
 
 
 def _rss(pid: int) -> int:
@@ -369,9 +355,7 @@ async def test_blocktime_and_release_ram(start_host, tmp_path):
         assert len(done["postcopy-vcpu-blocktime"]) == 3 and sum(done["postcopy-vcpu-blocktime"]) > 0, done
         assert "postcopy-blocktime" not in info  # the source does not measure it
     finally:
-        for c in (src, dst):
-            with contextlib.suppress(Exception):
-                await c.disconnect()
+        await _disconnect(src, dst)
 
 
 async def test_release_ram_forbids_recovery(start_host, tmp_path):
@@ -387,9 +371,7 @@ async def test_release_ram_forbids_recovery(start_host, tmp_path):
         with pytest.raises(Exception, match="Postcopy recovery cannot work when release-ram capability is set"):
             await src.execute("migrate", {"uri": f"unix:{tmp_path}/r.sock", "resume": True})
     finally:
-        for c in (src, dst):
-            with contextlib.suppress(Exception):
-                await c.disconnect()
+        await _disconnect(src, dst)
 
 
 @pytest.mark.parametrize("backing", ["memfd", "file"])
@@ -411,17 +393,9 @@ async def test_postcopy_memfd_and_tmpfs_file_backings(start_host, tmp_path, back
         done = await wait_for_status(src, {"completed", "failed"}, timeout=60)
         assert done["status"] == "completed", done
         await wait_for_status(dst, {"completed"})
-        await dst.execute("stop")
-        await ram_digest(src, RAM, tmp_path / "s.mem")
-        await ram_digest(dst, RAM, tmp_path / "d.mem")
-        s = np.fromfile(tmp_path / "s.mem", np.uint8).reshape(-1, 4096)
-        d = np.fromfile(tmp_path / "d.mem", np.uint8).reshape(-1, 4096)
-        assert np.array_equal(s[1:, 8:], d[1:, 8:])
-        assert "workload_inconsistent" not in dst_h.logs()
+        await _assert_exact_but_what_the_workload_wrote(src, dst, dst_h, tmp_path)
     finally:
-        for c in (src, dst):
-            with contextlib.suppress(Exception):
-                await c.disconnect()
+        await _disconnect(src, dst)
         for suffix in (".src", ".dst"):
             with contextlib.suppress(OSError):
                 os.unlink(shm + suffix)

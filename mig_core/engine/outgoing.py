@@ -33,6 +33,7 @@ from mig_core.ext.channel import Channel, ChannelAborted, ChannelError
 from mig_core.ext.dirty_tracker import DirtyConsumer
 from mig_core.machine.device import DeviceStateError
 from mig_core.machine.vcpu import VcpuStopTimeout
+from mig_core.memory.pagemap import union_pages
 from mig_core.memory.ram import RAMBlock
 from mig_core.memory.zeropage import zero_mask
 from mig_core.schema.common import RunState
@@ -53,14 +54,6 @@ log = structlog.get_logger("mig.outgoing")
 
 #: Pages handed to one write (4 MiB of 4 KiB pages): small enough for prompt cancel and rate limiting.
 BATCH_PAGES = 1024
-
-
-def _union(a: np.ndarray, b: np.ndarray, npages: int) -> np.ndarray:
-    """Sorted union of two page-index arrays (a bitmap: no sort, no lazily initialised numpy paths)."""
-    mask = np.zeros(npages, dtype=bool)
-    mask[a] = True
-    mask[b] = True
-    return np.flatnonzero(mask)
 
 
 class Cancelled(Exception):
@@ -619,7 +612,7 @@ class OutgoingMigration:
         c, run, status = self.counters, self.machine.run, self.status
         self._stop_for_switchover()
         final = self._sync()
-        merged = {b.name: _union(self.pending[b.name], final[b.name], b.npages) for b in self.machine.blocks}
+        merged = {b.name: union_pages(self.pending[b.name], final[b.name], b.npages) for b in self.machine.blocks}
         log.debug("switchover_synced", ms_since_stop=now_ms() - (c.downtime_start_ms or 0),
                   pages=sum(len(p) for p in merged.values()))
         self._send_all(merged, running=False)

@@ -100,6 +100,14 @@ def runs_to_pages(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     return starts[run_of] + (np.arange(total) - first[run_of])
 
 
+def union_pages(a: np.ndarray, b: np.ndarray, npages: int) -> np.ndarray:
+    """Sorted union of two page-index arrays (a bitmap: no sort, no lazily initialised numpy paths)."""
+    mask = np.zeros(npages, dtype=bool)
+    mask[a] = True
+    mask[b] = True
+    return np.flatnonzero(mask)
+
+
 def pages_to_runs(pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Group sorted page indices into half-open runs [start, end)."""
     if len(pages) == 0:

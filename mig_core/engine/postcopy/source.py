@@ -35,7 +35,7 @@ from mig_core.engine.write_behind import WriteBehind
 from mig_core.errors import MigrationFailed, QMPError, StreamError
 from mig_core.ext.channel import Buffer, Channel, ChannelError
 from mig_core.machine.machine import Machine
-from mig_core.memory.pagemap import pages_to_runs
+from mig_core.memory.pagemap import pages_to_runs, union_pages
 from mig_core.memory.ram import RAMBlock
 from mig_core.memory.zeropage import zero_mask
 from mig_core.schema.common import RunState
@@ -418,17 +418,6 @@ def watch_downtime(rp: SourceReturnPath, token: int, counters: MigrationCounters
     rp.on_pong = on_pong
 
 
-def _union(a: np.ndarray, b: np.ndarray, npages: int) -> np.ndarray:
-    mask = np.zeros(npages, dtype=bool)
-    mask[a] = True
-    mask[b] = True
-    return np.flatnonzero(mask)
-
-
-class Paused(Exception):
-    """The postcopy connection broke (or migrate-pause broke it): wait for ``migrate resume=true``."""
-
-
 def _recoverable(engine: SwitchingEngine, e: Exception) -> bool:
     """A broken connection pauses; the destination's own failure, a cancel or a bug does not."""
     if engine.cancel_requested.is_set():
@@ -445,7 +434,7 @@ def run_postcopy(engine: SwitchingEngine) -> None:
     assert engine._unsent is not None and engine.return_path is not None
     engine._stop_for_switchover()
     final = engine._sync()
-    coming = {b.name: _union(engine._unsent[b.name], final[b.name], b.npages) for b in engine.machine.blocks}
+    coming = {b.name: union_pages(engine._unsent[b.name], final[b.name], b.npages) for b in engine.machine.blocks}
     if engine.multifd is not None:  # the destination places everything they carried before it runs
         engine._end_pass(running=False)
         engine.multifd.finish()
