@@ -14,8 +14,8 @@ RAM = 32 << 20
 WORKLOAD = ("--ram", "32M", "--ram-fill", "random", "--vcpus", "3", "--dirty-rate", "16M")
 
 
-async def _pair(start_host, dst_extra=(), caps=("events", "postcopy-ram")):
-    src_h = start_host(*WORKLOAD, name="src")
+async def _pair(start_host, dst_extra=(), caps=("events", "postcopy-ram"), src_extra=()):
+    src_h = start_host(*WORKLOAD, *src_extra, name="src")
     dst_h = start_host(*WORKLOAD, *dst_extra, "--incoming", "defer", name="dst")
     src, dst = await connect(src_h.sock, "src"), await connect(dst_h.sock, "dst")
     for c in (src, dst):
@@ -103,8 +103,9 @@ async def test_postcopy_paused_destination_is_exact(start_host, tmp_path, switch
         await _disconnect(src, dst)
 
 
-async def test_postcopy_running_destination_serves_faults(start_host, tmp_path):
-    src_h, dst_h, src, dst = await _pair(start_host)
+@pytest.mark.parametrize("prefetch", [0, 8])
+async def test_postcopy_running_destination_serves_faults(start_host, tmp_path, prefetch):
+    src_h, dst_h, src, dst = await _pair(start_host, src_extra=("--postcopy-prefetch", str(prefetch)))
     try:
         await _start_postcopy(src, dst, tmp_path, bandwidth=4 << 20)
         done = await wait_for_status(src, {"completed", "failed"}, timeout=60)
@@ -113,6 +114,11 @@ async def test_postcopy_running_destination_serves_faults(start_host, tmp_path):
         assert done["ram"]["postcopy-requests"] > 0, done  # the destination's vCPUs asked for pages
         await _assert_exact_but_what_the_workload_wrote(src, dst, dst_h, tmp_path)
         assert (await dst.execute("query-status"))["status"] == "paused"
+        (end,) = [e for e in src_h.log_events() if e.get("event") == "migration_completed"]
+        assert (end["prefetched_pages"] > 0) == bool(prefetch), end  # pages sent after each requested one
+        # every page arrived: RAM left userfaultfd's missing mode
+        assert any(e.get("event") == "uffd_unregistered" and e.get("mode") == "missing"
+                   for e in dst_h.log_events())
     finally:
         await _disconnect(src, dst)
 

@@ -180,6 +180,8 @@ class PostcopySender:
         self.urgent = UrgentQueue()
         self._cursor = (0, 0)
         self.requests = 0
+        #: pages sent after requested ones (``prefetch_pages``)
+        self.prefetched = 0
         #: guards the masks, the cursor and the counts: with preempt, requests are served on the
         #: return-path thread while the migration thread sends the background
         self._lock = threading.Lock()
@@ -321,6 +323,7 @@ class PostcopySender:
             if not len(pages):
                 return
             self._take(block, pages)
+            self.prefetched += len(pages) - int(pages[0] == first)  # beyond the requested page itself
             self._cursor = (self.blocks.index(block), int(pages[-1]) + 1)  # its neighbours are likely next
         with self._preempt_lock:
             direct = self.preempt if self.preempt is not None else self.direct
@@ -473,7 +476,7 @@ def run_postcopy(engine: SwitchingEngine) -> None:
         engine._check_cancel()
     run.set(RunState.POSTMIGRATE)
     log.info("migration_completed", total_ms=c.total_time(), downtime_ms=c.downtime_ms,
-             transferred=c.transferred, postcopy_requests=c.postcopy_requests)
+             transferred=c.transferred, postcopy_requests=c.postcopy_requests, prefetched_pages=sender.prefetched)
 
 
 def _send_rest(engine: SwitchingEngine, sender: PostcopySender) -> None:
