@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
 
 from mig_core.engine.stats import MigrationCounters
+from mig_core.ext import compressor
 from mig_core.ext.channel import Channel, ChannelError
 from mig_core.ext.compressor import Encoder
 from mig_core.memory.ram import RAMBlock
@@ -29,6 +31,11 @@ from mig_core.schema.migration import CompressionStats
 from mig_core.stream.mapped_ram import MappedRamWriter
 from mig_core.stream.multifd import PacketFlag, init_packet, pack_header
 from mig_core.stream.writer import page_buffers
+
+if TYPE_CHECKING:
+    from mig_core.ext.transport import Transport
+    from mig_core.plugin.registry import PluginRegistry
+    from mig_core.schema.migration import MigrationAddress
 
 log = structlog.get_logger("mig.multifd")
 
@@ -275,3 +282,31 @@ class MultifdSender:
         else:
             ch.sendv([head, offsets, *payload])
         self.counters.multifd_sent(ch.bytes_sent - before, len(pages), len(zero))
+
+
+def connect_sender(params: Mapping[str, Any], registry: PluginRegistry, transport: Transport, addr: MigrationAddress,
+                   should_abort: Callable[[], bool], counters: MigrationCounters, source_uuid: str, zero_copy: bool,
+                   mapped: MappedRamWriter | None) -> MultifdSender:
+    """Connect ``multifd-channels`` more connections to ``addr`` and start a sender's threads on them."""
+    name = str(params["multifd-compression"])
+    factory = None
+    if name != "none":
+        comp = compressor.load(registry, name, counters.page_size)
+        level = params[comp.level_parameter] if comp.level_parameter else 1
+        log.info("multifd_compression_level", method=name, level=level)
+        factory = lambda: comp.encoder(level)  # noqa: E731 - one encoder per channel thread
+    channels = []
+    direct_io = bool(params["direct-io"]) and mapped is not None
+    try:
+        for _ in range(params["multifd-channels"]):
+            channels.append(transport.connect_extra(addr, should_abort, direct_io))
+    except BaseException:
+        for ch in channels:
+            ch.close()
+        raise
+    sender = MultifdSender(channels, source_uuid, counters, factory,
+                           detect_zero=params["zero-page-detection"].value == "multifd", zero_copy=zero_copy,
+                           mapped=mapped)
+    sender.start()
+    log.info("multifd_started", channels=len(channels))
+    return sender

@@ -21,14 +21,14 @@ import structlog
 from mig_core.engine.context import EngineContext
 from mig_core.engine.convergence import ConvergenceTrigger
 from mig_core.engine.device_iteration import DeviceIteration
-from mig_core.engine.multifd_send import MultifdSender
-from mig_core.engine.postcopy.source import PostcopySender, run_postcopy
+from mig_core.engine.multifd_send import MultifdSender, connect_sender
+from mig_core.engine.postcopy.source import PostcopySender
+from mig_core.engine.postcopy.switch import run_postcopy
 from mig_core.engine.return_path import SourceReturnPath
 from mig_core.engine.stats import MigrationCounters, PassRecord, RateLimiter, SourceStats, now_ms
 from mig_core.engine.write_behind import WriteBehind
 from mig_core.engine.xbzrle_send import XbzrleSender
 from mig_core.errors import MigrationFailed, QMPError
-from mig_core.ext import compressor
 from mig_core.ext.channel import Channel, ChannelAborted, ChannelError
 from mig_core.ext.dirty_tracker import DirtyConsumer
 from mig_core.machine.device import DeviceStateError
@@ -327,28 +327,9 @@ class OutgoingMigration:
 
     def _start_multifd(self) -> None:
         """Connect multifd-channels more connections to the same address and start their threads."""
-        params = self.ctx.parameters()
-        name = str(params["multifd-compression"])
-        factory = None
-        if name != "none":
-            comp = compressor.load(self.ctx.registry, name, self.counters.page_size)
-            level = params[comp.level_parameter] if comp.level_parameter else 1
-            log.info("multifd_compression_level", method=name, level=level)
-            factory = lambda: comp.encoder(level)  # noqa: E731 - one encoder per channel thread
-        channels = []
-        direct_io = bool(params["direct-io"]) and self.mapped is not None
-        try:
-            for _ in range(params["multifd-channels"]):
-                channels.append(self.transport.connect_extra(self.addr, self.cancel_requested.is_set, direct_io))
-        except BaseException:
-            for ch in channels:
-                ch.close()
-            raise
-        self.multifd = MultifdSender(channels, self.machine.uuid, self.counters, factory,
-                                     detect_zero=params["zero-page-detection"].value == "multifd",
-                                     zero_copy=self.caps[C.ZERO_COPY_SEND], mapped=self.mapped)
-        self.multifd.start()
-        log.info("multifd_started", channels=len(channels))
+        self.multifd = connect_sender(self.ctx.parameters(), self.ctx.registry, self.transport, self.addr,
+                                      self.cancel_requested.is_set, self.counters, self.machine.uuid,
+                                      self.caps[C.ZERO_COPY_SEND], self.mapped)
 
     def _end_pass(self, running: bool) -> None:
         """Multifd: every page of this pass is on the wire, then the PASS marker on the main stream.
