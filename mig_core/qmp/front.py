@@ -135,6 +135,7 @@ class ClientRelay:
         self.host = host_end
         self.loop = front.loop
         self.negotiated = False
+        self.oob = False  # the client enabled out-of-band commands (exec-oob is refused otherwise)
         self.streamer: JsonStreamer | None = None
         self._at_boundary = True  # the last byte relayed from the host ended a message
         self._injected: list[bytes] = []
@@ -215,6 +216,7 @@ class ClientRelay:
     def _note_negotiation(self, data: bytes) -> None:
         if not self.negotiated and b"qmp_capabilities" in data:
             self.negotiated = True
+            self.oob = b'"oob"' in data
 
     async def _stand_in(self, text: bytes, link: PageServerLink) -> bool:
         """Answer ``text`` here if it is one of the commands the front serves during postcopy."""
@@ -222,13 +224,15 @@ class ClientRelay:
             req = json.loads(text)
         except ValueError:
             return False
-        if not isinstance(req, dict):
-            return False
+        if not isinstance(req, dict) or set(req) - {"execute", "exec-oob", "arguments", "id"} or (
+                ("execute" in req) == ("exec-oob" in req)):
+            return False  # malformed: the host words the error
         name = req.get("execute", req.get("exec-oob"))
         if name == "qmp_capabilities":
             self.negotiated = True
-        if not self.negotiated or name not in STAND_IN:
-            return False
+            self.oob = "oob" in str(req.get("arguments"))
+        if not self.negotiated or name not in STAND_IN or ("exec-oob" in req and not self.oob):
+            return False  # the host answers (or words the error)
         args = req.get("arguments", {})
         if not isinstance(args, dict):
             return False
