@@ -298,6 +298,9 @@ class OutgoingMigration:
             self.channel.seek(layout.resume_offset)
             self.mapped = MappedRamWriter(layout, self.machine.blocks)
         if self.caps[C.MULTIFD]:
+            # the destination gets the stream's CONFIG before any channel may fail: it then refuses a
+            # mismatch with the reason, not with a stream cut short when this side gives up
+            self._flush()
             self._start_multifd()
         for dev in self.machine.devices:
             dev.save_setup()
@@ -614,9 +617,11 @@ class OutgoingMigration:
         if self.return_path is not None:  # complete only once the destination confirms it loaded everything
             self.return_path.await_end(self._check_cancel)
         c.finish()
-        if not status.cas(S.DEVICE, S.COMPLETED):
-            self._check_cancel()
+        # postmigrate first: whoever sees completed then sees the source in postmigrate too
         run.set(RunState.POSTMIGRATE)
+        if not status.cas(S.DEVICE, S.COMPLETED):
+            run.set(RunState.FINISH_MIGRATE)  # not completed after all: the failure path restores the run state
+            self._check_cancel()
         log.info("migration_completed", total_ms=c.total_time(), downtime_ms=c.downtime_ms,
                  transferred=c.transferred)
 

@@ -128,9 +128,9 @@ def run_postcopy(engine: SwitchingEngine) -> None:
     finally:
         sys.setswitchinterval(interval)
     c.finish()
+    run.set(RunState.POSTMIGRATE)  # before completed: whoever sees completed sees postmigrate too
     if not status.cas(S.POSTCOPY_ACTIVE, S.COMPLETED):
         engine._check_cancel()
-    run.set(RunState.POSTMIGRATE)
     log.info("migration_completed", total_ms=c.total_time(), downtime_ms=c.downtime_ms,
              transferred=c.transferred, postcopy_requests=c.postcopy_requests, prefetched_pages=sender.prefetched)
 
