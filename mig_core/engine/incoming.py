@@ -59,6 +59,8 @@ class IncomingMigration:
         self.return_path: DestinationReturnPath | None = None
         #: set by the postcopy advise in CONFIG; after the switch the page server owns the connection
         self.postcopy: PostcopyIncoming | None = None
+        #: the postcopy-preempt connection (this process's descriptor; the page server holds another)
+        self._preempt: Channel | None = None
         #: the page server's figures at the end (faults, requests; blocktime with postcopy-blocktime)
         self.postcopy_figures: dict[str, Any] = {}
         self.announce: threading.Thread | None = None
@@ -109,6 +111,8 @@ class IncomingMigration:
                 self.multifd.close()
             for ch in self._extra.values():
                 ch.close()
+            if self._preempt is not None:
+                self._preempt.close()
             if self.postcopy is not None:
                 self.postcopy.close()
             if self.channel is not None:
@@ -238,8 +242,7 @@ class IncomingMigration:
         token, _count = postcopy_wire.package(package.argument)
         preempt = None
         if self.ctx.capability(C.POSTCOPY_PREEMPT):  # the source connected it before it sent the package
-            preempt = self.listener.accept()
-            self._extra[-1] = preempt
+            preempt = self._preempt = self.listener.accept()
             postcopy_wire.read_preempt_header(preempt, self.reader.source_uuid)
             self.listener.close()
         pc.on_status = self._postcopy_status

@@ -26,6 +26,7 @@ from mig_core.engine.postcopy.source import PostcopySender
 from mig_core.engine.postcopy.switch import run_postcopy
 from mig_core.engine.return_path import SourceReturnPath
 from mig_core.engine.stats import MigrationCounters, PassRecord, RateLimiter, SourceStats, now_ms
+from mig_core.engine.switchover import complete_precopy
 from mig_core.engine.write_behind import WriteBehind
 from mig_core.engine.xbzrle_send import XbzrleSender
 from mig_core.errors import MigrationFailed, QMPError
@@ -33,7 +34,6 @@ from mig_core.ext.channel import Channel, ChannelAborted, ChannelError
 from mig_core.ext.dirty_tracker import DirtyConsumer
 from mig_core.machine.device import DeviceStateError
 from mig_core.machine.vcpu import VcpuStopTimeout
-from mig_core.memory.pagemap import union_pages
 from mig_core.memory.ram import RAMBlock
 from mig_core.memory.zeropage import zero_mask
 from mig_core.schema.common import RunState
@@ -565,65 +565,8 @@ class OutgoingMigration:
 
     # -- completion ----------------------------------------------------------------------
 
-    def _stop_for_switchover(self) -> None:
-        """Stop the machine (finish-migrate), wait in pre-switchover if asked, reach ``device``."""
-        c, run, status = self.counters, self.machine.run, self.status
-        log.info("switchover", expected_downtime_ms=c.expected_downtime, remaining=c.remaining,
-                 bandwidth_bytes_per_ms=round(c.bandwidth, 1), passes=c.dirty_sync_count,
-                 postcopy=self._unsent is not None)
-        c.downtime_start_ms = now_ms()
-        # stops the vCPUs; from here until the end cont is refused, so nothing resumes them before the
-        # destination has everything. set() returns the state it replaced, under the run-state lock; the
-        # read before it is what a failure restores if stopping raises (VcpuStopTimeout) and set() with it
-        self._runstate_before = run.state
-        self._runstate_before = run.set(RunState.FINISH_MIGRATE)
-        self.ctx.global_state.saved_runstate = self._runstate_before
-        self.ctx.hooks.switchover(self.ctx.migration_id, status.side)
-        if self.caps[C.PAUSE_BEFORE_SWITCHOVER]:
-            if not status.cas(S.ACTIVE, S.PRE_SWITCHOVER):
-                self._check_cancel()
-            self.continue_event.wait()
-            self._check_cancel()
-            if not status.cas(S.PRE_SWITCHOVER, S.DEVICE):
-                self._check_cancel()
-        elif not status.cas(S.ACTIVE, S.DEVICE):
-            self._check_cancel()
-        self.writer.write_command(Command.SWITCHOVER_START)
-        self._account(0, running=True)  # what was written before the machine stopped
-        log.debug("switchover_stopped", ms_since_stop=now_ms() - (c.downtime_start_ms or 0))
-
     def _complete(self) -> None:
-        c, run, status = self.counters, self.machine.run, self.status
-        self._stop_for_switchover()
-        final = self._sync()
-        merged = {b.name: union_pages(self.pending[b.name], final[b.name], b.npages) for b in self.machine.blocks}
-        log.debug("switchover_synced", ms_since_stop=now_ms() - (c.downtime_start_ms or 0),
-                  pages=sum(len(p) for p in merged.values()))
-        self._send_all(merged, running=False)
-        self._end_pass(running=False)
-        if self.mapped is not None:
-            self.mapped.write_bitmaps(self._ch)
-            self._account(0, running=False)
-        log.debug("switchover_ram_sent", ms_since_stop=now_ms() - (c.downtime_start_ms or 0))
-        for dev in self.machine.devices:
-            self.writer.write_device(self.machine.devices.save(dev))
-        self.writer.write_end()
-        self._flush()
-        self._ch.finish()
-        if self.multifd is not None:
-            self.multifd.finish()
-        self._account(0, running=False)
-        log.debug("switchover_sent", ms_since_stop=now_ms() - (c.downtime_start_ms or 0))
-        if self.return_path is not None:  # complete only once the destination confirms it loaded everything
-            self.return_path.await_end(self._check_cancel)
-        c.finish()
-        # postmigrate first: whoever sees completed then sees the source in postmigrate too
-        run.set(RunState.POSTMIGRATE)
-        if not status.cas(S.DEVICE, S.COMPLETED):
-            run.set(RunState.FINISH_MIGRATE)  # not completed after all: the failure path restores the run state
-            self._check_cancel()
-        log.info("migration_completed", total_ms=c.total_time(), downtime_ms=c.downtime_ms,
-                 transferred=c.transferred)
+        complete_precopy(self)
 
     # -- postcopy ---------------------------------------------------------------------
 

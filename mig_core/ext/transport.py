@@ -23,16 +23,26 @@ from mig_core.schema.sockets import SocketAddress
 GROUP = "mig_core.transports"
 
 
+def partition_host_port(addr: str, shown: str | None = None) -> tuple[str, str]:
+    """``HOST:PORT`` or ``[V6]:PORT`` split as QEMU's inet_parse does (the port unchecked).
+
+    ValueError with QEMU's text otherwise, quoting ``shown`` (the whole address as given) or ``addr``.
+    """
+    shown = addr if shown is None else shown
+    if addr.startswith("["):
+        host, sep, port = addr[1:].partition("]:")
+        if not sep or not host:
+            raise ValueError(f"error parsing IPv6 address '{shown}'")
+    else:
+        host, sep, port = addr.rpartition(":")
+        if not sep:
+            raise ValueError(f"error parsing address '{shown}'")
+    return host, port
+
+
 def split_host_port(rest: str) -> tuple[str, int]:
     """``HOST:PORT`` or ``[V6]:PORT`` with a numeric port (QEMU's inet_parse errors); ValueError if bad."""
-    if rest.startswith("["):
-        host, sep, port = rest[1:].partition("]:")
-        if not sep or not host:
-            raise ValueError(f"error parsing IPv6 address '{rest}'")
-    else:
-        host, sep, port = rest.rpartition(":")
-        if not sep:
-            raise ValueError(f"error parsing address '{rest}'")
+    host, port = partition_host_port(rest)
     if not port.isdigit() or int(port) > 65535:
         raise ValueError(f"error parsing address '{rest}'")
     return host, int(port)

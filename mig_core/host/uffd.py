@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import errno
+import mmap
 import os
 import struct
 import threading
@@ -240,7 +241,7 @@ class PageFiller:
                 dst, src, length = dst + done, src + done, length - done
                 continue
             if err == errno.EEXIST:
-                step = max(done, 0) + mmap_page_size()
+                step = max(done, 0) + mmap.PAGESIZE
                 dst, src, length = dst + step, src + step, length - step
                 continue
             if err == errno.EAGAIN:
@@ -256,7 +257,7 @@ class PageFiller:
             err = ctypes.get_errno()
             done = struct.unpack_from("q", self._zero, 24)[0]
             if err in (errno.EAGAIN, errno.EEXIST):
-                step = max(done, 0) + (mmap_page_size() if err == errno.EEXIST else 0)
+                step = max(done, 0) + (mmap.PAGESIZE if err == errno.EEXIST else 0)
                 start, length = start + step, length - step
                 continue
             raise OSError(err, f"UFFDIO_ZEROPAGE: {os.strerror(err)}")
@@ -267,10 +268,6 @@ class PageFiller:
         if _libc.ioctl(self.fd, UFFDIO_WAKE, self._wake) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"UFFDIO_WAKE: {os.strerror(err)}")
-
-
-def mmap_page_size() -> int:
-    return os.sysconf("SC_PAGE_SIZE")
 
 
 #: one ``struct uffd_msg`` (x86_64): event, 3 reserved, flags, address, thread id, padding

@@ -133,11 +133,7 @@ class RAMBlock:
         if self.backing is Backing.HOST:
             self.array[:] = 0
             return
-        assert self._mmap is not None
-        if self.backing in (Backing.MEMFD, Backing.FILE):
-            self._mmap.madvise(mmap.MADV_REMOVE)
-        else:
-            self._mmap.madvise(mmap.MADV_DONTNEED)
+        self.discard_runs(np.array([0]), np.array([self.npages]))
 
     def discard_runs(self, starts: np.ndarray, ends: np.ndarray) -> None:
         """Drop the pages of runs ``[start, end)``: they read as zero (or fault, if registered) and free memory."""

@@ -21,7 +21,6 @@ arrive over the control connection.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import itertools
@@ -167,18 +166,13 @@ class ClientRelay:
                 self.loop.remove_reader(fd)
 
     async def _recvmsg(self, sock: socket.socket) -> tuple[bytes, list[int]]:
+        """The next bytes and any descriptors passed with them (getfd's SCM_RIGHTS)."""
         while True:
             try:
-                data, anc, _flags, _addr = sock.recvmsg(65536, socket.CMSG_SPACE(16 * 4))
+                data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 16)
             except (BlockingIOError, InterruptedError):
                 await self._readable(sock)
                 continue
-            fds: list[int] = []
-            for level, typ, payload in anc:
-                if level == socket.SOL_SOCKET and typ == socket.SCM_RIGHTS:
-                    arr = array.array("i")
-                    arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-                    fds.extend(arr)
             return data, fds
 
     async def _send_host(self, data: bytes, fds: list[int]) -> None:
@@ -350,7 +344,7 @@ class Front:
 def main(argv: list[str]) -> int:
     configure_logging()
     if len(argv) != 3:
-        print("usage: python -m mig_core.qmp.front CONTROL_FD HOST_PID", file=sys.stderr)
+        log.error("front_usage", usage="python -m mig_core.qmp.front CONTROL_FD HOST_PID")
         return 2
     ctl = ControlConnection(socket.socket(fileno=int(argv[1])))
     return Front(ctl, int(argv[2])).run()

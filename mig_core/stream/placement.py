@@ -3,7 +3,6 @@ checkpoint cache for COLO later), which also keeps a received-pages bitmap per b
 
 from __future__ import annotations
 
-import mmap
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -52,12 +51,8 @@ class CopyPlacer(PagePlacer):
 
     def place_zero(self, block: RAMBlock, pages: np.ndarray) -> None:
         # Writing zeros would populate memory; dropping the pages reads back as zero and frees it.
-        ps = block.page_size
-        starts, ends = pages_to_runs(np.sort(pages))
         if block.backing is Backing.HOST or block._mmap is None:
             block.pages[pages] = 0
         else:
-            advice = mmap.MADV_REMOVE if block.backing in (Backing.MEMFD, Backing.FILE) else mmap.MADV_DONTNEED
-            for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
-                block._mmap.madvise(advice, s * ps, (e - s) * ps)
+            block.discard_runs(*pages_to_runs(np.sort(pages)))
         self.received[block.name][pages] = True

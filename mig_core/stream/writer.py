@@ -91,18 +91,16 @@ class StreamWriter:
         return total
 
     def _batch(self, block: RAMBlock, pages: np.ndarray, data: np.ndarray | None) -> int:
+        if len(pages) == 1 and data is None:  # one page (a postcopy request's): no array work
+            page, ps = int(pages[0]), block.page_size
+            head = PAGES_HEADER.pack(Section.PAGES, PageEncoding.RAW, self._index[block.name], 1) + _U64.pack(page)
+            self.channel.sendv([head, block.view[page * ps:(page + 1) * ps]])
+            return len(head) + ps
         idx = np.ascontiguousarray(pages, dtype="<u8")
         head = PAGES_HEADER.pack(Section.PAGES, PageEncoding.RAW, self._index[block.name], len(idx))
         bufs = [head, idx, np.ascontiguousarray(data)] if data is not None else [head, idx, *page_buffers(block, pages)]
         self.channel.sendv(bufs)
         return PAGES_HEADER.size + idx.nbytes + len(pages) * block.page_size
-
-    def write_page(self, block: RAMBlock, page: int) -> int:
-        """Send one page straight from RAM (a postcopy request's page: the short path)."""
-        ps = block.page_size
-        head = PAGES_HEADER.pack(Section.PAGES, PageEncoding.RAW, self._index[block.name], 1) + _U64.pack(page)
-        self.channel.sendv([head, block.view[page * ps:(page + 1) * ps]])
-        return len(head) + ps
 
     def write_zero_pages(self, block: RAMBlock, pages: np.ndarray) -> int:
         """Tell the destination these pages are zero now (no page data travels)."""

@@ -38,9 +38,6 @@ class BlocktimeMeter:
             self._all_since = now
         return True
 
-    def waiting(self, block: str, page: int) -> bool:
-        return (block, page) in self._waiting
-
     def placed(self, block: str, page: int) -> None:
         """The page arrived: every vCPU waiting on it runs again."""
         vcpus = self._waiting.pop((block, page), None)

@@ -32,7 +32,7 @@ from mig_core.engine.return_path import Message, encode
 from mig_core.errors import MigError, StreamError
 from mig_core.ext.channel import Channel
 from mig_core.host.uffd import REGISTRY, Mode, PageFiller, Registration, UffdError
-from mig_core.memory.pagemap import pages_to_runs
+from mig_core.memory.pagemap import pages_to_runs, runs_to_pages
 from mig_core.memory.ram import Backing, RAMBlock
 
 log = structlog.get_logger("mig.postcopy.destination")
@@ -53,11 +53,6 @@ def _exit_description(proc: subprocess.Popen[bytes]) -> str:
     if code < 0:
         return f"killed by {signal.Signals(-code).name}"
     return f"exit status {code}"
-
-
-def _drop(block: RAMBlock, starts: np.ndarray, ends: np.ndarray) -> None:
-    """Drop the pages of these runs from this host's memory (they read as missing, or zero, afterwards)."""
-    block.discard_runs(starts, ends)
 
 
 class PostcopyIncoming:
@@ -94,7 +89,7 @@ class PostcopyIncoming:
             if b.backing is Backing.ANONYMOUS:
                 # missing pages are filled one page at a time; a huge page would make a fault cost 512 of them
                 b._mmap.madvise(_MADV_NOHUGEPAGE)
-            _drop(b, np.array([0]), np.array([b.npages]))
+            b.discard()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         front = self._front_link()
         fds = [theirs.fileno()] + ([front.fileno()] if front is not None else [])
@@ -112,9 +107,7 @@ class PostcopyIncoming:
         """The source will still send these pages: whatever this host holds there is stale."""
         if self.listening:
             raise StreamError("CMD_POSTCOPY_RAM_DISCARD in wrong postcopy state (listening)")
-        mask = self.coming[block.name]
-        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
-            mask[s:e] = True
+        self.coming[block.name][runs_to_pages(starts, ends)] = True
 
     # -- listen ----------------------------------------------------------------------------
 
@@ -168,7 +161,7 @@ class PostcopyIncoming:
         # runs of "not present" rather than only the stale pages: as few calls as there are runs
         absent = np.flatnonzero(~present)
         if len(absent):
-            _drop(b, *pages_to_runs(absent))
+            b.discard_runs(*pages_to_runs(absent))
         return REGISTRY.register(b, Mode.MISSING, owner="postcopy")
 
     def _control(self) -> ControlConnection:

@@ -114,10 +114,11 @@ class UffdPlacer(PagePlacer):
     def _placed(self, st: BlockState, pages: np.ndarray) -> None:
         self.left -= int((st.coming[pages] & ~st.placed[pages]).sum())
         st.placed[pages] = True
-        if self.blocktime is not None and st.waited.any():
-            for page in pages[st.waited[pages]].tolist():
+        if self.blocktime is not None:
+            waited = pages[st.waited[pages]]  # the batch's own pages only: no scan of the block
+            for page in waited.tolist():
                 self.blocktime.placed(st.block.name, page)
-            st.waited[pages] = False
+            st.waited[waited] = False
 
     def place(self, block: RAMBlock, pages: np.ndarray, data: np.ndarray | None) -> None:
         assert data is not None  # no direct view: every batch is staged in this process
@@ -176,7 +177,6 @@ class PageServer:
         self.preempt_enabled = False
         self.source_uuid = ""
         self.status = ACTIVE
-        self.error: str | None = None
         self.faults = 0
         self.requests = 0
         self.zero_filled = 0
@@ -341,7 +341,6 @@ class PageServer:
 
     def _report_failure(self, error: str) -> None:
         log.error("page_server_failed", error=error)
-        self.error = error
         self._notify({"op": "failed", "error": error})
 
     # -- the stream -------------------------------------------------------------------
@@ -541,7 +540,7 @@ class PageServer:
 def main(argv: Sequence[str]) -> int:
     configure_logging()
     if len(argv) not in (2, 3):
-        print("usage: python -m mig_core.engine.postcopy.page_server CONTROL_FD [FRONT_FD]", file=sys.stderr)
+        log.error("page_server_usage", usage="python -m mig_core.engine.postcopy.page_server CONTROL_FD [FRONT_FD]")
         return 2
     try:
         os.setpriority(os.PRIO_PROCESS, 0, -15)  # serve faults before the host's own threads

@@ -9,7 +9,6 @@ and the background scan continues after it (its neighbours are likely next).
 from __future__ import annotations
 
 import collections
-import functools
 import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
@@ -25,7 +24,7 @@ from mig_core.ext.channel import Buffer, Channel
 from mig_core.machine.machine import Machine
 from mig_core.memory.pagemap import pages_to_runs
 from mig_core.memory.ram import RAMBlock
-from mig_core.memory.zeropage import zero_mask
+from mig_core.memory.zeropage import is_zero_page, zero_mask
 from mig_core.schema.migration import MigrationCapability
 from mig_core.stream import postcopy as postcopy_wire
 from mig_core.stream.format import Command
@@ -66,15 +65,6 @@ class UrgentQueue:
         with self._cond:
             if not self._items:
                 self._cond.wait(timeout)
-
-    def wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-
-
-@functools.cache
-def _zero_page(size: int) -> bytes:
-    return bytes(size)
 
 
 def check_request(req: RequestPages, blocks: dict[str, RAMBlock]) -> RAMBlock:
@@ -330,8 +320,8 @@ class PostcopySender:
         if len(pages) == 1:  # a requested page: one zero test, one section, no array work
             page = int(pages[0])
             ps = block.page_size
-            if block.view[page * ps:(page + 1) * ps].tobytes() != _zero_page(ps):  # memcmp: ~0.3 µs
-                nbytes, zero = out.write_page(block, page), pages[:0]
+            if not is_zero_page(block.view[page * ps:(page + 1) * ps]):
+                nbytes, zero = out.write_pages(block, pages), pages[:0]
             else:
                 nbytes, zero, pages = out.write_zero_pages(block, pages), pages, pages[:0]
         else:

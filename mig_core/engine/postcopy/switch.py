@@ -35,6 +35,7 @@ from mig_core.engine.postcopy.source import (
 )
 from mig_core.engine.return_path import ReceivedBitmap, ResumeAck, SourceReturnPath
 from mig_core.engine.stats import now_ms
+from mig_core.engine.switchover import SwitchoverEngine, report_completed, stop_machine
 from mig_core.errors import MigrationFailed, QMPError, StreamError
 from mig_core.ext.channel import Channel, ChannelError
 from mig_core.memory.pagemap import union_pages
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("mig.postcopy.switch")
 
 
-class SwitchingEngine(SourceEngine, Protocol):
+class SwitchingEngine(SourceEngine, SwitchoverEngine, Protocol):
     """The outgoing migration as the switch to postcopy drives it."""
 
     ctx: EngineContext
@@ -67,8 +68,6 @@ class SwitchingEngine(SourceEngine, Protocol):
 
     @property
     def _ch(self) -> Channel: ...
-
-    def _stop_for_switchover(self) -> None: ...
 
     def _sync(self) -> dict[str, np.ndarray]: ...
 
@@ -89,9 +88,9 @@ def _recoverable(engine: SwitchingEngine, e: Exception) -> bool:
 
 def run_postcopy(engine: SwitchingEngine) -> None:
     """Switch to postcopy, send the rest, complete when the destination confirms the last page arrived."""
-    c, run, status = engine.counters, engine.machine.run, engine.status
+    c, status = engine.counters, engine.status
     assert engine._unsent is not None and engine.return_path is not None
-    engine._stop_for_switchover()
+    stop_machine(engine, postcopy=True)
     final = engine._sync()
     coming = {b.name: union_pages(engine._unsent[b.name], final[b.name], b.npages) for b in engine.machine.blocks}
     if engine.multifd is not None:  # the destination places everything they carried before it runs
@@ -127,12 +126,8 @@ def run_postcopy(engine: SwitchingEngine) -> None:
         _send_rest(engine, sender)
     finally:
         sys.setswitchinterval(interval)
-    c.finish()
-    run.set(RunState.POSTMIGRATE)  # before completed: whoever sees completed sees postmigrate too
-    if not status.cas(S.POSTCOPY_ACTIVE, S.COMPLETED):
-        engine._check_cancel()
-    log.info("migration_completed", total_ms=c.total_time(), downtime_ms=c.downtime_ms,
-             transferred=c.transferred, postcopy_requests=c.postcopy_requests, prefetched_pages=sender.prefetched)
+    report_completed(engine, S.POSTCOPY_ACTIVE, postcopy_requests=c.postcopy_requests,
+                     prefetched_pages=sender.prefetched)
 
 
 def _send_rest(engine: SwitchingEngine, sender: PostcopySender) -> None:

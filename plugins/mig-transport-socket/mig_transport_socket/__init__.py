@@ -12,7 +12,13 @@ from collections.abc import Callable
 import structlog
 
 from mig_core.ext.channel import Channel, ChannelAbilities, ChannelAborted, SocketChannel
-from mig_core.ext.transport import Listener, SingleChannelListener, Transport, TransportError
+from mig_core.ext.transport import (
+    Listener,
+    SingleChannelListener,
+    Transport,
+    TransportError,
+    partition_host_port,
+)
 from mig_core.qapi import UNSET
 from mig_core.schema.migration import MigrationAddress, MigrationAddressType
 from mig_core.schema.sockets import (
@@ -36,14 +42,10 @@ _INT_OPTS = {"to": 65535, "keep-alive-count": 2**32 - 1, "keep-alive-idle": 2**3
 def _parse_inet(text: str) -> InetSocketAddress:
     """QEMU's inet_parse: HOST:PORT or [V6]:PORT, then ,options."""
     addr, *opts = text.split(",")
-    if addr.startswith("["):
-        host, sep, port = addr[1:].partition("]:")
-        if not sep or not host:
-            raise TransportError(f"error parsing IPv6 address '{text}'")
-    else:
-        host, sep, port = addr.rpartition(":")
-        if not sep:
-            raise TransportError(f"error parsing address '{text}'")
+    try:
+        host, port = partition_host_port(addr, text)
+    except ValueError as e:
+        raise TransportError(str(e)) from None
     if not port:
         raise TransportError(f"error parsing address '{text}'")
     kw: dict[str, object] = {}
