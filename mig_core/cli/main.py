@@ -9,6 +9,7 @@ from mig_core.cli.operator import info_cmd, migrate_cmd, qmp_cmd
 from mig_core.cli.plugins import plugins
 from mig_core.cli.run import run
 from mig_core.cli.shell import shell_cmd
+from mig_core.cli.snapshot import snapshot_cmd
 from mig_core.logconfig import configure_logging
 from mig_core.version import __version__
 
@@ -27,7 +28,7 @@ def cli(log_format: str | None, log_level: str | None) -> None:
 cli.add_command(run)
 cli.add_command(plugins)
 cli.add_command(demo)
-for _cmd in (qmp_cmd, info_cmd, migrate_cmd, shell_cmd):
+for _cmd in (qmp_cmd, info_cmd, migrate_cmd, shell_cmd, snapshot_cmd):
     cli.add_command(_cmd)
 
 

@@ -11,7 +11,8 @@ import click
 import structlog
 
 from mig_core.control.manager import MigrationManager
-from mig_core.errors import QMPError
+from mig_core.errors import PluginNotFound, QMPError
+from mig_core.ext import snapshot_backend
 from mig_core.ext.dirty_tracker import GROUP as TRACKERS
 from mig_core.machine.machine import Machine
 from mig_core.machine.reference_host import CounterDevice, RamSpec, Workload, fill, parse_ram, parse_size
@@ -68,9 +69,13 @@ def _rates(_ctx: click.Context, param: click.Parameter, value: str) -> list[int]
               help="The dirty tracker (an installed mig_core.dirty_trackers plugin: uffd-wp, hash, host ...) "
                    "instead of the best one that works here. dirty-limit and calc-dirty-rate's dirty-ring "
                    "mode need 'host', which attributes writes to vCPUs.")
+@click.option("--snapshot-dir", "snapshot_dirs", multiple=True, metavar="DIR[,node-name=N][,backend=B]",
+              help="A storage node for snapshot-save/-load (repeatable): snapshots kept in DIR by the snapshot "
+                   "backend B (default 'dir'; 'dedup' shares pages between snapshots), node name N (default "
+                   "snap0, snap1, ...).")
 def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: bool, vcpus: int, dirty_rate: list[int],
-        paused: bool, incoming: str | None, uuid: str | None, postcopy_prefetch: int, dirty_tracker: str | None
-        ) -> None:
+        paused: bool, incoming: str | None, uuid: str | None, postcopy_prefetch: int, dirty_tracker: str | None,
+        snapshot_dirs: tuple[str, ...]) -> None:
     if len(dirty_rate) not in (1, vcpus):  # type: ignore[arg-type]
         raise click.BadParameter(f"give one rate or {vcpus} (one per vCPU)", param_hint="--dirty-rate")
     """Run the reference host serving QMP until 'quit' or a signal."""
@@ -96,6 +101,8 @@ def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: boo
                              prealloc=mem_prealloc)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--ram") from None
+    for i, spec_text in enumerate(snapshot_dirs):
+        _add_snapshot_node(machine, spec_text, i)
     if paused:
         machine.run.autostart = False
     rates: list[float] = [float(r) for r in dirty_rate] if len(dirty_rate) == vcpus else [dirty_rate[0] / vcpus] * vcpus
@@ -135,6 +142,28 @@ def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: boo
     # keeps answering while a page fault stops this one
     asyncio.run(_serve(manager, qmp, front=incoming is not None))
     workload.stop.set()
+
+
+def _add_snapshot_node(machine: Machine, text: str, index: int) -> None:
+    """``--snapshot-dir DIR[,node-name=N][,backend=B][,OPTION=V...]``: a node of backend B on DIR."""
+    path, *rest = text.split(",")
+    options = {"dir": path}
+    node_name, backend = f"snap{index}", "dir"
+    for item in rest:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise click.BadParameter(f"'{item}' is not KEY=VALUE", param_hint="--snapshot-dir")
+        if key == "node-name":
+            node_name = value
+        elif key == "backend":
+            backend = value
+        else:
+            options[key] = value
+    try:
+        cls = snapshot_backend.load(machine.registry, backend)
+        machine.add_snapshot_node(cls(node_name, options))
+    except (ValueError, PluginNotFound) as e:
+        raise click.BadParameter(str(e), param_hint="--snapshot-dir") from None
 
 
 async def _serve(manager: MigrationManager, addresses: list[object], front: bool) -> None:

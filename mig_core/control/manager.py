@@ -15,6 +15,8 @@ import structlog
 from mig_core.control import capabilities as caps_mod
 from mig_core.control import parameters as params_mod
 from mig_core.control.events import EventEmitter
+from mig_core.control.jobs import JobRegistry
+from mig_core.control.snapshots import IN_PROGRESS, Snapshots
 from mig_core.control.status import POSTCOPY_STATES, RUNNING_STATES, Side, StatusMachine
 from mig_core.engine.context import EngineContext
 from mig_core.engine.dirtylimit import DirtyLimiter
@@ -24,6 +26,7 @@ from mig_core.engine.incoming import IncomingMigration
 from mig_core.engine.outgoing import OutgoingMigration
 from mig_core.errors import QMPError
 from mig_core.ext import replication
+from mig_core.ext.dirty_tracker import DirtyConsumer
 from mig_core.ext.transport import Listener, Transport, TransportContext, TransportRegistry
 from mig_core.host import features as host_features
 from mig_core.machine.machine import Machine
@@ -113,6 +116,10 @@ class MigrationManager:
         self.postcopy_prefetch_pages = 0
         #: Set by a QMP server that runs a monitor front: a new connection to it for a postcopy page server.
         self.front_link: Callable[[], socket.socket | None] = lambda: None
+        self.jobs = JobRegistry(self.events.emit)
+        #: xen-set-global-dirty-log's consumer of the dirty tracker (None while the log is off)
+        self.global_dirty_log: DirtyConsumer | None = None
+        self.snapshots = Snapshots(self)
 
     # -- notifications ---------------------------------------------------------
 
@@ -554,6 +561,75 @@ class MigrationManager:
         error = inc.postcopy.request("recover", uri=args.uri)
         if error is not None:
             raise QMPError(error)
+
+    # -- QMP: jobs and snapshots (control/jobs.py, control/snapshots.py) ------------------
+
+    def parameter(self, name: str) -> Any:
+        return self.params[name]
+
+    def begin_snapshot_status(self) -> None:
+        """A snapshot save reports through the source status, as QEMU's savevm: none/any → setup."""
+        with self._lock:
+            if self.source.state in RUNNING_STATES:
+                raise QMPError(IN_PROGRESS)
+            self.new_migration_id()
+            self.error_desc = None
+            self.source.cas(self.source.state, S.SETUP)
+
+    def snapshot_save(self, args: Any) -> None:
+        self.snapshots.save(args)
+
+    def snapshot_load(self, args: Any) -> None:
+        self.snapshots.load(args)
+
+    def snapshot_delete(self, args: Any) -> None:
+        self.snapshots.delete(args)
+
+    def x_query_snapshots(self) -> Any:
+        return self.snapshots.query()
+
+    def xen_save_devices_state(self, args: Any) -> None:
+        self.snapshots.save_devices_file(args.filename, args.live is not False)
+
+    def xen_load_devices_state(self, args: Any) -> None:
+        self.snapshots.load_devices_file(args.filename)
+
+    def xen_set_global_dirty_log(self, args: Any) -> None:
+        """Start or stop the global dirty log: a consumer of the machine's dirty tracker that records every
+        write from now on (``global_dirty_log`` collects it); enabling twice or disabling twice is no error."""
+        with self._lock:
+            if args.enable and self.global_dirty_log is None:
+                try:
+                    tracker = self.machine.tracker()
+                except ValueError as e:
+                    raise QMPError(f"Cannot start the global dirty log: {e}") from None
+                self.global_dirty_log = tracker.consumer("global-dirty-log", sends=False)
+                self.global_dirty_log.collect()  # everything up to now is the baseline, not the log
+            elif not args.enable and self.global_dirty_log is not None:
+                self.global_dirty_log.close()
+                self.global_dirty_log = None
+        log.info("global_dirty_log", enabled=bool(args.enable))
+
+    def query_jobs(self) -> Any:
+        return self.jobs.query()
+
+    def job_pause(self, args: Any) -> None:
+        self.jobs.pause(args.id)
+
+    def job_resume(self, args: Any) -> None:
+        self.jobs.resume(args.id)
+
+    def job_cancel(self, args: Any) -> None:
+        self.jobs.cancel(args.id)
+
+    def job_complete(self, args: Any) -> None:
+        self.jobs.complete(args.id)
+
+    def job_dismiss(self, args: Any) -> None:
+        self.jobs.dismiss(args.id)
+
+    def job_finalize(self, args: Any) -> None:
+        self.jobs.finalize(args.id)
 
     # -- QMP: file descriptors ---------------------------------------------------------
 

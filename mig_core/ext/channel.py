@@ -537,3 +537,42 @@ def loopback_pair(capacity: int = 4 << 20) -> tuple[LoopbackChannel, LoopbackCha
     """Two connected in-memory channels; each direction buffers at most ``capacity`` bytes."""
     a, b = _Pipe(capacity), _Pipe(capacity)
     return LoopbackChannel(a, b), LoopbackChannel(b, a)
+
+
+class BytesChannel(Channel):
+    """A channel over memory: reads what it was given, collects what is written (``data``).
+
+    Device-state streams that live beside RAM rather than in a migration (snapshots, xen-save-devices-state)
+    are written and read through one.
+    """
+
+    def __init__(self, data: bytes = b"") -> None:
+        super().__init__()
+        self._in = memoryview(data)
+        self._pos = 0
+        self._out = bytearray()
+
+    @property
+    def data(self) -> bytes:
+        """Everything written so far."""
+        return bytes(self._out)
+
+    def _sendv(self, buffers: Sequence[Buffer]) -> int:
+        n = 0
+        for b in buffers:
+            view = memoryview(b).cast("B")
+            self._out += view
+            n += view.nbytes
+        return n
+
+    def _recv_into(self, view: memoryview) -> int:
+        n = min(view.nbytes, self._in.nbytes - self._pos)
+        view[:n] = self._in[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def _unblock(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._in.release()

@@ -1,27 +1,40 @@
 """The snapshot-backend extension point (``mig_core.snapshot_backends``): where named snapshots live.
 
-A backend provides storage nodes (``snapshot-save``'s ``devices`` and ``vmstate``
-name them). Saving a snapshot writes the machine's stream (RAM in mapped-ram
-layout, then device state) into a seekable channel the backend opens for the
-tag, then ``commit`` makes it visible; loading reads it back; ``delete``
-removes it. A tag is visible only once committed, so a crash or a failed save
-leaves the previous snapshots as they were. A deduplicating backend may store
-pages shared by several tags once; the contract does not change.
+A backend is one storage node (``snapshot-save``'s ``devices`` and ``vmstate``
+name nodes). A save hands it, through a ``SnapshotWriter``, the machine's RAM
+page by page (only pages that are not zero; from several threads at once) and
+the device state as one opaque stream; ``commit`` then publishes the tag in
+one atomic step, so a crash or a failed save leaves every earlier tag as it
+was. A load asks a ``SnapshotReader`` to put each block's pages straight into
+RAM (from several threads). How pages are stored is the backend's business: one image per tag, or
+pages shared between tags by content (a deduplicating backend).
 
-Every call runs on the snapshot job's thread with the machine stopped (QEMU's
-snapshot-save and snapshot-load stop it); ``list`` may also run on the QMP
-thread at any time and must not block on a running save.
+Save and load run on the snapshot job's thread (and its helper threads for
+pages) with the machine stopped; ``list`` may run on the QMP thread at any
+time and must not wait for a save in progress.
 """
 
 from __future__ import annotations
 
+import builtins
+import fcntl
+import json
+import os
+import shutil
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import quote
 
-from mig_core.ext.channel import Channel
+import numpy as np
+import structlog
+
 from mig_core.plugin.registry import PluginRegistry
+
+log = structlog.get_logger("mig.snapshot_backend")
 
 #: The entry-point group of snapshot backends (key: the backend's name, e.g. ``dir`` or ``dedup``).
 GROUP = "mig_core.snapshot_backends"
@@ -32,12 +45,73 @@ class SnapshotInfo:
     """One committed snapshot as ``x-query-snapshots`` and ``mig snapshot list`` show it."""
 
     tag: str
-    #: bytes the snapshot occupies in this backend (shared pages counted once per backend, not per tag)
+    #: bytes on storage that belong to this snapshot alone (pages shared with other tags count in none)
     size: int
     #: seconds since the epoch when it was committed
     date: float
-    #: bytes of RAM the snapshot holds
+    #: bytes of VM state the snapshot holds (RAM pages that are not zero, plus device state): QEMU's
+    #: vm-state-size; 0 for a disk-only snapshot (no VM state on this node)
     vm_state_size: int
+    #: bytes of RAM the snapshot restores (the machine's RAM size when it was saved)
+    ram_size: int = 0
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """A RAM block as a snapshot records it."""
+
+    name: str
+    size: int
+    page_size: int
+
+    @property
+    def npages(self) -> int:
+        return self.size // self.page_size
+
+
+class SnapshotWriter(ABC):
+    """One save in progress. Nothing it received is visible under the tag until ``commit``."""
+
+    @abstractmethod
+    def put_pages(self, block: BlockShape, pages: np.ndarray, data: np.ndarray) -> None:
+        """Store ``pages`` (sorted page indices) of ``block``; ``data`` holds one row of page_size bytes per
+        page. Pages never given are zero. Called from several threads at once, each with its own pages."""
+
+    @abstractmethod
+    def put_vmstate(self, data: bytes) -> None:
+        """The device-state stream (opaque to the backend), given once, after every page."""
+
+    @abstractmethod
+    def commit(self) -> SnapshotInfo:
+        """Make the snapshot durable and visible under its tag (atomically: all or nothing)."""
+
+    @abstractmethod
+    def abandon(self) -> None:
+        """Throw the partial save away (a failed or cancelled save); earlier tags are untouched."""
+
+
+class SnapshotReader(ABC):
+    """One committed snapshot, opened for loading."""
+
+    @abstractmethod
+    def blocks(self) -> list[BlockShape]:
+        """The RAM blocks the snapshot holds, in the order they were saved."""
+
+    @abstractmethod
+    def stored_pages(self, block: BlockShape) -> np.ndarray:
+        """The indices (sorted) of the block's pages the snapshot holds; every other page was zero."""
+
+    @abstractmethod
+    def read_pages(self, block: BlockShape, pages: np.ndarray, into: memoryview) -> None:
+        """Write stored ``pages`` (sorted, a part of ``stored_pages``) into ``into``, the block's whole RAM
+        (page i at byte i × page_size). Called from several threads at once, each with its own pages."""
+
+    @abstractmethod
+    def vmstate(self) -> bytes:
+        """The device-state stream given to ``put_vmstate``."""
+
+    def close(self) -> None:
+        """Release what the reader holds (descriptors, maps)."""
 
 
 class SnapshotBackend(ABC):
@@ -60,25 +134,108 @@ class SnapshotBackend(ABC):
         return any(s.tag == tag for s in self.list())
 
     @abstractmethod
-    def open_write(self, tag: str) -> Channel:
-        """A new, empty, seekable channel for ``tag``'s stream (positioned writes: mapped-ram); not yet
-        visible under ``tag`` until ``commit``."""
+    def begin(self, tag: str, blocks: builtins.list[BlockShape]) -> SnapshotWriter:
+        """Start saving ``tag`` (the caller checked it does not exist yet)."""
 
     @abstractmethod
-    def commit(self, tag: str, vm_state_size: int) -> SnapshotInfo:
-        """Make what ``open_write`` received the snapshot ``tag`` (replacing nothing: the caller checked)."""
-
-    @abstractmethod
-    def abandon(self, tag: str) -> None:
-        """Throw away an uncommitted write of ``tag`` (a failed or cancelled save)."""
-
-    @abstractmethod
-    def open_read(self, tag: str) -> Channel:
-        """A seekable channel reading the committed snapshot ``tag``; ``KeyError`` if there is none."""
+    def open(self, tag: str) -> SnapshotReader:
+        """The committed snapshot ``tag``; ``KeyError`` if there is none."""
 
     @abstractmethod
     def delete(self, tag: str) -> None:
-        """Remove the committed snapshot ``tag``; ``KeyError`` if there is none."""
+        """Remove the committed snapshot ``tag`` and free what no other tag uses; ``KeyError`` if there is
+        none."""
+
+    def close(self) -> None:
+        """Release the node (host shutdown)."""
+
+
+class TagDirectory:
+    """Committed tags as directories under ``ROOT/tags``, each published by one rename: a helper for
+    backends that keep files per tag.
+
+    A save writes into a staging directory (``.new-*``) and ``publish`` renames it to the tag's name
+    after everything in it is on disk, so a crash leaves either the complete tag or none (the staging
+    directory is removed at the next open). A delete renames the tag away (``.del-*``) before removing
+    its files. ``ROOT/lock`` is held (flock) while the directory is open: a second process is refused.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tags = root / "tags"
+        try:
+            self.tags.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            raise ValueError(f"snapshot directory '{root}': {e.strerror}") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise ValueError(f"snapshot directory '{root}' is in use by another process") from None
+        for leftover in self.tags.glob(".*-*"):  # a save or a delete that a crash cut short
+            log.warning("snapshot_leftover_removed", path=str(leftover))
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def _dir(self, tag: str) -> Path:
+        return self.tags / ("t-" + quote(tag, safe=""))
+
+    def staging(self) -> Path:
+        """A new, empty directory to write a tag's files into."""
+        path = self.tags / f".new-{uuid.uuid4().hex}"
+        path.mkdir()
+        return path
+
+    def publish(self, staging: Path, tag: str, manifest: dict[str, Any]) -> None:
+        """Write the manifest, flush the directory and rename it to ``tag`` (the files in it are synced
+        by the caller)."""
+        with open(staging / "manifest.json", "w") as f:
+            json.dump({"tag": tag, **manifest}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(staging)
+        os.rename(staging, self._dir(tag))  # fails if the tag exists: never replaces one
+        _fsync_dir(self.tags)
+
+    def manifests(self) -> list[dict[str, Any]]:
+        """Every committed tag's manifest, oldest first."""
+        out = []
+        for d in self.tags.glob("t-*"):
+            try:
+                out.append(json.loads((d / "manifest.json").read_text()))
+            except (OSError, ValueError) as e:
+                log.warning("snapshot_manifest_unreadable", path=str(d), error=str(e))
+        return sorted(out, key=lambda m: m.get("date", 0))
+
+    def path(self, tag: str) -> Path:
+        """The committed tag's directory; KeyError if there is none."""
+        d = self._dir(tag)
+        if not (d / "manifest.json").exists():
+            raise KeyError(tag)
+        return d
+
+    def manifest(self, tag: str) -> dict[str, Any]:
+        return dict(json.loads((self.path(tag) / "manifest.json").read_text()))
+
+    def remove(self, tag: str) -> None:
+        """Unpublish ``tag`` at once (one rename), then remove its files."""
+        gone = self.tags / f".del-{uuid.uuid4().hex}"
+        os.rename(self.path(tag), gone)
+        _fsync_dir(self.tags)
+        shutil.rmtree(gone, ignore_errors=True)
+
+    def close(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load(registry: PluginRegistry, name: str) -> type[SnapshotBackend]:

@@ -277,11 +277,15 @@ class PendingStates:
         dev, state = self.registry.decode(section)
         self._states[key] = (dev, state, section.version)
 
+    def check_complete(self) -> None:
+        """Every registered device has had its state; DeviceStateError naming the first that has not."""
+        missing = [_key(d.id, d.instance) for d in self.registry if (d.id, d.instance) not in self._states]
+        if missing:
+            raise DeviceStateError(f"the stream carried no state for device {missing[0]}")
+
     def apply(self, require_all: bool = True) -> None:
         """``require_all``: every registered device must have had its state (a migration's end)."""
         if require_all:
-            missing = [_key(d.id, d.instance) for d in self.registry if (d.id, d.instance) not in self._states]
-            if missing:
-                raise DeviceStateError(f"the stream carried no state for device {missing[0]}")
+            self.check_complete()
         for dev, state, version in self._states.values():
             self.registry.apply(dev, state, version)

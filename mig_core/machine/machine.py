@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import uuid as uuid_mod
 from collections.abc import Sequence
 from typing import Any
@@ -11,6 +12,7 @@ import structlog
 
 from mig_core.ext import dirty_tracker
 from mig_core.ext.dirty_tracker import DirtyTracker, TrackerChoice
+from mig_core.ext.snapshot_backend import SnapshotBackend
 from mig_core.machine.device import Device, DeviceRegistry
 from mig_core.machine.runstate import RunStateMachine
 from mig_core.machine.vcpu import VcpuController
@@ -19,6 +21,9 @@ from mig_core.plugin.registry import PluginRegistry
 from mig_core.schema.common import RunState
 
 log = structlog.get_logger("mig.machine")
+
+#: QEMU's well-formed id (node names, job ids): a letter, then letters, digits, '-', '.', '_'.
+_NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
 
 __all__ = ["Machine", "RAMBlock", "Backing", "Device", "block_layout"]
 
@@ -44,6 +49,8 @@ class Machine:
         #: How an operator gets per-vCPU dirty attribution on this host (added to dirty-limit's refusals).
         self.attribution_hint = ""
         self._tracker: DirtyTracker | None = None
+        #: Storage nodes by node name (snapshot-save's ``devices`` and ``vmstate`` name them).
+        self.nodes: dict[str, SnapshotBackend] = {}
 
     # -- RAM -------------------------------------------------------------------
 
@@ -119,6 +126,17 @@ class Machine:
         if t is not None and hasattr(t, "mark_pages"):
             t.mark_pages(block, pages)
 
+    # -- storage nodes --------------------------------------------------------------------
+
+    def add_snapshot_node(self, node: SnapshotBackend) -> None:
+        """Offer a snapshot backend as the storage node ``node.node_name``."""
+        name = node.node_name
+        if not _NODE_NAME.fullmatch(name):
+            raise ValueError(f"Invalid node name '{name}': a letter first, then letters, digits, '-', '.', '_'")
+        if name in self.nodes:
+            raise ValueError(f"node-name '{name}' is already in use")
+        self.nodes[name] = node
+
     # -- devices and run state --------------------------------------------------------
 
     def add_device(self, dev: Device) -> None:
@@ -137,6 +155,9 @@ class Machine:
         for b in self.blocks:
             b.close()
         self.blocks.clear()
+        for node in self.nodes.values():
+            node.close()
+        self.nodes.clear()
 
 
 def block_layout(blocks: Sequence[RAMBlock]) -> list[tuple[str, int, int]]:

@@ -18,6 +18,7 @@ from mig_core.schema.common import (
     StatusInfo,
     VersionInfo,
 )
+from mig_core.schema.jobs import JobIdArgs, JobInfo, JobStatusChangeEventData
 from mig_core.schema.migration import (
     COLOExitReason,
     COLOMode,
@@ -33,6 +34,7 @@ from mig_core.schema.migration import (
     TimeUnit,
 )
 from mig_core.schema.parameters import MigrateSetParameters, MigrationParameters
+from mig_core.schema.snapshots import XSnapshotInfo
 
 
 class MigrateSetCapabilitiesArgs(QapiStruct):
@@ -98,6 +100,19 @@ class SnapshotDeleteArgs(QapiStruct):
     job_id: Str
     tag: Str
     devices: list[Str]
+
+
+class XenSaveDevicesStateArgs(QapiStruct):
+    filename: Str
+    live: Bool | UnsetType = UNSET
+
+
+class XenLoadDevicesStateArgs(QapiStruct):
+    filename: Str
+
+
+class XenSetGlobalDirtyLogArgs(QapiStruct):
+    enable: Bool
 
 
 class PmemsaveArgs(QapiStruct):
@@ -185,6 +200,17 @@ COMMANDS: dict[str, Command] = {
         Command("snapshot-save", SnapshotSaveArgs, EmptyStruct),
         Command("snapshot-load", SnapshotLoadArgs, EmptyStruct),
         Command("snapshot-delete", SnapshotDeleteArgs, EmptyStruct),
+        Command("query-jobs", None, list[JobInfo]),
+        Command("job-pause", JobIdArgs, EmptyStruct),
+        Command("job-resume", JobIdArgs, EmptyStruct),
+        Command("job-cancel", JobIdArgs, EmptyStruct),
+        Command("job-complete", JobIdArgs, EmptyStruct),
+        Command("job-dismiss", JobIdArgs, EmptyStruct),
+        Command("job-finalize", JobIdArgs, EmptyStruct),
+        Command("x-query-snapshots", None, list[XSnapshotInfo], features=("unstable",)),
+        Command("xen-save-devices-state", XenSaveDevicesStateArgs, EmptyStruct),
+        Command("xen-load-devices-state", XenLoadDevicesStateArgs, EmptyStruct),
+        Command("xen-set-global-dirty-log", XenSetGlobalDirtyLogArgs, EmptyStruct),
     ]
 }
 
@@ -198,5 +224,6 @@ EVENTS: dict[str, Event] = {
         Event("SHUTDOWN", ShutdownEventData),
         Event("COLO_EXIT", ColoExitEventData),
         Event("UNPLUG_PRIMARY", UnplugPrimaryEventData),
+        Event("JOB_STATUS_CHANGE", JobStatusChangeEventData),
     ]
 }
