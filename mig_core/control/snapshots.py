@@ -16,7 +16,7 @@ from typing import Protocol
 
 import structlog
 
-from mig_core.control.jobs import Job, JobRegistry
+from mig_core.control.jobs import Job, JobCancelled, JobRegistry
 from mig_core.control.status import RUNNING_STATES, StatusMachine
 from mig_core.engine.globalstate import GlobalState
 from mig_core.engine.snapshot.ram import check_blocks, load_ram, save_ram, shapes
@@ -128,6 +128,8 @@ class Snapshots:
             raise QMPError(f"Snapshot '{tag}' already exists in one or more devices")
         vm_node = self._vmstate_node(args.vmstate, args.devices)
         self._not_incoming()
+        if self.ctx.source.state in RUNNING_STATES:  # before stopping: a migration's run state is its own
+            raise QMPError(IN_PROGRESS)
         run = self.ctx.machine.run
         before = run.set(RunState.SAVE_VM)  # stops the vCPUs (STOP if it ran)
         self.ctx.global_state.saved_runstate = before
@@ -135,12 +137,15 @@ class Snapshots:
             self.ctx.begin_snapshot_status()
             try:
                 self._write(job, tag, vm_node, [n for n in nodes if n is not vm_node])
+            except JobCancelled:
+                self._end_status(S.CANCELLED, None)
+                raise
             except (QMPError, MigError, OSError) as e:
                 text = e.desc if isinstance(e, QMPError) else str(e)
                 self._end_status(S.FAILED, f"Error while writing VM state: {text}")
                 raise
-            except BaseException:
-                self._end_status(S.FAILED, "Error while writing VM state: cancelled")
+            except BaseException as e:
+                self._end_status(S.FAILED, f"Error while writing VM state: internal error: {type(e).__name__}: {e}")
                 raise
             self._end_status(S.COMPLETED, None)
         finally:
@@ -148,7 +153,9 @@ class Snapshots:
 
     def _end_status(self, new: S, error: str | None) -> None:
         src = self.ctx.source
-        if src.state is S.CANCELLING:  # migrate_cancel during the save
+        if src.state is S.SETUP and new is S.CANCELLED:  # job-cancel
+            src.cas(S.SETUP, S.CANCELLING)
+        if src.state is S.CANCELLING:  # job-cancel, or migrate_cancel during the save
             src.cas(S.CANCELLING, S.CANCELLED)
             return
         if error is not None:
@@ -159,7 +166,7 @@ class Snapshots:
         def check() -> None:
             job.checkpoint()
             if self.ctx.source.state is S.CANCELLING:
-                raise QMPError("migration cancelled")
+                raise JobCancelled()
         return check
 
     def _write(self, job: Job, tag: str, vm_node: SnapshotBackend, others: list[SnapshotBackend]) -> None:

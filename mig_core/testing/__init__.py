@@ -30,7 +30,7 @@ from mig_core.schema.migration import MigrationAddress, MigrationStatus
 from mig_core.schema.sockets import SocketAddress, String
 
 __all__ = ["Host", "RawQMP", "connect", "wait_until", "wait_for_status", "ram_digest", "vcpu_records", "qmp_error",
-           "LoopbackTransport", "migrate_in_process"]
+           "LoopbackTransport", "migrate_in_process", "run_job"]
 
 
 class Host:
@@ -94,6 +94,8 @@ class RawQMP:
         self.sock.settimeout(10)
         self.sock.connect(str(path))
         self.buf = b""
+        #: events received while waiting for replies, in order
+        self.events: list[dict[str, Any]] = []
         self.greeting = self.recv()
 
     def send_raw(self, data: bytes) -> None:
@@ -117,6 +119,7 @@ class RawQMP:
             msg = self.recv()
             if "event" not in msg:
                 return msg
+            self.events.append(msg)
 
     def cmd(self, obj: object) -> dict[str, Any]:
         self.send(obj)
@@ -221,6 +224,27 @@ async def wait_records_advance(client: QMPClient, vcpus: int, before: list[tuple
         if time.monotonic() > deadline:
             raise AssertionError(f"the vCPUs did not run on within {timeout:g} s: {before} -> {now}")
         await asyncio.sleep(0.05)
+
+
+async def run_job(client: QMPClient, command: str, arguments: dict[str, Any], timeout: float = 60.0,
+                  dismiss: bool = True) -> dict[str, Any]:
+    """Start a job command (``job-id`` in ``arguments``), wait until the job concluded, dismiss it (unless
+    told not to) and return its last query-jobs entry (``error`` says why it failed)."""
+    import asyncio
+
+    job_id = arguments["job-id"]
+    await client.execute(command, arguments)
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = cast(list[dict[str, Any]], await client.execute("query-jobs"))
+        info = next((j for j in jobs if j["id"] == job_id), None)
+        if info is not None and info["status"] == "concluded":
+            if dismiss:
+                await client.execute("job-dismiss", {"id": job_id})
+            return info
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} did not conclude within {timeout} s: {info}")
+        await asyncio.sleep(0.02)
 
 
 async def qmp_error(awaitable: Any) -> str:

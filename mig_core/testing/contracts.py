@@ -18,17 +18,19 @@ import pytest
 from mig_core.errors import ChannelAborted
 from mig_core.ext import compressor as compressor_ext
 from mig_core.ext import dirty_tracker as tracker_ext
+from mig_core.ext import snapshot_backend as snapshot_ext
 from mig_core.ext import transport as transport_ext
 from mig_core.ext.channel import Channel
 from mig_core.ext.compressor import Compressor
 from mig_core.ext.dirty_tracker import DirtyConsumer, DirtyTracker
+from mig_core.ext.snapshot_backend import SnapshotBackend
 from mig_core.ext.transport import Listener, Transport, TransportContext
 from mig_core.memory.ram import Backing, RAMBlock, allocate
 from mig_core.plugin.registry import PluginRegistry
 from mig_core.schema.migration import MigrationAddress
 from mig_core.schema.parameters import SPECS
 
-__all__ = ["CompressorContract", "DirtyTrackerContract", "TransportContract"]
+__all__ = ["CompressorContract", "DirtyTrackerContract", "SnapshotBackendContract", "TransportContract"]
 
 
 def _served_by(group: str, name: str, distribution: str | None) -> None:
@@ -327,3 +329,120 @@ class DirtyTrackerContract:
             t.close()
             for b in blocks:
                 b.close()
+
+
+# ---------------------------------------------------------------------------
+# snapshot backends
+
+
+class SnapshotBackendContract:
+    """A snapshot backend: tags round-trip byte-exact (several blocks, zero and repeated pages, device
+    state), survive a reopen, an abandoned or interrupted save leaves nothing and harms no earlier tag,
+    delete removes one tag only, bad options and a second user of the same storage are refused."""
+
+    #: The entry-point name in ``mig_core.snapshot_backends``.
+    name: ClassVar[str]
+    #: The distribution expected to serve it (None: do not check).
+    distribution: ClassVar[str | None] = None
+
+    def backend(self, tmp_path: Path) -> SnapshotBackend:
+        cls = snapshot_ext.load(PluginRegistry(), self.name)
+        return cls("node0", {"dir": str(tmp_path / "store")})
+
+    @staticmethod
+    def machine(seed: int) -> list[RAMBlock]:
+        """Two blocks: random pages, zero pages and pages repeated within and across blocks."""
+        rng = np.random.default_rng(seed)
+        blocks = [allocate("ram0", 4 << 20), allocate("ram1", 1 << 20)]
+        for b in blocks:
+            pages = b.pages
+            pages[: b.npages // 2] = rng.integers(0, 256, (b.npages // 2, b.page_size), dtype=np.uint8)
+            pages[b.npages // 2: b.npages // 2 + 8] = 7  # eight identical pages
+        return blocks
+
+    def _save(self, backend: SnapshotBackend, tag: str, blocks: list[RAMBlock], vmstate: bytes) -> None:
+        from mig_core.engine.snapshot.ram import save_ram
+        from mig_core.machine.machine import Machine
+
+        m = Machine()
+        m.blocks.extend(blocks)
+        writer = backend.begin(tag, [snapshot_ext.BlockShape(b.name, b.size, b.page_size) for b in blocks])
+        save_ram(m, writer, 3, lambda: None, lambda done, total: None)
+        writer.put_vmstate(vmstate)
+        info = writer.commit()
+        assert info.tag == tag and info.ram_size == sum(b.size for b in blocks)
+
+    def _load(self, backend: SnapshotBackend, tag: str, seed: int) -> tuple[list[RAMBlock], bytes]:
+        from mig_core.engine.snapshot.ram import load_ram
+        from mig_core.machine.machine import Machine
+
+        blocks = self.machine(seed)  # other contents first: the load must replace every page
+        m = Machine()
+        m.blocks.extend(blocks)
+        reader = backend.open(tag)
+        try:
+            load_ram(m, reader, 3, lambda: None, lambda done, total: None)
+            return blocks, reader.vmstate()
+        finally:
+            reader.close()
+
+    def test_served_by_its_distribution(self) -> None:
+        _served_by(snapshot_ext.GROUP, self.name, self.distribution)
+
+    def test_round_trip_survives_a_reopen(self, tmp_path: Path) -> None:
+        blocks = self.machine(1)
+        backend = self.backend(tmp_path)
+        self._save(backend, "first", blocks, b"device state")
+        backend.close()
+        backend = self.backend(tmp_path)  # a new process would see the same
+        [info] = backend.list()
+        nonzero = sum(int(b.pages.any(axis=1).sum()) * b.page_size for b in blocks)
+        assert (info.tag, info.vm_state_size) == ("first", nonzero + len(b"device state"))
+        loaded, vmstate = self._load(backend, "first", 2)
+        assert vmstate == b"device state"
+        for a, b in zip(blocks, loaded, strict=True):
+            assert bytes(a.view) == bytes(b.view)
+        backend.close()
+
+    def test_abandoned_and_interrupted_saves_leave_nothing(self, tmp_path: Path) -> None:
+        backend = self.backend(tmp_path)
+        self._save(backend, "kept", self.machine(1), b"k")
+        writer = backend.begin("gone", [snapshot_ext.BlockShape("ram0", 4 << 20, 4096)])
+        blocks = self.machine(3)
+        writer.put_pages(snapshot_ext.BlockShape("ram0", 4 << 20, 4096), np.arange(16), blocks[0].pages[:16])
+        writer.abandon()
+        assert not backend.exists("gone")
+        writer = backend.begin("cut", [snapshot_ext.BlockShape("ram0", 4 << 20, 4096)])
+        writer.put_pages(snapshot_ext.BlockShape("ram0", 4 << 20, 4096), np.arange(64), blocks[0].pages[:64])
+        backend.close()  # the process died here: no commit, no abandon
+        backend = self.backend(tmp_path)
+        assert [s.tag for s in backend.list()] == ["kept"]
+        loaded, vmstate = self._load(backend, "kept", 4)
+        assert vmstate == b"k" and bytes(loaded[0].view) == bytes(self.machine(1)[0].view)
+        backend.close()
+
+    def test_delete_removes_one_tag(self, tmp_path: Path) -> None:
+        backend = self.backend(tmp_path)
+        self._save(backend, "a", self.machine(1), b"a")
+        self._save(backend, "b", self.machine(5), b"b")
+        backend.delete("a")
+        assert [s.tag for s in backend.list()] == ["b"] and not backend.exists("a")
+        with pytest.raises(KeyError):
+            backend.open("a")
+        with pytest.raises(KeyError):
+            backend.delete("a")
+        loaded, _ = self._load(backend, "b", 6)
+        assert bytes(loaded[0].view) == bytes(self.machine(5)[0].view)
+        backend.close()
+
+    def test_bad_options_and_a_second_user_are_refused(self, tmp_path: Path) -> None:
+        cls = snapshot_ext.load(PluginRegistry(), self.name)
+        with pytest.raises(ValueError, match="'bogus'"):
+            cls("n", {"dir": str(tmp_path), "bogus": "1"})
+        with pytest.raises(ValueError, match="'dir'"):
+            cls("n", {})
+        first = self.backend(tmp_path)
+        with pytest.raises(ValueError, match="in use by another process"):
+            self.backend(tmp_path)
+        first.close()
+        self.backend(tmp_path).close()
