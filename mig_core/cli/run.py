@@ -10,16 +10,19 @@ import sys
 import click
 import structlog
 
+from mig_core.cli.options import parse_caps, parse_params
 from mig_core.control.manager import MigrationManager
 from mig_core.errors import PluginNotFound, QMPError
 from mig_core.ext import snapshot_backend
 from mig_core.ext.dirty_tracker import GROUP as TRACKERS
 from mig_core.machine.machine import Machine
 from mig_core.machine.reference_host import CounterDevice, RamSpec, Workload, fill, parse_ram, parse_size
+from mig_core.qapi.visitor import QapiInputError, from_qmp
 from mig_core.qmp.address import parse_monitor_address
 from mig_core.qmp.server import QMPServer
-from mig_core.schema.commands import MigrateIncomingArgs
+from mig_core.schema.commands import MigrateIncomingArgs, MigrateSetCapabilitiesArgs
 from mig_core.schema.common import RunState
+from mig_core.schema.parameters import MigrateSetParameters
 
 log = structlog.get_logger("mig.run")
 
@@ -69,13 +72,18 @@ def _rates(_ctx: click.Context, param: click.Parameter, value: str) -> list[int]
               help="The dirty tracker (an installed mig_core.dirty_trackers plugin: uffd-wp, hash, host ...) "
                    "instead of the best one that works here. dirty-limit and calc-dirty-rate's dirty-ring "
                    "mode need 'host', which attributes writes to vCPUs.")
+@click.option("--cap", "caps", multiple=True, metavar="NAME=on|off",
+              help="Set a migration capability at start, before an --incoming migration begins (QEMU's "
+                   "-global migration.NAME=on).")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
+              help="Set a migration parameter at start, before an --incoming migration begins.")
 @click.option("--snapshot-dir", "snapshot_dirs", multiple=True, metavar="DIR[,node-name=N][,backend=B]",
               help="A storage node for snapshot-save/-load (repeatable): snapshots kept in DIR by the snapshot "
                    "backend B (default 'dir'; 'dedup' shares pages between snapshots), node name N (default "
                    "snap0, snap1, ...).")
 def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: bool, vcpus: int, dirty_rate: list[int],
         paused: bool, incoming: str | None, uuid: str | None, postcopy_prefetch: int, dirty_tracker: str | None,
-        snapshot_dirs: tuple[str, ...]) -> None:
+        caps: tuple[str, ...], params: tuple[str, ...], snapshot_dirs: tuple[str, ...]) -> None:
     if len(dirty_rate) not in (1, vcpus):  # type: ignore[arg-type]
         raise click.BadParameter(f"give one rate or {vcpus} (one per vCPU)", param_hint="--dirty-rate")
     """Run the reference host serving QMP until 'quit' or a signal."""
@@ -110,6 +118,14 @@ def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: boo
     machine.add_device(device)
     manager = MigrationManager(machine)
     manager.postcopy_prefetch_pages = postcopy_prefetch
+    try:
+        if caps:
+            manager.migrate_set_capabilities(from_qmp(MigrateSetCapabilitiesArgs, {"capabilities": parse_caps(caps)}))
+        if params:
+            manager.migrate_set_parameters(from_qmp(MigrateSetParameters, parse_params(params)))
+    except (QMPError, QapiInputError) as e:
+        raise click.BadParameter(e.desc if isinstance(e, QMPError) else str(e),
+                                 param_hint="--cap/--param") from None
     try:
         log.info("dirty_tracker", tracker=machine.tracker_class().name)  # chosen now, not at migrate time
     except ValueError as e:

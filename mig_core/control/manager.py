@@ -343,11 +343,13 @@ class MigrationManager:
             # the page requests come back on the connection, and the destination's page server continues it
             raise QMPError(f"Postcopy needs a socket transport (tcp, unix, vsock or fd): the {addr.tag.value} "
                            "transport has no return path another process can continue")
-        for cap in (C.X_COLO, C.BACKGROUND_SNAPSHOT, C.SWITCHOVER_ACK, C.X_IGNORE_SHARED):
+        for cap in (C.X_COLO, C.BACKGROUND_SNAPSHOT, C.SWITCHOVER_ACK):
             if self.caps[cap]:
                 raise QMPError(f"mig cannot migrate with capability {cap.value} yet")
+        if self.caps[C.X_IGNORE_SHARED] and self.caps[C.MAPPED_RAM]:
+            raise QMPError("mig cannot combine x-ignore-shared with mapped-ram yet")
         mode = self.params["mode"]
-        if mode is not MigMode.NORMAL:
+        if mode not in (MigMode.NORMAL, MigMode.CPR_REBOOT):
             raise QMPError(f"mig cannot migrate in mode {mode.value} yet")
 
     def migrate(self, args: MigrateArgs) -> None:
@@ -382,6 +384,13 @@ class MigrationManager:
                 raise QMPError("Cannot use TLS with mapped-ram")
             if self.caps[C.MAPPED_RAM] and self.multifd_compression() != "none":
                 raise QMPError("Cannot use compression with mapped-ram")
+            if self.params["mode"] is not MigMode.NORMAL:  # QEMU's CPR rules
+                if self.caps[C.POSTCOPY_RAM] or self.caps[C.DIRTY_BITMAPS]:
+                    raise QMPError("Cannot use postcopy with CPR")
+                if self.caps[C.BACKGROUND_SNAPSHOT]:
+                    raise QMPError("Cannot use background snapshot with CPR")
+                if self.caps[C.X_COLO]:
+                    raise QMPError("Cannot use COLO with CPR")
             if self.caps[C.XBZRLE]:
                 self._check_xbzrle_cache()
             if self.caps[C.MULTIFD]:  # the plugin may have gone since migrate-set-parameters

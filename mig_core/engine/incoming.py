@@ -24,6 +24,7 @@ from mig_core.errors import MigError
 from mig_core.ext import compressor
 from mig_core.ext.channel import Channel, ChannelAborted, ChannelEOF, ChannelError
 from mig_core.machine.device import DeviceSection, PendingStates
+from mig_core.memory.ram import RAMBlock
 from mig_core.memory.zeropage import nonzero_pages
 from mig_core.schema.common import RunState
 from mig_core.schema.migration import MigrationCapability as C
@@ -64,6 +65,8 @@ class IncomingMigration:
         #: the page server's figures at the end (faults, requests; blocktime with postcopy-blocktime)
         self.postcopy_figures: dict[str, Any] = {}
         self.announce: threading.Thread | None = None
+        #: x-ignore-shared: blocks this host maps from the same file as the source (never sent, never dropped)
+        self.ignored: set[str] = set()
         self.thread = threading.Thread(target=self._run, name="mig/dst/main", daemon=True)
 
     def start(self) -> None:
@@ -294,6 +297,8 @@ class IncomingMigration:
         its pages for what does arrive (no page faults while loading).
         """
         for b in self.machine.blocks:
+            if b.name in self.ignored:  # the same file as the source's: its contents are the data
+                continue
             held = self._held[b.name]
             stale = held[~placer.received[b.name][held]]
             if len(stale):
@@ -330,6 +335,7 @@ class IncomingMigration:
                     log.warning("uuid_not_validated", reason="this host has no uuid", received=source_uuid)
                 elif local != source_uuid:
                     raise StreamError(f"UUID received is {source_uuid} and local is {local}")
+            self.ignored = check_ignored_blocks(cfg.get("ignored-blocks") or {}, self.machine.blocks)
             advise = cfg.get("postcopy-advise")
             if advise is not None:
                 # part of CONFIG, so RAM is dropped before any page can land (multifd channels start after it)
@@ -387,3 +393,24 @@ class IncomingMigration:
         self._tell_source(Shut(1))
         log.error("incoming_failed", error=error)
         self.ctx.incoming_failed(error, self.exit_on_error)
+
+
+def check_ignored_blocks(ignored: object, blocks: list[RAMBlock]) -> set[str]:
+    """x-ignore-shared: each block the source left out must be a shared mapping of the same file here."""
+    if not isinstance(ignored, dict):
+        raise StreamError(f"corrupt ignored-blocks in CONFIG: {ignored!r}")
+    local = {b.name: b for b in blocks}
+    for name, ident in ignored.items():
+        b = local.get(name)
+        if not isinstance(ident, dict) or b is None:
+            raise StreamError(f"x-ignore-shared: the source left out RAM block '{name}', which this host does "
+                              "not have")
+        if not b.shared_file:
+            raise StreamError(f"x-ignore-shared: the source maps RAM block '{name}' from {ident.get('path')}, but "
+                              f"this host's block is {b.backing.value} memory: map the same file "
+                              "(--ram ...,backing=file,path=P)")
+        mine = b.file_identity()
+        if (mine["dev"], mine["ino"]) != (ident.get("dev"), ident.get("ino")):
+            raise StreamError(f"x-ignore-shared: RAM block '{name}' maps {mine['path']} here but "
+                              f"{ident.get('path')} on the source: not the same file")
+    return set(ignored)

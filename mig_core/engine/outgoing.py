@@ -26,7 +26,7 @@ from mig_core.engine.postcopy.source import PostcopySender
 from mig_core.engine.postcopy.switch import run_postcopy
 from mig_core.engine.return_path import SourceReturnPath
 from mig_core.engine.stats import MigrationCounters, PassRecord, RateLimiter, SourceStats, now_ms
-from mig_core.engine.switchover import complete_precopy
+from mig_core.engine.switchover import complete_precopy, stop_for_switchover
 from mig_core.engine.write_behind import WriteBehind
 from mig_core.engine.xbzrle_send import XbzrleSender
 from mig_core.errors import MigrationFailed, QMPError
@@ -37,6 +37,7 @@ from mig_core.machine.vcpu import VcpuStopTimeout
 from mig_core.memory.ram import RAMBlock
 from mig_core.memory.zeropage import zero_mask
 from mig_core.schema.common import RunState
+from mig_core.schema.migration import MigMode
 from mig_core.schema.migration import MigrationCapability as C
 from mig_core.schema.migration import MigrationStatus as S
 from mig_core.stream import mapped_ram
@@ -72,7 +73,9 @@ class OutgoingMigration:
         self.caps = dict(ctx.capabilities())
         params = ctx.parameters
         self.counters = MigrationCounters(page_size=min((b.page_size for b in self.machine.blocks), default=4096))
-        self.counters.total = self.machine.ram_size
+        #: x-ignore-shared: blocks that are shared mappings of a file, which the destination maps too (not sent)
+        self.ignored = {b.name for b in self.machine.blocks if self.caps[C.X_IGNORE_SHARED] and b.shared_file}
+        self.counters.total = sum(b.size for b in self.machine.blocks if b.name not in self.ignored)
         self.channel: Channel | None = None
         self.cancel_requested = threading.Event()
         self.continue_event = threading.Event()
@@ -270,6 +273,8 @@ class OutgoingMigration:
             self.channel = self.transport.connect(self.addr, self.cancel_requested.is_set)
         self._check_cancel()
         t0 = now_ms()
+        if self.ctx.parameter("mode") is MigMode.CPR_REBOOT:  # CPR modes stop the machine when they connect
+            stop_for_switchover(self)
         if self.caps[C.MAPPED_RAM]:  # a file written at fixed offsets: every write goes straight out
             self.writer = StreamWriter(self.channel, self.machine.blocks)
         else:
@@ -280,6 +285,8 @@ class OutgoingMigration:
             "validate-uuid": self.caps[C.VALIDATE_UUID],
             "mapped-ram": self.caps[C.MAPPED_RAM],
             "x-ignore-shared": self.caps[C.X_IGNORE_SHARED],
+            # what the destination must map itself: the same file (checked by device and inode)
+            "ignored-blocks": {b.name: b.file_identity() for b in self.machine.blocks if b.name in self.ignored},
             "postcopy-preempt": self.caps[C.POSTCOPY_PREEMPT] and self.caps[C.POSTCOPY_RAM],
             # QEMU's POSTCOPY_ADVISE, carried in CONFIG: the destination reads it before any page
             "postcopy-advise": postcopy_wire.advise(self.machine.blocks) if self.caps[C.POSTCOPY_RAM] else None,
@@ -310,7 +317,8 @@ class OutgoingMigration:
         if self.caps[C.RDMA_PIN_ALL] and self.addr.tag.value == "rdma":
             self._pin_all()
         # never-populated pages are zero pages that cost nothing: counted as QEMU counts zero pages
-        c.duplicate += sum(b.npages - len(self.pending[b.name]) for b in self.machine.blocks)
+        c.duplicate += sum(b.npages - len(self.pending[b.name]) for b in self.machine.blocks
+                           if b.name not in self.ignored)
         c.setup_ms = now_ms() - t0
         self.convergence.start(c.transferred)
         if not self.status.cas(S.SETUP, S.ACTIVE):
@@ -362,6 +370,8 @@ class OutgoingMigration:
         assert self._consumer is not None
         t0 = time.monotonic()
         report = self._consumer.collect()
+        for name in self.ignored:  # the destination maps the same file: its pages never travel
+            report.pages[name] = report.pages[name][:0]
         self._sync_ms = (time.monotonic() - t0) * 1000
         log.debug("dirty_sync", ms=round(self._sync_ms, 3), pages=report.total)
         self.counters.synced(report.total)

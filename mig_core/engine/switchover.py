@@ -66,13 +66,9 @@ def stop_machine(engine: SwitchoverEngine, postcopy: bool) -> None:
     c, run, status = engine.counters, engine.machine.run, engine.status
     log.info("switchover", expected_downtime_ms=c.expected_downtime, remaining=c.remaining,
              bandwidth_bytes_per_ms=round(c.bandwidth, 1), passes=c.dirty_sync_count, postcopy=postcopy)
-    c.downtime_start_ms = now_ms()
-    # stops the vCPUs; from here until the end cont is refused, so nothing resumes them before the
-    # destination has everything. set() returns the state it replaced, under the run-state lock; the
-    # read before it is what a failure restores if stopping raises (VcpuStopTimeout) and set() with it
-    engine._runstate_before = run.state
-    engine._runstate_before = run.set(RunState.FINISH_MIGRATE)
-    engine.ctx.global_state.saved_runstate = engine._runstate_before
+    if not (engine._runstate_before is not None and run.state is RunState.FINISH_MIGRATE):
+        stop_for_switchover(engine)
+    # else: a CPR mode stopped it when the migration connected
     engine.ctx.hooks.switchover(engine.ctx.migration_id, status.side)
     if engine.caps[C.PAUSE_BEFORE_SWITCHOVER]:
         if not status.cas(S.ACTIVE, S.PRE_SWITCHOVER):
@@ -86,6 +82,18 @@ def stop_machine(engine: SwitchoverEngine, postcopy: bool) -> None:
     engine.writer.write_command(Command.SWITCHOVER_START)
     engine._account(0, running=True)  # what was written before the machine stopped
     log.debug("switchover_stopped", ms_since_stop=now_ms() - (c.downtime_start_ms or 0))
+
+
+def stop_for_switchover(engine: SwitchoverEngine) -> None:
+    """Stop the vCPUs (finish-migrate) and start the downtime clock; from here until the end cont is
+    refused, so nothing resumes them before the destination has everything."""
+    run = engine.machine.run
+    engine.counters.downtime_start_ms = now_ms()
+    # set() returns the state it replaced, under the run-state lock; the read before it is what a failure
+    # restores if stopping raises (VcpuStopTimeout) and set() with it
+    engine._runstate_before = run.state
+    engine._runstate_before = run.set(RunState.FINISH_MIGRATE)
+    engine.ctx.global_state.saved_runstate = engine._runstate_before
 
 
 def complete_precopy(engine: SwitchoverEngine) -> None:

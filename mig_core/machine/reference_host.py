@@ -110,7 +110,8 @@ def fill(machine: Machine, how: str, seed: int = 1) -> None:
             continue
         _fill_block(b.array, how, rng)
         machine.mark_pages(b.name, np.arange(b.npages))
-    machine.blocks[0].array[:RECORD_STRIDE * 64] = 0  # the vCPU records start from zero
+    if how != "zero":  # "zero" touches nothing (a file-backed block keeps what its file holds)
+        machine.blocks[0].array[:RECORD_STRIDE * 64] = 0  # the vCPU records start from zero
 
 
 class CounterStateV1(msgspec.Struct, forbid_unknown_fields=True):

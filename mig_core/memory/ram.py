@@ -83,6 +83,17 @@ class RAMBlock:
         """Virtual address of the first byte in this process."""
         return int(self.array.ctypes.data)
 
+    @property
+    def shared_file(self) -> bool:
+        """A shared mapping of a named file: another process mapping the file sees the same memory
+        (what x-ignore-shared leaves out of a migration)."""
+        return self.backing is Backing.FILE and self.path is not None
+
+    def file_identity(self) -> dict[str, Any]:
+        """The file a shared-file block maps: path, device and inode (a destination checks it maps the same)."""
+        st = os.fstat(self.fd)
+        return {"path": str(self.path), "dev": st.st_dev, "ino": st.st_ino}
+
     def require(self, *kinds: Backing, feature: str) -> None:
         """Raise BackingError unless this block's backing is one of ``kinds``."""
         if self.backing not in kinds:
