@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import convergence, machine, migration, multifd, postcopy
+from benchmarks import convergence, machine, migration, multifd, postcopy, snapshot
 from mig_core.logconfig import configure_logging
 
 
@@ -23,7 +23,7 @@ def _cpu() -> str:
 
 def main() -> None:
     configure_logging(level=os.environ.get("MIG_LOG_LEVEL", "warning"))
-    which = sys.argv[1:] or ["machine", "migration", "convergence", "multifd", "postcopy"]
+    which = sys.argv[1:] or ["machine", "migration", "convergence", "multifd", "postcopy", "snapshot"]
     print(f"machine: {_cpu()}\n")
     if "machine" in which:
         data_path()
@@ -33,6 +33,8 @@ def main() -> None:
         multifd.main()
     if "postcopy" in which:
         postcopy.main()
+    if "snapshot" in which:
+        snapshot.main()
     if "convergence" in which:
         convergence.main(Path(__file__).resolve().parent.parent / "docs" / "convergence.png")
 

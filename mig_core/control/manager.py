@@ -170,7 +170,8 @@ class MigrationManager:
         return host_features.background_snapshot_unsupported()
 
     def memory_unsuitable_for_background_snapshot(self) -> bool:
-        return False
+        """Only memory mig maps itself, anonymous or memfd, can be write-protected synchronously."""
+        return any(b.backing not in (Backing.ANONYMOUS, Backing.MEMFD) for b in self.machine.blocks)
 
     def replication_available(self) -> bool:
         return "colo" in self.registry.names(replication.GROUP)
@@ -343,7 +344,7 @@ class MigrationManager:
             # the page requests come back on the connection, and the destination's page server continues it
             raise QMPError(f"Postcopy needs a socket transport (tcp, unix, vsock or fd): the {addr.tag.value} "
                            "transport has no return path another process can continue")
-        for cap in (C.X_COLO, C.BACKGROUND_SNAPSHOT, C.SWITCHOVER_ACK):
+        for cap in (C.X_COLO, C.SWITCHOVER_ACK):
             if self.caps[cap]:
                 raise QMPError(f"mig cannot migrate with capability {cap.value} yet")
         if self.caps[C.X_IGNORE_SHARED] and self.caps[C.MAPPED_RAM]:

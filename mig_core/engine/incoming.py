@@ -91,8 +91,9 @@ class IncomingMigration:
         ctx = self.ctx
         try:
             # pages this host holds before loading (those the source does not send are dropped at the end);
-            # read now, while waiting, not on the loading path
-            self._held = {b.name: b.populated_pages() for b in self.machine.blocks}
+            # read now, while waiting, not on the loading path -- except for shared files, which the kernel
+            # answers for page by page (~10 ms per GiB) and which x-ignore-shared may leave out entirely
+            self._held = {b.name: b.populated_pages() for b in self.machine.blocks if not b.shared_file}
             self._connect()
             if not ctx.capability(C.POSTCOPY_PREEMPT):  # else the preempt connection comes at the switch
                 self.listener.close()
@@ -299,7 +300,7 @@ class IncomingMigration:
         for b in self.machine.blocks:
             if b.name in self.ignored:  # the same file as the source's: its contents are the data
                 continue
-            held = self._held[b.name]
+            held = self._held[b.name] if b.name in self._held else b.populated_pages()
             stale = held[~placer.received[b.name][held]]
             if len(stale):
                 # only pages that hold data need dropping: zero ones (a preallocated host) stay allocated

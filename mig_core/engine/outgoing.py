@@ -25,6 +25,7 @@ from mig_core.engine.multifd_send import MultifdSender, connect_sender
 from mig_core.engine.postcopy.source import PostcopySender
 from mig_core.engine.postcopy.switch import run_postcopy
 from mig_core.engine.return_path import SourceReturnPath
+from mig_core.engine.snapshot.background import run_background_snapshot
 from mig_core.engine.stats import MigrationCounters, PassRecord, RateLimiter, SourceStats, now_ms
 from mig_core.engine.switchover import complete_precopy, stop_for_switchover
 from mig_core.engine.write_behind import WriteBehind
@@ -198,11 +199,14 @@ class OutgoingMigration:
         failed = False
         try:
             self._setup()
-            self._iterate()
-            if self._unsent is not None:
-                self._postcopy()
+            if self.caps[C.BACKGROUND_SNAPSHOT]:
+                run_background_snapshot(self)
             else:
-                self._complete()
+                self._iterate()
+                if self._unsent is not None:
+                    self._postcopy()
+                else:
+                    self._complete()
         except Cancelled:
             failed = True
         except (MigrationFailed, QMPError, ChannelError, StreamError, DeviceStateError, VcpuStopTimeout,
@@ -311,7 +315,7 @@ class OutgoingMigration:
             self._start_multifd()
         for dev in self.machine.devices:
             dev.save_setup()
-        self._consumer = self.machine.tracker().consumer("migration", sends=True)
+        self._consumer = self.machine.tracker().consumer("migration", sends=True, skip=self.ignored)
         self.pending = self._sync()
         self._device_pending = self.device_state.sync()
         if self.caps[C.RDMA_PIN_ALL] and self.addr.tag.value == "rdma":

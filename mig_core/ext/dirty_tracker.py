@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -80,20 +80,31 @@ class DirtyTracker(ABC):
         """Why this tracker cannot serve these blocks here (None if it can)."""
         return None
 
-    def consumer(self, name: str, *, sends: bool = False) -> DirtyConsumer:
-        """A new consumer; ``sends`` if it delivers pages and reports them with ``sent()`` (a migration)."""
-        c = self._make_consumer(name, sends)
+    def consumer(self, name: str, *, sends: bool = False, skip: Collection[str] = ()) -> DirtyConsumer:
+        """A new consumer; ``sends`` if it delivers pages and reports them with ``sent()`` (a migration).
+
+        ``skip`` names blocks whose pages this consumer will not use (x-ignore-shared): a tracker may save
+        itself the work of reporting them (the first collect's scan of what is populated)."""
+        c = self._make_consumer(name, sends, skip) if skip else self._make_consumer(name, sends)
         with self._lock:
             self._consumers.append(c)
         return c
 
     @abstractmethod
-    def _make_consumer(self, name: str, sends: bool) -> DirtyConsumer: ...
+    def _make_consumer(self, name: str, sends: bool, skip: Collection[str] = ()) -> DirtyConsumer: ...
 
     def _remove(self, c: DirtyConsumer) -> None:
         with self._lock:
             if c in self._consumers:
                 self._consumers.remove(c)
+
+    def release(self) -> None:
+        """Let go of what this tracker holds on the blocks' memory (a userfaultfd registration), so another
+        user of it can take it (a background snapshot). Until ``reacquire`` writes may go unseen; after it,
+        every page counts as written once. Trackers that hold nothing keep tracking and do nothing here."""
+
+    def reacquire(self) -> None:
+        """Take the memory back after ``release``; the next harvest reports every page."""
 
     def close(self) -> None:
         """Stop tracking; consumers must not be used afterwards."""
@@ -104,10 +115,12 @@ class DirtyTracker(ABC):
 
 
 class _BitmapConsumer(DirtyConsumer):
-    def __init__(self, tracker: HarvestingTracker, name: str) -> None:
+    def __init__(self, tracker: HarvestingTracker, name: str, skip: Collection[str] = ()) -> None:
         super().__init__(tracker, name)
         self.bitmaps = {b.name: np.zeros(b.npages, dtype=bool) for b in tracker.blocks}
         for b in tracker.blocks:  # the first call reports everything that may not be zero
+            if b.name in skip:
+                continue
             bm = self.bitmaps[b.name]
             starts, ends = b.populated_runs()
             for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
@@ -134,10 +147,10 @@ class HarvestingTracker(DirtyTracker):
     def harvest(self) -> tuple[dict[str, np.ndarray], dict[int, int]]:
         """Pages written since the last harvest per block (get-and-reset), and per-vCPU page counts."""
 
-    def _make_consumer(self, name: str, sends: bool) -> DirtyConsumer:
+    def _make_consumer(self, name: str, sends: bool, skip: Collection[str] = ()) -> DirtyConsumer:
         with self._lock:
             self._harvest_into_consumers()  # older consumers keep what was written before this one
-        return _BitmapConsumer(self, name)
+        return _BitmapConsumer(self, name, skip)
 
     def _harvest_into_consumers(self) -> None:
         pages, vcpus = self.harvest()

@@ -196,12 +196,25 @@ class UffdRegistry:
         log.info("uffd_registered", block=block.name, mode=mode.value, owner=owner)
         return reg
 
+    def hand_over(self, reg: Registration) -> None:
+        """Close this process's descriptor of a registration another process now holds (a background
+        snapshot's fault server): the registration lives exactly as long as that process keeps it. The
+        block stays marked as taken until ``unregister``."""
+        with self._lock:
+            fd, reg.fd = reg.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
     def unregister(self, reg: Registration) -> None:
-        """Drop a registration (all its write-protect state goes with it) and close its descriptor."""
+        """Drop a registration (all its write-protect state goes with it) and close its descriptor; one handed
+        over is only forgotten here (it ends with the process that holds it)."""
         with self._lock:
             if self._by_block.get(id(reg.block)) is not reg:
                 return
             del self._by_block[id(reg.block)]
+        if reg.fd < 0:
+            log.info("uffd_forgotten", block=reg.block.name, mode=reg.mode.value)
+            return
         buf = ctypes.create_string_buffer(struct.pack("QQ", reg.block.address, reg.block.size), 16)
         try:
             _ioctl(reg.fd, UFFDIO_UNREGISTER, buf)

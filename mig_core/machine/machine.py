@@ -114,6 +114,18 @@ class Machine:
         """Start dirty tracking now (not at the first migration), so arming it costs no setup time later."""
         self.tracker()
 
+    def release_tracker(self) -> bool:
+        """Make the running dirty tracker let go of RAM (see ``DirtyTracker.release``); False if none runs."""
+        if self._tracker is None:
+            return False
+        self._tracker.release()
+        return True
+
+    def reacquire_tracker(self) -> None:
+        """Undo ``release_tracker``: the tracker takes RAM back and reports every page once."""
+        if self._tracker is not None:
+            self._tracker.reacquire()
+
     def mark_dirty(self, block: str, offset: int, length: int) -> None:
         """The host wrote ``length`` bytes at ``offset`` of ``block`` (needed by the ``host`` tracker)."""
         t = self._tracker

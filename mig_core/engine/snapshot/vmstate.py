@@ -25,11 +25,9 @@ from mig_core.stream.writer import StreamWriter
 log = structlog.get_logger("mig.snapshot")
 
 
-def save_device_state(machine: Machine) -> bytes:
-    """Every device's state, complete (the machine is stopped: iterative devices drain in one go)."""
-    out = BytesChannel()
-    writer = StreamWriter(out, machine.blocks)
-    writer.write_header(machine.uuid)
+def write_device_sections(machine: Machine, writer: StreamWriter) -> None:
+    """Every device's state, complete, as stream sections (the machine is stopped: iterative devices
+    drain in one go, then each device's final state)."""
     devices = list(machine.devices)
     for dev in devices:
         dev.save_setup()
@@ -41,10 +39,25 @@ def save_device_state(machine: Machine) -> bytes:
                 break  # pending but nothing given: its save_state carries the rest
         for dev in devices:
             writer.write_device(machine.devices.save(dev))
-        writer.write_end()
     finally:
         for dev in devices:
             dev.save_cleanup()
+
+
+def device_sections(machine: Machine) -> bytes:
+    """``write_device_sections`` into bytes (to be appended to a stream later, as a background snapshot does)."""
+    out = BytesChannel()
+    write_device_sections(machine, StreamWriter(out, machine.blocks))
+    return out.data
+
+
+def save_device_state(machine: Machine) -> bytes:
+    """A device-state stream: header and block list, every device's state, the end marker."""
+    out = BytesChannel()
+    writer = StreamWriter(out, machine.blocks)
+    writer.write_header(machine.uuid)
+    write_device_sections(machine, writer)
+    writer.write_end()
     return out.data
 
 

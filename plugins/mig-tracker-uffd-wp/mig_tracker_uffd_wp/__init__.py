@@ -46,6 +46,10 @@ class UffdWpTracker(HarvestingTracker):
     def __init__(self, blocks: Sequence[RAMBlock]) -> None:
         super().__init__(blocks)
         self._regs: dict[str, uffd.Registration] = {}
+        #: released (a background snapshot holds the memory): harvests report nothing until reacquired,
+        #: then everything once
+        self._released = False
+        self._report_all = False
         try:
             for b in self.blocks:
                 self._arm(b)
@@ -61,7 +65,33 @@ class UffdWpTracker(HarvestingTracker):
         # is everything populated so far, which consumers take from populated_pages() instead.
         pagemap.scanner().scan(b.address, b.size, b.page_size, **_SCAN)
 
+    def release(self) -> None:
+        with self._lock:
+            for reg in self._regs.values():
+                uffd.REGISTRY.unregister(reg)
+            self._regs.clear()
+            self._released = True
+        log.info("uffd_wp_released")
+
+    def reacquire(self) -> None:
+        with self._lock:
+            if not self._released:
+                return
+            for b in self.blocks:
+                self._arm(b)
+            self._released = False
+            self._report_all = True  # writes while released went unseen
+        log.info("uffd_wp_reacquired")
+
     def harvest(self) -> tuple[dict[str, np.ndarray], dict[int, int]]:
+        if self._released or self._report_all:
+            # released: nothing can be read now, and it is reported as everything once reacquired
+            if self._released:
+                return {b.name: np.empty(0, dtype=np.int64) for b in self.blocks}, {}
+            self._report_all = False
+            for b in self.blocks:
+                pagemap.scanner().scan(b.address, b.size, b.page_size, **_SCAN)  # re-protect what was written
+            return {b.name: np.arange(b.npages, dtype=np.int64) for b in self.blocks}, {}
         out = {}
         for b in self.blocks:
             try:
