@@ -3,7 +3,9 @@ that maps the same file; only what is not in the file (other RAM, device state) 
 
 from __future__ import annotations
 
-from mig_core.testing import connect, qmp_error, ram_digest, wait_for_status
+import os
+
+from mig_core.testing import Host, connect, qmp_error, ram_digest, wait_for_status
 
 SHARED, OTHER = 32 << 20, 8 << 20
 
@@ -42,6 +44,34 @@ async def test_cpr_reboot_replaces_the_process_without_copying_shared_ram(start_
     await c2.execute("cont")
     assert (await c2.execute("query-status"))["status"] == "running"
     await c2.disconnect()
+
+
+async def test_a_memfd_the_host_keeps_is_not_copied(tmp_path):
+    """A parent that keeps the RAM's memfd hands it to the old process and then to the new one."""
+    fd = os.memfd_create("guest-ram", 0)
+    os.ftruncate(fd, SHARED)
+    ram = ("--ram", f"pc.ram=32M,backing=memfd,fd={fd}", "--ram", "extra=8M", "--cap", "x-ignore-shared=on")
+    old = Host(tmp_path, *ram, "--ram-fill", "half", "--param", "mode=cpr-reboot", name="old", pass_fds=(fd,))
+    new = None
+    try:
+        c = await connect(old.sock)
+        await c.execute("migrate", {"uri": f"file:{tmp_path}/state.img"})
+        info = await wait_for_status(c, {"completed", "failed"})
+        assert info["status"] == "completed" and info["ram"]["total"] == OTHER, info
+        assert (tmp_path / "state.img").stat().st_size < OTHER
+        saved = await ram_digest(c, SHARED + OTHER, tmp_path / "old.ram")
+        await c.execute("quit")
+        old.proc.wait(10)
+        new = Host(tmp_path, *ram, "--incoming", f"file:{tmp_path}/state.img", "-S", name="new", pass_fds=(fd,))
+        c2 = await connect(new.sock)
+        assert (await wait_for_status(c2, {"completed", "failed"}))["status"] == "completed"
+        assert await ram_digest(c2, SHARED + OTHER, tmp_path / "new.ram") == saved
+        await c2.disconnect()
+    finally:
+        old.stop()
+        if new is not None:
+            new.stop()
+        os.close(fd)
 
 
 async def test_destination_must_map_the_same_file(start_host, tmp_path):

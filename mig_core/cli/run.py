@@ -52,9 +52,9 @@ def _rates(_ctx: click.Context, param: click.Parameter, value: str) -> list[int]
 @click.option("--qmp", "qmp", multiple=True, required=True, callback=_monitor_address,
               metavar="unix:PATH|tcp:HOST:PORT", help="Serve QMP here (repeatable).")
 @click.option("--ram", "rams", multiple=True, callback=_rams,
-              metavar="[NAME=]SIZE[,page-size=N][,backing=B][,path=P]",
+              metavar="[NAME=]SIZE[,page-size=N][,backing=B][,path=P][,fd=N]",
               help="A RAM block (repeatable; default pc.ram=64M; backing anonymous with huge pages, memfd, or file "
-                   "with path=P). K, M, G are powers of 1024.")
+                   "with path=P; memfd with fd=N adopts a memfd passed in). K, M, G are powers of 1024.")
 @click.option("--ram-fill", type=click.Choice(["zero", "random", "half", "text"]), default="zero",
               help="Initial RAM contents: never touched, random, half random, or text-like (with --incoming: "
                    "stale contents the migration replaces).")
@@ -106,7 +106,7 @@ def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: boo
     for spec in rams:
         try:
             machine.add_ram(spec.name, spec.size, page_size=spec.page_size, backing=spec.backing, path=spec.path,
-                             prealloc=mem_prealloc)
+                             prealloc=mem_prealloc, fd=spec.fd)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--ram") from None
     for i, spec_text in enumerate(snapshot_dirs):

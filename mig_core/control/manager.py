@@ -349,9 +349,6 @@ class MigrationManager:
                 raise QMPError(f"mig cannot migrate with capability {cap.value} yet")
         if self.caps[C.X_IGNORE_SHARED] and self.caps[C.MAPPED_RAM]:
             raise QMPError("mig cannot combine x-ignore-shared with mapped-ram yet")
-        mode = self.params["mode"]
-        if mode not in (MigMode.NORMAL, MigMode.CPR_REBOOT):
-            raise QMPError(f"mig cannot migrate in mode {mode.value} yet")
 
     def migrate(self, args: MigrateArgs) -> None:
         cls, addr = self._address(args.uri, args.channels, incoming=False)

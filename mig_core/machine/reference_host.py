@@ -50,10 +50,12 @@ class RamSpec:
     page_size: int
     backing: Backing = Backing.ANONYMOUS
     path: str | None = None
+    fd: int | None = None
 
 
 def parse_ram(text: str, index: int) -> RamSpec:
-    """``[NAME=]SIZE[,page-size=N][,backing=anonymous|memfd|file,path=PATH]``."""
+    """``[NAME=]SIZE[,page-size=N][,backing=anonymous|memfd|file,path=PATH][,fd=N]`` (``fd``: a memfd
+    passed in and kept by whoever started this host)."""
     main, *opts = text.split(",")
     name, eq, size = main.rpartition("=")
     if not eq:
@@ -61,6 +63,7 @@ def parse_ram(text: str, index: int) -> RamSpec:
     page_size = 4096
     backing = Backing.ANONYMOUS
     path = None
+    fd = None
     for opt in opts:
         key, _, value = opt.partition("=")
         if key == "page-size":
@@ -71,11 +74,17 @@ def parse_ram(text: str, index: int) -> RamSpec:
             backing = Backing(value)
         elif key == "path":
             path = value
+        elif key == "fd":
+            if not value.isdigit():
+                raise ValueError(f"--ram: fd={value} is not a descriptor number")
+            fd = int(value)
         else:
-            raise ValueError(f"unknown --ram option '{key}' (known: page-size, backing, path)")
+            raise ValueError(f"unknown --ram option '{key}' (known: page-size, backing, path, fd)")
     if (backing is Backing.FILE) != (path is not None):
         raise ValueError("--ram: backing=file needs path=PATH, and path= only goes with backing=file")
-    return RamSpec(name, parse_size(size, "RAM size"), page_size, backing, path)
+    if fd is not None and backing is not Backing.MEMFD:
+        raise ValueError("--ram: fd=N goes only with backing=memfd")
+    return RamSpec(name, parse_size(size, "RAM size"), page_size, backing, path, fd)
 
 
 #: Bytes filled at a time: the temporaries of a fill never exceed this, whatever the RAM size.

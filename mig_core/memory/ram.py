@@ -14,6 +14,7 @@ import ctypes
 import enum
 import mmap
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,8 @@ class RAMBlock:
     view: memoryview
     fd: int = -1
     path: Path | None = None
+    #: a memfd the host handed in and keeps (it can hand it to the process that replaces this one)
+    kept_by_host: bool = False
     _mmap: mmap.mmap | None = field(default=None, repr=False)
     _owner: Any = field(default=None, repr=False)
 
@@ -87,12 +90,15 @@ class RAMBlock:
     def shared_file(self) -> bool:
         """A shared mapping of a named file: another process mapping the file sees the same memory
         (what x-ignore-shared leaves out of a migration)."""
-        return self.backing is Backing.FILE and self.path is not None
+        return (self.backing is Backing.FILE and self.path is not None) or (
+            self.backing is Backing.MEMFD and self.kept_by_host)
 
     def file_identity(self) -> dict[str, Any]:
-        """The file a shared-file block maps: path, device and inode (a destination checks it maps the same)."""
+        """The file a shared-file block maps: path (or the memfd), device and inode (a destination checks it
+        maps the same)."""
         st = os.fstat(self.fd)
-        return {"path": str(self.path), "dev": st.st_dev, "ino": st.st_ino}
+        where = str(self.path) if self.path is not None else f"memfd (descriptor {self.fd})"
+        return {"path": where, "dev": st.st_dev, "ino": st.st_ino}
 
     def require(self, *kinds: Backing, feature: str) -> None:
         """Raise BackingError unless this block's backing is one of ``kinds``."""
@@ -247,8 +253,11 @@ def _check_geometry(name: str, size: int, page_size: int) -> None:
 
 def allocate(name: str, size: int, *, page_size: int = DEFAULT_PAGE_SIZE, backing: Backing = Backing.ANONYMOUS,
              path: str | os.PathLike[str] | None = None, prealloc: bool = False,
-             transparent_hugepages: bool = True) -> RAMBlock:
+             transparent_hugepages: bool = True, fd: int | None = None) -> RAMBlock:
     """Allocate a block; ``prealloc`` faults every page in now (like ``-mem-prealloc``).
+
+    ``fd`` (memfd backing): a memfd the host made and keeps, mapped instead of a new one; its contents
+    are the block's (x-ignore-shared leaves such a block out of a migration to a process given the same).
 
     ``transparent_hugepages`` (anonymous memory) advises the kernel to back the block with huge pages
     where its THP setting allows, as QEMU does for guest RAM. Dirty tracking stays per page (the kernel
@@ -256,16 +265,30 @@ def allocate(name: str, size: int, *, page_size: int = DEFAULT_PAGE_SIZE, backin
     populates all of it, so ``populated_pages`` may list zero pages nearby (they cost a zero test).
     """
     _check_geometry(name, size, page_size)
-    fd = -1
+    kept = fd is not None
+    if kept and backing is not Backing.MEMFD:
+        raise ValueError(f"RAM block '{name}': a descriptor goes only with memfd backing")
     file_path = None
     if backing is Backing.MEMFD:
-        fd = os.memfd_create(f"mig:{name}", os.MFD_CLOEXEC)
-        os.ftruncate(fd, size)
+        if fd is None:
+            fd = os.memfd_create(f"mig:{name}", os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+        else:
+            try:
+                st = os.fstat(fd)
+            except OSError as e:
+                raise ValueError(f"RAM block '{name}': descriptor {fd}: {e.strerror}") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"RAM block '{name}': descriptor {fd} is not a memfd or file")
+            if st.st_size < size:
+                os.ftruncate(fd, size)
+            os.set_inheritable(fd, False)
         mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     elif backing is Backing.ANONYMOUS:
         mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                        prot=mmap.PROT_READ | mmap.PROT_WRITE)
     elif backing is Backing.FILE:
+        fd = -1
         if path is None:
             raise ValueError(f"RAM block '{name}': a file backing needs a path")
         file_path = Path(path)
@@ -287,7 +310,7 @@ def allocate(name: str, size: int, *, page_size: int = DEFAULT_PAGE_SIZE, backin
             mm.madvise(_MADV_POPULATE_WRITE)
         except OSError:
             np.frombuffer(mm, dtype=np.uint8)[::page_size] = 0  # older kernels: touch each page
-    block = RAMBlock(name, size, page_size, backing, memoryview(mm), fd, file_path, mm)
+    block = RAMBlock(name, size, page_size, backing, memoryview(mm), -1 if fd is None else fd, file_path, kept, mm)
     log.info("ram_block_allocated", block=name, size=size, page_size=page_size, backing=backing.value,
              prealloc=prealloc, transparent_hugepages=thp)
     return block

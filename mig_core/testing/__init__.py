@@ -37,18 +37,20 @@ class Host:
     """A ``mig run`` subprocess serving QMP on a unix socket; logs (JSON) go to ``<name>.log``.
 
     ``wrapper`` is a command prefix (e.g. ``unshare``/``setpriv``) to run the host in a restricted setting;
-    ``python`` another interpreter (e.g. a virtual environment with extra plugins); ``cwd`` its directory.
+    ``python`` another interpreter (e.g. a virtual environment with extra plugins); ``cwd`` its directory;
+    ``pass_fds`` descriptors it inherits (e.g. a memfd for ``--ram ...,backing=memfd,fd=N``).
     """
 
     def __init__(self, tmp: Path, *args: str, name: str = "host", env: dict[str, str] | None = None,
-                 wrapper: list[str] | None = None, python: str | None = None, cwd: Path | None = None) -> None:
+                 wrapper: list[str] | None = None, python: str | None = None, cwd: Path | None = None,
+                 pass_fds: tuple[int, ...] = ()) -> None:
         self.sock = tmp / f"{name}.sock"
         self.log_path = tmp / f"{name}.log"
         self.log = open(self.log_path, "w+")
         full_env = {**os.environ, "MIG_LOG_FORMAT": "json", "MIG_LOG_LEVEL": "debug", **(env or {})}
         self.proc = subprocess.Popen(
             [*(wrapper or []), python or sys.executable, "-m", "mig_core", "run", "--qmp", f"unix:{self.sock}", *args],
-            stdout=subprocess.PIPE, stderr=self.log, env=full_env, text=True, cwd=cwd,
+            stdout=subprocess.PIPE, stderr=self.log, env=full_env, text=True, cwd=cwd, pass_fds=pass_fds,
         )
         assert self.proc.stdout is not None
         for _ in range(1 + args.count("--qmp")):  # one "mig: QMP listening on ..." line per monitor
