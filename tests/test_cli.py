@@ -60,12 +60,16 @@ def test_run_refuses_bad_monitor_address():
 
 def test_run_refuses_bad_ram_options():
     for bad, text in [("64M,backing=hugetlb", "invalid --ram backing 'hugetlb' (anonymous, memfd or file)"),
-                      ("64M,color=red", "unknown --ram option 'color' (known: page-size, backing, path)"),
+                      ("64M,color=red", "unknown --ram option 'color' (known: page-size, backing, path, fd)"),
                       ("64M,backing=file", "--ram: backing=file needs path=PATH, and path= only goes with "
                                            "backing=file"),
-                      ("64M,path=/dev/shm/x", "--ram: backing=file needs path=PATH")]:
+                      ("64M,path=/dev/shm/x", "--ram: backing=file needs path=PATH"),
+                      ("64M,fd=3", "--ram: fd=N goes only with backing=memfd"),
+                      ("64M,backing=memfd,fd=x", "--ram: fd=x is not a descriptor number")]:
         out = mig("run", "--ram", bad)
         assert out.returncode == 2 and text in out.stderr, out.stderr
+    out = mig("run", "--qmp", "unix:/nonexistent/dir/x.sock", "--ram", "64M,backing=memfd,fd=97")
+    assert out.returncode == 2 and "RAM block 'pc.ram': descriptor 97: Bad file descriptor" in out.stderr, out.stderr
 
 
 def test_run_ram_backings(tmp_path):

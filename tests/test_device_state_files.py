@@ -80,12 +80,12 @@ def test_global_dirty_log_records_writes_while_on():
     manager.xen_set_global_dirty_log(from_qmp(XenSetGlobalDirtyLogArgs, {"enable": True}))
     manager.xen_set_global_dirty_log(from_qmp(XenSetGlobalDirtyLogArgs, {"enable": True}))  # twice: no error
     log = manager.global_dirty_log
-    assert log is not None
+    assert log.enabled
     b.array[5 * 4096] = 1
     m.mark_pages("ram0", np.array([5, 9]))
     assert log.collect().pages["ram0"].tolist() == [5, 9]
     assert log.collect().pages["ram0"].tolist() == []
     manager.xen_set_global_dirty_log(from_qmp(XenSetGlobalDirtyLogArgs, {"enable": False}))
-    assert manager.global_dirty_log is None
+    assert not manager.global_dirty_log.enabled
     manager.xen_set_global_dirty_log(from_qmp(XenSetGlobalDirtyLogArgs, {"enable": False}))
     m.close()

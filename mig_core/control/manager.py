@@ -12,8 +12,10 @@ from typing import Any
 import pluggy
 import structlog
 
+from mig_core.control import addresses
 from mig_core.control import capabilities as caps_mod
 from mig_core.control import parameters as params_mod
+from mig_core.control.dirty_log import GlobalDirtyLog
 from mig_core.control.events import EventEmitter
 from mig_core.control.jobs import JobRegistry
 from mig_core.control.snapshots import IN_PROGRESS, Snapshots
@@ -26,7 +28,6 @@ from mig_core.engine.incoming import IncomingMigration
 from mig_core.engine.outgoing import OutgoingMigration
 from mig_core.errors import QMPError
 from mig_core.ext import replication
-from mig_core.ext.dirty_tracker import DirtyConsumer
 from mig_core.ext.transport import Listener, Transport, TransportContext, TransportRegistry
 from mig_core.host import features as host_features
 from mig_core.machine.machine import Machine
@@ -53,7 +54,6 @@ from mig_core.schema.migration import (
 )
 from mig_core.schema.migration import MigrationCapability as C
 from mig_core.schema.migration import MigrationStatus as S
-from mig_core.schema.sockets import SocketAddress
 from mig_core.version import __version__
 
 log = structlog.get_logger("mig.manager")
@@ -117,8 +117,8 @@ class MigrationManager:
         #: Set by a QMP server that runs a monitor front: a new connection to it for a postcopy page server.
         self.front_link: Callable[[], socket.socket | None] = lambda: None
         self.jobs = JobRegistry(self.events.emit)
-        #: xen-set-global-dirty-log's consumer of the dirty tracker (None while the log is off)
-        self.global_dirty_log: DirtyConsumer | None = None
+        #: xen-set-global-dirty-log: a consumer of the dirty tracker while the log is on
+        self.global_dirty_log = GlobalDirtyLog(self.machine)
         self.snapshots = Snapshots(self)
 
     # -- notifications ---------------------------------------------------------
@@ -312,43 +312,10 @@ class MigrationManager:
             return self.named_fds.pop(name, None)
 
     def _address(self, uri: Any, channels: Any, incoming: bool) -> tuple[type[Transport], MigrationAddress]:
-        if (uri is UNSET) == (channels is UNSET):
-            raise QMPError("need either 'uri' or 'channels' argument")
-        if uri is not UNSET:
-            return self.transports.parse(uri)
-        if incoming and len(channels) != 1:
-            raise QMPError("Channel list must have only one entry, for type 'main'")
-        seen: set[str] = set()
-        for ch in channels:
-            if ch.channel_type.value in seen:
-                raise QMPError(f"Channel list has more than one {ch.channel_type.value} entry")
-            seen.add(ch.channel_type.value)
-        main = [ch for ch in channels if ch.channel_type.value == "main"]
-        if not main:
-            raise QMPError("Channel list has no main entry")
-        addr = main[0].addr
-        return self.transports.for_address(addr), addr
+        return addresses.resolve(self.transports, uri, channels, incoming)
 
     def _check_transport_caps(self, addr: MigrationAddress) -> None:
-        if self.caps[C.MAPPED_RAM] and addr.tag is not MigrationAddressType.FILE:
-            raise QMPError("Migration requires seekable transport (e.g. file)")
-        socket_kind = addr.value.tag.value if isinstance(addr.value, SocketAddress) else ""
-        multi = (addr.tag is MigrationAddressType.SOCKET and socket_kind in ("inet", "unix", "vsock")
-                 # mig's extension: multifd over rdma (ZeroMQ), which QEMU refuses (docs/differences.md)
-                 or addr.tag is MigrationAddressType.RDMA)
-        if (self.caps[C.MULTIFD] or self.caps[C.POSTCOPY_PREEMPT]) and not (
-                multi or (addr.tag is MigrationAddressType.FILE and self.caps[C.MAPPED_RAM])):
-            raise QMPError("Migration requires multi-channel URIs (e.g. tcp)")
-        if self.caps[C.POSTCOPY_RAM] and not (addr.tag is MigrationAddressType.SOCKET and socket_kind in (
-                "inet", "unix", "vsock", "fd")):
-            # the page requests come back on the connection, and the destination's page server continues it
-            raise QMPError(f"Postcopy needs a socket transport (tcp, unix, vsock or fd): the {addr.tag.value} "
-                           "transport has no return path another process can continue")
-        for cap in (C.X_COLO, C.SWITCHOVER_ACK):
-            if self.caps[cap]:
-                raise QMPError(f"mig cannot migrate with capability {cap.value} yet")
-        if self.caps[C.X_IGNORE_SHARED] and self.caps[C.MAPPED_RAM]:
-            raise QMPError("mig cannot combine x-ignore-shared with mapped-ram yet")
+        addresses.check_capabilities(self.caps, addr)
 
     def migrate(self, args: MigrateArgs) -> None:
         cls, addr = self._address(args.uri, args.channels, incoming=False)
@@ -602,20 +569,7 @@ class MigrationManager:
         self.snapshots.load_devices_file(args.filename)
 
     def xen_set_global_dirty_log(self, args: Any) -> None:
-        """Start or stop the global dirty log: a consumer of the machine's dirty tracker that records every
-        write from now on (``global_dirty_log`` collects it); enabling twice or disabling twice is no error."""
-        with self._lock:
-            if args.enable and self.global_dirty_log is None:
-                try:
-                    tracker = self.machine.tracker()
-                except ValueError as e:
-                    raise QMPError(f"Cannot start the global dirty log: {e}") from None
-                self.global_dirty_log = tracker.consumer("global-dirty-log", sends=False)
-                self.global_dirty_log.collect()  # everything up to now is the baseline, not the log
-            elif not args.enable and self.global_dirty_log is not None:
-                self.global_dirty_log.close()
-                self.global_dirty_log = None
-        log.info("global_dirty_log", enabled=bool(args.enable))
+        self.global_dirty_log.set(bool(args.enable))
 
     def query_jobs(self) -> Any:
         return self.jobs.query()
