@@ -39,29 +39,25 @@ def _job_seconds(host: Host, job_id: str) -> float:
     return (t1 - t0).total_seconds()
 
 
+async def _timed_job(tmp: Path, command: str, name: str, *host_args: str) -> float:
+    """Start a 1 GiB host, run one snapshot job on node snap0 (tag ``t``), stop the host; the job's seconds."""
+    h = Host(tmp, "--ram", "1G", *host_args, name=name, env=ENV)
+    try:
+        c = await connect(h.sock)
+        info = await run_job(c, command, {"job-id": "job", "tag": "t", "vmstate": "snap0", "devices": ["snap0"]},
+                             timeout=600)
+        assert "error" not in info, info
+        await c.execute("quit")  # the next host takes the snapshot directory's lock
+        h.proc.wait(30)
+        return _job_seconds(h, "job")
+    finally:
+        h.stop()
+
+
 async def save_and_load(tmp: Path, backend: str) -> dict[str, float]:
-    spec = f"{tmp}/snaps-{backend},backend={backend}"
-    s = Host(tmp, "--ram", "1G", "--ram-fill", "random", "--snapshot-dir", spec, name=f"save-{backend}", env=ENV)
-    try:
-        c = await connect(s.sock)
-        info = await run_job(c, "snapshot-save", {"job-id": "save", "tag": "t", "vmstate": "snap0",
-                                                  "devices": ["snap0"]}, timeout=600)
-        assert "error" not in info, info
-        save_s = _job_seconds(s, "save")
-        await c.execute("quit")
-        s.proc.wait(30)
-    finally:
-        s.stop()
-    d = Host(tmp, "--ram", "1G", "--mem-prealloc", "--snapshot-dir", spec, name=f"load-{backend}", env=ENV)
-    try:
-        c = await connect(d.sock)
-        info = await run_job(c, "snapshot-load", {"job-id": "load", "tag": "t", "vmstate": "snap0",
-                                                  "devices": ["snap0"]}, timeout=600)
-        assert "error" not in info, info
-        load_s = _job_seconds(d, "load")
-        await c.disconnect()
-    finally:
-        d.stop()
+    spec = ("--snapshot-dir", f"{tmp}/snaps-{backend},backend={backend}")
+    save_s = await _timed_job(tmp, "snapshot-save", f"save-{backend}", "--ram-fill", "random", *spec)
+    load_s = await _timed_job(tmp, "snapshot-load", f"load-{backend}", "--mem-prealloc", *spec)
     return {"save_s": save_s, "load_s": load_s}
 
 

@@ -4,7 +4,6 @@ work function of the test's own that waits where the test says (snapshot jobs: t
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import Callable, Iterator
 
@@ -13,34 +12,21 @@ import pytest
 from mig_core.control.jobs import Job
 from mig_core.control.manager import MigrationManager
 from mig_core.errors import QMPError
-from mig_core.qmp.server import QMPServer
 from mig_core.schema.jobs import JobType
-from mig_core.testing import RawQMP, wait_until
+from mig_core.testing import InProcessServer, RawQMP, wait_until
 
 
 @pytest.fixture
 def served(tmp_path) -> Iterator[tuple[MigrationManager, RawQMP]]:
     manager = MigrationManager()
-    loop = asyncio.new_event_loop()
-    box: dict = {}
-    path = tmp_path / "jobs.sock"
-
-    async def start() -> None:
-        box["server"] = QMPServer(manager)
-        await box["server"].listen(f"unix:{path}")
-
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(start(), loop).result(10)
-    client = RawQMP(path)
+    server = InProcessServer(manager, tmp_path / "jobs.sock")
+    client = RawQMP(server.path)
     client.negotiate()
     try:
         yield manager, client
     finally:
         client.close()
-        asyncio.run_coroutine_threadsafe(box["server"].close(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+        server.close()
 
 
 class Gated:

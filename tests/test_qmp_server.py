@@ -7,13 +7,12 @@ import contextlib
 import json
 import os
 import socket
-import threading
 import time
 
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
-from mig_core.testing import RawQMP, connect
+from mig_core.testing import InProcessServer, RawQMP, connect
 
 ISSUE_COMMANDS = {
     "qmp_capabilities", "query-version", "query-commands", "query-status", "stop", "cont", "quit",
@@ -287,22 +286,11 @@ async def test_execute_errors_through_qemu_qmp(qmp):
 def test_oob_command_overtakes_a_stuck_in_band_command(tmp_path):
     """An exec-oob command is answered while an in-band command holds the in-band lock."""
     from mig_core.control.manager import MigrationManager
-    from mig_core.qmp.server import QMPServer
 
     manager = MigrationManager()
-    loop = asyncio.new_event_loop()
-    server_box: dict = {}
-    path = tmp_path / "oob.sock"
-
-    async def start() -> None:
-        server_box["server"] = QMPServer(manager)
-        await server_box["server"].listen(f"unix:{path}")
-
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(start(), loop).result(10)
-    server = server_box["server"]
-    c = RawQMP(path)
+    served = InProcessServer(manager, tmp_path / "oob.sock")
+    server = served.server
+    c = RawQMP(served.path)
     try:
         assert c.cmd({"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}) == {"return": {}}
         server._big_lock.acquire()  # an in-band command that takes long
@@ -314,9 +302,7 @@ def test_oob_command_overtakes_a_stuck_in_band_command(tmp_path):
         assert c.recv_reply() == {"return": {"running": True, "status": "running"}, "id": "slow"}
     finally:
         c.close()
-        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+        served.close()
 
 
 def test_out_of_band_commands_never_wait_behind_in_band_ones(host, raw, tmp_path):

@@ -230,6 +230,22 @@ class TagDirectory:
             self._lock_fd = -1
 
 
+def write_at(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (a positioned write may write less than asked)."""
+    while data.nbytes:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def read_at(fd: int, into: memoryview, offset: int) -> None:
+    """Fill ``into`` from ``offset``; OSError if the file ends first (a store cut short)."""
+    while into.nbytes:
+        n = os.preadv(fd, [into], offset)
+        if n == 0:
+            raise OSError(f"the file ends at byte {offset}: it was cut short")
+        into, offset = into[n:], offset + n
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +31,7 @@ from mig_core.schema.migration import MigrationAddress, MigrationStatus
 from mig_core.schema.sockets import SocketAddress, String
 
 __all__ = ["Host", "RawQMP", "connect", "wait_until", "wait_for_status", "ram_digest", "vcpu_records", "qmp_error",
-           "LoopbackTransport", "migrate_in_process", "run_job"]
+           "LoopbackTransport", "migrate_in_process", "run_job", "InProcessServer"]
 
 
 class Host:
@@ -226,6 +227,31 @@ async def wait_records_advance(client: QMPClient, vcpus: int, before: list[tuple
         if time.monotonic() > deadline:
             raise AssertionError(f"the vCPUs did not run on within {timeout:g} s: {before} -> {now}")
         await asyncio.sleep(0.05)
+
+
+class InProcessServer:
+    """A ``QMPServer`` for ``manager`` on a unix socket, its event loop on a thread of its own (a test
+    drives it with ``RawQMP`` or ``connect`` while this process's manager is inspected directly)."""
+
+    def __init__(self, manager: MigrationManager, path: Path) -> None:
+        from mig_core.qmp.server import QMPServer
+
+        self.path = path
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="test/qmp")
+        self.thread.start()
+
+        async def start() -> QMPServer:
+            server = QMPServer(manager)
+            await server.listen(f"unix:{path}")
+            return server
+
+        self.server = asyncio.run_coroutine_threadsafe(start(), self.loop).result(10)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
 
 
 async def run_job(client: QMPClient, command: str, arguments: dict[str, Any], timeout: float = 60.0,

@@ -30,6 +30,8 @@ from mig_core.ext.snapshot_backend import (
     SnapshotReader,
     SnapshotWriter,
     TagDirectory,
+    read_at,
+    write_at,
 )
 from mig_core.memory.pagemap import pages_to_runs
 
@@ -48,20 +50,6 @@ def _punch(fd: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
         err = ctypes.get_errno()
         log.warning("punch_hole_failed", error=os.strerror(err))
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data.nbytes:
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n
-
-
-def _pread_all(fd: int, into: memoryview, offset: int) -> None:
-    while into.nbytes:
-        n = os.preadv(fd, [into], offset)
-        if n == 0:
-            raise OSError(f"the page store ends at byte {offset}: it was cut short")
-        into, offset = into[n:], offset + n
 
 
 def _encode_slots(slots: np.ndarray) -> bytes:
@@ -145,7 +133,7 @@ class _Store:
         """Page data and slot hashes durable (before a manifest may refer to them)."""
         with self.lock:
             hashes = bytes(self.hashes)
-        _pwrite_all(self.hfd, memoryview(hashes), 0)
+        write_at(self.hfd, memoryview(hashes), 0)
         os.fsync(self.fd)
         os.fsync(self.hfd)
 
@@ -182,7 +170,7 @@ class _Writer(SnapshotWriter):
             breaks = np.flatnonzero((np.diff(rows_new) != 1) | (np.diff(slots[rows_new]) != 1)) + 1
             for run in np.split(rows_new, breaks):
                 r0, n = int(run[0]), len(run)
-                _pwrite_all(store.fd, flat[r0 * ps:(r0 + n) * ps], int(slots[r0]) * ps)
+                write_at(store.fd, flat[r0 * ps:(r0 + n) * ps], int(slots[r0]) * ps)
         with self._lock:
             self.fresh[ps] += fresh
             self.slots[block.name][pages] = slots
@@ -238,7 +226,7 @@ class _Reader(SnapshotReader):
         ends = np.concatenate((breaks, [len(pages)])).tolist()
         for a, z in zip(starts, ends, strict=True):
             p0 = int(pages[a])
-            _pread_all(fd, into[p0 * ps:(p0 + z - a) * ps], int(slots[a]) * ps)
+            read_at(fd, into[p0 * ps:(p0 + z - a) * ps], int(slots[a]) * ps)
 
     def vmstate(self) -> bytes:
         return self._vmstate

@@ -21,6 +21,8 @@ from mig_core.ext.snapshot_backend import (
     SnapshotReader,
     SnapshotWriter,
     TagDirectory,
+    read_at,
+    write_at,
 )
 from mig_core.memory.pagemap import pages_to_runs
 
@@ -40,20 +42,6 @@ def _layout(blocks: list[BlockShape]) -> dict[str, int]:
     return offsets
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data.nbytes:
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n
-
-
-def _pread_all(fd: int, into: memoryview, offset: int) -> None:
-    while into.nbytes:
-        n = os.preadv(fd, [into], offset)
-        if n == 0:
-            raise OSError(f"the image ends at byte {offset}: it was cut short")
-        into, offset = into[n:], offset + n
-
-
 class _Writer(SnapshotWriter):
     def __init__(self, backend: DirectoryBackend, tag: str, blocks: list[BlockShape]) -> None:
         self.backend, self.tag, self.blocks = backend, tag, blocks
@@ -70,7 +58,7 @@ class _Writer(SnapshotWriter):
         pos = 0
         for s, e in zip(*(r.tolist() for r in pages_to_runs(pages)), strict=True):
             n = (e - s) * ps
-            _pwrite_all(self.fd, flat[pos:pos + n], base + s * ps)
+            write_at(self.fd, flat[pos:pos + n], base + s * ps)
             pos += n
         with self._lock:
             self.stored[block.name][pages] = True
@@ -130,7 +118,7 @@ class _Reader(SnapshotReader):
     def read_pages(self, block: BlockShape, pages: np.ndarray, into: memoryview) -> None:
         ps, base = block.page_size, self.offsets[block.name]
         for s, e in zip(*(r.tolist() for r in pages_to_runs(pages)), strict=True):
-            _pread_all(self.fd, into[s * ps:e * ps], base + s * ps)
+            read_at(self.fd, into[s * ps:e * ps], base + s * ps)
 
     def vmstate(self) -> bytes:
         return self._vmstate
