@@ -120,9 +120,19 @@ class SnapshotBackend(ABC):
     #: The name in the ``mig_core.snapshot_backends`` group.
     name: ClassVar[str]
 
+    #: The options the backend takes, each required, with what it is; any other option is refused.
+    options_taken: ClassVar[dict[str, str]] = {}
+
     def __init__(self, node_name: str, options: Mapping[str, str]) -> None:
-        """``options`` are the backend's own settings (e.g. ``dir``), checked here: a bad one raises
-        ``ValueError`` with a text naming the option."""
+        """``options`` are the backend's own settings (e.g. ``dir``), checked here against ``options_taken``:
+        a bad one raises ``ValueError`` with a text naming the option."""
+        unknown = sorted(set(options) - set(self.options_taken))
+        if unknown:
+            raise ValueError(f"snapshot backend '{self.name}' has no option '{unknown[0]}' (it takes: "
+                             f"{', '.join(self.options_taken)})")
+        for key, what in self.options_taken.items():
+            if not options.get(key):
+                raise ValueError(f"snapshot backend '{self.name}' needs the option '{key}' ({what})")
         self.node_name = node_name
         self.options = dict(options)
 

@@ -236,15 +236,10 @@ class DedupBackend(SnapshotBackend):
     """``dedup``: options ``dir`` (the directory; created if missing)."""
 
     name = "dedup"
+    options_taken = {"dir": "the directory to keep snapshots in"}
 
     def __init__(self, node_name: str, options: Mapping[str, str]) -> None:
         super().__init__(node_name, options)
-        unknown = sorted(set(options) - {"dir"})
-        if unknown:
-            raise ValueError(f"snapshot backend 'dedup' has no option '{unknown[0]}' (it takes: dir)")
-        if not options.get("dir"):
-            raise ValueError("snapshot backend 'dedup' needs the option 'dir' (the directory to keep snapshots "
-                             "in)")
         self.root = Path(options["dir"])
         self.tags = TagDirectory(self.root)
         self._stores: dict[int, _Store] = {}

@@ -133,14 +133,10 @@ class DirectoryBackend(SnapshotBackend):
     """``dir``: options ``dir`` (the directory; created if missing)."""
 
     name = "dir"
+    options_taken = {"dir": "the directory to keep snapshots in"}
 
     def __init__(self, node_name: str, options: Mapping[str, str]) -> None:
         super().__init__(node_name, options)
-        unknown = sorted(set(options) - {"dir"})
-        if unknown:
-            raise ValueError(f"snapshot backend 'dir' has no option '{unknown[0]}' (it takes: dir)")
-        if not options.get("dir"):
-            raise ValueError("snapshot backend 'dir' needs the option 'dir' (the directory to keep snapshots in)")
         self.store = TagDirectory(Path(options["dir"]))
 
     def info(self, manifest: dict) -> SnapshotInfo:
