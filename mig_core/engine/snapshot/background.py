@@ -1,9 +1,11 @@
 """Background snapshot (capability ``background-snapshot``): the machine as it was at one instant, written
 while it keeps running.
 
-At the instant the machine stops for a moment: device state is saved into memory, the dirty tracker lets
-go of RAM, every block is write-protected (userfaultfd, synchronous mode, never-populated pages too), the
-descriptors go to the fault server (``wp_server``, a helper process) and the machine runs again. Then
+Before the instant the dirty tracker lets go of RAM and every block is write-protected (userfaultfd,
+synchronous mode, never-populated pages too) with the fault server (``wp_server``, a helper process)
+letting writes through meanwhile; at the instant the machine stops for a moment: device state is saved
+into memory, the pages written while arming are protected again, the fault server starts saving, and the
+machine runs again. Then
 the migration thread streams RAM chunk by chunk: it copies the chunk, sends first the pages the fault
 server saved meanwhile (their contents at the instant, from the rescue log), then the chunk's pages
 nobody saved, and asks the fault server to lift the chunk's protection. At the end the device state
@@ -23,12 +25,13 @@ import numpy as np
 import structlog
 
 from mig_core.engine.postcopy.ipc import ControlClosed, ControlConnection
-from mig_core.engine.snapshot.rescue_log import Layout, RescueLog
+from mig_core.engine.snapshot.rescue_log import ARMED, Layout, RescueLog
 from mig_core.engine.snapshot.vmstate import device_sections
 from mig_core.engine.stats import now_ms
 from mig_core.engine.switchover import SwitchoverEngine, stop_for_switchover
 from mig_core.errors import MigrationFailed
 from mig_core.host import uffd
+from mig_core.memory.pagemap import pages_to_runs
 from mig_core.memory.ram import RAMBlock
 from mig_core.schema.migration import MigrationStatus as S
 
@@ -36,6 +39,9 @@ log = structlog.get_logger("mig.snapshot.background")
 
 #: Pages copied and sent at once (4 MiB of 4 KiB pages).
 CHUNK_PAGES = 1024
+#: Rounds of protecting again, while the machine runs, the pages written during arming (each round takes
+#: less time, so fewer pages are written in it); stop early once this few are left.
+ARM_ROUNDS, ARM_ENOUGH = 4, 64
 _PR_SET_PTRACER = 0x59616D61
 
 
@@ -74,6 +80,14 @@ class FaultServerLink:
         self.ctl.send({"op": "setup", "pid": os.getpid(), "blocks": blocks, "slot_size": layout.slot_size},
                       [log_fd] + [r.fd for r in regs])
         self._recv("ready")
+
+    def instant(self) -> None:
+        """Switch the fault server from arming to saving (it answers once it has)."""
+        try:
+            self.ctl.send({"op": "instant"})
+        except (ControlClosed, OSError):
+            pass  # _recv reports why
+        self._recv("saving")
 
     def unprotect(self, block: int, first: int, end: int) -> None:
         try:
@@ -137,22 +151,38 @@ class BackgroundSnapshot:
                  transferred=c.transferred, saved_on_fault=self.tail)
 
     def _instant(self) -> bytes:
-        """Stop, save device state, write-protect everything, hand it to the fault server, run again."""
+        """Arm while the machine runs, then stop it for the instant itself: device state, and protection
+        back on the few pages written while arming; hand RAM to the fault server and run again.
+
+        Write-protecting a GiB of small pages takes ~20 ms, so it is done before the stop: the fault server
+        starts in *arming* mode, where a write fault only lifts the protection and marks the page
+        (``done`` = 2). At the instant it switches to saving mode, and only the marked pages are
+        protected again while the machine is stopped.
+        """
         e = self.engine
         assert self.server is not None
         ps = max(b.page_size for b in self.blocks)
         layout = Layout(tuple(b.npages for b in self.blocks), ps)
-        self.rescue = RescueLog.create(layout)
+        rescue = self.rescue = RescueLog.create(layout)
+        self.released = e.machine.release_tracker()
+        for b in self.blocks:
+            self.regs.append(uffd.REGISTRY.register(b, uffd.Mode.WP_SYNC, owner="background snapshot"))
+        self.server.start(rescue.fd, self.regs, layout)  # arming: faults are let through and marked
+        for reg in self.regs:
+            reg.writeprotect()
+        for _ in range(ARM_ROUNDS):  # while running, like precopy passes: fewer pages to protect when stopped
+            if self._protect_again() <= ARM_ENOUGH:
+                break
         stop_for_switchover(e)
+        t0 = now_ms()
         e.ctx.hooks.switchover(e.ctx.migration_id, e.status.side)
         try:
             devices = device_sections(e.machine)
-            self.released = e.machine.release_tracker()
-            for b in self.blocks:
-                reg = uffd.REGISTRY.register(b, uffd.Mode.WP_SYNC, owner="background snapshot")
-                self.regs.append(reg)
-                reg.writeprotect()
-            self.server.start(self.rescue.fd, self.regs, layout)
+            self.server.instant()  # saving from now on
+            t1 = now_ms()
+            rearmed = self._protect_again()
+            log.debug("background_snapshot_instant_steps", stop_ms=t0 - (e.counters.downtime_start_ms or t0),
+                      devices_and_switch_ms=t1 - t0, protect_again_ms=now_ms() - t1)
             for reg in self.regs:  # the fault server's descriptors are the only ones: if it dies, RAM is free
                 uffd.REGISTRY.hand_over(reg)
         finally:
@@ -161,8 +191,25 @@ class BackgroundSnapshot:
                 e.machine.run.set(before)  # the machine runs again: the downtime ends
                 e._runstate_before = None
             self.downtime_ms = now_ms() - (e.counters.downtime_start_ms or now_ms())
-        log.info("background_snapshot_instant", downtime_ms=self.downtime_ms)
+        log.info("background_snapshot_instant", downtime_ms=self.downtime_ms, protected_again=rearmed)
         return devices
+
+    def _protect_again(self) -> int:
+        """Protect again the pages the fault server let writes through on while arming; how many.
+
+        The mark is cleared before the protection goes on: a write in between needs no fault (it is before
+        the instant), and one after the protection faults and is marked again."""
+        assert self.rescue is not None
+        count = 0
+        for bi, reg in enumerate(self.regs):
+            done = self.rescue.done[bi]
+            marked = np.flatnonzero(done == ARMED)
+            done[marked] = 0
+            ps = reg.block.page_size
+            for first, end in zip(*(r.tolist() for r in pages_to_runs(marked)), strict=True):
+                reg.writeprotect(first * ps, (end - first) * ps)
+            count += len(marked)
+        return count
 
     def _check(self) -> None:
         self.engine._check_cancel()

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 _HEADER = 64
+#: ``done`` value of a page written before the instant, while protection was being put in place (the
+#: fault server let the write through); the migration thread protects such pages again at the instant
+ARMED = 2
 _ALIGN = 4096
 
 

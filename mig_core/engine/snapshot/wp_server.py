@@ -1,11 +1,13 @@
 """The background snapshot's fault server: a helper process that saves each page before it is changed.
 
-The source write-protects its RAM (userfaultfd, synchronous mode) at the snapshot instant and hands this
-process the only descriptors of those registrations. A vCPU that writes a protected page stops in the
-kernel; this process copies the page's old contents out of the source (``process_vm_readv``) into the
-shared rescue log, publishes it, and lifts the protection, which lets the write through. It also lifts
-the protection of ranges the migration thread has sent (``unprotect`` messages). It never waits for the
-source: a vCPU that faults while holding the source's GIL stops the whole source until this answers.
+The source write-protects its RAM (userfaultfd, synchronous mode) and hands this process the only
+descriptors of those registrations. Until the snapshot instant this process only lets writes through
+and marks their pages (the source protects those again); after it, it saves: a vCPU that writes a
+protected page stops in the kernel; this process copies the page's old contents out of the source
+(``process_vm_readv``) into the shared rescue log, publishes it, and lifts the protection, which lets the
+write through. It also lifts the protection of ranges the migration thread has sent (``unprotect``
+messages). It never waits for the source: a vCPU that faults while holding the source's GIL stops the
+whole source until this answers.
 
 If this process dies, its descriptors close, the kernel drops every registration and wakes whoever
 waits: the program runs on, and the snapshot fails (its log ends).
@@ -26,7 +28,7 @@ from collections.abc import Sequence
 import structlog
 
 from mig_core.engine.postcopy.ipc import SWITCH_INTERVAL_S, ControlClosed, ControlConnection
-from mig_core.engine.snapshot.rescue_log import Layout, RescueLog
+from mig_core.engine.snapshot.rescue_log import ARMED, Layout, RescueLog
 from mig_core.host.uffd import UFFD_EVENT_PAGEFAULT, UFFD_MSG, UFFDIO_WRITEPROTECT
 from mig_core.logconfig import configure_logging
 
@@ -55,6 +57,8 @@ class FaultServer:
         self._wp = ctypes.create_string_buffer(24)
         self._local, self._remote = _Iovec(), _Iovec()
         self.saved = 0
+        #: False until the instant (arming: faults are let through and marked), True after (saving)
+        self.saving = False
 
     def _unprotect(self, block: int, start: int, length: int) -> None:
         struct.pack_into("QQQ", self._wp, 0, start, length, 0)  # mode 0: clear write protection, wake waiters
@@ -92,7 +96,9 @@ class FaultServer:
             page = (address - base) // ps
             if not 0 <= page < size // ps:
                 continue
-            if not done[page]:
+            if not self.saving:  # before the instant: let the write through, the source protects it again
+                done[page] = ARMED
+            elif not done[page]:
                 self._save(block, page, base + page * ps)
                 done[page] = 1  # saved: a second fault on it (before its protection is gone) only wakes
             self._unprotect(block, base + page * ps, ps)
@@ -103,6 +109,10 @@ class FaultServer:
             msg, _fds = self.ctl.recv()
         except ControlClosed:
             return False
+        if msg.get("op") == "instant":
+            self.saving = True
+            self.ctl.send({"op": "saving"})
+            return True
         if msg.get("op") == "unprotect":
             for block, first, end in msg["ranges"]:
                 base, _size, ps = self.blocks[block]
