@@ -182,58 +182,6 @@ async def background(tmp: Path, vcpus: int = 2, rate: str = "256M") -> dict[str,
         h.stop()
 
 
-def background_write_stalls(tmp: Path, size: int = GIB, writers: int = 2) -> dict[str, float]:
-    """In-process: ``writers`` vCPU threads each write one random page at a time (8 bytes, numpy, GIL held)
-    and time every write, during a background snapshot of ``size`` random RAM to a file. The longest gap
-    between two consecutive writes of a vCPU is the longest the workload stopped (the snapshot's instant
-    included); also the p99 write and how many writes waited for the fault server (> 50 µs)."""
-    import threading
-
-    from mig_core.control.manager import MigrationManager
-    from mig_core.machine.machine import Machine
-    from mig_core.qapi.visitor import from_qmp
-    from mig_core.schema.commands import MigrateArgs, MigrateSetCapabilitiesArgs
-    from mig_core.schema.migration import MigrationStatus as S
-
-    m = Machine()
-    b = m.add_ram("ram", size)
-    b.array[:] = np.random.default_rng(5).integers(0, 256, size, dtype=np.uint8)
-    m.start_tracking()
-    manager = MigrationManager(m)
-    stop, phase = threading.Event(), {"snap": False}
-    gaps: list[list[int]] = [[] for _ in range(writers)]
-
-    def writer(v) -> None:  # type: ignore[no-untyped-def]
-        rng = np.random.default_rng(v.index)
-        words = b.array.view(np.uint64).reshape(b.npages, -1)
-        last = time.perf_counter_ns()
-        while not stop.is_set():
-            v.safe_point()
-            page = int(rng.integers(0, b.npages))
-            words[page, 0] = last
-            now = time.perf_counter_ns()
-            if phase["snap"]:
-                gaps[v.index].append(now - last)
-            last = now
-
-    m.vcpus.run(writer, writers, name="writer")
-    time.sleep(0.5)
-    manager.migrate_set_capabilities(from_qmp(MigrateSetCapabilitiesArgs, {"capabilities": [
-        {"capability": "background-snapshot", "state": True}]}))
-    phase["snap"] = True
-    manager.migrate(MigrateArgs(uri=f"file:{tmp}/stalls.img"))
-    while manager.source.state not in (S.COMPLETED, S.FAILED):
-        time.sleep(0.01)
-    phase["snap"] = False
-    stop.set()
-    info = manager.query_migrate()
-    all_gaps = np.concatenate([np.asarray(g, dtype=np.int64) for g in gaps]) / 1e6
-    m.close()
-    return {"status": info.status.value, "total_ms": float(info.total_time), "downtime_ms": float(info.downtime),
-            "writes": len(all_gaps), "max_ms": float(all_gaps.max()), "p99_ms": float(np.percentile(all_gaps, 99)),
-            "waited": int((all_gaps > 0.05).sum())}
-
-
 async def cpr_downtime(tmp: Path, size: str = "4G") -> dict[str, Any]:
     """Old process (shared-file RAM) saved with cpr-reboot; a new process, started beforehand with
     ``--incoming defer``, loads it. Downtime: the old one's STOP event to the new one's RESUME event."""
@@ -311,19 +259,6 @@ def main() -> None:
     print(f"| {med['total_ms']:.0f} | {med['downtime_ms']:.0f} | {statistics.median(plain) * 1000:.0f} | "
           f"{med['rate_before']:.0f} | {med['rate_during']:.0f} | {med['gap_before_ms']:.1f} | "
           f"{med['gap_during_ms']:.1f} |")
-    print("\n### Background snapshot: how long a writing vCPU stops (1 GiB random, 2 writer threads, each write "
-          "timed; median of 3)\n")
-    stalls = []
-    for _ in range(3):
-        with tempfile.TemporaryDirectory(dir=os.environ.get("MIG_BENCH_DIR")) as tmp:
-            stalls.append(background_write_stalls(Path(tmp)))
-    st = {k: statistics.median(r[k] for r in stalls) for k in ("total_ms", "downtime_ms", "writes", "max_ms",
-                                                                "p99_ms", "waited")}
-    print("| snapshot ms | downtime ms | writes timed | writes that waited (> 50 µs) | p99 gap ms | longest gap ms |")
-    print("|---|---|---|---|---|---|")
-    print(f"| {st['total_ms']:.0f} | {st['downtime_ms']:.0f} | {st['writes']:.0f} | {st['waited']:.0f} | "
-          f"{st['p99_ms']:.3f} | {st['max_ms']:.1f} |")
-    print(f"\nlongest gaps per run: {[round(r['max_ms'], 1) for r in stalls]}")
     print("\n### cpr-reboot, 4 GiB shared-file RAM on tmpfs (x-ignore-shared), random contents (median of 3)\n")
     runs = []
     for _ in range(3):
