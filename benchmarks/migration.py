@@ -129,6 +129,20 @@ def throughput(reps: int = THROUGHPUT_REPS) -> dict:
             "idle_rss": idle}
 
 
+def recorder_cost(reps: int = 9) -> dict:
+    """The flight recorder's cost: the 1 GiB migration with it on (writing JSON lines on both sides) and
+    off, interleaved; total-time medians."""
+    on, off = [], []
+    for _ in range(reps):
+        for flag, out in ((True, on), (False, off)):
+            with tempfile.TemporaryDirectory() as tmp:
+                rec = ("--flight-dir", f"{tmp}/rec") if flag else ("--no-flight-record",)
+                r = asyncio.run(_migrate(Path(tmp), ("--ram", "1G", "--ram-fill", "random", *rec),
+                                         ("--ram", "1G", "--mem-prealloc", "-S", *rec), {"max-bandwidth": 0}))
+                out.append(r["info"]["total-time"])
+    return {"on_ms": statistics.median(on), "off_ms": statistics.median(off)}
+
+
 def special_ram(reps: int = 7) -> dict:
     """1 GiB never touched, and 1 GiB written with zeros (preallocated): total-time."""
     out = {}
@@ -174,6 +188,10 @@ def main() -> None:
     print(f"RSS above an idle host with the same RAM ({t['idle_rss'] >> 20} MiB): source "
           f"{t['rss_over_idle']['src'] / GIB * 100:.1f} %, destination {t['rss_over_idle']['dst'] / GIB * 100:.1f} % "
           "of RAM")
+    c = recorder_cost()
+    print("\n### Flight recorder cost: the same migration with it on (JSON lines on both sides) and off "
+          "(median of 9, interleaved)\n")
+    print(f"on {c['on_ms']:.0f} ms, off {c['off_ms']:.0f} ms: {100 * (c['on_ms'] - c['off_ms']) / c['off_ms']:+.1f} %")
     s = special_ram()
     print("\n### 1 GiB of RAM that costs nothing (total-time, ms, median of 7)\n")
     print(f"never touched: {s['never-touched']:.0f} ms; written with zeros (preallocated source): {s['zeros']:.0f} ms")

@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 import sys
+from pathlib import Path
 
 import click
 import structlog
@@ -77,13 +78,18 @@ def _rates(_ctx: click.Context, param: click.Parameter, value: str) -> list[int]
                    "-global migration.NAME=on).")
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
               help="Set a migration parameter at start, before an --incoming migration begins.")
+@click.option("--flight-dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Write every migration's flight record (per pass and per second) as JSON lines in DIR.")
+@click.option("--no-flight-record", is_flag=True, help="Keep no flight record (x-query-migration-record is "
+              "then empty).")
 @click.option("--snapshot-dir", "snapshot_dirs", multiple=True, metavar="DIR[,node-name=N][,backend=B]",
               help="A storage node for snapshot-save/-load (repeatable): snapshots kept in DIR by the snapshot "
                    "backend B (default 'dir'; 'dedup' shares pages between snapshots), node name N (default "
                    "snap0, snap1, ...).")
 def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: bool, vcpus: int, dirty_rate: list[int],
         paused: bool, incoming: str | None, uuid: str | None, postcopy_prefetch: int, dirty_tracker: str | None,
-        caps: tuple[str, ...], params: tuple[str, ...], snapshot_dirs: tuple[str, ...]) -> None:
+        caps: tuple[str, ...], params: tuple[str, ...], flight_dir: str | None, no_flight_record: bool,
+        snapshot_dirs: tuple[str, ...]) -> None:
     if len(dirty_rate) not in (1, vcpus):  # type: ignore[arg-type]
         raise click.BadParameter(f"give one rate or {vcpus} (one per vCPU)", param_hint="--dirty-rate")
     """Run the reference host serving QMP until 'quit' or a signal."""
@@ -118,6 +124,9 @@ def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: boo
     machine.add_device(device)
     manager = MigrationManager(machine)
     manager.postcopy_prefetch_pages = postcopy_prefetch
+    if flight_dir is not None:
+        manager.recorder.directory = Path(flight_dir)
+    manager.recorder.enabled = not no_flight_record
     try:
         if caps:
             manager.migrate_set_capabilities(from_qmp(MigrateSetCapabilitiesArgs, {"capabilities": parse_caps(caps)}))

@@ -17,6 +17,7 @@ from mig_core.control import capabilities as caps_mod
 from mig_core.control import parameters as params_mod
 from mig_core.control.dirty_log import GlobalDirtyLog
 from mig_core.control.events import EventEmitter
+from mig_core.control.flight_recorder import FlightRecorder
 from mig_core.control.jobs import JobRegistry
 from mig_core.control.snapshots import IN_PROGRESS, Snapshots
 from mig_core.control.status import POSTCOPY_STATES, RUNNING_STATES, Side, StatusMachine
@@ -117,6 +118,9 @@ class MigrationManager:
         #: Set by a QMP server that runs a monitor front: a new connection to it for a postcopy page server.
         self.front_link: Callable[[], socket.socket | None] = lambda: None
         self.jobs = JobRegistry(self.events.emit)
+        #: every migration's records (x-query-migration-record; JSON lines where ``recorder.directory`` says)
+        self.recorder = FlightRecorder(lambda side: to_qmp(self.query_migrate()))
+        self.pm.register(self.recorder, "mig-flight-recorder")
         #: xen-set-global-dirty-log: a consumer of the dirty tracker while the log is on
         self.global_dirty_log = GlobalDirtyLog(self.machine)
         self.snapshots = Snapshots(self)
@@ -570,6 +574,9 @@ class MigrationManager:
 
     def xen_set_global_dirty_log(self, args: Any) -> None:
         self.global_dirty_log.set(bool(args.enable))
+
+    def x_query_migration_record(self) -> Any:
+        return self.recorder.records()
 
     def query_jobs(self) -> Any:
         return self.jobs.query()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mig_core.qapi import UNSET, Bool, Int, Int64, QapiStruct, Str, UInt64, UnsetType
+from mig_core.qapi import UNSET, Any_, Bool, Int, Int64, QapiStruct, Str, UInt64, UnsetType
 from mig_core.schema.common import (
     CommandInfo,
     EmptyStruct,
@@ -208,6 +208,7 @@ COMMANDS: dict[str, Command] = {
         Command("job-dismiss", JobIdArgs, EmptyStruct),
         Command("job-finalize", JobIdArgs, EmptyStruct),
         Command("x-query-snapshots", None, list[XSnapshotInfo], features=("unstable",)),
+        Command("x-query-migration-record", None, list[Any_], features=("unstable",)),
         Command("xen-save-devices-state", XenSaveDevicesStateArgs, EmptyStruct),
         Command("xen-load-devices-state", XenLoadDevicesStateArgs, EmptyStruct),
         Command("xen-set-global-dirty-log", XenSetGlobalDirtyLogArgs, EmptyStruct),
