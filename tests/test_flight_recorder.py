@@ -7,7 +7,7 @@ import json
 
 from mig_core.testing import connect, wait_for_status
 
-WL = ("--ram", "32M", "--ram-fill", "half", "--vcpus", "2", "--dirty-rate", "8M")
+WL = ("--ram", "32M", "--ram-fill", "half", "--vcpus", "2", "--dirty-rate", "1M")
 
 
 def lines(directory, side: str) -> list[dict]:
