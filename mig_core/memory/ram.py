@@ -161,6 +161,14 @@ class RAMBlock:
         for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
             self._mmap.madvise(advice, s * ps, (e - s) * ps)
 
+    def zero_pages(self, pages: np.ndarray) -> None:
+        """Make ``pages`` (sorted) read as zero: dropped, freeing their memory, where mig owns the mapping
+        (writing zeros would populate it); written where the host lent its own buffer."""
+        if self.backing is Backing.HOST or self._mmap is None:
+            self.pages[pages] = 0
+        else:
+            self.discard_runs(*pagemap.pages_to_runs(pages))
+
     def move_pages_away(self) -> int:
         """Move this anonymous block's pages to a new address and leave fresh, empty memory in their place.
 

@@ -8,8 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mig_core.memory.pagemap import pages_to_runs
-from mig_core.memory.ram import Backing, RAMBlock
+from mig_core.memory.ram import RAMBlock
 
 
 class PagePlacer(ABC):
@@ -50,9 +49,5 @@ class CopyPlacer(PagePlacer):
         self.received[block.name][pages] = True
 
     def place_zero(self, block: RAMBlock, pages: np.ndarray) -> None:
-        # Writing zeros would populate memory; dropping the pages reads back as zero and frees it.
-        if block.backing is Backing.HOST or block._mmap is None:
-            block.pages[pages] = 0
-        else:
-            block.discard_runs(*pages_to_runs(np.sort(pages)))
+        block.zero_pages(np.sort(pages))
         self.received[block.name][pages] = True

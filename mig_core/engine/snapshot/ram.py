@@ -13,8 +13,7 @@ import structlog
 from mig_core.errors import StreamError
 from mig_core.ext.snapshot_backend import BlockShape, SnapshotReader, SnapshotWriter
 from mig_core.machine.machine import Machine
-from mig_core.memory.pagemap import pages_to_runs
-from mig_core.memory.ram import Backing, RAMBlock
+from mig_core.memory.ram import RAMBlock
 from mig_core.memory.zeropage import nonzero_pages
 
 log = structlog.get_logger("mig.snapshot")
@@ -86,14 +85,6 @@ def check_blocks(machine: Machine, saved: list[BlockShape]) -> None:
         raise StreamError(f"this machine has RAM block '{missing[0]}', which the snapshot does not hold")
 
 
-def _clear(block: RAMBlock, pages: np.ndarray) -> None:
-    """Make ``pages`` zero: dropped (freeing their memory) where mig owns the mapping, else written."""
-    if block.backing is Backing.HOST or block._mmap is None:
-        block.pages[pages] = 0
-    else:
-        block.discard_runs(*pages_to_runs(pages))
-
-
 def load_ram(machine: Machine, reader: SnapshotReader, threads: int, checkpoint: Callable[[], None],
              progress: Callable[[int, int], None]) -> int:
     """Put the snapshot's pages into RAM (``threads`` readers) and clear every other page that holds data;
@@ -118,7 +109,7 @@ def load_ram(machine: Machine, reader: SnapshotReader, threads: int, checkpoint:
             if len(stale):
                 stale = nonzero_pages(b.words, stale)
             if len(stale):
-                _clear(b, stale)
+                b.zero_pages(stale)
             loaded += len(got)
             done += b.npages
             progress(done, total)
