@@ -127,14 +127,22 @@ class MultifdReceiver:
             ps, n = block.page_size, len(pkt.normal)
             if n:
                 try:
-                    if decoder is not None:
+                    if decoder is not None and pkt.flags & PacketFlag.COMPRESSED:
                         # a reused buffer: a fresh packet-sized one per packet costs page faults each time
                         if len(wire) < pkt.payload_size:
                             wire = bytearray(pkt.payload_size)
                         packet = memoryview(wire)[:pkt.payload_size]
                         ch.recv_into(packet)
-                        out = decoder.decompress(packet, n * ps)
-                        self.placer.place(block, pkt.normal, np.frombuffer(out, dtype=np.uint8).reshape(n, ps))
+                        direct = self.placer.direct_view(block, pkt.normal)
+                        if direct is not None:  # contiguous pages: decoded where they belong
+                            decoder.decompress_into(packet, direct)
+                            self.placer.place(block, pkt.normal, None)
+                        else:
+                            if staging.nbytes < n * ps:
+                                staging = np.empty(n * ps, dtype=np.uint8)
+                            data = staging[:n * ps]
+                            decoder.decompress_into(packet, data.data)
+                            self.placer.place(block, pkt.normal, data.reshape(n, ps))
                     else:
                         if pkt.payload_size != n * ps:
                             raise MultifdError(f"multifd {i}: packet size received {pkt.payload_size} size "

@@ -25,6 +25,11 @@ GROUP = "mig_core.compressors"
 class Encoder(ABC):
     """Compresses the packets of one channel, in order."""
 
+    #: Each packet decodes on its own (no state carried from one packet to the next). The multifd sender
+    #: then sends a packet's pages as they are wherever compressing them would not make them smaller
+    #: (see ``mig_core.engine.multifd_send``); a stream encoder must see every packet and keeps False.
+    independent: ClassVar[bool] = False
+
     @abstractmethod
     def compress(self, data: bytes | memoryview) -> bytes:
         """Compress one packet's payload so that the peer can decode it on its own arrival."""
@@ -75,6 +80,14 @@ class Decoder(ABC):
 
         ``data`` may be a view of a buffer the channel reuses for its next packet: keep no reference.
         """
+
+    def decompress_into(self, data: bytes | memoryview, out: memoryview) -> None:
+        """Decode into ``out`` (a writable byte view: exactly its size, else ValueError).
+
+        The multifd receiver passes the pages' own memory where they are contiguous, so a codec that
+        writes into a given buffer skips a copy per byte; this default copies ``decompress``'s result.
+        """
+        out[:] = memoryview(self.decompress(data, out.nbytes)).cast("B")
 
 
 class Compressor(ABC):
@@ -130,6 +143,8 @@ class PageFramedEncoder(PiecewiseEncoder):
     compressed form would not be shorter than the page travels raw, with length = page size.
     Subclasses compress one page in ``compress_page`` (None = did not fit).
     """
+
+    independent = True
 
     def __init__(self, page_size: int) -> None:
         self.page_size = page_size

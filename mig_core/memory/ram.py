@@ -27,7 +27,8 @@ from mig_core.memory import pagemap
 
 log = structlog.get_logger("mig.ram")
 
-_MADV_POPULATE_WRITE = 23  # Linux 5.14
+_MADV_POPULATE_READ = 22  # Linux 5.14
+_MADV_POPULATE_WRITE = 23
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
 DEFAULT_PAGE_SIZE = mmap.PAGESIZE
 
@@ -145,6 +146,35 @@ class RAMBlock:
             pos = hole
         return np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64)
 
+    def map_resident(self) -> int:
+        """Map into this process every page of a memfd or file block that memory already holds; returns
+        how many pages that was.
+
+        Reading a page not mapped yet costs a fault; with userfaultfd write-protect markers in place it
+        costs one per page (no fault-around), ~1.5 µs, so a tracker maps what it can before it protects.
+        Only resident pages (mincore) are mapped: this starts no I/O and allocates nothing. The mapping is
+        made page by page (MADV_NOHUGEPAGE first): populating may map a large folio whole, and a tracker
+        would then see a write to one of its pages as a write to all of them (measured: 512).
+        """
+        if self._mmap is None or self.backing not in (Backing.MEMFD, Backing.FILE):
+            return 0
+        host_page = mmap.PAGESIZE
+        resident = np.zeros(-(-self.size // host_page), dtype=np.uint8)
+        if _LIBC.mincore(ctypes.c_void_p(self.address), ctypes.c_size_t(self.size),
+                         resident.ctypes.data_as(ctypes.c_void_p)) != 0:
+            return 0  # an answer we cannot have costs only speed
+        starts, ends = pagemap.pages_to_runs(np.flatnonzero(resident & 1))
+        if len(starts):
+            # page by page: a huge mapping of a large folio would be protected, and reported written, whole
+            self._mmap.madvise(mmap.MADV_NOHUGEPAGE)
+        for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+            try:
+                self._mmap.madvise(_MADV_POPULATE_READ, s * host_page, (e - s) * host_page)
+            except OSError as err:  # EINVAL before Linux 5.14; mapping stays lazy
+                log.debug("map_resident_failed", block=self.name, error=str(err))
+                return 0
+        return int((ends - starts).sum())
+
     def discard(self) -> None:
         """Drop every page: the block reads as zero and holds no memory (a fresh destination)."""
         if self.backing is Backing.HOST:
@@ -231,6 +261,7 @@ class RAMBlock:
 _LIBC = ctypes.CDLL(None, use_errno=True)
 _LIBC.mmap.restype = ctypes.c_void_p
 _LIBC.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_LIBC.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 _LIBC.mremap.restype = ctypes.c_void_p
 _LIBC.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
 _MAP_FAILED = ctypes.c_void_p(-1).value

@@ -88,22 +88,23 @@ def read_init(channel: Channel, magic: bytes, channels: int, seen: set[int]) -> 
 
 
 def read_packet(channel: Channel, cid: int, nblocks: int, block_pages: list[int], compressed: bool) -> Packet:
-    """Read and check one packet header and its offsets (the payload is left on the channel)."""
+    """Read and check one packet header and its offsets (the payload is left on the channel).
+
+    Runs once per packet on every channel thread, so it sticks to plain integers and one numpy pass
+    per check (an enum operation or a numpy wrapper costs as much as the check itself here)."""
     head = _recv(channel, PACKET.size, "before a packet header", cid)
     magic, flags, pass_number, block, normal, zero, payload, number = PACKET.unpack(head)
     if magic != PACKET_MAGIC:
         raise MultifdError(f"multifd {cid}: received packet magic {magic:x}, expected {PACKET_MAGIC:x}")
-    try:
-        flag = PacketFlag(flags)
-    except ValueError:
-        raise MultifdError(f"multifd {cid}: unknown packet flags {flags:x}") from None
-    if flag & (PacketFlag.SYNC | PacketFlag.FIN):
+    flag = _FLAGS.get(flags)
+    if flag is None:
+        raise MultifdError(f"multifd {cid}: unknown packet flags {flags:x}")
+    if flags & _END:
         if normal or zero or payload:
             raise MultifdError(f"multifd {cid}: a {flag!r} packet carries pages")
-        return Packet(flag, pass_number, 0, np.empty(0, np.int64), np.empty(0, np.int64), 0, number)
-    if normal and bool(flag & PacketFlag.COMPRESSED) != compressed:
-        raise MultifdError(f"multifd {cid}: flags received {flags:x} flags expected "
-                           f"{int(PacketFlag.COMPRESSED) if compressed else 0:x}")
+        return Packet(flag, pass_number, 0, _NO_PAGES, _NO_PAGES, 0, number)
+    if normal and flags & _COMPRESSED and not compressed:  # (a compressing source may send pages as they are)
+        raise MultifdError(f"multifd {cid}: flags received {flags:x} flags expected 0")
     if normal + zero == 0 or normal + zero > MAX_PACKET_PAGES:
         raise MultifdError(f"multifd {cid}: received packet with {normal} non-zero and {zero} zero pages, "
                            f"expected 1 to {MAX_PACKET_PAGES} in all")
@@ -116,8 +117,14 @@ def read_packet(channel: Channel, cid: int, nblocks: int, block_pages: list[int]
         channel.recv_into(offsets)
     except ChannelEOF:
         raise MultifdError(f"multifd {cid}: unexpected EOF after packet header") from None
-    npages = block_pages[block]
-    if len(offsets) and int(offsets.max()) >= npages:
-        raise MultifdError(f"multifd {cid}: offset too long {int(offsets.max())} (max {npages - 1})")
-    offsets = offsets.astype(np.int64)
+    top = int(offsets.max())
+    if top >= block_pages[block]:
+        raise MultifdError(f"multifd {cid}: offset too long {top} (max {block_pages[block] - 1})")
+    offsets = offsets.view(np.int64)  # below 2**63: checked above
     return Packet(flag, pass_number, block, offsets[:normal], offsets[normal:], payload, number)
+
+
+_FLAGS = {int(f): f for f in (PacketFlag(v) for v in range(8))}
+_END = int(PacketFlag.SYNC | PacketFlag.FIN)
+_COMPRESSED = int(PacketFlag.COMPRESSED)
+_NO_PAGES = np.empty(0, np.int64)

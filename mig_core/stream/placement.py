@@ -39,8 +39,8 @@ class CopyPlacer(PagePlacer):
 
     def direct_view(self, block: RAMBlock, pages: np.ndarray) -> memoryview | None:
         first, n = int(pages[0]), len(pages)
-        if int(pages[-1]) - first + 1 != n or not np.all(np.diff(pages) == 1):
-            return None
+        if int(pages[-1]) - first + 1 != n or (n > 2 and not (pages[1:] > pages[:-1]).all()):
+            return None  # not one run (increasing, first to last in n steps: nothing repeated or missing)
         return block.view[first * block.page_size:(first + n) * block.page_size]
 
     def place(self, block: RAMBlock, pages: np.ndarray, data: np.ndarray | None) -> None:

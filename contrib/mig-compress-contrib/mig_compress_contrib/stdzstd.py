@@ -1,7 +1,8 @@
 """A second implementation of multifd-compression=zstd, on the standard library's zstd module.
 
-Python 3.14 has ``compression.zstd``; older ones get the same API from ``backports.zstd``. The
-output is ordinary zstd, block-flushed per packet, so either end may use either implementation.
+Python 3.14 has ``compression.zstd``; older ones get the same API from ``backports.zstd``. Each
+packet is one ordinary zstd frame, as mig-compress-zstd writes them, so either end may use either
+implementation.
 """
 
 from __future__ import annotations
@@ -15,20 +16,19 @@ from mig_core.ext.compressor import Compressor, Decoder, Encoder
 
 
 class _Encoder(Encoder):
+    independent = True  # a frame per packet: mig may send a packet that would not shrink as it is
+
     def __init__(self, level: int) -> None:
         self._c = zstd.ZstdCompressor(level=level)
 
     def compress(self, data: bytes | memoryview) -> bytes:
-        return self._c.compress(data, mode=zstd.ZstdCompressor.FLUSH_BLOCK)
+        return self._c.compress(data, mode=zstd.ZstdCompressor.FLUSH_FRAME)
 
 
 class _Decoder(Decoder):
-    def __init__(self) -> None:
-        self._d = zstd.ZstdDecompressor()
-
     def decompress(self, data: bytes | memoryview, size: int) -> bytes:
         try:
-            out = self._d.decompress(bytes(data))
+            out = zstd.decompress(bytes(data))
         except zstd.ZstdError as e:
             raise ValueError(f"corrupt zstd packet: {e}") from None
         if len(out) != size:

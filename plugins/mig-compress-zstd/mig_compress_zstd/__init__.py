@@ -1,37 +1,93 @@
-"""zstd for multifd: one persistent zstd stream per channel, block-flushed at every packet (as QEMU)."""
+"""zstd for multifd: every packet one zstd frame, compressed from RAM into a reused buffer and decompressed
+straight into its pages.
+
+libzstd's one-shot calls, reached through the C API that ``zstandard`` exposes via its cffi backend, do
+what the stream objects cannot: they take the output buffer from the caller. The stream objects hand each
+packet's output back as a new bytes object, and on incompressible data (stored blocks) those copies cost
+more than the compression itself (measured for issue 21: two extra copies per byte, one on each side).
+cffi releases the GIL for the length of each call, so the channels compress in parallel.
+"""
 
 from __future__ import annotations
 
-import zstandard
+from typing import Any
 
-from mig_core.ext.compressor import Compressor, Decoder, Encoder, FlushedStreamEncoder
+from mig_core.ext.compressor import Compressor, Decoder, Encoder
 
 __all__ = ["ZstdCompressor"]
 
+try:
+    from zstandard.backend_cffi import ffi, lib  # type: ignore[attr-defined]
+except ImportError as e:  # pragma: no cover - cffi is a dependency of this distribution
+    raise ImportError(f"mig-compress-zstd needs zstandard's cffi backend (pip install cffi): {e}") from None
+
+
+def _error_text(code: int) -> str:
+    return str(ffi.string(lib.ZSTD_getErrorName(code)).decode())
+
+
+def _context(create: Any, free: Any) -> Any:
+    ctx = create()
+    if ctx == ffi.NULL:
+        raise MemoryError("zstd could not allocate a context")
+    return ffi.gc(ctx, free)
+
+
+class _ZstdEncoder(Encoder):
+    """One compression context per channel; each packet becomes one frame in a buffer reused for the next."""
+
+    independent = True
+
+    def __init__(self, level: int) -> None:
+        self._cctx = _context(lib.ZSTD_createCCtx, lib.ZSTD_freeCCtx)
+        code = lib.ZSTD_CCtx_setParameter(self._cctx, lib.ZSTD_c_compressionLevel, level)
+        if lib.ZSTD_isError(code):
+            raise ValueError(f"zstd level {level}: {_error_text(code)}")
+        self._out = bytearray()
+
+    def compress(self, data: bytes | memoryview) -> bytes:
+        return bytes(self.compress_parts(data)[0])
+
+    def compress_parts(self, data: bytes | memoryview) -> list[bytes | memoryview]:
+        """The frame, as a view of this encoder's buffer (valid until the next call)."""
+        src = ffi.from_buffer(data)
+        bound = lib.ZSTD_compressBound(len(src))
+        if len(self._out) < bound:
+            self._out = bytearray(bound)
+        size = lib.ZSTD_compress2(self._cctx, ffi.from_buffer(self._out), bound, src, len(src))
+        if lib.ZSTD_isError(size):
+            raise ValueError(f"zstd compression failed: {_error_text(size)}")
+        return [memoryview(self._out)[:size]]
+
 
 class _ZstdDecoder(Decoder):
+    """Decodes each packet's frame straight into the memory it is for."""
+
     def __init__(self) -> None:
-        self._d = zstandard.ZstdDecompressor().decompressobj()
+        self._dctx = _context(lib.ZSTD_createDCtx, lib.ZSTD_freeDCtx)
 
     def decompress(self, data: bytes | memoryview, size: int) -> bytes:
-        try:
-            out = self._d.decompress(data)  # takes any buffer: no copy of the packet first
-        except zstandard.ZstdError as e:
-            raise ValueError(f"corrupt zstd packet: {e}") from None
-        if len(out) != size:
-            raise ValueError(f"zstd packet decompressed to {len(out)} bytes, expected {size}")
-        return out
+        out = bytearray(size)
+        self.decompress_into(data, memoryview(out))
+        return bytes(out)
+
+    def decompress_into(self, data: bytes | memoryview, out: memoryview) -> None:
+        dst = ffi.from_buffer(out, require_writable=True)
+        got = lib.ZSTD_decompressDCtx(self._dctx, dst, len(dst), ffi.from_buffer(data), memoryview(data).nbytes)
+        if lib.ZSTD_isError(got):
+            raise ValueError(f"corrupt zstd packet: {_error_text(got)}")
+        if got != len(dst):
+            raise ValueError(f"zstd packet decompressed to {got} bytes, expected {len(dst)}")
 
 
 class ZstdCompressor(Compressor):
-    """multifd-compression=zstd at multifd-zstd-level."""
+    """multifd-compression=zstd at multifd-zstd-level (0: zstd's default level)."""
 
     name = "zstd"
     level_parameter = "multifd-zstd-level"
 
     def encoder(self, level: int) -> Encoder:
-        return FlushedStreamEncoder(zstandard.ZstdCompressor(level=level).compressobj(),
-                                    zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        return _ZstdEncoder(level)
 
     def decoder(self) -> Decoder:
         return _ZstdDecoder()
