@@ -33,6 +33,7 @@ from mig_core.errors import MigrationFailed
 from mig_core.host import uffd
 from mig_core.memory.pagemap import pages_to_runs
 from mig_core.memory.ram import RAMBlock
+from mig_core.memory.zeropage import zero_rows
 from mig_core.schema.migration import MigrationStatus as S
 
 log = structlog.get_logger("mig.snapshot.background")
@@ -234,7 +235,7 @@ class BackgroundSnapshot:
                 continue
             pages = index[rows, 1]
             chunk = data[rows][:, :b.page_size]
-            nonzero = chunk.view(np.uint64).any(axis=1)  # zero at the instant: the destination has zero there
+            nonzero = ~zero_rows(chunk.view(np.uint64))  # zero at the instant: the destination has zero there
             if nonzero.any():
                 order = np.argsort(pages[nonzero], kind="stable")
                 e.writer.write_pages(b, pages[nonzero][order], chunk[nonzero][order])
@@ -261,7 +262,7 @@ class BackgroundSnapshot:
                 pages = np.arange(first, end)[populated[first:end] & (done[first:end] == 0)]
                 if len(pages):
                     data = rows[pages - first]
-                    nonzero = data.view(np.uint64).any(axis=1)
+                    nonzero = ~zero_rows(data.view(np.uint64))
                     if nonzero.any():
                         e.writer.write_pages(b, pages[nonzero], data[nonzero])
                     e.counters.normal += int(nonzero.sum())

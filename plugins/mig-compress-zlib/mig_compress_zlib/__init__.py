@@ -20,36 +20,64 @@ __all__ = ["ZlibCompressor"]
 ISAL_LEVELS = range(1, 4)
 
 
+#: Bytes deflated or inflated at a time: the copy and the codec then work in this core's cache.
+PIECE = 1 << 18
+
+
 class _ZlibEncoder(Encoder):
     independent = True
 
     def __init__(self, level: int) -> None:
         self._level = level
-        self._deflate = isal_zlib.compress if level in ISAL_LEVELS else zlib.compress
-        self._stable = bytearray()
+        self._codec = isal_zlib if level in ISAL_LEVELS else zlib
+        self._stable = memoryview(bytearray(PIECE))
 
     def compress(self, data: bytes | memoryview) -> bytes:
-        """Deflate a copy of ``data``: a vCPU may write the pages meanwhile, and the stream's checksum is
-        computed in a read of its own (as QEMU, which copies every page before deflating it)."""
+        return b"".join(self.compress_parts(data))
+
+    def compress_parts(self, data: bytes | memoryview) -> list[bytes | memoryview]:
+        """One zlib stream over ``data``, deflated piece by piece from a copy of each piece: a vCPU may
+        write the pages meanwhile, and the stream's checksum is computed in a read of its own (QEMU, too,
+        copies every page before deflating it). The copy stays in cache until deflate reads it."""
         src = memoryview(data).cast("B")
-        if len(self._stable) != src.nbytes:
-            self._stable = bytearray(src.nbytes)
-        self._stable[:] = src
-        return self._deflate(self._stable, self._level)
+        stream = self._codec.compressobj(self._level)
+        out: list[bytes | memoryview] = []
+        for off in range(0, src.nbytes, PIECE):
+            piece = self._stable[:min(PIECE, src.nbytes - off)]
+            piece[:] = src[off:off + piece.nbytes]
+            if chunk := stream.compress(piece):
+                out.append(chunk)
+        out.append(stream.flush())
+        return out
 
 
 class _ZlibDecoder(Decoder):
     def decompress(self, data: bytes | memoryview, size: int) -> bytes:
+        out = bytearray(size)
+        self.decompress_into(data, memoryview(out))
+        return bytes(out)
+
+    def decompress_into(self, data: bytes | memoryview, out: memoryview) -> None:
+        """Inflate ``PIECE`` bytes at a time, each copied into ``out`` while it is still in cache."""
         inflate = isal_zlib.decompressobj()
+        rest: bytes | memoryview = data
+        pos = 0
         try:
-            out = inflate.decompress(data, size)
+            while pos < out.nbytes:
+                chunk = inflate.decompress(rest, min(PIECE, out.nbytes - pos))
+                if not chunk:
+                    break
+                out[pos:pos + len(chunk)] = chunk
+                pos += len(chunk)
+                rest = inflate.unconsumed_tail
+            if pos == out.nbytes and not inflate.eof and inflate.decompress(rest, 1):
+                pos += 1  # the stream's end (and checksum) may follow the last byte: more data is too much
         except (isal_zlib.error, zlib.error) as e:
             raise ValueError(f"corrupt zlib packet: {e}") from None
-        if len(out) != size or not inflate.eof or inflate.unconsumed_tail or inflate.unused_data:
-            raise ValueError(f"zlib packet decompressed to {len(out)} bytes"
-                             f"{'' if inflate.eof else ' without its end'}, expected {size}"
+        if pos != out.nbytes or not inflate.eof or inflate.unconsumed_tail or inflate.unused_data:
+            raise ValueError(f"zlib packet decompressed to {pos} bytes"
+                             f"{'' if inflate.eof else ' without its end'}, expected {out.nbytes}"
                              f"{' and nothing after it' if inflate.unused_data or inflate.unconsumed_tail else ''}")
-        return out
 
 
 class ZlibCompressor(Compressor):
