@@ -115,6 +115,8 @@ class Compressor(ABC):
 
 
 class _Identity(Encoder, Decoder):
+    independent = True
+
     def compress(self, data: bytes | memoryview) -> bytes:
         return bytes(data)
 

@@ -88,6 +88,30 @@ class CompressorContract:
             for enc, dec in pairs:
                 assert dec.decompress(enc.compress(memoryview(p)), len(p)) == p
 
+    def test_decodes_into_the_buffer_given(self) -> None:
+        """``decompress_into`` fills exactly the view it is given (the pages' own memory) or refuses."""
+        comp = self.compressor()
+        enc, dec = comp.encoder(self.levels[0]), comp.decoder()
+        for p in self.packets():
+            wire = b"".join(bytes(b) for b in enc.compress_parts(memoryview(p)))
+            ram = bytearray(b"\xaa" * (len(p) + 2))
+            dec.decompress_into(wire, memoryview(ram)[1:1 + len(p)])
+            assert ram[1:1 + len(p)] == p and ram[0] == ram[-1] == 0xAA, "decompress_into wrote outside its view"
+            with pytest.raises(ValueError):
+                comp.decoder().decompress_into(wire, memoryview(bytearray(len(p) + self.page_size)))
+
+    def test_independent_packets_decode_alone(self) -> None:
+        """An encoder that declares ``independent``: any packet decodes with a fresh decoder, in any order
+        (the sender may send a packet's pages as they are instead, and the decoder never sees it)."""
+        comp = self.compressor()
+        enc = comp.encoder(self.levels[0])
+        if not enc.independent:
+            pytest.skip("packets of this method depend on the ones before")
+        packets = self.packets()
+        wires = [b"".join(bytes(b) for b in enc.compress_parts(memoryview(p))) for p in packets]
+        for p, wire in reversed(list(zip(packets, wires, strict=True))):
+            assert comp.decoder().decompress(wire, len(p)) == p
+
     def test_damaged_packet_is_refused(self) -> None:
         comp = self.compressor()
         with pytest.raises(ValueError):
