@@ -127,22 +127,19 @@ async def run_qemu(binary: str, tmp: Path, ram: Path, channels: int, compression
     s = QemuHost(binary, tmp, "qsrc", ["memory-backend-file", "id=pc.ram", "size=1G", f"mem-path={ram}",
                                        "share=on"], incoming=False)
     d = QemuHost(binary, tmp, "qdst", ["memory-backend-ram", "id=pc.ram", "size=1G", "prealloc=on"], incoming=True)
-    try:
-        src, dst = await s.client(), await d.client()
-        out = await _pair(src, dst, (s.proc.pid, d.proc.pid), channels, compression)
-        await src.disconnect()
-        await dst.disconnect()
-        return out
-    finally:
-        s.stop()
-        d.stop()
+    return await _measured(s, d, channels, compression)
 
 
 async def run_mig(tmp: Path, ram: Path, channels: int, compression: str) -> dict:
     s = Host(tmp, "--ram", f"1G,backing=file,path={ram}", "-S", name="src", env=ENV)
     d = Host(tmp, "--ram", "1G", "--mem-prealloc", "-S", "--incoming", "defer", name="dst", env=ENV)
+    return await _measured(s, d, channels, compression)
+
+
+async def _measured(s: QemuHost | Host, d: QemuHost | Host, channels: int, compression: str) -> dict:
+    """One migration between two started hosts (QEMU's or mig's), which are stopped afterwards."""
     try:
-        src, dst = await connect(s.sock), await connect(d.sock)
+        src, dst = [await (h.client() if isinstance(h, QemuHost) else connect(h.sock)) for h in (s, d)]
         out = await _pair(src, dst, (s.proc.pid, d.proc.pid), channels, compression)
         await src.disconnect()
         await dst.disconnect()
