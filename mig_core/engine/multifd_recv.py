@@ -9,6 +9,7 @@ channel is aborted with the reason).
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Sequence
 
@@ -110,6 +111,22 @@ class MultifdReceiver:
         block_pages = [b.npages for b in self.blocks]
         staging = np.empty(0, dtype=np.uint8)
         wire = bytearray()
+
+        def land(block: RAMBlock, pages: np.ndarray, fill: Callable[[memoryview], None]) -> None:
+            """``fill`` the pages' bytes straight into RAM where they are one run, else into a reused
+            staging buffer that the placer copies from."""
+            nonlocal staging
+            direct = self.placer.direct_view(block, pages)
+            if direct is not None:
+                fill(direct)
+                self.placer.place(block, pages, None)
+                return
+            size = len(pages) * block.page_size
+            if staging.nbytes < size:
+                staging = np.empty(size, dtype=np.uint8)
+            fill(staging[:size].data)
+            self.placer.place(block, pages, staging[:size].reshape(len(pages), block.page_size))
+
         while True:
             pkt = read_packet(ch, i, nblocks, block_pages, decoder is not None)
             if pkt.flags & PacketFlag.FIN:
@@ -133,30 +150,12 @@ class MultifdReceiver:
                             wire = bytearray(pkt.payload_size)
                         packet = memoryview(wire)[:pkt.payload_size]
                         ch.recv_into(packet)
-                        direct = self.placer.direct_view(block, pkt.normal)
-                        if direct is not None:  # contiguous pages: decoded where they belong
-                            decoder.decompress_into(packet, direct)
-                            self.placer.place(block, pkt.normal, None)
-                        else:
-                            if staging.nbytes < n * ps:
-                                staging = np.empty(n * ps, dtype=np.uint8)
-                            data = staging[:n * ps]
-                            decoder.decompress_into(packet, data.data)
-                            self.placer.place(block, pkt.normal, data.reshape(n, ps))
+                        land(block, pkt.normal, functools.partial(decoder.decompress_into, packet))
                     else:
                         if pkt.payload_size != n * ps:
                             raise MultifdError(f"multifd {i}: packet size received {pkt.payload_size} size "
                                                f"expected {n * ps}")
-                        direct = self.placer.direct_view(block, pkt.normal)
-                        if direct is not None:
-                            ch.recv_into(direct)
-                            self.placer.place(block, pkt.normal, None)
-                        else:
-                            if staging.nbytes < n * ps:
-                                staging = np.empty(n * ps, dtype=np.uint8)
-                            data = staging[:n * ps]
-                            ch.recv_into(data)
-                            self.placer.place(block, pkt.normal, data.reshape(n, ps))
+                        land(block, pkt.normal, ch.recv_into)
                 except ChannelEOF:
                     raise MultifdError(f"multifd {i}: unexpected EOF inside a packet's pages") from None
             if len(pkt.zero):

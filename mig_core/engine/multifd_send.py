@@ -325,27 +325,25 @@ class MultifdSender:
         (``packet_pages``). A packet that compression would not shrink goes out as it is, too.
         """
         b, ps = job.block, job.block.page_size
-        ratio = self._probe(encoder, self._rows(b, pages, data)) if encoder.independent else 1.0
-        if encoder.independent and ratio > 1 - PROBE_GAIN:
-            self.compression.compressed(len(pages), self._send_raw(ch, job, pages, data, zero))
-            return
+        ratio = 1.0
+        if encoder.independent:
+            ratio = (_probe(encoder, data, np.arange(len(pages))) if data is not None
+                     else _probe(encoder, b.pages, pages))
+            if ratio > 1 - PROBE_GAIN:
+                self.compression.compressed(len(pages), self._send_raw(ch, job, pages, data, zero))
+                return
         step = packet_pages(ps, ratio)
         for i in range(0, len(pages), step):
             part, part_data = pages[i:i + step], data[i:i + step] if data is not None else None
             part_zero = zero if i == 0 else zero[:0]
-            raw = self._rows(b, part, part_data)
-            payload = encoder.compress_parts(raw.data.cast("B"))
-            if encoder.independent and sum(memoryview(p).nbytes for p in payload) >= raw.nbytes:
+            # one contiguous buffer: a view of RAM for a single run, else one gathered copy
+            raw = part_data if part_data is not None else page_buffers(b, part, max_runs=1)[0]
+            payload = encoder.compress_parts(np.ascontiguousarray(raw).data.cast("B"))
+            if encoder.independent and _nbytes(payload) >= len(part) * ps:
                 size = self._send_raw(ch, job, part, part_data, part_zero)
             else:
                 size = self._send_packet(ch, job, PacketFlag.COMPRESSED, part, part_zero, payload)
             self.compression.compressed(len(part), size)
-
-    @staticmethod
-    def _rows(b: RAMBlock, pages: np.ndarray, data: np.ndarray | None) -> np.ndarray:
-        """The pages' bytes, one row per page: a view of RAM for a single run, else one gathered copy."""
-        raw = data if data is not None else page_buffers(b, pages, max_runs=1)[0]
-        return np.ascontiguousarray(raw).reshape(len(pages), b.page_size)
 
     def _send_raw(self, ch: Channel, job: _Job, pages: np.ndarray, data: np.ndarray | None,
                   zero: np.ndarray) -> int:
@@ -353,19 +351,10 @@ class MultifdSender:
         payload = [np.ascontiguousarray(data)] if data is not None else page_buffers(job.block, pages)
         return self._send_packet(ch, job, 0, pages, zero, payload)
 
-    @staticmethod
-    def _probe(encoder: Encoder, raw: np.ndarray) -> float:
-        """Compressed / raw size of ``PROBE_PAGES`` pages spread across ``raw`` (one row per page); 0 for a
-        job too small to be worth probing (compressing it is the probe)."""
-        if len(raw) < 4 * PROBE_PAGES:
-            return 0.0
-        sample = raw[np.linspace(0, len(raw) - 1, PROBE_PAGES).astype(np.intp)]
-        return sum(memoryview(p).nbytes for p in encoder.compress_parts(sample.data.cast("B"))) / sample.nbytes
-
     def _send_packet(self, ch: Channel, job: _Job, flags: int, pages: np.ndarray, zero: np.ndarray,
                      payload: list) -> int:
         """One packet: header, offsets (pages, then zero pages), payload; returns the payload's size."""
-        size = sum(memoryview(p).nbytes for p in payload)
+        size = _nbytes(payload)
         offsets = np.concatenate([pages, zero]).astype("<u8") if len(zero) else pages.astype("<u8")
         head = pack_header(flags, job.pass_number, job.block_index, len(pages), len(zero), size, job.number)
         before = ch.bytes_sent
@@ -376,6 +365,20 @@ class MultifdSender:
             ch.sendv([head, offsets, *payload])
         self.counters.multifd_sent(ch.bytes_sent - before, len(pages), len(zero))
         return size
+
+
+def _nbytes(buffers: Sequence[Any]) -> int:
+    return sum(memoryview(b).nbytes for b in buffers)
+
+
+def _probe(encoder: Encoder, source: np.ndarray, rows: np.ndarray) -> float:
+    """Compressed / raw size of ``PROBE_PAGES`` of a job's pages spread across it (``rows`` of ``source``, one
+    page per row; only those are gathered); 0 for a job too small to be worth probing (compressing it is the
+    probe)."""
+    if len(rows) < 4 * PROBE_PAGES:
+        return 0.0
+    sample = source[rows[np.linspace(0, len(rows) - 1, PROBE_PAGES).astype(np.intp)]]
+    return _nbytes(encoder.compress_parts(sample.data.cast("B"))) / sample.nbytes
 
 
 def connect_sender(params: Mapping[str, Any], registry: PluginRegistry, transport: Transport, addr: MigrationAddress,

@@ -90,6 +90,19 @@ class Decoder(ABC):
         out[:] = memoryview(self.decompress(data, out.nbytes)).cast("B")
 
 
+class IntoDecoder(Decoder):
+    """A decoder that writes into a given buffer: it implements ``decompress_into``; ``decompress`` fills a
+    new buffer with it (the zlib and zstd plugins)."""
+
+    @abstractmethod
+    def decompress_into(self, data: bytes | memoryview, out: memoryview) -> None: ...
+
+    def decompress(self, data: bytes | memoryview, size: int) -> bytes:
+        out = bytearray(size)
+        self.decompress_into(data, memoryview(out))
+        return bytes(out)
+
+
 class Compressor(ABC):
     """One compression method; subclasses are what entry points in ``mig_core.compressors`` name."""
 

@@ -12,7 +12,7 @@ import zlib
 
 from isal import isal_zlib
 
-from mig_core.ext.compressor import Compressor, Decoder, Encoder
+from mig_core.ext.compressor import Compressor, Decoder, Encoder, IntoDecoder, PiecewiseEncoder
 
 __all__ = ["ZlibCompressor"]
 
@@ -24,16 +24,13 @@ ISAL_LEVELS = range(1, 4)
 PIECE = 1 << 18
 
 
-class _ZlibEncoder(Encoder):
+class _ZlibEncoder(PiecewiseEncoder):
     independent = True
 
     def __init__(self, level: int) -> None:
         self._level = level
         self._codec = isal_zlib if level in ISAL_LEVELS else zlib
         self._stable = memoryview(bytearray(PIECE))
-
-    def compress(self, data: bytes | memoryview) -> bytes:
-        return b"".join(self.compress_parts(data))
 
     def compress_parts(self, data: bytes | memoryview) -> list[bytes | memoryview]:
         """One zlib stream over ``data``, deflated piece by piece from a copy of each piece: a vCPU may
@@ -51,12 +48,7 @@ class _ZlibEncoder(Encoder):
         return out
 
 
-class _ZlibDecoder(Decoder):
-    def decompress(self, data: bytes | memoryview, size: int) -> bytes:
-        out = bytearray(size)
-        self.decompress_into(data, memoryview(out))
-        return bytes(out)
-
+class _ZlibDecoder(IntoDecoder):
     def decompress_into(self, data: bytes | memoryview, out: memoryview) -> None:
         """Inflate ``PIECE`` bytes at a time, each copied into ``out`` while it is still in cache."""
         inflate = isal_zlib.decompressobj()
@@ -70,10 +62,12 @@ class _ZlibDecoder(Decoder):
                 out[pos:pos + len(chunk)] = chunk
                 pos += len(chunk)
                 rest = inflate.unconsumed_tail
-            if pos == out.nbytes and not inflate.eof and inflate.decompress(rest, 1):
-                pos += 1  # the stream's end (and checksum) may follow the last byte: more data is too much
+            # the stream's end (and checksum) may follow the last byte; anything decoded past it is too much
+            extra = inflate.decompress(rest, 1) if pos == out.nbytes and not inflate.eof else b""
         except (isal_zlib.error, zlib.error) as e:
             raise ValueError(f"corrupt zlib packet: {e}") from None
+        if extra:
+            raise ValueError(f"zlib packet decompresses to more than the {out.nbytes} bytes expected")
         if pos != out.nbytes or not inflate.eof or inflate.unconsumed_tail or inflate.unused_data:
             raise ValueError(f"zlib packet decompressed to {pos} bytes"
                              f"{'' if inflate.eof else ' without its end'}, expected {out.nbytes}"

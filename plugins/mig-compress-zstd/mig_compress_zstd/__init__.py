@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mig_core.ext.compressor import Compressor, Decoder, Encoder
+from mig_core.ext.compressor import Compressor, Decoder, Encoder, IntoDecoder, PiecewiseEncoder
 
 __all__ = ["ZstdCompressor"]
 
@@ -33,7 +33,7 @@ def _context(create: Any, free: Any) -> Any:
     return ffi.gc(ctx, free)
 
 
-class _ZstdEncoder(Encoder):
+class _ZstdEncoder(PiecewiseEncoder):
     """One compression context per channel; each packet becomes one frame in a buffer reused for the next."""
 
     independent = True
@@ -44,9 +44,6 @@ class _ZstdEncoder(Encoder):
         if lib.ZSTD_isError(code):
             raise ValueError(f"zstd level {level}: {_error_text(code)}")
         self._out = bytearray()
-
-    def compress(self, data: bytes | memoryview) -> bytes:
-        return bytes(self.compress_parts(data)[0])
 
     def compress_parts(self, data: bytes | memoryview) -> list[bytes | memoryview]:
         """The frame, as a view of this encoder's buffer (valid until the next call)."""
@@ -60,16 +57,11 @@ class _ZstdEncoder(Encoder):
         return [memoryview(self._out)[:size]]
 
 
-class _ZstdDecoder(Decoder):
+class _ZstdDecoder(IntoDecoder):
     """Decodes each packet's frame straight into the memory it is for."""
 
     def __init__(self) -> None:
         self._dctx = _context(lib.ZSTD_createDCtx, lib.ZSTD_freeDCtx)
-
-    def decompress(self, data: bytes | memoryview, size: int) -> bytes:
-        out = bytearray(size)
-        self.decompress_into(data, memoryview(out))
-        return bytes(out)
 
     def decompress_into(self, data: bytes | memoryview, out: memoryview) -> None:
         dst = ffi.from_buffer(out, require_writable=True)
