@@ -12,8 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.hosts import qmp_clients, rss
 from benchmarks.multifd import UNPACED, system_congestion
-from mig_core.testing import Host, connect, migrate_and_wait, vcpu_records, wait_for_status
+from mig_core.testing import Host, migrate_and_wait, vcpu_records, wait_for_status
 
 GIB = 1 << 30
 ENV = {"MIG_LOG_LEVEL": "info"}
@@ -62,8 +63,7 @@ async def _migrate(tmp: Path, src_args: tuple[str, ...], dst_args: tuple[str, ..
     """One migration between two ``mig run`` processes; ``watch``: also read the vCPUs' true gap."""
     s = Host(tmp, *src_args, name="src", env=ENV)
     d = Host(tmp, *dst_args, "--incoming", "defer", name="dst", env=ENV)
-    try:
-        src, dst = await connect(s.sock), await connect(d.sock)
+    async with qmp_clients(s, d) as (src, dst):
         await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
         port = (await dst.execute("query-migrate"))["socket-address"][0]["port"]
         await src.execute("migrate-set-parameters", params)
@@ -82,29 +82,17 @@ async def _migrate(tmp: Path, src_args: tuple[str, ...], dst_args: tuple[str, ..
             await asyncio.sleep(0.2)
             recs = await vcpu_records(dst, 2, tmp / "rec")
             out["true_gap_ms"] = max(r[3] for r in recs) / 1e6
-        out["rss"] = {name: _rss(h.proc.pid) for name, h in (("src", s), ("dst", d))}
-        await src.disconnect()
-        await dst.disconnect()
-        return out
-    finally:
-        s.stop()
-        d.stop()
-
-
-def _rss(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+        out["rss"] = {name: rss(h.proc.pid) for name, h in (("src", s), ("dst", d))}
+    return out
 
 
 def idle_rss(args: tuple[str, ...]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         h = Host(Path(tmp), *args, name="idle", env=ENV)
         time.sleep(1.0)
-        rss = _rss(h.proc.pid)
+        used = rss(h.proc.pid)
         h.stop()
-        return rss
+        return used
 
 
 THROUGHPUT_REPS = 11  # the issue asks for at least 7; this machine's noise (±15 %) wants more

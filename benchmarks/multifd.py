@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from mig_transport_socket import UNPACED_CONGESTION_CONTROLS
 
-from mig_core.testing import Host, connect, migrate_and_wait, wait_for_status
+from benchmarks.hosts import cpu_seconds, qmp_clients
+from mig_core.testing import Host, migrate_and_wait, wait_for_status
 
 GIB = 1 << 30
 ENV = {"MIG_LOG_LEVEL": "info"}
@@ -123,19 +124,13 @@ def codec_speeds(name: str, level: int, data: np.ndarray) -> tuple[float, float]
     return len(data) / t_c, len(data) / t_d
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 async def _migrate(tmp: Path, fill: str, channels: int, compression: str, extra: tuple[str, ...] = (),
                    caps: tuple[str, ...] = (), params: dict | None = None, ram: str = "1G") -> dict:
     src_args = ("--ram", ram, "--ram-fill", fill, *extra)
     s = Host(tmp, *src_args, name="src", env=ENV)
     workload = tuple(a for a in extra if a != "--mem-prealloc")  # the device checks both run the same workload
     d = Host(tmp, "--ram", ram, "--mem-prealloc", *workload, "-S", "--incoming", "defer", name="dst", env=ENV)
-    try:
-        src, dst = await connect(s.sock), await connect(d.sock)
+    async with qmp_clients(s, d) as (src, dst):
         on = [c for c in (("multifd",) if channels else ()) + ("return-path",) + caps]
         p = {"max-bandwidth": 0, **(params or {})}
         if channels:
@@ -146,17 +141,12 @@ async def _migrate(tmp: Path, fill: str, channels: int, compression: str, extra:
             await c.execute("migrate-set-parameters", p)
         await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
         port = (await dst.execute("query-migrate"))["socket-address"][0]["port"]
-        cpu0 = _cpu_seconds(s.proc.pid), _cpu_seconds(d.proc.pid)
+        cpu0 = cpu_seconds(s.proc.pid), cpu_seconds(d.proc.pid)
         info = await migrate_and_wait(src, {"uri": f"tcp:127.0.0.1:{port}"})
         assert info["status"] == "completed", info
         await wait_for_status(dst, {"completed"})
-        cpu = _cpu_seconds(s.proc.pid) - cpu0[0], _cpu_seconds(d.proc.pid) - cpu0[1]
-        await src.disconnect()
-        await dst.disconnect()
-        return {"info": info, "cpu_src": cpu[0], "cpu_dst": cpu[1]}
-    finally:
-        s.stop()
-        d.stop()
+        cpu = cpu_seconds(s.proc.pid) - cpu0[0], cpu_seconds(d.proc.pid) - cpu0[1]
+    return {"info": info, "cpu_src": cpu[0], "cpu_dst": cpu[1]}
 
 
 def _run(*args, **kw) -> dict:
@@ -239,9 +229,8 @@ def xbzrle_saving(reps: int = 3) -> dict:
 async def _file_round_trip(tmp: Path, channels: int) -> dict:
     image = tmp / "vm.img"
     s = Host(tmp, "--ram", "1G", "--ram-fill", "random", name="src", env=ENV)
-    try:
-        src = await connect(s.sock)
-        caps = ["mapped-ram"] + (["multifd"] if channels else [])
+    caps = ["mapped-ram"] + (["multifd"] if channels else [])
+    async with qmp_clients(s) as (src,):
         await src.execute("migrate-set-capabilities", {"capabilities": [{"capability": c, "state": True}
                                                                         for c in caps]})
         await src.execute("stop")  # QEMU's advice for mapped-ram: save a stopped machine
@@ -250,12 +239,8 @@ async def _file_round_trip(tmp: Path, channels: int) -> dict:
         info = await migrate_and_wait(src, {"uri": f"file:{image}"})
         assert info["status"] == "completed", info
         save_s = info["total-time"] / 1000
-        await src.disconnect()
-    finally:
-        s.stop()
     d = Host(tmp, "--ram", "1G", "--mem-prealloc", "-S", "--incoming", "defer", name="dst", env=ENV)
-    try:
-        dst = await connect(d.sock)
+    async with qmp_clients(d) as (dst,):
         await dst.execute("migrate-set-capabilities", {"capabilities": [{"capability": c, "state": True}
                                                                         for c in caps]})
         if channels:
@@ -264,9 +249,6 @@ async def _file_round_trip(tmp: Path, channels: int) -> dict:
         await dst.execute("migrate-incoming", {"uri": f"file:{image}"})
         await wait_for_status(dst, {"completed"}, timeout=600)
         restore_s = time.perf_counter() - t
-        await dst.disconnect()
-    finally:
-        d.stop()
     return {"save_s": save_s, "restore_s": restore_s}
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.migration import _rss
+from benchmarks.hosts import qmp_clients, rss
 from mig_core.testing import Host, connect, wait_for_status
 
 ENV = {"MIG_LOG_LEVEL": "warning"}
@@ -184,9 +184,8 @@ async def versus(tmp: Path, postcopy: bool, release_ram: bool = False, size: int
     args = ("--ram", f"{size >> 20}M", "--ram-fill", "random", "--vcpus", "2", "--dirty-rate", f"{2 * bandwidth}")
     src = Host(tmp, *args, name=f"src{int(postcopy)}{int(release_ram)}", env=ENV)
     dst = Host(tmp, *args, "--incoming", "defer", name=f"dst{int(postcopy)}{int(release_ram)}", env=ENV)
-    rss: list[tuple[float, str, int]] = []
-    try:
-        s, d = await connect(src.sock), await connect(dst.sock)
+    samples: list[tuple[float, str, int]] = []
+    async with qmp_clients(src, dst) as (s, d):
         caps = ["postcopy-ram"] if postcopy else []
         for c, extra in ((s, ["release-ram"] if release_ram else []), (d, [])):
             if caps or extra:
@@ -201,7 +200,7 @@ async def versus(tmp: Path, postcopy: bool, release_ram: bool = False, size: int
         while True:
             info = await s.execute("query-migrate")
             now = time.monotonic() - t0
-            rss.append((now, info["status"], _rss(src.proc.pid)))
+            samples.append((now, info["status"], rss(src.proc.pid)))
             if info["status"] in ("completed", "failed"):
                 break
             if postcopy and not started and info.get("ram", {}).get("dirty-sync-count", 0) >= 2:
@@ -213,15 +212,10 @@ async def versus(tmp: Path, postcopy: bool, release_ram: bool = False, size: int
         out = {"status": info["status"], "total_s": round(time.monotonic() - t0, 1),
                "downtime_ms": info.get("downtime"), "expected_downtime_ms": info.get("expected-downtime"),
                "passes": info.get("ram", {}).get("dirty-sync-count"),
-               "requests": info.get("ram", {}).get("postcopy-requests"), "rss": rss}
+               "requests": info.get("ram", {}).get("postcopy-requests"), "rss": samples}
         if info["status"] not in ("completed", "failed"):
             await s.execute("migrate_cancel")
-        await s.disconnect()
-        await d.disconnect()
-        return out
-    finally:
-        src.stop()
-        dst.stop()
+    return out
 
 
 def main() -> None:
@@ -248,13 +242,13 @@ def main() -> None:
             dt = r["downtime_ms"] if r["downtime_ms"] is not None else f"(expected {r['expected_downtime_ms']})"
             print(f"| {name} | {r['status']} | {r['total_s']} | {dt} | {r['passes']} | {r['requests'] or 0} |")
         print("\n### Source RSS with release-ram (MiB)\n")
-        rss = runs[2][1]["rss"]
+        series = runs[2][1]["rss"]
         print("| s | status | source RSS |\n|---|---|---|")
-        switch = next((i for i, (_, st, _) in enumerate(rss) if st != "active" and i), len(rss) - 1)
+        switch = next((i for i, (_, st, _) in enumerate(series) if st != "active" and i), len(series) - 1)
         # the precopy pass every 4 s, then every sample from the switch on
-        marks = sorted({*range(0, switch, 40), *range(max(0, switch - 1), len(rss))})
+        marks = sorted({*range(0, switch, 40), *range(max(0, switch - 1), len(series))})
         for i in marks:
-            t, st, r = rss[i]
+            t, st, r = series[i]
             print(f"| {t:.1f} | {st} | {r >> 20} |")
 
 

@@ -19,7 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.multifd import CORES, ENV, GIB, UNPACED, _cpu_seconds, codec_speeds, raw_loopback, sample
+from benchmarks.hosts import cpu_seconds, qmp_clients
+from benchmarks.multifd import CORES, ENV, GIB, UNPACED, codec_speeds, raw_loopback, sample
 from mig_core.testing import Host, connect, migrate_and_wait, wait_for_status
 
 #: (multifd channels (0: the main channel only), multifd-compression)
@@ -114,12 +115,12 @@ async def _pair(src: Any, dst: Any, pids: tuple[int, int], channels: int, compre
         await c.execute("migrate-set-parameters", params)
     await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
     port = (await dst.execute("query-migrate"))["socket-address"][0]["port"]
-    cpu0 = _cpu_seconds(pids[0]), _cpu_seconds(pids[1])
+    cpu0 = cpu_seconds(pids[0]), cpu_seconds(pids[1])
     info = await migrate_and_wait(src, {"uri": f"tcp:127.0.0.1:{port}"})
     assert info["status"] == "completed", info
     await wait_for_status(dst, {"completed"}, timeout=600)
     return {"total_s": info["total-time"] / 1000, "downtime_ms": info.get("downtime", 0),
-            "cpu_src": _cpu_seconds(pids[0]) - cpu0[0], "cpu_dst": _cpu_seconds(pids[1]) - cpu0[1],
+            "cpu_src": cpu_seconds(pids[0]) - cpu0[0], "cpu_dst": cpu_seconds(pids[1]) - cpu0[1],
             "info": info}
 
 
@@ -138,15 +139,8 @@ async def run_mig(tmp: Path, ram: Path, channels: int, compression: str) -> dict
 
 async def _measured(s: QemuHost | Host, d: QemuHost | Host, channels: int, compression: str) -> dict:
     """One migration between two started hosts (QEMU's or mig's), which are stopped afterwards."""
-    try:
-        src, dst = [await (h.client() if isinstance(h, QemuHost) else connect(h.sock)) for h in (s, d)]
-        out = await _pair(src, dst, (s.proc.pid, d.proc.pid), channels, compression)
-        await src.disconnect()
-        await dst.disconnect()
-        return out
-    finally:
-        s.stop()
-        d.stop()
+    async with qmp_clients(s, d) as (src, dst):
+        return await _pair(src, dst, (s.proc.pid, d.proc.pid), channels, compression)
 
 
 def _median(runs: list[dict], key: str) -> float:

@@ -1,0 +1,43 @@
+"""What every benchmark does with its host processes: QMP clients that are closed, and hosts that are stopped,
+however a run ends; and the /proc figures measured of them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient
+
+from mig_core.testing import connect
+
+
+@contextlib.asynccontextmanager
+async def qmp_clients(*hosts: Any) -> AsyncIterator[list[QMPClient]]:
+    """A negotiated client per host, in order: mig's ``Host`` (by its socket) or any host with an async
+    ``client()`` (``benchmarks.qemu.QemuHost``). The clients disconnect when the block ends; every host is
+    stopped whatever happens."""
+    try:
+        clients = [await (h.client() if hasattr(h, "client") else connect(h.sock)) for h in hosts]
+        yield clients
+        for c in clients:
+            await c.disconnect()
+    finally:
+        for h in hosts:
+            h.stop()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (``/proc/PID/stat``; clock-tick resolution)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss(pid: int) -> int:
+    """Resident set size of a process, in bytes (``/proc/PID/status``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
