@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import click
 
+from mig_core.cli.advise import advise_cmd
 from mig_core.cli.demo import demo
 from mig_core.cli.operator import info_cmd, migrate_cmd, qmp_cmd
 from mig_core.cli.plugins import plugins
+from mig_core.cli.report import report_cmd
 from mig_core.cli.run import run
 from mig_core.cli.shell import shell_cmd
 from mig_core.cli.snapshot import snapshot_cmd
@@ -28,7 +30,7 @@ def cli(log_format: str | None, log_level: str | None) -> None:
 cli.add_command(run)
 cli.add_command(plugins)
 cli.add_command(demo)
-for _cmd in (qmp_cmd, info_cmd, migrate_cmd, shell_cmd, snapshot_cmd):
+for _cmd in (qmp_cmd, info_cmd, migrate_cmd, shell_cmd, snapshot_cmd, report_cmd, advise_cmd):
     cli.add_command(_cmd)
 
 

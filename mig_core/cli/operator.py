@@ -28,7 +28,8 @@ def _target(text: str) -> str | tuple[str, int]:
     return addr.path if addr.kind == "unix" else (addr.host, addr.port)
 
 
-async def _connect(socket: str) -> QMPClient:
+async def connect_monitor(socket: str) -> QMPClient:
+    """A negotiated client of the host at ``socket`` (a click error if there is none)."""
     client = QMPClient("mig-cli")
     try:
         await client.connect(_target(socket))
@@ -62,7 +63,7 @@ def qmp_cmd(socket: str, command: str, args: tuple[str, ...]) -> None:
     arguments = _arguments(args)
 
     async def go() -> int:
-        client = await _connect(socket)
+        client = await connect_monitor(socket)
         try:
             reply = await client.execute(command, arguments or None)
             click.echo(json.dumps({"return": reply}, indent=2))
@@ -83,7 +84,7 @@ def info_cmd(socket: str) -> None:
     """Show query-migrate of a running host."""
 
     async def go() -> None:
-        client = await _connect(socket)
+        client = await connect_monitor(socket)
         try:
             info: dict[str, Any] = await client.execute("query-migrate")  # type: ignore[assignment]
             status = await client.execute("query-status")
@@ -112,7 +113,7 @@ def migrate_cmd(socket: str, uri: str, caps: tuple[str, ...], params: tuple[str,
     cap_list, param_map = parse_caps(caps), parse_params(params)
 
     async def go() -> int:
-        client = await _connect(socket)
+        client = await connect_monitor(socket)
         console = Console()
         try:
             if cap_list:

@@ -19,7 +19,7 @@ from prompt_toolkit.input import create_input
 from prompt_toolkit.patch_stdout import patch_stdout
 from qemu.qmp import ExecuteError, QMPClient
 
-from mig_core.cli.operator import _arguments, _connect
+from mig_core.cli.operator import _arguments, connect_monitor
 from mig_core.qapi import FlatUnion, members_of
 from mig_core.schema.commands import COMMANDS
 
@@ -66,7 +66,7 @@ def parse_line(line: str) -> tuple[str, dict[str, Any]]:
 
 
 async def _shell(socket: str) -> None:
-    client: QMPClient = await _connect(socket)
+    client: QMPClient = await connect_monitor(socket)
     names = [c["name"] for c in cast(list[dict[str, str]], await client.execute("query-commands"))]
     terminal = create_input()
     session: PromptSession[str] = PromptSession(

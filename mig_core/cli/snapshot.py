@@ -13,7 +13,7 @@ from qemu.qmp import ExecuteError
 from rich.console import Console
 from rich.table import Table
 
-from mig_core.cli.operator import _connect
+from mig_core.cli.operator import connect_monitor
 
 
 def _size(n: int) -> str:
@@ -36,7 +36,7 @@ def list_cmd(socket: str, as_json: bool) -> None:
     """Every snapshot on every storage node: tag, when, the RAM and VM state it holds, its own storage."""
 
     async def go() -> list[dict[str, Any]]:
-        client = await _connect(socket)
+        client = await connect_monitor(socket)
         try:
             return await client.execute("x-query-snapshots")  # type: ignore[return-value]
         finally:
@@ -64,7 +64,7 @@ _job_ids = itertools.count()
 
 async def _run_job(socket: str, command: str, arguments: dict[str, Any]) -> str | None:
     """Run one snapshot job to its end; its error (None if it succeeded)."""
-    client = await _connect(socket)
+    client = await connect_monitor(socket)
     job_id = f"mig-cli-{command}-{next(_job_ids)}"
     try:
         await client.execute(command, {"job-id": job_id, **arguments})

@@ -5,10 +5,16 @@ the current or last migration of each side it keeps records in a bounded ring �
 returns them — and, where the host asks (``mig run --flight-dir DIR``, ``FlightRecorder.directory``),
 writes each as one JSON line to ``DIR/<migration id>-<side>.jsonl``. A record is one of
 
+* ``start``: once, before the first status: the ``side`` and the migration's settings: ``downtime-limit``,
+  ``max-bandwidth``, ``avail-switchover-bandwidth``, the ``capabilities`` that are on, and the ``advice``
+  of x-query-migration-advice when one was given in the last ten minutes;
 * ``status``: the status changed (the error, once there is one);
 * ``pass``: a dirty sync ended a pass (source): its number, the dirty bytes found, and the figures below;
+* ``switchover``: the machine stopped for the switchover (the figures below say why it was time);
 * ``second``: once a second while the migration runs, the figures below;
-* ``end``: the migration ended (completed, failed, cancelled): the final figures.
+* ``end``: the migration ended (completed, failed, cancelled): the final figures;
+* ``verdict`` (source, after ``end``, when ``start`` holds an ``advice``): the strategy used, the advice's
+  prediction for it beside the outcome, and the error in percent.
 
 The figures are query-migrate's as the side reports them: status, total-time, expected-downtime, downtime,
 setup-time, transferred, remaining, total, dirty-sync-count, dirty-pages-rate, mbps, pages, throttle and
@@ -93,8 +99,14 @@ class FlightRecorder:
     """Hook implementations that record each side's migration; ``sample(side)`` is that side's query-migrate."""
 
     def __init__(self, sample: Callable[[Side], dict[str, Any]], directory: Path | None = None,
-                 interval: float = INTERVAL_S) -> None:
+                 interval: float = INTERVAL_S, settings: Callable[[], dict[str, Any]] | None = None,
+                 verdict: Callable[[list[dict[str, Any]], dict[str, Any]], dict[str, Any] | None] | None = None
+                 ) -> None:
         self.sample = sample
+        #: ``(records, end figures)`` → a ``verdict`` record (the advice the migration started with, judged)
+        self.verdict = verdict
+        #: what a ``start`` record holds (the migration's parameters and capabilities)
+        self.settings = settings
         #: where JSON lines go (None: the ring only); takes effect from the next migration
         self.directory = directory
         self.interval = interval
@@ -120,6 +132,23 @@ class FlightRecorder:
             log.warning("flight_record_sample_failed", error=f"{type(e).__name__}: {e}")
             return {}
 
+    def _settings(self) -> dict[str, Any]:
+        if self.settings is None:
+            return {}
+        try:
+            return self.settings()
+        except Exception as e:  # noqa: BLE001 - recording never breaks the migration it records
+            log.warning("flight_record_settings_failed", error=f"{type(e).__name__}: {e}")
+            return {}
+
+    def add(self, side: Side, migration_id: str, kind: str, fields: dict[str, Any]) -> bool:
+        """Add a record of ``kind`` to ``side``'s current flight if it is ``migration_id``'s (False: it is not)."""
+        flight = self._flights.get(side)
+        if not self.enabled or flight is None or flight.migration_id != migration_id:
+            return False
+        flight.add(kind, fields)
+        return True
+
     def _tick(self, flight: _Flight) -> None:
         while not flight.ended.wait(self.interval):
             flight.add("second", self._figures(flight.side))
@@ -134,17 +163,35 @@ class FlightRecorder:
                 if flight is not None:
                     flight.close()
                 flight = self._flights[side] = _Flight(migration_id, side, self.directory)
+                flight.add("start", {"side": side.value, **self._settings()})
                 threading.Thread(target=self._tick, args=(flight,), name=f"mig/recorder/{side.value}",
                                  daemon=True).start()
         flight.add("status", {"status": new.value, "from": old.value})
         if new in _ENDED:
-            flight.add("end", self._figures(side))
+            end = self._figures(side)
+            flight.add("end", end)
+            if self.verdict is not None and side is Side.SOURCE:
+                try:
+                    with flight.lock:
+                        records = list(flight.ring)
+                    judged = self.verdict(records, end)
+                    if judged is not None:
+                        flight.add("verdict", judged)
+                except Exception as e:  # noqa: BLE001 - recording never breaks the migration it records
+                    log.warning("flight_record_verdict_failed", error=f"{type(e).__name__}: {e}")
             flight.close()
 
     @hookimpl
     def mig_pass_completed(self, migration_id: str, pass_number: int, dirty_bytes: int) -> None:
-        if not self.enabled:
-            return
-        flight = self._flights.get(Side.SOURCE)
-        if flight is not None and flight.migration_id == migration_id:
-            flight.add("pass", {"pass": pass_number, "dirty-bytes": dirty_bytes, **self._figures(Side.SOURCE)})
+        if self.enabled and self._current(Side.SOURCE, migration_id):
+            self.add(Side.SOURCE, migration_id, "pass",
+                     {"pass": pass_number, "dirty-bytes": dirty_bytes, **self._figures(Side.SOURCE)})
+
+    @hookimpl
+    def mig_switchover(self, migration_id: str, side: Side) -> None:
+        if self.enabled and side is Side.SOURCE and self._current(side, migration_id):
+            self.add(side, migration_id, "switchover", self._figures(side))
+
+    def _current(self, side: Side, migration_id: str) -> bool:
+        flight = self._flights.get(side)
+        return flight is not None and flight.migration_id == migration_id

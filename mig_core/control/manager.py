@@ -15,6 +15,7 @@ import structlog
 from mig_core.control import addresses
 from mig_core.control import capabilities as caps_mod
 from mig_core.control import parameters as params_mod
+from mig_core.control.advice import Advisor, verdict
 from mig_core.control.dirty_log import GlobalDirtyLog
 from mig_core.control.events import EventEmitter
 from mig_core.control.flight_recorder import FlightRecorder
@@ -119,11 +120,22 @@ class MigrationManager:
         self.front_link: Callable[[], socket.socket | None] = lambda: None
         self.jobs = JobRegistry(self.events.emit)
         #: every migration's records (x-query-migration-record; JSON lines where ``recorder.directory`` says)
-        self.recorder = FlightRecorder(lambda side: to_qmp(self.query_migrate()))
+        #: x-query-migration-advice; its latest advice opens the next migration's record
+        self.advisor = Advisor(self)
+        self.recorder = FlightRecorder(lambda side: to_qmp(self.query_migrate()), settings=self._record_settings,
+                                       verdict=verdict)
         self.pm.register(self.recorder, "mig-flight-recorder")
         #: xen-set-global-dirty-log: a consumer of the dirty tracker while the log is on
         self.global_dirty_log = GlobalDirtyLog(self.machine)
         self.snapshots = Snapshots(self)
+
+    def _record_settings(self) -> dict[str, Any]:
+        """A flight record's ``start``: what decides how the migration goes."""
+        p = self.params
+        return {"downtime-limit": p["downtime-limit"], "max-bandwidth": p["max-bandwidth"],
+                "avail-switchover-bandwidth": p["avail-switchover-bandwidth"],
+                "capabilities": sorted(c.value for c, on in self.caps.items() if on),
+                **({"advice": advice} if (advice := self.advisor.fresh()) is not None else {})}
 
     # -- notifications ---------------------------------------------------------
 
@@ -577,6 +589,9 @@ class MigrationManager:
 
     def x_query_migration_record(self) -> Any:
         return self.recorder.records()
+
+    def x_query_migration_advice(self, args: Any) -> Any:
+        return self.advisor.advise(args)
 
     def query_jobs(self) -> Any:
         return self.jobs.query()

@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from mig_core.engine import link_probe
 from mig_core.engine.announce import start_announce
 from mig_core.engine.context import EngineContext
+from mig_core.engine.link_probe import PROBE_MAGIC
 from mig_core.engine.multifd_recv import MultifdReceiver
 from mig_core.engine.postcopy.destination import PostcopyIncoming
 from mig_core.engine.return_path import DestinationReturnPath, Loaded, Message, Pong, Shut
@@ -56,6 +58,8 @@ class IncomingMigration:
         self.exit_on_error = exit_on_error
         self.channel: Channel | None = None
         self._extra: dict[int, Channel] = {}
+        #: link probes served while waiting (cut off when this migration ends)
+        self._probes: list[Channel] = []
         self.multifd: MultifdReceiver | None = None
         self.return_path: DestinationReturnPath | None = None
         #: set by the postcopy advise in CONFIG; after the switch the page server owns the connection
@@ -115,6 +119,8 @@ class IncomingMigration:
                 self.multifd.close()
             for ch in self._extra.values():
                 ch.close()
+            for ch in self._probes:
+                ch.abort("incoming migration ended")
             if self._preempt is not None:
                 self._preempt.close()
             if self.postcopy is not None:
@@ -136,16 +142,26 @@ class IncomingMigration:
         uuids: dict[int, str] = {}
         while self.channel is None or len(self._extra) < want:
             ch = self.listener.accept()
-            if not multifd or caps[C.MAPPED_RAM]:  # a file: one stream, read by extra descriptors later
+            if caps[C.MAPPED_RAM]:  # a file: one stream, read by extra descriptors later
                 self.channel = ch
                 self.reader = StreamReader(ch, self.machine.blocks, self.placer)
                 self.reader.read_header()
                 break
             try:
                 magic = ch.recv_exact(len(MAGIC))
-            except ChannelEOF:
+            except ChannelEOF as e:
                 ch.close()
-                raise StreamError("Failed to peek at channel") from None
+                raise StreamError("Failed to peek at channel" if multifd else
+                                  f"truncated stream: it ended inside the stream header ({e})") from None
+            if magic == PROBE_MAGIC:  # the advisor measuring the link: served aside, the wait goes on
+                self._probes.append(ch)
+                link_probe.serve(ch)
+                continue
+            if not multifd:
+                self.channel = ch
+                self.reader = StreamReader(ch, self.machine.blocks, self.placer)
+                self.reader.read_header(magic)
+                break
             if magic == MAGIC and self.channel is None:
                 self.channel = ch
                 self.reader = StreamReader(ch, self.machine.blocks, self.placer)

@@ -197,6 +197,7 @@ class Workload:
         pos = [0] * len(mine)
         written = 0.0
         last = time.monotonic()
+        slept = v.throttled_seconds
         while not self.stop.is_set():
             v.safe_point()
             counter, hb, pages, gap = RECORD.unpack_from(rec)
@@ -204,9 +205,11 @@ class Workload:
             if hb:
                 gap = max(gap, t_ns - hb)
             now = time.monotonic()
-            # writes owed since the last tick, but never a backlog from time spent stopped or throttled
-            written += share * min(now - last, 0.01) / m.blocks[0].page_size
-            last = now
+            # writes owed since the last tick, but never a backlog from time spent stopped or throttled: a
+            # throttled vCPU loses the time it sleeps, as a busy guest's does (what auto-converge counts on)
+            ran = now - last - (v.throttled_seconds - slept)
+            written += share * min(max(ran, 0.0), 0.01) / m.blocks[0].page_size
+            last, slept = now, v.throttled_seconds
             n = int(written)
             if n and share:
                 written -= n

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mig_core.qapi import UNSET, Any_, Bool, Int, Int64, QapiStruct, Str, UInt64, UnsetType
+from mig_core.schema.advice import MigrationAdvice, XQueryMigrationAdviceArgs
 from mig_core.schema.common import (
     CommandInfo,
     EmptyStruct,
@@ -209,6 +210,7 @@ COMMANDS: dict[str, Command] = {
         Command("job-finalize", JobIdArgs, EmptyStruct),
         Command("x-query-snapshots", None, list[XSnapshotInfo], features=("unstable",)),
         Command("x-query-migration-record", None, list[Any_], features=("unstable",)),
+        Command("x-query-migration-advice", XQueryMigrationAdviceArgs, MigrationAdvice, features=("unstable",)),
         Command("xen-save-devices-state", XenSaveDevicesStateArgs, EmptyStruct),
         Command("xen-load-devices-state", XenLoadDevicesStateArgs, EmptyStruct),
         Command("xen-set-global-dirty-log", XenSetGlobalDirtyLogArgs, EmptyStruct),
