@@ -6,13 +6,16 @@ import json
 import os
 import pty
 import select
+import shutil
 import subprocess
 import sys
 import time
 
+import pytest
 from prompt_toolkit.document import Document
 
 from mig_core.cli.shell import QMPCompleter, argument_names, parse_line
+from mig_core.testing import connect, wait_for_status
 
 
 def mig(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -149,3 +152,75 @@ def test_shell_keeps_typed_ahead_input(host, tmp_path):
         assert t.proc.wait(30) == 0
     finally:
         t.close()
+
+
+class Tmux:
+    """A program in a detached tmux session of its own server, read with capture-pane as a person sees it."""
+
+    def __init__(self, tmp_path, command: str) -> None:
+        self.args = ["tmux", "-L", f"mig-test-{os.getpid()}-{tmp_path.name}"]
+        self.exit_file = tmp_path / "exit-status"
+        # the shell around it keeps the pane (and the program's exit status) after the program ends
+        subprocess.run([*self.args, "new-session", "-d", "-s", "t", "-x", "160", "-y", "60",
+                        f"{command}; echo $? > {self.exit_file}; sleep 600"], check=True,
+                       env=dict(os.environ, MIG_LOG_LEVEL="warning"))
+
+    def screen(self) -> str:
+        return subprocess.run([*self.args, "capture-pane", "-p", "-t", "t"], capture_output=True, text=True,
+                              check=True).stdout
+
+    def wait_for(self, predicate, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.screen()
+            if predicate(text):
+                return text
+            assert time.monotonic() < deadline, text
+            time.sleep(0.2)
+
+    def keys(self, *keys: str) -> None:
+        subprocess.run([*self.args, "send-keys", "-t", "t", *keys], check=True)
+
+    def close(self) -> None:
+        subprocess.run([*self.args, "kill-server"], capture_output=True)
+
+
+async def test_mig_top_follows_a_migration_in_a_terminal(start_host, tmp_path):
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed (.ci/run installs it)")
+    wl = ("--ram", "32M", "--ram-fill", "random", "--dirty-rate", "1M")
+    src = start_host(*wl, name="src")
+    dst = start_host(*wl, "--incoming", "defer", "-S", name="dst")
+    s, d = await connect(src.sock), await connect(dst.sock)
+    term = Tmux(tmp_path, f"{sys.executable} -m mig_core top --interval 0.2 {src.sock} unix:{dst.sock}")
+    try:
+        term.wait_for(lambda t: t.count("status") >= 2 and "Ctrl-C quits" in t)  # both hosts, no migration yet
+        await d.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/m.sock"})
+        # 8 MB/s: 32 MiB take four seconds, so the dashboard sees the migration running on any machine
+        await s.execute("migrate-set-parameters", {"max-bandwidth": 8_000_000})
+        await s.execute("migrate", {"uri": f"unix:{tmp_path}/m.sock"})
+        running = term.wait_for(lambda t: "active" in t and "MB/s" in t and "left" in t)
+        assert "bandwidth" in running and "dirty rate" in running and "pass " in running
+        await wait_for_status(s, {"completed"}, timeout=120)
+        await wait_for_status(d, {"completed"})
+        done = term.wait_for(lambda t: t.count("completed") >= 2 and "100.0 %" in t)
+        assert "postmigrate" in done and "paused" in done  # the run states: source after, destination -S
+        assert "was " in done  # the downtime
+        term.keys("C-c")
+        deadline = time.monotonic() + 30
+        while not term.exit_file.exists() or not term.exit_file.read_text().strip():
+            assert time.monotonic() < deadline, term.screen()
+            time.sleep(0.1)
+        assert term.exit_file.read_text().strip() == "0"
+        assert "Traceback" not in term.screen()
+    finally:
+        term.close()
+        await s.disconnect()
+        await d.disconnect()
+
+
+def test_mig_top_once_shows_a_host_that_is_not_there(host, tmp_path):
+    out = mig("top", "--once", str(host.sock), str(tmp_path / "nobody.sock"))
+    assert out.returncode == 0, out.stderr
+    assert "running" in out.stdout and "status" in out.stdout
+    assert "disconnected" in out.stdout

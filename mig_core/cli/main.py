@@ -12,6 +12,7 @@ from mig_core.cli.report import report_cmd
 from mig_core.cli.run import run
 from mig_core.cli.shell import shell_cmd
 from mig_core.cli.snapshot import snapshot_cmd
+from mig_core.cli.top import top_cmd
 from mig_core.logconfig import configure_logging
 from mig_core.version import __version__
 
@@ -30,7 +31,7 @@ def cli(log_format: str | None, log_level: str | None) -> None:
 cli.add_command(run)
 cli.add_command(plugins)
 cli.add_command(demo)
-for _cmd in (qmp_cmd, info_cmd, migrate_cmd, shell_cmd, snapshot_cmd, report_cmd, advise_cmd):
+for _cmd in (qmp_cmd, info_cmd, migrate_cmd, shell_cmd, snapshot_cmd, report_cmd, advise_cmd, top_cmd):
     cli.add_command(_cmd)
 
 

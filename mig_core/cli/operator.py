@@ -17,7 +17,7 @@ from mig_core.cli.progress import follow, progress_line, summary_table
 from mig_core.qmp.address import parse_monitor_address
 
 
-def _target(text: str) -> str | tuple[str, int]:
+def target_address(text: str) -> str | tuple[str, int]:
     """``unix:PATH``, ``tcp:HOST:PORT`` (as QEMU's -qmp) or a bare socket path."""
     if not text.startswith(("unix:", "tcp:")):
         return text
@@ -32,7 +32,7 @@ async def connect_monitor(socket: str) -> QMPClient:
     """A negotiated client of the host at ``socket`` (a click error if there is none)."""
     client = QMPClient("mig-cli")
     try:
-        await client.connect(_target(socket))
+        await client.connect(target_address(socket))
     except Exception as e:  # noqa: BLE001 - any connection failure is reported the same way
         raise click.ClickException(f"cannot connect to {socket}: {e}") from None
     return client

@@ -9,24 +9,23 @@ the next migration's flight record starts with it (``advice``) and ends comparin
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import structlog
 
-from mig_core.control.status import RUNNING_STATES
+from mig_core.control import addresses
+from mig_core.control.status import RUNNING_STATES, StatusMachine
 from mig_core.engine import advisor, dirty_curve, link_probe
 from mig_core.errors import QMPError
-from mig_core.ext.transport import TransportError
+from mig_core.ext.transport import TransportContext, TransportError, TransportRegistry
+from mig_core.machine.machine import Machine
 from mig_core.memory.zeropage import nonzero_pages
 from mig_core.qapi import UNSET, to_qmp
 from mig_core.schema.advice import DirtyCurvePoint, MigrationAdvice, MigrationPrediction, XQueryMigrationAdviceArgs
 from mig_core.schema.common import RunState
 from mig_core.schema.migration import MigrationAddressType
 from mig_core.schema.migration import MigrationCapability as C
-
-if TYPE_CHECKING:
-    from mig_core.control.manager import MigrationManager
 
 log = structlog.get_logger("mig.advisor")
 
@@ -39,10 +38,24 @@ _PARAMS = ("cpu-throttle-initial", "cpu-throttle-increment", "cpu-throttle-tails
            "throttle-trigger-threshold", "vcpu-dirty-limit", "x-vcpu-dirty-limit-period")
 
 
+class AdvisedHost(Protocol):
+    """What the advisor uses of the manager."""
+
+    machine: Machine
+    params: dict[str, Any]
+    caps: dict[C, bool]
+    source: StatusMachine
+    transports: TransportRegistry
+
+    def per_vcpu_dirty_available(self) -> bool: ...
+
+    def transport_context(self) -> TransportContext: ...
+
+
 class Advisor:
     """One machine's advisor; ``last`` is the latest advice (QMP form) and when it was given."""
 
-    def __init__(self, manager: MigrationManager) -> None:
+    def __init__(self, manager: AdvisedHost) -> None:
         self.manager = manager
         self.last: tuple[float, dict[str, Any]] | None = None
 
@@ -53,7 +66,7 @@ class Advisor:
             raise QMPError(f"Parameter 'calc-time' must be between {CALC_RANGE_MS[0]} and {CALC_RANGE_MS[1]} ms")
         if m.source.state in RUNNING_STATES:
             raise QMPError("There's a migration process in progress")
-        if m.run.state is RunState.INMIGRATE:
+        if m.machine.run.state is RunState.INMIGRATE:
             raise QMPError("Guest is waiting for an incoming migration")
         if not m.machine.blocks:
             raise QMPError("This machine has no RAM to migrate")
@@ -86,10 +99,10 @@ class Advisor:
         return advice
 
     def _probe(self, uri: str) -> float:
-        cls, addr = self.manager._address(uri, UNSET, incoming=False)
+        cls, addr = addresses.resolve(self.manager.transports, uri, UNSET, incoming=False)
         if addr.tag is not MigrationAddressType.SOCKET:
             raise QMPError(f"The link probe needs a socket address (tcp, unix, vsock, fd), not '{addr.tag.value}'")
-        transport = cls(self.manager._transport_context())
+        transport = cls(self.manager.transport_context())
         try:
             transport.check_address(addr, incoming=False)
             channel = transport.connect(addr, lambda: False)

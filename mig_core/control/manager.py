@@ -320,7 +320,8 @@ class MigrationManager:
 
     # -- QMP: migrate --------------------------------------------------------------------
 
-    def _transport_context(self) -> TransportContext:
+    def transport_context(self) -> TransportContext:
+        """What transports get from this host: named descriptors (getfd)."""
         return TransportContext(named_fds=self.named_fds, take_fd=self._take_fd)
 
     def _take_fd(self, name: str) -> int | None:
@@ -343,12 +344,12 @@ class MigrationManager:
                     raise QMPError("Cannot resume if there is no paused migration")
                 if self.caps[C.RELEASE_RAM]:
                     raise QMPError("Postcopy recovery cannot work when release-ram capability is set")
-                transport = cls(self._transport_context())
+                transport = cls(self.transport_context())
                 transport.check_address(addr, incoming=False)
                 self.error_desc = None
                 out.resume_postcopy(transport, addr)
             return
-        self.migrate_with(cls(self._transport_context()), addr)
+        self.migrate_with(cls(self.transport_context()), addr)
 
     def migrate_with(self, transport: Transport, addr: MigrationAddress) -> None:
         """Start an outgoing migration over a transport the caller made (``migrate`` after parsing;
@@ -433,7 +434,7 @@ class MigrationManager:
                 raise QMPError("'-incoming' was not specified on the command line")
             cls, addr = self._address(args.uri, args.channels, incoming=True)
             self._check_transport_caps(addr)
-            self._start_incoming(cls(self._transport_context()), addr, args.exit_on_error is not False)
+            self._start_incoming(cls(self.transport_context()), addr, args.exit_on_error is not False)
 
     def migrate_incoming_with(self, transport: Transport, addr: MigrationAddress, exit_on_error: bool = True) -> None:
         """Wait for an incoming migration over a transport the caller made (see ``migrate_with``)."""
