@@ -38,7 +38,8 @@ def main() -> None:
     if "qemu" in which:
         qemu.main()
     if "convergence" in which:
-        convergence.main(Path(__file__).resolve().parent.parent / "docs" / "convergence.png")
+        docs = Path(__file__).resolve().parent.parent / "docs"
+        convergence.main(docs / "convergence.png", docs / "convergence-report.html")
 
 
 def data_path() -> None:

@@ -44,9 +44,11 @@ def test_mig_migrate_and_info(start_host, tmp_path):
     src = start_host("--ram", "16M", "--ram-fill", "random", name="src")
     dst = start_host("--ram", "16M", "--incoming", f"unix:{tmp_path}/m.sock", "-S", name="dst")
     out = mig("migrate", f"unix:{src.sock}", f"unix:{tmp_path}/m.sock", "--cap", "events=on",
-              "--param", "max-bandwidth=0")
+              "--param", "max-bandwidth=0", "--autopilot")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "migration summary" in out.stdout and "completed" in out.stdout
+    pilot = json.loads(mig("qmp", str(src.sock), "x-query-migration-autopilot").stdout)["return"]
+    assert pilot["enabled"] and pilot["decisions"] == []  # on, and nothing to do: it converged at once
     info = mig("info", f"unix:{src.sock}")
     assert info.returncode == 0 and "run state: postmigrate" in info.stdout and '"status": "completed"' in info.stdout
     assert "run state: paused" in mig("info", str(dst.sock)).stdout
@@ -224,3 +226,29 @@ def test_mig_top_once_shows_a_host_that_is_not_there(host, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "running" in out.stdout and "status" in out.stdout
     assert "disconnected" in out.stdout
+
+
+def test_mig_top_renders_postcopy_colo_and_jobs():
+    """The states a precopy test does not reach, from replies shaped as mig's (and QEMU's) are."""
+    from rich.console import Console
+
+    from mig_core.cli.top import HostView, sparkline
+
+    view = HostView("unix:/x.sock", runstate="postmigrate")
+    view.info = {"status": "postcopy-active", "ram": {"total": 100 << 20, "remaining": 25 << 20, "transferred": 80e6,
+                                                      "dirty-sync-count": 3, "postcopy-requests": 12,
+                                                      "postcopy-bytes": 5e6, "page-size": 4096},
+                 "downtime": 7}
+    view.colo = {"mode": "primary", "last-mode": "none", "reason": "none"}
+    view.jobs = [{"id": "snap0", "type": "snapshot-save", "status": "running", "current-progress": 1,
+                  "total-progress": 4}]
+    view.error = "disconnected: [Errno 2] No such file or directory"
+    console = Console(record=True, width=140)
+    console.print(view.render())
+    text = console.export_text()
+    assert "postcopy-active" in text and "75.0 %" in text
+    assert "12 page requests, 5.0 MB sent after the switch" in text
+    assert "colo" in text and "primary (last none, none)" in text
+    assert "snap0 (snapshot-save): running 25 %" in text
+    assert "was 7 ms" in text and "disconnected: [Errno 2]" in text
+    assert sparkline([0, 1, 2, 4, 8]) == "▁▂▃▅█" and sparkline([0, 0]) == "▁▁"

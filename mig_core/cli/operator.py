@@ -108,7 +108,9 @@ def info_cmd(socket: str) -> None:
 @click.argument("uri")
 @click.option("--cap", "caps", multiple=True, metavar="NAME=on|off", help="Set a capability first.")
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Set a parameter first.")
-def migrate_cmd(socket: str, uri: str, caps: tuple[str, ...], params: tuple[str, ...]) -> None:
+@click.option("--autopilot", is_flag=True, help="Let the autopilot steer the migration if it does not converge "
+                                                "(postcopy, dirty-limit or auto-converge; mig's extension).")
+def migrate_cmd(socket: str, uri: str, caps: tuple[str, ...], params: tuple[str, ...], autopilot: bool) -> None:
     """Start a migration on a running host and follow it; Ctrl-C cancels it (migrate_cancel)."""
     cap_list, param_map = parse_caps(caps), parse_params(params)
 
@@ -120,6 +122,8 @@ def migrate_cmd(socket: str, uri: str, caps: tuple[str, ...], params: tuple[str,
                 await client.execute("migrate-set-capabilities", {"capabilities": cap_list})
             if param_map:
                 await client.execute("migrate-set-parameters", param_map)
+            if autopilot:
+                await client.execute("x-set-migration-autopilot", {"enabled": True})
             await client.execute("migrate", {"uri": uri})
             try:
                 info = await follow(client, console)

@@ -16,6 +16,7 @@ from mig_core.control import addresses
 from mig_core.control import capabilities as caps_mod
 from mig_core.control import parameters as params_mod
 from mig_core.control.advice import Advisor, verdict
+from mig_core.control.autopilot import Autopilot
 from mig_core.control.dirty_log import GlobalDirtyLog
 from mig_core.control.events import EventEmitter
 from mig_core.control.flight_recorder import FlightRecorder
@@ -125,6 +126,9 @@ class MigrationManager:
         self.recorder = FlightRecorder(lambda side: to_qmp(self.query_migrate()), settings=self._record_settings,
                                        verdict=verdict)
         self.pm.register(self.recorder, "mig-flight-recorder")
+        #: steers a migration that does not converge (x-set-migration-autopilot; off by default)
+        self.autopilot = Autopilot(self)
+        self.pm.register(self.autopilot, "mig-autopilot")
         #: xen-set-global-dirty-log: a consumer of the dirty tracker while the log is on
         self.global_dirty_log = GlobalDirtyLog(self.machine)
         self.snapshots = Snapshots(self)
@@ -135,7 +139,11 @@ class MigrationManager:
         return {"downtime-limit": p["downtime-limit"], "max-bandwidth": p["max-bandwidth"],
                 "avail-switchover-bandwidth": p["avail-switchover-bandwidth"],
                 "capabilities": sorted(c.value for c, on in self.caps.items() if on),
-                **({"advice": advice} if (advice := self.advisor.fresh()) is not None else {})}
+                **({"advice": advice} if (advice := self.advice_for_next_migration()) is not None else {})}
+
+    def advice_for_next_migration(self) -> dict[str, Any] | None:
+        """x-query-migration-advice's latest answer, if recent enough to speak for a migration starting now."""
+        return self.advisor.fresh()
 
     # -- notifications ---------------------------------------------------------
 
@@ -593,6 +601,12 @@ class MigrationManager:
 
     def x_query_migration_advice(self, args: Any) -> Any:
         return self.advisor.advise(args)
+
+    def x_set_migration_autopilot(self, args: Any) -> None:
+        self.autopilot.configure(args)
+
+    def x_query_migration_autopilot(self) -> Any:
+        return self.autopilot.query()
 
     def query_jobs(self) -> Any:
         return self.jobs.query()

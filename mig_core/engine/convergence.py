@@ -42,6 +42,7 @@ class ConvergenceTrigger:
         self._xfer_start = 0
         self._dirty_pages = 0
         self._over = 0
+        self._tightened = False  # the autopilot halved the dirty limit: the parameter no longer sets it
 
     def start(self, transferred: int) -> None:
         self._period_start = time.monotonic()
@@ -65,25 +66,43 @@ class ConvergenceTrigger:
                 self._step(dirty, threshold)
         self._period_start, self._xfer_start, self._dirty_pages = now, transferred, 0
 
+    def engage(self, mode: str) -> str:
+        """Step now in ``mode`` (``auto-converge`` or ``dirty-limit``), whatever the trigger says: the autopilot's
+        lever. A dirty limit already applied is halved (down to 1 MB/s); returns what was applied."""
+        if mode == "dirty-limit" and self.limiter is None:
+            raise ValueError("dirty-limit needs a limiter (per-vCPU dirty attribution)")
+        self.mode = mode
+        if mode == "dirty-limit" and self.dirty_limit_applied is not None:
+            self._tightened = True
+            self._apply_dirty_limit(max(1, self.dirty_limit_applied // 2))
+            return f"dirty-limit {self.dirty_limit_applied} MB/s"
+        self._step(0.0, 0.0)
+        return (f"dirty-limit {self.dirty_limit_applied} MB/s" if mode == "dirty-limit"
+                else f"cpu-throttle {self.vcpus.throttle_pct} %")
+
+    def _apply_dirty_limit(self, rate: int) -> None:
+        assert self.limiter is not None
+        if self._operator_limits is None:
+            self._operator_limits = self.limiter.limits()  # put back when the migration ends
+        self.limiter.period_ms = self.params()["x-vcpu-dirty-limit-period"]
+        if rate != self.dirty_limit_applied:
+            self.limiter.set_limit(None, rate)
+            self.dirty_limit_applied = rate
+            log.info("dirty_limit_applied", mb_per_s=rate)
+
     def _step(self, dirty: float, threshold: float) -> None:
         p = self.params()
         if self.mode == "dirty-limit":
             assert self.limiter is not None
-            rate = p["vcpu-dirty-limit"]
-            if self._operator_limits is None:
-                self._operator_limits = self.limiter.limits()  # put back when the migration ends
-            self.limiter.period_ms = p["x-vcpu-dirty-limit-period"]
-            if rate != self.dirty_limit_applied:
-                self.limiter.set_limit(None, rate)
-                self.dirty_limit_applied = rate
-                log.info("dirty_limit_applied", mb_per_s=rate)
+            if not self._tightened:  # vcpu-dirty-limit as it is now, unless the autopilot went below it
+                self._apply_dirty_limit(p["vcpu-dirty-limit"])
             return
         pct = self.vcpus.throttle_pct
         if not pct:
             new = p["cpu-throttle-initial"]
         else:
             inc = p["cpu-throttle-increment"]
-            if p["cpu-throttle-tailslow"]:
+            if p["cpu-throttle-tailslow"] and dirty > 0:
                 cpu_now = 100 - pct
                 cpu_ideal = cpu_now * threshold / dirty
                 inc = max(0, min(inc, int(cpu_now - cpu_ideal)))
@@ -102,3 +121,4 @@ class ConvergenceTrigger:
             self.limiter.restore(self._operator_limits)
             self._operator_limits = None
             self.dirty_limit_applied = None
+            self._tightened = False

@@ -150,13 +150,13 @@ class DirtyLimiter:
             t_last = t
             page = self.machine.blocks[0].page_size
             counts = report.vcpu_pages or {}
+            rates = {v.index: counts.get(v.index, 0) * page / _MB / elapsed for v in self.machine.vcpus.vcpus}
             with self._lock:
-                self.current = {v.index: int(counts.get(v.index, 0) * page / _MB / elapsed)
-                                for v in self.machine.vcpus.vcpus}
+                self.current = {i: int(r) for i, r in rates.items()}  # query-vcpu-dirty-limit's whole MB/s
                 for i, quota in self.quota.items():
-                    self._adjust(i, quota, self.current.get(i, 0))
+                    self._adjust(i, quota, rates.get(i, 0.0))  # the exact rate: 5.9 is not within 1 of 4
 
-    def _adjust(self, index: int, quota: int, current: int) -> None:
+    def _adjust(self, index: int, quota: int, current: float) -> None:
         """Step the vCPU's sleep share toward its quota.
 
         A vCPU's dirty rate scales with the share of time it runs, so the share that meets the quota

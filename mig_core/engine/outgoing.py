@@ -572,7 +572,8 @@ class OutgoingMigration:
             s.compression = self.multifd.compression.to_stats()  # mig's extension to query-migrate
         s.cpu_throttle_percentage = self.machine.vcpus.throttle_pct or None
         limiter = self.ctx.dirty_limiter
-        if self.caps[C.DIRTY_LIMIT] and self.convergence.dirty_limit_applied is not None and limiter is not None:
+        if self.convergence.mode == "dirty-limit" and self.convergence.dirty_limit_applied is not None \
+                and limiter is not None:
             s.dirty_limit_throttle_time_per_round = limiter.throttle_time_per_round_us()
             s.dirty_limit_ring_full_time = limiter.ring_full_time_us()
         return s

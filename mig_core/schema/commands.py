@@ -11,6 +11,7 @@ from typing import Any
 
 from mig_core.qapi import UNSET, Any_, Bool, Int, Int64, QapiStruct, Str, UInt64, UnsetType
 from mig_core.schema.advice import MigrationAdvice, XQueryMigrationAdviceArgs
+from mig_core.schema.autopilot import AutopilotDecision, MigrationAutopilotInfo, XSetMigrationAutopilotArgs
 from mig_core.schema.common import (
     CommandInfo,
     EmptyStruct,
@@ -211,6 +212,8 @@ COMMANDS: dict[str, Command] = {
         Command("x-query-snapshots", None, list[XSnapshotInfo], features=("unstable",)),
         Command("x-query-migration-record", None, list[Any_], features=("unstable",)),
         Command("x-query-migration-advice", XQueryMigrationAdviceArgs, MigrationAdvice, features=("unstable",)),
+        Command("x-set-migration-autopilot", XSetMigrationAutopilotArgs, EmptyStruct, features=("unstable",)),
+        Command("x-query-migration-autopilot", None, MigrationAutopilotInfo, features=("unstable",)),
         Command("xen-save-devices-state", XenSaveDevicesStateArgs, EmptyStruct),
         Command("xen-load-devices-state", XenLoadDevicesStateArgs, EmptyStruct),
         Command("xen-set-global-dirty-log", XenSetGlobalDirtyLogArgs, EmptyStruct),
@@ -228,5 +231,6 @@ EVENTS: dict[str, Event] = {
         Event("COLO_EXIT", ColoExitEventData),
         Event("UNPLUG_PRIMARY", UnplugPrimaryEventData),
         Event("JOB_STATUS_CHANGE", JobStatusChangeEventData),
+        Event("MIG_AUTOPILOT", AutopilotDecision, features=("unstable",)),
     ]
 }
