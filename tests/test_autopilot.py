@@ -9,6 +9,7 @@ import time
 
 from qemu.qmp import EventListener
 
+from mig_core.engine.autopilot import AutopilotPolicy
 from mig_core.testing import connect, qmp_error, wait_for_status
 
 # 8 MB/s of distinct pages (two vCPUs) against 4 MB/s of bandwidth: every pass finds all 8 MiB dirty again
@@ -118,3 +119,39 @@ async def test_autopilot_settings_are_checked(start_host, tmp_path):
     assert await src.execute("x-query-migration-autopilot") == {
         "enabled": False, "stalled-passes": 3, "deadline": 5000, "decisions": []}
     await close(src)
+
+
+async def test_the_autopilot_acts_at_once_on_advice_that_says_it_will_not_converge(start_host, tmp_path):
+    src, dst = await start(start_host, tmp_path, ("postcopy-ram",))
+    advice = await src.execute("x-query-migration-advice", {"uri": f"unix:{tmp_path}/m.sock", "calc-time": 500})
+    [plain] = [p for p in advice["predictions"] if p["strategy"] == "precopy"]
+    assert not plain["converges"] and advice["recommendation"] == "postcopy"
+    # so many stalled passes would never come: the advice alone makes it act, at the first pass it can
+    await src.execute("x-set-migration-autopilot", {"enabled": True, "stalled-passes": 100})
+    await src.execute("migrate", {"uri": f"unix:{tmp_path}/m.sock"})
+    final = await wait_for_status(src, {"completed", "failed"}, timeout=120)
+    assert final["status"] == "completed", final
+    [decision] = (await src.execute("x-query-migration-autopilot"))["decisions"]
+    assert decision == {"pass": 2, "action": "postcopy", "applied": "migrate-start-postcopy",
+                        "reason": "the advice predicted it would not converge"}
+    await wait_for_status(dst, {"completed"}, timeout=60)
+    await close(src, dst)
+
+
+def test_policy_counts_stalled_passes_and_deadlines():
+    p = AutopilotPolicy(stalled_passes=2, deadline_ms=0)
+    assert p.observe(1, 100, 0) is None  # the setup's sync
+    assert p.observe(2, 80, 1000) is None  # the best so far
+    assert p.observe(3, 79, 2000) is None  # under 5 % better: stalled 1
+    assert p.observe(4, 90, 3000) == "remaining has not fallen for 2 passes (0.0 MB left)"
+    assert p.observe(5, 70, 4000) is None  # progress resets the count
+    assert p.observe(6, 70, 5000) is None
+    assert p.observe(7, 70, 6000) is not None
+    late = AutopilotPolicy(stalled_passes=50, deadline_ms=3000)
+    assert late.observe(2, 100, 2000) is None and late.observe(3, 50, 2900) is None
+    assert late.observe(4, 25, 3100) == "still running after 3.1 s, past the deadline of 3.0 s"
+    assert late.observe(5, 10, 4000) is None  # once
+    late.start(predicted_ms=9000)
+    assert late.observe(2, 100, 100) == "the advice predicted 9.0 s, past the deadline of 3.0 s"
+    late.start(predicted_ms=2000)
+    assert late.observe(2, 100, 100) is None
