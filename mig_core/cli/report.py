@@ -61,8 +61,12 @@ def _empty(ax: Axes, what: str) -> None:
     ax.text(0.5, 0.5, f"no {what} in this record", ha="center", va="center", transform=ax.transAxes, color="#888")
 
 
-def _legend_below(ax: Axes) -> None:
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=7, frameon=False)
+def _legend_or_empty(ax: Axes, present: bool, what: str) -> None:
+    """A legend under the plot, or a note in it that the record has nothing to draw there."""
+    if present:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=7, frameon=False)
+    else:
+        _empty(ax, what)
 
 
 def _passes(ax: Axes, f: FlightSeries, rid: str) -> None:
@@ -76,10 +80,7 @@ def _passes(ax: Axes, f: FlightSeries, rid: str) -> None:
     (dr,) = ax.plot(n, [p.dirty_rate_mb_s for p in f.passes], marker="s", label="dirty rate (dirtied / pass time)")
     bw.set_gid(f"{rid}-bandwidth")
     dr.set_gid(f"{rid}-dirty-rate")
-    if f.passes:
-        _legend_below(ax)
-    else:
-        _empty(ax, "passes")
+    _legend_or_empty(ax, bool(f.passes), "passes")
 
 
 def _remaining(ax: Axes, f: FlightSeries, rid: str) -> None:
@@ -101,10 +102,7 @@ def _remaining(ax: Axes, f: FlightSeries, rid: str) -> None:
         if status in _PHASE_COLOURS and stop > start:
             span = ax.axvspan(start, stop, color=_PHASE_COLOURS[status], alpha=0.15, label=status)
             span.set_gid(f"{rid}-phase-{status}")
-    if f.remaining:
-        _legend_below(ax)
-    else:
-        _empty(ax, "remaining figures")
+    _legend_or_empty(ax, bool(f.remaining), "remaining figures")
 
 
 def _throttle(ax: Axes, f: FlightSeries, rid: str) -> None:
