@@ -65,6 +65,8 @@ async def test_advice_predicts_the_migration_that_follows(start_host, tmp_path):
     assert abs(verdict["total-time-error-percent"]) < 50, verdict
     assert [json.loads(line)["kind"] for line in next((tmp_path / "rec").glob("*-source.jsonl")).open()][-1] == \
         "verdict"
+    await s.disconnect()
+    await d.disconnect()
 
 
 async def test_advice_refuses_what_it_cannot_measure(start_host, tmp_path):
@@ -79,6 +81,8 @@ async def test_advice_refuses_what_it_cannot_measure(start_host, tmp_path):
     assert await qmp_error(s.execute("x-query-migration-advice")) == \
         "With max-bandwidth 0 (unlimited) the advisor needs 'uri' to measure the link"
     assert await qmp_error(d.execute("x-query-migration-advice")) == "Guest is waiting for an incoming migration"
+    await s.disconnect()
+    await d.disconnect()
 
 
 async def test_probe_leaves_a_multifd_destination_waiting(start_host, tmp_path):
@@ -98,6 +102,8 @@ async def test_probe_leaves_a_multifd_destination_waiting(start_host, tmp_path):
     assert (await wait_for_status(s, {"completed", "failed"}, timeout=120))["status"] == "completed"
     await wait_for_status(d, {"completed"})
     assert await ram_digest(s, 32 << 20, tmp_path / "s.bin") == await ram_digest(d, 32 << 20, tmp_path / "d.bin")
+    await s.disconnect()
+    await d.disconnect()
 
 
 def test_mig_advise_prints_predictions_and_a_recommendation(start_host, tmp_path):
