@@ -86,10 +86,13 @@ def _rates(_ctx: click.Context, param: click.Parameter, value: str) -> list[int]
               help="A storage node for snapshot-save/-load (repeatable): snapshots kept in DIR by the snapshot "
                    "backend B (default 'dir'; 'dedup' shares pages between snapshots), node name N (default "
                    "snap0, snap1, ...).")
+@click.option("--migration-blocker", "blockers", multiple=True, metavar="REASON",
+              help="Register a migration blocker with this reason (repeatable): migrate and snapshot-save are "
+                   "refused with it, query-migrate lists it in blocked-reasons.")
 def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: bool, vcpus: int, dirty_rate: list[int],
         paused: bool, incoming: str | None, uuid: str | None, postcopy_prefetch: int, dirty_tracker: str | None,
         caps: tuple[str, ...], params: tuple[str, ...], flight_dir: str | None, no_flight_record: bool,
-        snapshot_dirs: tuple[str, ...]) -> None:
+        snapshot_dirs: tuple[str, ...], blockers: tuple[str, ...]) -> None:
     if len(dirty_rate) not in (1, vcpus):  # type: ignore[arg-type]
         raise click.BadParameter(f"give one rate or {vcpus} (one per vCPU)", param_hint="--dirty-rate")
     """Run the reference host serving QMP until 'quit' or a signal."""
@@ -122,6 +125,10 @@ def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: boo
     rates: list[float] = [float(r) for r in dirty_rate] if len(dirty_rate) == vcpus else [dirty_rate[0] / vcpus] * vcpus
     device = CounterDevice(vcpus, sum(dirty_rate))
     machine.add_device(device)
+    for reason in blockers:
+        if not reason.strip():
+            raise click.BadParameter("a migration blocker needs a reason", param_hint="--migration-blocker")
+        machine.blockers.add(reason)
     manager = MigrationManager(machine)
     manager.postcopy_prefetch_pages = postcopy_prefetch
     if flight_dir is not None:

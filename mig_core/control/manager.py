@@ -132,6 +132,23 @@ class MigrationManager:
         #: xen-set-global-dirty-log: a consumer of the dirty tracker while the log is on
         self.global_dirty_log = GlobalDirtyLog(self.machine)
         self.snapshots = Snapshots(self)
+        self.machine.blockers.running = self._what_runs
+        self.machine.blockers.fail_running = self._blocked_while_running
+
+    def _what_runs(self) -> str | None:
+        """What a new migration blocker would have to stop (None: nothing runs)."""
+        if self.source.state in POSTCOPY_STATES:
+            return "postcopy"
+        if self.source.state in RUNNING_STATES:
+            return "migration"
+        if self.run.state is RunState.SAVE_VM:
+            return "snapshot"
+        return None
+
+    def _blocked_while_running(self, reason: str) -> None:
+        out = self.outgoing
+        if out is not None:
+            out.fail(reason)
 
     def _record_settings(self) -> dict[str, Any]:
         """A flight record's ``start``: what decides how the migration goes."""
@@ -273,6 +290,9 @@ class MigrationManager:
 
     def query_migrate(self) -> MigrationInfo:
         info = MigrationInfo()
+        blocked = self.machine.blockers.blocked_reasons(self.params["mode"])
+        if blocked:  # whatever the state, even with no migration (QEMU)
+            info.blocked_reasons = blocked
         incoming = self.destination.state
         listener = self._listener
         if listener is not None and listener.socket_addresses:
@@ -370,6 +390,9 @@ class MigrationManager:
                 raise QMPError("Guest is waiting for an incoming migration")
             if self.run.state is RunState.POSTMIGRATE:
                 raise QMPError("Can't migrate the vm that was paused due to previous migration")
+            blocked = self.machine.blockers.error(self.params["mode"])
+            if blocked is not None:
+                raise QMPError(blocked)
             if self.caps[C.MAPPED_RAM] and self.tls_enabled():
                 raise QMPError("Cannot use TLS with mapped-ram")
             if self.caps[C.MAPPED_RAM] and self.multifd_compression() != "none":

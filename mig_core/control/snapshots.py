@@ -27,6 +27,7 @@ from mig_core.machine.machine import Machine
 from mig_core.schema.commands import SnapshotDeleteArgs, SnapshotLoadArgs, SnapshotSaveArgs
 from mig_core.schema.common import RunState
 from mig_core.schema.jobs import JobType
+from mig_core.schema.migration import MigMode
 from mig_core.schema.migration import MigrationCapability as C
 from mig_core.schema.migration import MigrationStatus as S
 from mig_core.schema.snapshots import XSnapshotInfo
@@ -123,6 +124,9 @@ class Snapshots:
         assert isinstance(args, SnapshotSaveArgs)
         tag = args.tag
         self._no_multifd()
+        blocked = self.ctx.machine.blockers.error(MigMode(self.ctx.parameter("mode")))
+        if blocked is not None:
+            raise QMPError(blocked)
         nodes = self._nodes(args.devices)
         if any(n.exists(tag) for n in nodes):
             raise QMPError(f"Snapshot '{tag}' already exists in one or more devices")

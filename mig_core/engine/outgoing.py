@@ -94,6 +94,8 @@ class OutgoingMigration:
         #: pages the destination may hold non-zero (so a page that becomes zero must be sent as zero)
         self._sent_nonzero = {b.name: np.zeros(b.npages, dtype=bool) for b in self.machine.blocks}
         self._runstate_before: RunState | None = None
+        #: why fail() ended the migration
+        self._failure: str | None = None
         self._dirty_pass_bandwidth = 0.0
         self._dirty_pass_measured = False  # a pass of more than 1 MiB gave _dirty_pass_bandwidth
         self._sync_ms = 0.0
@@ -182,6 +184,11 @@ class OutgoingMigration:
         if self.multifd is not None:
             self.multifd.abort("migration cancelled")
 
+    def fail(self, reason: str) -> None:
+        """End the migration as failed with ``reason`` (a migration blocker forced in while it runs)."""
+        self._failure = reason
+        self.cancel()  # unblocks whatever the thread waits on; it then reports the failure, not a cancel
+
     def _check_cancel(self) -> None:
         if self.cancel_requested.is_set():
             raise Cancelled()
@@ -226,7 +233,7 @@ class OutgoingMigration:
             except Exception:  # noqa: BLE001 - the status must still reach its end
                 log.exception("migration_cleanup_failed")
         if failed:
-            self._end_unsuccessfully(error)
+            self._end_unsuccessfully(self._failure or error)
         log.info("migration_thread_exit", status=status.state.value)
 
     def _end_unsuccessfully(self, error: str | None) -> None:

@@ -65,6 +65,9 @@ class Device:
     #: None: any msgpack value (``load_state`` must then check it; what it raises is reported as a
     #: refusal of the device's state).
     state_type: ClassVar[Any] = None
+    #: True for a device whose state cannot migrate at all (QEMU's unmigratable vmsd): while it is
+    #: registered, migrate and snapshot-save are refused naming it.
+    unmigratable: ClassVar[bool] = False
 
     # -- source ------------------------------------------------------------------
 

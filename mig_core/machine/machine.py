@@ -13,6 +13,7 @@ import structlog
 from mig_core.ext import dirty_tracker
 from mig_core.ext.dirty_tracker import DirtyTracker, TrackerChoice
 from mig_core.ext.snapshot_backend import SnapshotBackend
+from mig_core.machine.blockers import MigrationBlockers
 from mig_core.machine.device import Device, DeviceRegistry
 from mig_core.machine.runstate import RunStateMachine
 from mig_core.machine.vcpu import VcpuController
@@ -36,6 +37,8 @@ class Machine:
         self.uuid = str(uuid_mod.UUID(uuid)) if uuid else str(uuid_mod.UUID(int=0))
         self.blocks: list[RAMBlock] = []
         self.devices = DeviceRegistry()
+        #: reasons this machine must not migrate now (QEMU's migrate_add_blocker)
+        self.blockers = MigrationBlockers(lambda: list(self.devices))
         self.vcpus = VcpuController()
         self.run = RunStateMachine(runstate)
         self.run.add_listener(self._follow_runstate)
