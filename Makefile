@@ -21,6 +21,9 @@ demo: $(STAMP)
 	$(BIN)/mig demo
 
 test: check
+	@# mig top's test drives it in tmux, as a person would use it
+	@command -v tmux >/dev/null || (apt-get update -qq && apt-get install -y -qq tmux) >/dev/null || \
+		echo "tmux could not be installed: mig top's terminal test will fail"
 	$(BIN)/python -m pytest -q
 
 # Lint (with import order) and type check; part of make test.

@@ -56,6 +56,11 @@ class FlightSeries:
     end: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def end_s(self) -> float:
+        """Seconds from the start to the last figure or status change."""
+        return max([s for s, _, _ in self.remaining] + [s for s, _ in self.statuses] + [0.0])
+
+    @property
     def status(self) -> str:
         return str(self.end.get("status") or (self.statuses[-1][1] if self.statuses else "unknown"))
 

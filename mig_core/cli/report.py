@@ -50,11 +50,15 @@ def _pyplot() -> Any:
     return plt
 
 
-def _svg(fig: Figure) -> str:
+def _svg(plt: Any, fig: Figure) -> str:
+    """The figure as inline SVG (no XML declaration or doctype: the page is HTML); the figure is closed."""
     buf = io.StringIO()
-    fig.savefig(buf, format="svg", metadata={"Date": None})
+    try:
+        fig.savefig(buf, format="svg", metadata={"Date": None})
+    finally:
+        plt.close(fig)
     text = buf.getvalue()
-    return text[text.index("<svg"):]  # drop the XML declaration and doctype: the page is HTML
+    return text[text.index("<svg"):]
 
 
 def _empty(ax: Axes, what: str) -> None:
@@ -97,7 +101,7 @@ def _remaining(ax: Axes, f: FlightSeries, rid: str) -> None:
     if f.switchover is not None:
         line = ax.axvline(f.switchover.at_s, color="red", linestyle=":", label="switchover")
         line.set_gid(f"{rid}-switchover")
-    end = max([s for s, _, _ in f.remaining] + [s for s, _ in f.statuses] + [0.0])
+    end = f.end_s
     for (start, status), stop in zip(f.statuses, [s for s, _ in f.statuses[1:]] + [end], strict=True):
         if status in _PHASE_COLOURS and stop > start:
             span = ax.axvspan(start, stop, color=_PHASE_COLOURS[status], alpha=0.15, label=status)
@@ -108,7 +112,7 @@ def _remaining(ax: Axes, f: FlightSeries, rid: str) -> None:
 def _throttle(ax: Axes, f: FlightSeries, rid: str) -> None:
     ax.set_gid(f"{rid}-plot-throttle")
     ax.set(title="throttle", xlabel="seconds", ylabel="cpu-throttle-percentage (%)", ylim=(0, 100))
-    end = max([s for s, _, _ in f.remaining] + [s for s, _ in f.statuses] + [0.0])
+    end = f.end_s
     steps = f.throttle or [(0.0, 0)]
     (thr,) = ax.step([s for s, _ in steps] + [end], [p for _, p in steps] + [steps[-1][1]], where="post",
                      label="auto-converge throttle (%)")
@@ -143,10 +147,7 @@ def _figure_for(plt: Any, f: FlightSeries, i: int) -> str:
     _passes(axes[0], f, rid)
     _remaining(axes[1], f, rid)
     _throttle(axes[2], f, rid)
-    try:
-        return _svg(fig)
-    finally:
-        plt.close(fig)
+    return _svg(plt, fig)
 
 
 def _compare(plt: Any, flights: Sequence[FlightSeries]) -> str:
@@ -159,10 +160,7 @@ def _compare(plt: Any, flights: Sequence[FlightSeries]) -> str:
         line.set_gid(f"compare-{i}")
     ax.legend(loc="upper right", fontsize=7, ncol=2)
     fig.tight_layout()
-    try:
-        return _svg(fig)
-    finally:
-        plt.close(fig)
+    return _svg(plt, fig)
 
 
 def _cell(value: Any) -> str:

@@ -52,16 +52,12 @@ def _tracked(machine: Machine, seconds: float, step: float) -> DirtyCurve:
         consumer.close()
     step = elapsed / len(windows)  # what the steps really lasted (sleeps overrun on a busy machine)
     page = {b.name: b.page_size for b in machine.blocks}
+    n = len(windows)
     points = []
-    k = 1
-    while k <= len(windows):
-        sizes = []
-        for first in range(0, len(windows) - k + 1, k):
-            group = windows[first:first + k]
-            sizes.append(sum(len(np.unique(np.concatenate([w[name] for w in group]))) * page[name]
-                             for name in page))
+    for k in sorted({*(1 << i for i in range(n.bit_length()) if 1 << i <= n), n}):  # 1, 2, 4, …, n steps
+        sizes = [sum(len(np.unique(np.concatenate([w[name] for w in windows[first:first + k]]))) * page[name]
+                     for name in page) for first in range(0, n - k + 1, k)]
         points.append((k * step, float(np.mean(sizes))))
-        k = k * 2 if k * 2 <= len(windows) or k == len(windows) else len(windows)
     return DirtyCurve(_increasing(points), float(ram_bytes(machine)))
 
 
