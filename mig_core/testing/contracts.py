@@ -15,7 +15,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 
-from mig_core.errors import ChannelAborted
+from mig_core.errors import ChannelAborted, ChannelEOF
 from mig_core.ext import compressor as compressor_ext
 from mig_core.ext import dirty_tracker as tracker_ext
 from mig_core.ext import snapshot_backend as snapshot_ext
@@ -200,6 +200,28 @@ class TransportContract:
             source.check()
             ch.send(b"pong")
             assert source.channels[0].recv_exact(4) == b"pong"
+        finally:
+            ch.close()
+            source.close()
+
+    def test_what_is_sent_before_close_arrives(self, tmp_path: Path) -> None:
+        """A side that sends its last words and closes at once (a destination after its verdict) loses none
+        of them: the peer reads every byte, then the end of the stream."""
+        cls = type(self.transport())
+        if not (cls.abilities.return_path and self.live_peer):
+            pytest.skip(f"{self.name} declares no return path")
+        ch, source = self._pair(tmp_path, b"ping", finish=False)
+        words = [os.urandom(1024) for _ in range(16)]  # small enough for any socket buffer: nobody reads yet
+        try:
+            assert ch.recv_exact(4) == b"ping"
+            source.check()
+            for w in words:
+                ch.send(w)
+            ch.close()
+            back = source.channels[0]
+            assert back.recv_exact(len(words) * 1024) == b"".join(words)
+            with pytest.raises(ChannelEOF):
+                back.recv_exact(1)
         finally:
             ch.close()
             source.close()

@@ -8,6 +8,14 @@ return path. Page data leaves with ``copy=False`` frames straight from RAM
 ZeroMQ hides connection loss, so each socket has a monitor: a disconnect (or
 missed ZMTP heartbeats on a stalled peer) fails the channel instead of
 blocking forever.
+
+ZeroMQ also drops what a connection delivered but the socket's owner had not
+read yet once the peer disconnects (a DEALER that does not reconnect loses it
+at once). So a channel's end is a handshake, as TCP's FIN is: a closed (or
+finished) channel sends an end-of-stream message, the peer's pump acknowledges
+it once everything before it is in the channel's inbox, and a pump closes its
+socket only when each of its channels was acknowledged, the peer went, or the
+linger time ran out.
 """
 
 from __future__ import annotations
@@ -92,7 +100,7 @@ class ZmqChannel(Channel):
         self._push.setsockopt(zmq.LINGER, -1)
         self._push.connect(pump.inproc)
         self._current = memoryview(b"")
-        self._finished = False
+        self._finished = self._eof = False
 
     def _gone(self) -> str | None:
         return self._pump.gone_for(self._ident)
@@ -114,11 +122,18 @@ class ZmqChannel(Channel):
     def _recv_into(self, view: memoryview) -> int:
         while not self._current.nbytes:
             self._check_abort()
+            if self._eof:
+                return 0
             try:
-                self._current = self._inbox.get(timeout=_POLL_MS / 1000)
+                got = self._inbox.get(timeout=_POLL_MS / 1000)
             except queue.Empty:
                 if self._gone() and self._inbox.empty():
-                    return 0  # end of stream: the peer went away
+                    return 0  # the peer went away without ending the stream (the reader calls it truncated)
+                continue
+            if got is None:  # the peer's end-of-stream: everything it sent is in
+                self._eof = True
+                return 0
+            self._current = got
         n = min(view.nbytes, self._current.nbytes)
         view[:n] = self._current[:n]
         self._current = self._current[n:]
@@ -128,19 +143,28 @@ class ZmqChannel(Channel):
         pass  # every wait polls with a timeout and checks the abort flag
 
     def finish(self) -> None:
-        self._finished = True
+        """Half-close: the peer reads the end of this direction after everything sent (replies may follow)."""
+        if not self._finished and not self._push.closed:
+            self._finished = True
+            self._push.send_multipart([self._ident, b"", _EOS])
 
     def close(self) -> None:
         if self._push.closed:
             return
-        # ordered after this channel's data: the pump forwards everything before it lets the channel go
-        self._push.send_multipart([self._ident, _CLOSE if self._finished else _ABORT])
+        # ordered after this channel's data: the pump forwards everything before it lets the channel go;
+        # only an aborted channel is dropped at once (as a reset connection), any other is delivered
+        marker = _ABORT if self.abort_reason is not None else _CLOSE
+        self._push.send_multipart([self._ident, b"", marker])
         self._push.close()
         self._pump.release()
 
 
-_CLOSE = b"\x00mig-close"
-_ABORT = b"\x00mig-abort"
+# Control messages start with an empty frame, which no data message has (sendv drops empty buffers):
+# between a channel and its pump, and between the two pumps (end of stream and its acknowledgement).
+_CLOSE = b"close"
+_ABORT = b"abort"
+_EOS = b"eos"
+_EOS_ACK = b"eos-ack"
 
 
 class _Pump:
@@ -169,8 +193,10 @@ class _Pump:
         self.new: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self.accepting = True
         self._open: set[bytes] = set()
+        self._unacked: set[bytes] = set()  # channels whose end-of-stream the peer has not acknowledged yet
+        self._ended: set[bytes] = set()  # channels that sent their end-of-stream
+        self._linger_until: float | None = None
         self._graceful = True
-        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mig/zmq", daemon=True)
 
     def start(self) -> None:
@@ -200,6 +226,19 @@ class _Pump:
             elif ev == zmq.EVENT_CLOSED:
                 self.closed_events += 1
 
+    def _done(self) -> bool:
+        """Stop once no channel is open and each ended one was acknowledged, its peer went, or linger ran out."""
+        if self._open or self.accepting:
+            return False
+        self._unacked = {i for i in self._unacked if not self.gone_for(i)}
+        if self._unacked and self._linger_until is None:
+            self._linger_until = time.monotonic() + self.linger_ms / 1000
+        if self._unacked and time.monotonic() < (self._linger_until or 0):
+            return False
+        if self._unacked:
+            log.warning("zmq_end_not_acknowledged", channels=len(self._unacked))
+        return True
+
     def _run(self) -> None:
         pending: list | None = None  # a message the network socket could not take yet
         poller = zmq.Poller()
@@ -207,12 +246,14 @@ class _Pump:
         poller.register(self.monitor, zmq.POLLIN)
         poller.register(self._pull, zmq.POLLIN)
         try:
-            while not self._stop.is_set():
+            while not self._done():
                 events = dict(poller.poll(_POLL_MS))
                 if self.monitor in events:
                     self._events()
                 if events.get(self.sock, 0) & zmq.POLLIN:
                     self._receive()
+                if pending is not None and self.gone_for(pending[0].bytes):
+                    pending = None  # nobody left to take it
                 if pending is not None and events.get(self.sock, 0) & zmq.POLLOUT:
                     pending = self._forward(pending)
                 elif pending is None and self._pull in events:
@@ -248,6 +289,9 @@ class _Pump:
                 return
             ident = parts[0].bytes if self.router else b""
             frames = parts[1:] if self.router else parts
+            if len(frames) == 2 and not frames[0].bytes:
+                self._control(ident, frames[1].bytes)
+                continue
             box = self._inboxes.get(ident)
             if box is None:
                 if not self.accepting:
@@ -260,14 +304,49 @@ class _Pump:
             for f in frames:
                 box.put(f.buffer)
 
+    def _control(self, ident: bytes, what: bytes) -> None:
+        """The peer's end-of-stream (queue the end for the reader, acknowledge it) or its acknowledgement."""
+        if what == _EOS:
+            box = self._inboxes.get(ident)
+            if box is not None:
+                box.put(None)
+            self._send_control(ident, _EOS_ACK)
+        elif what == _EOS_ACK:
+            self._unacked.discard(ident)
+
+    def _send_control(self, ident: bytes, what: bytes) -> bool:
+        """Send a control message to the peer of ``ident``; False if there is no room for it now."""
+        out = [ident, b"", what] if self.router else [b"", what]
+        try:
+            self.sock.send_multipart(out, zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError:  # the peer is gone: nobody to tell
+            pass
+        return True
+
+    def _end(self, ident: bytes) -> bool:
+        """This channel's end-of-stream goes to the peer after its data; False if it must wait for room."""
+        if ident in self._ended or self.gone_for(ident):
+            return True
+        if not self._send_control(ident, _EOS):
+            return False
+        self._ended.add(ident)
+        self._unacked.add(ident)
+        return True
+
     def _forward(self, parts: list) -> list | None:
         """Send one queued message on the network socket; return it if it must wait for room."""
-        ident, first = parts[0].bytes, parts[1].bytes if len(parts) == 2 else None
-        if first in (_CLOSE, _ABORT):
-            self._open.discard(ident)
-            self._graceful = self._graceful and first == _CLOSE
-            if not self._open and not self.accepting:
-                self._stop.set()
+        ident = parts[0].bytes
+        if len(parts) == 3 and not parts[1].bytes:  # a channel's own control message
+            what = parts[2].bytes
+            if what in (_EOS, _CLOSE) and not self._end(ident):
+                return parts
+            if what in (_CLOSE, _ABORT):
+                self._open.discard(ident)
+            if what == _ABORT:
+                self._graceful = False
+                self._unacked.discard(ident)
             return None
         out = parts if self.router else parts[1:]
         try:
@@ -283,10 +362,10 @@ class _Pump:
         return None
 
     def stop_accepting(self) -> None:
+        """No new channels: the pump ends once the ones it has are closed and their ends acknowledged."""
         self.accepting = False
-        if not self._open:
-            self._graceful = False
-            self._stop.set()
+        if not self._open and not self._ended:
+            self._graceful = False  # nothing was ever delivered on it
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
@@ -308,7 +387,7 @@ class _ZmqListener(Listener):
         endpoint = sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
         self._address = SocketAddress("inet", InetSocketAddress(host=host.strip("[]"), port=port))
-        self.pump = _Pump(ctx, sock, router=True, graceful_linger_ms=1000)
+        self.pump = _Pump(ctx, sock, router=True, graceful_linger_ms=int(user_timeout * 1000))
         self.pump.start()
         self._closed = False
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import threading
+import time
 
 import pytest
 from mig_transport_zmq import ZmqTransport, parse_rdma_uri
 
-from mig_core.ext.transport import TransportError
+from mig_core.errors import ChannelEOF
+from mig_core.ext.transport import TransportContext, TransportError
 from mig_core.schema.migration import MigrationAddressType
 from mig_core.testing import connect, qmp_error, ram_digest, wait_for_status
 from mig_core.testing.contracts import TransportContract
@@ -124,6 +128,8 @@ async def test_destination_killed_mid_migration(start_host, tmp_path):
         assert (await src.execute("query-status"))["status"] == "running"
     finally:
         await src.disconnect()
+        with contextlib.suppress(EOFError):  # its host was killed under it
+            await dst.disconnect()
 
 
 async def test_rdma_pin_all_locks_ram_while_migrating(start_host, tmp_path):
@@ -145,6 +151,49 @@ async def test_rdma_pin_all_locks_ram_while_migrating(start_host, tmp_path):
     finally:
         await src.disconnect()
         await dst.disconnect()
+
+
+def test_replies_survive_a_slow_source_pump(tmp_path):
+    """ZeroMQ drops what a connection delivered but the socket's owner had not read once the peer
+    disconnects: the destination's last replies must not be lost when it closes while the source's pump is
+    busy (the cause of a rare 'return path: truncated stream'). The source's pump is held before its next
+    poll for longer than the destination takes to close: without the end-of-stream handshake the poll
+    then sees the disconnect first and ZeroMQ discards the replies."""
+    transport = ZmqTransport(TransportContext())
+    listener = transport.listen(ZmqTransport.parse_uri("rdma:127.0.0.1:0"))
+    (sa,) = listener.socket_addresses
+    src = transport.connect(ZmqTransport.parse_uri(f"rdma:127.0.0.1:{sa.value.port}"), lambda: False)
+    held, released = threading.Event(), threading.Event()
+    pump = src._pump
+    done = pump._done
+
+    def held_done() -> bool:
+        held.set()
+        released.wait(30)
+        return done()
+
+    try:
+        src.send(b"ping")
+        dst = listener.accept()
+        listener.close()
+        assert dst.recv_exact(4) == b"ping"
+        replies = [os.urandom(1000) for _ in range(50)]
+        pump._done = held_done
+        assert held.wait(30)
+        for r in replies:
+            dst.send(r)
+        dst.close()
+        listener.pump.join(0.5)  # a close without the handshake has disconnected well within this time
+        time.sleep(0.5)  # and for the source's I/O thread to see the disconnect
+        pump._done = done
+        released.set()
+        assert src.recv_exact(len(replies) * 1000) == b"".join(replies)
+        with pytest.raises(ChannelEOF):
+            src.recv_exact(1)
+    finally:
+        released.set()
+        src.close()
+        listener.close()
 
 
 class TestContract(TransportContract):
