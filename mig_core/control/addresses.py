@@ -50,8 +50,7 @@ def check_capabilities(caps: dict[C, bool], addr: MigrationAddress) -> None:
         # the page requests come back on the connection, and the destination's page server continues it
         raise QMPError(f"Postcopy needs a socket transport (tcp, unix, vsock or fd): the {addr.tag.value} "
                        "transport has no return path another process can continue")
-    for cap in (C.X_COLO, C.SWITCHOVER_ACK):
-        if caps[cap]:
-            raise QMPError(f"mig cannot migrate with capability {cap.value} yet")
+    if caps[C.X_COLO]:
+        raise QMPError(f"mig cannot migrate with capability {C.X_COLO.value} yet")
     if caps[C.X_IGNORE_SHARED] and caps[C.MAPPED_RAM]:
         raise QMPError("mig cannot combine x-ignore-shared with mapped-ram yet")

@@ -22,6 +22,7 @@ from mig_core.engine.link_probe import PROBE_MAGIC
 from mig_core.engine.multifd_recv import MultifdReceiver
 from mig_core.engine.postcopy.destination import PostcopyIncoming
 from mig_core.engine.return_path import DestinationReturnPath, Loaded, Message, Pong, Shut
+from mig_core.engine.switchover_ack import SwitchoverApprovals
 from mig_core.errors import MigError
 from mig_core.ext import compressor
 from mig_core.ext.channel import Channel, ChannelAborted, ChannelEOF, ChannelError
@@ -62,6 +63,8 @@ class IncomingMigration:
         self._probes: list[Channel] = []
         self.multifd: MultifdReceiver | None = None
         self.return_path: DestinationReturnPath | None = None
+        #: switchover-ack: the devices still to approve (None without the capability)
+        self.switchover_approvals: SwitchoverApprovals | None = None
         #: set by the postcopy advise in CONFIG; after the switch the page server owns the connection
         self.postcopy: PostcopyIncoming | None = None
         #: the postcopy-preempt connection (this process's descriptor; the page server holds another)
@@ -328,6 +331,9 @@ class IncomingMigration:
         if item.command is Command.OPEN_RETURN_PATH:
             if self.return_path is None and self.channel is not None:
                 self.return_path = DestinationReturnPath(self.channel)
+                if self.ctx.capability(C.SWITCHOVER_ACK):
+                    self.switchover_approvals = SwitchoverApprovals(self._tell_source)
+                    self.switchover_approvals.start(self.machine.devices)
         elif item.command is Command.CONFIG:
             cfg = item.argument if isinstance(item.argument, dict) else {}
             caps = self.ctx.capabilities()
@@ -337,6 +343,10 @@ class IncomingMigration:
                 if mine != theirs:
                     raise StreamError(f"Capability {cap} is {'on' if mine else 'off'}, but received capability "
                                       f"is {'on' if theirs else 'off'}")
+            if cfg.get(C.SWITCHOVER_ACK.value) and not caps[C.SWITCHOVER_ACK]:
+                # QEMU's source would wait for an ack this host never sends: refused instead of a hang
+                raise StreamError("the source waits for this host's switchover ack, but capability switchover-ack "
+                                  "is off here: enable it on both sides")
             mfd = cfg.get("multifd")
             if isinstance(mfd, dict) and caps[C.MULTIFD] and not caps[C.MAPPED_RAM]:
                 params = self.ctx.parameters()

@@ -27,7 +27,7 @@ from mig_core.engine.postcopy.switch import run_postcopy
 from mig_core.engine.return_path import SourceReturnPath
 from mig_core.engine.snapshot.background import run_background_snapshot
 from mig_core.engine.stats import MigrationCounters, PassRecord, RateLimiter, SourceStats, now_ms
-from mig_core.engine.switchover import complete_precopy, stop_for_switchover
+from mig_core.engine.switchover import complete_precopy, stop_for_switchover, switchover_allowed
 from mig_core.engine.write_behind import WriteBehind
 from mig_core.engine.xbzrle_send import XbzrleSender
 from mig_core.errors import MigrationFailed, QMPError
@@ -166,7 +166,7 @@ class OutgoingMigration:
         self.writer = StreamWriter(self._out, self.machine.blocks)
 
     def _postcopy_due(self) -> bool:
-        return self.caps[C.POSTCOPY_RAM] and self.postcopy_requested.is_set()
+        return self.caps[C.POSTCOPY_RAM] and self.postcopy_requested.is_set() and self._switchover_allowed()
 
     @property
     def started(self) -> bool:
@@ -299,6 +299,7 @@ class OutgoingMigration:
             # what the destination must map itself: the same file (checked by device and inode)
             "ignored-blocks": {b.name: b.file_identity() for b in self.machine.blocks if b.name in self.ignored},
             "postcopy-preempt": self.caps[C.POSTCOPY_PREEMPT] and self.caps[C.POSTCOPY_RAM],
+            "switchover-ack": self.caps[C.SWITCHOVER_ACK],
             # QEMU's POSTCOPY_ADVISE, carried in CONFIG: the destination reads it before any page
             "postcopy-advise": postcopy_wire.advise(self.machine.blocks) if self.caps[C.POSTCOPY_RAM] else None,
             "multifd": ({"channels": self.ctx.parameter("multifd-channels"),
@@ -457,8 +458,12 @@ class OutgoingMigration:
             if bandwidth:
                 self.counters.expected_downtime = int(remaining / bandwidth + fixed_ms)
             if remaining == 0 or remaining <= bandwidth * max(0.0, self.ctx.parameter("downtime-limit") - fixed_ms):
-                return
+                if self._switchover_allowed(wait_s=0.1):
+                    return
             self._check_cancel()
+
+    def _switchover_allowed(self, wait_s: float = 0.0) -> bool:
+        return switchover_allowed(self, wait_s)
 
     def _pending_blocks(self) -> list[tuple[RAMBlock, np.ndarray]]:
         return [(b, self.pending[b.name]) for b in self.machine.blocks]

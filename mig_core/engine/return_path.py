@@ -2,10 +2,9 @@
 
 With the ``return-path`` capability the source sends OPEN_RETURN_PATH and the
 destination answers on the same connection (COMMAND sections, ``RP_*``). Today
-it carries round-trip probes (PING → ``Pong``) and the end of the load
-(``Loaded``, or ``Shut`` with an error code); page requests, the received-bitmap
-of a recovery, switchover-ack and resume-ack have their message types here
-already, so postcopy and recovery extend this module instead of the engines.
+it carries round-trip probes (PING → ``Pong``), the end of the load
+(``Loaded``, or ``Shut`` with an error code), the destination's switchover ack,
+and postcopy's page requests and a recovery's received-bitmap and resume-ack.
 """
 
 from __future__ import annotations
@@ -169,6 +168,8 @@ class SourceReturnPath:
         self.on_request: Callable[[RequestPages], None] | None = None
         #: Called on this thread for a recovery's messages (received bitmaps, the resume ack).
         self.on_recovery: Callable[[ReceivedBitmap | ResumeAck], None] | None = None
+        #: Set when the destination acknowledged the switchover (the ``switchover-ack`` capability).
+        self.switchover_acked = threading.Event()
         self.thread = threading.Thread(target=self._run, name="mig/src/rp_thr", daemon=True)
 
     def start(self, ping: bool = True) -> None:
@@ -239,10 +240,13 @@ class SourceReturnPath:
                     self.on_request(msg)
                 elif isinstance(msg, ReceivedBitmap | ResumeAck) and self.on_recovery is not None:
                     self.on_recovery(msg)
+                elif isinstance(msg, SwitchoverAck):
+                    log.info("switchover_ack_received")
+                    self.switchover_acked.set()
                 elif isinstance(msg, Loaded | Shut):
                     self._code = msg.code
                     return
-                else:  # page requests, bitmaps and acks belong to postcopy and recovery, not built yet
+                else:  # page requests and recovery messages outside postcopy
                     raise StreamError(f"return path: unexpected {type(msg).__name__} (postcopy is not running)")
         except (ChannelError, StreamError) as e:
             if self._code is None:

@@ -25,6 +25,8 @@ class PassRecord:
     device_bytes: int
     device_iterate_ms: float
     ms: float
+    #: switchover-ack: how long the source waited for the destination's ack after this pass converged
+    switchover_ack_wait_ms: float = 0.0
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The end of an outgoing migration: stop the machine for the switchover, send the rest, report completion.
+"""The end of an outgoing migration: may it switch over (switchover-ack), stop the machine, send the rest, report.
 
 Precopy completion lives here; the switch to postcopy (engine/postcopy/switch.py)
 stops the machine and reports completion the same way.
@@ -6,7 +6,9 @@ stops the machine and reports completion the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
+import time
 from typing import Any, Protocol
 
 import numpy as np
@@ -16,6 +18,7 @@ from mig_core.engine.context import EngineContext, StatusCell
 from mig_core.engine.multifd_send import MultifdSender
 from mig_core.engine.return_path import SourceReturnPath
 from mig_core.engine.stats import MigrationCounters, now_ms
+from mig_core.errors import MigrationFailed
 from mig_core.ext.channel import Channel
 from mig_core.machine.machine import Machine
 from mig_core.memory.pagemap import union_pages
@@ -59,6 +62,27 @@ class SwitchoverEngine(Protocol):
     def _send_all(self, pages: dict[str, np.ndarray], running: bool) -> None: ...
 
     def _end_pass(self, running: bool) -> None: ...
+
+
+def switchover_allowed(engine: SwitchoverEngine, wait_s: float = 0.0) -> bool:
+    """QEMU's rule: switchover-ack off, the machine not running, or the destination acked; waits up to
+    ``wait_s`` for the ack (the time shows in the last pass's ``switchover_ack_wait_ms``)."""
+    rp = engine.return_path
+    if not engine.caps[C.SWITCHOVER_ACK] or rp is None or engine.machine.run.state is not RunState.RUNNING:
+        return True
+    if rp.switchover_acked.is_set() or not wait_s:
+        return rp.switchover_acked.is_set()
+    t0 = time.monotonic()
+    rp.switchover_acked.wait(wait_s)
+    failure = rp.failure()
+    if failure is not None:
+        raise MigrationFailed(failure)
+    waited = (time.monotonic() - t0) * 1000
+    passes = engine.counters.passes
+    if passes:
+        passes[-1] = dataclasses.replace(passes[-1], switchover_ack_wait_ms=round(
+            passes[-1].switchover_ack_wait_ms + waited, 3))
+    return rp.switchover_acked.is_set()
 
 
 def stop_machine(engine: SwitchoverEngine, postcopy: bool) -> None:

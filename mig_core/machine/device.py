@@ -22,6 +22,7 @@ device's state first and applies them only when all are good.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -117,6 +118,14 @@ class Device:
         """Before any state arrives.
 
         Destination's load thread; the machine is not running (inmigrate)."""
+
+    def switchover_ack_needed(self, approve: Callable[[], None]) -> bool:
+        """With ``switchover-ack`` on: True if the source must not stop until this device calls ``approve()``.
+
+        Destination's load thread, after ``load_setup``, when the return path opens. ``approve`` may be
+        called once from any thread when the device is ready (for instance, it loaded a large initial
+        state); meanwhile the source keeps iterating (QEMU's switchover_ack_needed)."""
+        return False
 
     def load_iterate(self, chunk: bytes) -> None:
         """A chunk produced by the source's ``save_iterate``, in the order it was produced.
