@@ -17,7 +17,15 @@ from mig_core.errors import PluginNotFound, QMPError
 from mig_core.ext import snapshot_backend
 from mig_core.ext.dirty_tracker import GROUP as TRACKERS
 from mig_core.machine.machine import Machine
-from mig_core.machine.reference_host import CounterDevice, RamSpec, Workload, fill, parse_ram, parse_size
+from mig_core.machine.reference_host import (
+    CounterDevice,
+    FailoverPrimary,
+    RamSpec,
+    Workload,
+    fill,
+    parse_ram,
+    parse_size,
+)
 from mig_core.qapi.visitor import QapiInputError, from_qmp
 from mig_core.qmp.address import parse_monitor_address
 from mig_core.qmp.server import QMPServer
@@ -89,10 +97,14 @@ def _rates(_ctx: click.Context, param: click.Parameter, value: str) -> list[int]
 @click.option("--migration-blocker", "blockers", multiple=True, metavar="REASON",
               help="Register a migration blocker with this reason (repeatable): migrate and snapshot-save are "
                    "refused with it, query-migrate lists it in blocked-reasons.")
+@click.option("--failover-primary", "failover", multiple=True, metavar="ID[,unplug-ms=N]",
+              help="A failover primary device (a passthrough NIC beside a standby, as QEMU's virtio-net failover): "
+                   "a migration first has the guest unplug it, which takes N ms (default 500), waiting in "
+                   "wait-unplug; a failed or cancelled migration plugs it back (repeatable).")
 def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: bool, vcpus: int, dirty_rate: list[int],
         paused: bool, incoming: str | None, uuid: str | None, postcopy_prefetch: int, dirty_tracker: str | None,
         caps: tuple[str, ...], params: tuple[str, ...], flight_dir: str | None, no_flight_record: bool,
-        snapshot_dirs: tuple[str, ...], blockers: tuple[str, ...]) -> None:
+        snapshot_dirs: tuple[str, ...], blockers: tuple[str, ...], failover: tuple[str, ...]) -> None:
     if len(dirty_rate) not in (1, vcpus):  # type: ignore[arg-type]
         raise click.BadParameter(f"give one rate or {vcpus} (one per vCPU)", param_hint="--dirty-rate")
     """Run the reference host serving QMP until 'quit' or a signal."""
@@ -125,6 +137,8 @@ def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: boo
     rates: list[float] = [float(r) for r in dirty_rate] if len(dirty_rate) == vcpus else [dirty_rate[0] / vcpus] * vcpus
     device = CounterDevice(vcpus, sum(dirty_rate))
     machine.add_device(device)
+    for text in failover:
+        machine.add_device(_failover_primary(machine, text))
     for reason in blockers:
         if not reason.strip():
             raise click.BadParameter("a migration blocker needs a reason", param_hint="--migration-blocker")
@@ -174,6 +188,20 @@ def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: boo
     # keeps answering while a page fault stops this one
     asyncio.run(_serve(manager, qmp, front=incoming is not None))
     workload.stop.set()
+
+
+def _failover_primary(machine: Machine, text: str) -> FailoverPrimary:
+    """``--failover-primary ID[,unplug-ms=N]``."""
+    device_id, *rest = text.split(",")
+    unplug_ms = 500
+    for item in rest:
+        key, eq, value = item.partition("=")
+        if key != "unplug-ms" or not eq or not value.isdigit():
+            raise click.BadParameter(f"'{item}' is not unplug-ms=N", param_hint="--failover-primary")
+        unplug_ms = int(value)
+    if not device_id:
+        raise click.BadParameter("a failover primary needs an id", param_hint="--failover-primary")
+    return FailoverPrimary(machine, device_id, unplug_ms)
 
 
 def _add_snapshot_node(machine: Machine, text: str, index: int) -> None:

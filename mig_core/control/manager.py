@@ -46,6 +46,7 @@ from mig_core.schema.commands import (
     MigrateSetCapabilitiesArgs,
     MigrationEventData,
     MigrationPassEventData,
+    UnplugPrimaryEventData,
 )
 from mig_core.schema.common import RunState, ShutdownCause, ShutdownEventData, StatusInfo, VersionInfo, VersionTriple
 from mig_core.schema.migration import (
@@ -64,10 +65,10 @@ log = structlog.get_logger("mig.manager")
 #: The schema level mig implements, reported as the QEMU version in the greeting.
 SCHEMA_VERSION = VersionTriple(major=9, minor=1, micro=0)
 
-#: Destination states that query-migrate reports (QEMU's fill_destination_migration_info).
 #: query-migrate members a SourceStats may leave out (None)
 _OPTIONAL_SOURCE_STATS = ("downtime", "expected_downtime", "xbzrle_cache", "compression", "cpu_throttle_percentage",
-                          "dirty_limit_throttle_time_per_round", "dirty_limit_ring_full_time")
+                          "dirty_limit_throttle_time_per_round", "dirty_limit_ring_full_time", "vfio")
+#: Destination states that query-migrate reports (QEMU's fill_destination_migration_info).
 _REPORTED_INCOMING = frozenset({S.SETUP, S.CANCELLING, S.CANCELLED, S.ACTIVE, S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED,
                                 S.POSTCOPY_RECOVER, S.FAILED, S.COLO, S.COMPLETED})
 
@@ -338,7 +339,9 @@ class MigrationManager:
                 capabilities=lambda: caps, parameters=lambda: self.params, set_error=self.set_error,
                 hooks=self.hooks, registry=self.registry, global_state=self.global_state,
                 pass_completed=self.migration_pass, dirty_limiter=self.dirty_limiter,
-                postcopy_prefetch_pages=self.postcopy_prefetch_pages)
+                postcopy_prefetch_pages=self.postcopy_prefetch_pages,
+                device_unplugged=lambda device_id: self.events.emit("UNPLUG_PRIMARY",
+                                                                    UnplugPrimaryEventData(device_id=device_id)))
         return EngineContext(
             machine=self.machine, status=self.destination, migration_id=self.migration_id,
             capabilities=lambda: self.caps, parameters=lambda: self.params, set_error=self.set_error,

@@ -60,6 +60,8 @@ class EngineContext:
     global_state: GlobalState
     #: A dirty-bitmap sync ended pass ``number`` finding ``dirty_bytes`` (MIGRATION_PASS, hooks).
     pass_completed: Callable[[int, int], None] = lambda number, dirty_bytes: None
+    #: A device's unplug before migration finished (the source emits UNPLUG_PRIMARY with its id).
+    device_unplugged: Callable[[str], None] = lambda device_id: None
     #: The source's dirty-limit machinery (convergence by dirty-limit uses it); None on a destination.
     dirty_limiter: DirtyLimiter | None = None
     #: The destination's listener closed: query-migrate stops showing its socket address.

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 from mig_core.errors import DeviceStateError
-from mig_core.machine.device import Device, DeviceRegistry
+from mig_core.machine.device import Device, DeviceRegistry, DeviceSection
 from mig_core.stream.writer import StreamWriter
 
 #: The most a device's save_iterate is asked for at once (one DEVICE_PART section).
@@ -24,6 +24,23 @@ class DeviceIteration:
     def __init__(self, devices: DeviceRegistry) -> None:
         self.devices = devices
         self._budgets: list[tuple[Device, int]] = []
+        #: bytes of state sent by devices marked ``vfio`` (query-migrate's VfioStats.transferred)
+        self.vfio_bytes = 0
+
+    @property
+    def has_vfio(self) -> bool:
+        """A device marked ``vfio`` is registered (query-migrate then shows ``vfio``)."""
+        return any(dev.vfio for dev in self.devices)
+
+    def save_final(self, writer: StreamWriter) -> None:
+        """Every device's final state (vCPUs stopped), counted for ``vfio`` like its chunks."""
+        for dev in self.devices:
+            self.write_final(writer, dev, self.devices.save(dev))
+
+    def write_final(self, writer: StreamWriter, dev: Device, section: DeviceSection) -> None:
+        writer.write_device(section)
+        if dev.vfio:
+            self.vfio_bytes += len(section.payload)
 
     def sync(self) -> int:
         """Ask every device what it still has to send (must-precopy and can-postcopy: precopy sends both)."""
@@ -49,6 +66,8 @@ class DeviceIteration:
                                            f"{type(chunk).__name__}, not bytes")
                 writer.write_device_part(dev.id, dev.instance, dev.version, bytes(chunk))
                 given += len(chunk)
+                if dev.vfio:
+                    self.vfio_bytes += len(chunk)
                 sent()
             total += given
         return total, (time.monotonic() - t0) * 1000

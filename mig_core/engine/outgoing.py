@@ -28,6 +28,7 @@ from mig_core.engine.return_path import SourceReturnPath
 from mig_core.engine.snapshot.background import run_background_snapshot
 from mig_core.engine.stats import MigrationCounters, PassRecord, RateLimiter, SourceStats, now_ms
 from mig_core.engine.switchover import complete_precopy, stop_for_switchover, switchover_allowed
+from mig_core.engine.unplug import Unplugs
 from mig_core.engine.write_behind import WriteBehind
 from mig_core.engine.xbzrle_send import XbzrleSender
 from mig_core.errors import MigrationFailed, QMPError
@@ -38,7 +39,7 @@ from mig_core.machine.vcpu import VcpuStopTimeout
 from mig_core.memory.ram import RAMBlock
 from mig_core.memory.zeropage import zero_mask
 from mig_core.schema.common import RunState
-from mig_core.schema.migration import MigMode
+from mig_core.schema.migration import MigMode, VfioStats
 from mig_core.schema.migration import MigrationCapability as C
 from mig_core.schema.migration import MigrationStatus as S
 from mig_core.stream import mapped_ram
@@ -100,6 +101,7 @@ class OutgoingMigration:
         self._dirty_pass_measured = False  # a pass of more than 1 MiB gave _dirty_pass_bandwidth
         self._sync_ms = 0.0
         self.device_state = DeviceIteration(self.machine.devices)
+        self.unplugs = Unplugs(self.machine.devices, ctx.device_unplugged)
         self._device_pending = 0
         mode = ("auto-converge" if self.caps[C.AUTO_CONVERGE]
                 else "dirty-limit" if self.caps[C.DIRTY_LIMIT] else None)
@@ -237,7 +239,8 @@ class OutgoingMigration:
         log.info("migration_thread_exit", status=status.state.value)
 
     def _end_unsuccessfully(self, error: str | None) -> None:
-        """Restore the source's run state, then land in cancelled or failed."""
+        """Put unplugged devices back, restore the source's run state, then land in cancelled or failed."""
+        self.unplugs.replug()
         c = self.counters
         c.end_ms = now_ms()
         if self._runstate_before is not None and self.machine.run.state is RunState.FINISH_MIGRATE:
@@ -321,6 +324,7 @@ class OutgoingMigration:
             # mismatch with the reason, not with a stream cut short when this side gives up
             self._flush()
             self._start_multifd()
+        self.unplugs.request()  # QEMU asks at setup's start and waits after the setup handlers ran
         for dev in self.machine.devices:
             dev.save_setup()
         self._consumer = self.machine.tracker().consumer("migration", sends=True, skip=self.ignored)
@@ -331,9 +335,10 @@ class OutgoingMigration:
         # never-populated pages are zero pages that cost nothing: counted as QEMU counts zero pages
         c.duplicate += sum(b.npages - len(self.pending[b.name]) for b in self.machine.blocks
                            if b.name not in self.ignored)
+        self.unplugs.wait(self.status, self._check_cancel)
         c.setup_ms = now_ms() - t0
         self.convergence.start(c.transferred)
-        if not self.status.cas(S.SETUP, S.ACTIVE):
+        if not (self.status.cas(S.SETUP, S.ACTIVE) or self.status.cas(S.WAIT_UNPLUG, S.ACTIVE)):
             self._check_cancel()
             raise MigrationFailed("migration status changed during setup")
 
@@ -583,6 +588,8 @@ class OutgoingMigration:
         if self.multifd is not None and self.multifd.encoder_factory is not None:
             s.compression = self.multifd.compression.to_stats()  # mig's extension to query-migrate
         s.cpu_throttle_percentage = self.machine.vcpus.throttle_pct or None
+        if self.device_state.has_vfio:
+            s.vfio = VfioStats(transferred=self.device_state.vfio_bytes)
         limiter = self.ctx.dirty_limiter
         if self.convergence.mode == "dirty-limit" and self.convergence.dirty_limit_applied is not None \
                 and limiter is not None:

@@ -6,7 +6,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from mig_core.schema.migration import CompressionStats, MigrationStats, XBZRLECacheStats
+from mig_core.schema.migration import CompressionStats, MigrationStats, VfioStats, XBZRLECacheStats
 
 #: QEMU's BUFFER_DELAY: the window over which throughput and bandwidth are measured.
 WINDOW_S = 0.1
@@ -44,6 +44,8 @@ class SourceStats:
     cpu_throttle_percentage: int | None = None
     dirty_limit_throttle_time_per_round: int | None = None
     dirty_limit_ring_full_time: int | None = None
+    #: bytes sent by devices marked ``vfio`` (None when no such device is registered)
+    vfio: VfioStats | None = None
     #: every pass so far (mig's own: not in query-migrate, for embedders and tests)
     passes: list[PassRecord] = field(default_factory=list)
 

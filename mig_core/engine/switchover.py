@@ -15,6 +15,7 @@ import numpy as np
 import structlog
 
 from mig_core.engine.context import EngineContext, StatusCell
+from mig_core.engine.device_iteration import DeviceIteration
 from mig_core.engine.multifd_send import MultifdSender
 from mig_core.engine.return_path import SourceReturnPath
 from mig_core.engine.stats import MigrationCounters, now_ms
@@ -41,6 +42,7 @@ class SwitchoverEngine(Protocol):
     caps: dict[C, bool]
     counters: MigrationCounters
     writer: StreamWriter
+    device_state: DeviceIteration
     continue_event: threading.Event
     return_path: SourceReturnPath | None
     multifd: MultifdSender | None
@@ -134,8 +136,7 @@ def complete_precopy(engine: SwitchoverEngine) -> None:
         engine.mapped.write_bitmaps(engine._ch)
         engine._account(0, running=False)
     log.debug("switchover_ram_sent", ms_since_stop=now_ms() - (c.downtime_start_ms or 0))
-    for dev in engine.machine.devices:
-        engine.writer.write_device(engine.machine.devices.save(dev))
+    engine.device_state.save_final(engine.writer)
     engine.writer.write_end()
     engine._flush()
     engine._ch.finish()

@@ -69,6 +69,9 @@ class Device:
     #: True for a device whose state cannot migrate at all (QEMU's unmigratable vmsd): while it is
     #: registered, migrate and snapshot-save are refused naming it.
     unmigratable: ClassVar[bool] = False
+    #: True for a device that streams its own state as a VFIO device does: its bytes (iterative chunks and
+    #: final state) are query-migrate's ``vfio`` statistics (shown only when such a device is registered).
+    vfio: ClassVar[bool] = False
 
     # -- source ------------------------------------------------------------------
 
@@ -106,6 +109,26 @@ class Device:
         Called by the postcopy engine once it exists; precopy never calls it (its ``save_state`` is complete).
         Migration thread; vCPUs running on the destination."""
         return None
+
+    def unplug_before_migration(self) -> bool:
+        """Start removing what must be gone before the source may go (QEMU's failover primary NIC, which
+        the guest unplugs); True if the migration must wait in ``wait-unplug`` until ``unplug_pending()``
+        is False.
+
+        Migration thread, in setup; vCPUs running."""
+        return False
+
+    def unplug_pending(self) -> bool:
+        """True while the removal started by ``unplug_before_migration`` is still under way.
+
+        Migration thread, every 250 ms in ``wait-unplug``; vCPUs running. When it turns False the
+        source emits UNPLUG_PRIMARY with this device's id."""
+        return False
+
+    def replug(self) -> None:
+        """Put back what ``unplug_before_migration`` removed: the migration failed or was cancelled.
+
+        Migration thread, before the status reaches failed or cancelled; vCPUs running."""
 
     def save_cleanup(self) -> None:
         """After the migration ended, however it ended.

@@ -158,6 +158,47 @@ class CounterDevice(Device):
             self.ticks = state.ticks
 
 
+class FailoverPrimary(Device):
+    """A passthrough NIC paired with a standby (QEMU's virtio-net failover primary): its state cannot
+    migrate, so before a migration the source asks the "guest" to unplug it, which takes ``unplug_ms``;
+    once gone it is no longer one of the machine's devices. A migration that fails or is cancelled
+    plugs it back."""
+
+    version = 1
+
+    def __init__(self, machine: Machine, device_id: str, unplug_ms: int) -> None:
+        self.id = device_id
+        self.machine = machine
+        self.unplug_ms = unplug_ms
+        self._gone = threading.Event()
+        self._timer: threading.Timer | None = None
+
+    def unplug_before_migration(self) -> bool:
+        self._gone.clear()
+        self._timer = threading.Timer(self.unplug_ms / 1000, self._unplugged)
+        self._timer.daemon = True
+        self._timer.start()
+        return True
+
+    def _unplugged(self) -> None:
+        self.machine.devices.unregister(self)
+        self._gone.set()
+
+    def unplug_pending(self) -> bool:
+        return not self._gone.is_set()
+
+    def replug(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.machine.devices.get(self.id, self.instance) is None:
+            self.machine.add_device(self)
+        self._gone.clear()
+
+    @property
+    def plugged(self) -> bool:
+        return self.machine.devices.get(self.id, self.instance) is self
+
+
 class Workload:
     """vCPU threads that dirty memory at a set rate and keep their records in RAM."""
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import structlog
 
+from mig_core.engine.device_iteration import DeviceIteration
 from mig_core.engine.return_path import Pong, RequestPages, SourceReturnPath
 from mig_core.engine.stats import MigrationCounters, RateLimiter, now_ms
 from mig_core.engine.write_behind import WriteBehind
@@ -87,6 +88,7 @@ class SourceEngine(Protocol):
     machine: Machine
     caps: dict[MigrationCapability, bool]
     writer: StreamWriter
+    device_state: DeviceIteration
     _out: WriteBehind | None
     counters: MigrationCounters
     limiter: RateLimiter
@@ -344,11 +346,11 @@ class PostcopySender:
 
 def send_package(engine: SourceEngine, token: int) -> None:
     """PACKAGED and every device's state after it (the destination reads them whole, then runs)."""
-    devices = engine.machine.devices
-    sections = [devices.save(dev) for dev in devices]
+    devices = list(engine.machine.devices)
+    sections = [engine.machine.devices.save(dev) for dev in devices]
     engine.writer.write_command(Command.PACKAGED, [token, len(sections)])
-    for section in sections:
-        engine.writer.write_device(section)
+    for dev, section in zip(devices, sections, strict=True):
+        engine.device_state.write_final(engine.writer, dev, section)
 
 
 def send_discards(engine: SourceEngine, coming: dict[str, np.ndarray]) -> None:
