@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"qapi"},
     {"schema"},
     {"plugin"},
-    {"memory"},
+    {"memory", "block"},
     {"host"},
     {"ext"},
     {"machine"},

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 import structlog
 
+from mig_core.block.node import BlockNode
 from mig_core.cli.options import parse_caps, parse_params
 from mig_core.control.manager import MigrationManager
 from mig_core.errors import PluginNotFound, QMPError
@@ -101,10 +102,15 @@ def _rates(_ctx: click.Context, param: click.Parameter, value: str) -> list[int]
               help="A failover primary device (a passthrough NIC beside a standby, as QEMU's virtio-net failover): "
                    "a migration first has the guest unplug it, which takes N ms (default 500), waiting in "
                    "wait-unplug; a failed or cancelled migration plugs it back (repeatable).")
+@click.option("--drive", "drives", multiple=True, metavar="node-name=N,file=PATH[,size=S][,write-rate=R]",
+              help="A block node backed by PATH (created or grown to S bytes): block-dirty-bitmap-* track what is "
+                   "written to it; the workload writes R bytes per second to it (default 0) while the machine "
+                   "runs (repeatable).")
 def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: bool, vcpus: int, dirty_rate: list[int],
         paused: bool, incoming: str | None, uuid: str | None, postcopy_prefetch: int, dirty_tracker: str | None,
         caps: tuple[str, ...], params: tuple[str, ...], flight_dir: str | None, no_flight_record: bool,
-        snapshot_dirs: tuple[str, ...], blockers: tuple[str, ...], failover: tuple[str, ...]) -> None:
+        snapshot_dirs: tuple[str, ...], blockers: tuple[str, ...], failover: tuple[str, ...],
+        drives: tuple[str, ...]) -> None:
     if len(dirty_rate) not in (1, vcpus):  # type: ignore[arg-type]
         raise click.BadParameter(f"give one rate or {vcpus} (one per vCPU)", param_hint="--dirty-rate")
     """Run the reference host serving QMP until 'quit' or a signal."""
@@ -130,6 +136,7 @@ def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: boo
                              prealloc=mem_prealloc, fd=spec.fd)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--ram") from None
+    drive_rates = [_add_drive(machine, text) for text in drives]
     for i, spec_text in enumerate(snapshot_dirs):
         _add_snapshot_node(machine, spec_text, i)
     if paused:
@@ -170,7 +177,7 @@ def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: boo
             machine.start_tracking()  # arm the tracker now: migrations then start without that cost
         except ValueError as e:
             log.warning("dirty_tracking_unavailable", error=str(e))
-    workload = Workload(machine, rates, device)
+    workload = Workload(machine, rates, device, drive_rates)
 
     def incoming_failed(error: str, exit_on_error: bool) -> None:
         if exit_on_error:
@@ -188,6 +195,31 @@ def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: boo
     # keeps answering while a page fault stops this one
     asyncio.run(_serve(manager, qmp, front=incoming is not None))
     workload.stop.set()
+    if machine.run.state is RunState.RUNNING:  # parked vCPUs write nothing; running ones finish their tick
+        for t in workload.threads:
+            t.join(2)
+    for node in machine.block_nodes.values():
+        node.close()  # persistent dirty bitmaps are stored, marked cleanly closed
+
+
+def _add_drive(machine: Machine, text: str) -> tuple[BlockNode, float]:
+    """``--drive node-name=N,file=PATH[,size=S][,write-rate=R]``: the node, and what the workload writes to it."""
+    opts: dict[str, str] = {}
+    for item in text.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or key not in ("node-name", "file", "size", "write-rate"):
+            raise click.BadParameter(f"'{item}' is not node-name=, file=, size= or write-rate=", param_hint="--drive")
+        opts[key] = value
+    if "node-name" not in opts or "file" not in opts:
+        raise click.BadParameter("a drive needs node-name= and file=", param_hint="--drive")
+    try:
+        size = parse_size(opts["size"], "size") if "size" in opts else None
+        rate = float(parse_size(opts.get("write-rate", "0"), "write-rate"))
+        node = BlockNode(opts["node-name"], opts["file"], size)
+        machine.add_block_node(node)
+    except (ValueError, OSError) as e:
+        raise click.BadParameter(str(e), param_hint="--drive") from None
+    return node, rate
 
 
 def _failover_primary(machine: Machine, text: str) -> FailoverPrimary:

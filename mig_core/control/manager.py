@@ -17,6 +17,7 @@ from mig_core.control import capabilities as caps_mod
 from mig_core.control import parameters as params_mod
 from mig_core.control.advice import Advisor, verdict
 from mig_core.control.autopilot import Autopilot
+from mig_core.control.block_nodes import BlockNodeCommands
 from mig_core.control.dirty_log import GlobalDirtyLog
 from mig_core.control.events import EventEmitter
 from mig_core.control.flight_recorder import FlightRecorder
@@ -129,6 +130,7 @@ class MigrationManager:
         self.pm.register(self.recorder, "mig-flight-recorder")
         #: steers a migration that does not converge (x-set-migration-autopilot; off by default)
         self.autopilot = Autopilot(self)
+        self.block_nodes = BlockNodeCommands(self.machine)
         self.pm.register(self.autopilot, "mig-autopilot")
         #: xen-set-global-dirty-log: a consumer of the dirty tracker while the log is on
         self.global_dirty_log = GlobalDirtyLog(self.machine)
@@ -612,6 +614,26 @@ class MigrationManager:
 
     def x_query_snapshots(self) -> Any:
         return self.snapshots.query()
+
+    # -- QMP: block nodes and their dirty bitmaps (control/block_nodes.py) ----------------
+
+    def block_dirty_bitmap_add(self, args: Any) -> None:
+        self.block_nodes.add(args)
+
+    def block_dirty_bitmap_remove(self, args: Any) -> None:
+        self.block_nodes.remove(args)
+
+    def block_dirty_bitmap_clear(self, args: Any) -> None:
+        self.block_nodes.clear(args)
+
+    def block_dirty_bitmap_enable(self, args: Any) -> None:
+        self.block_nodes.enable(args)
+
+    def block_dirty_bitmap_disable(self, args: Any) -> None:
+        self.block_nodes.disable(args)
+
+    def query_named_block_nodes(self, args: Any) -> Any:
+        return self.block_nodes.query()
 
     def xen_save_devices_state(self, args: Any) -> None:
         self.snapshots.save_devices_file(args.filename, args.live is not False)

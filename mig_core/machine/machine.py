@@ -10,6 +10,7 @@ from typing import Any
 
 import structlog
 
+from mig_core.block.node import BlockNode
 from mig_core.ext import dirty_tracker
 from mig_core.ext.dirty_tracker import DirtyTracker, TrackerChoice
 from mig_core.ext.snapshot_backend import SnapshotBackend
@@ -54,6 +55,8 @@ class Machine:
         self._tracker: DirtyTracker | None = None
         #: Storage nodes by node name (snapshot-save's ``devices`` and ``vmstate`` name them).
         self.nodes: dict[str, SnapshotBackend] = {}
+        #: block nodes (files written through mig, with dirty bitmaps), by node name
+        self.block_nodes: dict[str, BlockNode] = {}
 
     # -- RAM -------------------------------------------------------------------
 
@@ -152,6 +155,15 @@ class Machine:
             raise ValueError(f"node-name '{name}' is already in use")
         self.nodes[name] = node
 
+    def add_block_node(self, node: BlockNode) -> None:
+        """Offer a block node (a file written through mig, with dirty bitmaps) as ``node.name``."""
+        name = node.name
+        if not _NODE_NAME.fullmatch(name):
+            raise ValueError(f"Invalid node name '{name}': a letter first, then letters, digits, '-', '.', '_'")
+        if name in self.nodes or name in self.block_nodes:
+            raise ValueError(f"node-name '{name}' is already in use")
+        self.block_nodes[name] = node
+
     # -- devices and run state --------------------------------------------------------
 
     def add_device(self, dev: Device) -> None:
@@ -173,6 +185,9 @@ class Machine:
         for node in self.nodes.values():
             node.close()
         self.nodes.clear()
+        for bnode in self.block_nodes.values():
+            bnode.close()
+        self.block_nodes.clear()
 
 
 def block_layout(blocks: Sequence[RAMBlock]) -> list[tuple[str, int, int]]:

@@ -20,6 +20,7 @@ import msgspec
 import numpy as np
 import structlog
 
+from mig_core.block.node import BlockNode
 from mig_core.machine.device import Device, DeviceStateError
 from mig_core.machine.machine import Machine
 from mig_core.machine.vcpu import Vcpu
@@ -199,12 +200,19 @@ class FailoverPrimary(Device):
         return self.machine.devices.get(self.id, self.instance) is self
 
 
+#: What the workload writes to a drive at once.
+DRIVE_BLOCK = 4096
+
+
 class Workload:
     """vCPU threads that dirty memory at a set rate and keep their records in RAM."""
 
-    def __init__(self, machine: Machine, rates: list[float], device: CounterDevice) -> None:
-        """``rates``: bytes per second each vCPU dirties."""
+    def __init__(self, machine: Machine, rates: list[float], device: CounterDevice,
+                 drives: list[tuple[BlockNode, float]] | None = None) -> None:
+        """``rates``: bytes per second each vCPU dirties; ``drives``: block nodes vCPU 0 writes, bytes per
+        second each (4 KiB writes at random aligned offsets, through the node so its bitmaps see them)."""
         self.machine = machine
+        self.drives = drives or []
         self.nvcpus = len(rates)
         self.rates = rates
         vcpus = self.nvcpus
@@ -237,6 +245,7 @@ class Workload:
         share = self.rates[v.index] if v.index < self.nvcpus else 0.0
         pos = [0] * len(mine)
         written = 0.0
+        owed = [0.0] * len(self.drives)
         last = time.monotonic()
         slept = v.throttled_seconds
         while not self.stop.is_set():
@@ -275,7 +284,19 @@ class Workload:
             m.mark_dirty(m.blocks[0].name, v.index * RECORD_STRIDE, RECORD.size)
             if v.index == 0:
                 self.device.tick()
+                owed = self._write_drives(owed, min(max(ran, 0.0), 0.01), counter)
             v.idle(0.001 if share else 0.005)  # an idle workload wakes less often; a stop wakes it at once
+
+    def _write_drives(self, owed: list[float], ran: float, counter: int) -> list[float]:
+        """Write what each drive is owed for ``ran`` seconds, in 4 KiB blocks stamped with ``counter``."""
+        for i, (node, rate) in enumerate(self.drives):
+            owed[i] += rate * ran
+            blocks = node.size // DRIVE_BLOCK
+            while owed[i] >= DRIVE_BLOCK and blocks:
+                owed[i] -= DRIVE_BLOCK
+                at = int(np.random.default_rng().integers(blocks)) * DRIVE_BLOCK
+                node.write(at, counter.to_bytes(8, "little") * (DRIVE_BLOCK // 8))
+        return owed
 
     def records(self) -> list[tuple[int, int, int, int]]:
         """(counter, heartbeat ns, pages written, longest gap ns) of each vCPU, read from RAM."""

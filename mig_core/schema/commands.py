@@ -12,6 +12,12 @@ from typing import Any
 from mig_core.qapi import UNSET, Any_, Bool, Int, Int64, QapiStruct, Str, UInt64, UnsetType
 from mig_core.schema.advice import MigrationAdvice, XQueryMigrationAdviceArgs
 from mig_core.schema.autopilot import AutopilotDecision, MigrationAutopilotInfo, XSetMigrationAutopilotArgs
+from mig_core.schema.block import (
+    BlockDeviceInfo,
+    BlockDirtyBitmapAddArgs,
+    BlockDirtyBitmapArgs,
+    QueryNamedBlockNodesArgs,
+)
 from mig_core.schema.common import (
     CommandInfo,
     EmptyStruct,
@@ -209,6 +215,12 @@ COMMANDS: dict[str, Command] = {
         Command("job-complete", JobIdArgs, EmptyStruct),
         Command("job-dismiss", JobIdArgs, EmptyStruct),
         Command("job-finalize", JobIdArgs, EmptyStruct),
+        Command("block-dirty-bitmap-add", BlockDirtyBitmapAddArgs, EmptyStruct),
+        Command("block-dirty-bitmap-remove", BlockDirtyBitmapArgs, EmptyStruct),
+        Command("block-dirty-bitmap-clear", BlockDirtyBitmapArgs, EmptyStruct),
+        Command("block-dirty-bitmap-enable", BlockDirtyBitmapArgs, EmptyStruct),
+        Command("block-dirty-bitmap-disable", BlockDirtyBitmapArgs, EmptyStruct),
+        Command("query-named-block-nodes", QueryNamedBlockNodesArgs, list[BlockDeviceInfo]),
         Command("x-query-snapshots", None, list[XSnapshotInfo], features=("unstable",)),
         Command("x-query-migration-record", None, list[Any_], features=("unstable",)),
         Command("x-query-migration-advice", XQueryMigrationAdviceArgs, MigrationAdvice, features=("unstable",)),

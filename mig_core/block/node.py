@@ -1,0 +1,121 @@
+"""A block node: a named file that host software writes through mig, with its dirty bitmaps.
+
+Writes go through ``BlockNode.write`` so every enabled bitmap sees them. Persistent bitmaps are kept in
+a sidecar file (``<file>.bitmaps``, msgpack) written when the node closes; while the node is open the
+sidecar says so, and bitmaps loaded from a sidecar that was never closed are marked inconsistent (the
+writes of the crashed run are unknown), as QEMU marks a qcow2 bitmap left "in use".
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import msgpack
+import structlog
+
+from mig_core.block.bitmap import DirtyBitmap
+
+log = structlog.get_logger("mig.block")
+
+_SIDECAR_VERSION = 1
+
+
+class BlockNode:
+    """One node: ``name``, backed by the file at ``path`` of ``size`` bytes (created or grown to it)."""
+
+    def __init__(self, name: str, path: str | Path, size: int | None = None) -> None:
+        self.name = name
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        current = os.fstat(self._fd).st_size
+        if size is not None and size != current:
+            if size < current:
+                os.close(self._fd)
+                raise ValueError(f"block node '{name}': {self.path} holds {current} bytes, more than size={size}")
+            os.ftruncate(self._fd, size)
+        self.size = size if size is not None else current
+        self.bitmaps: dict[str, DirtyBitmap] = {}
+        self._lock = threading.Lock()
+        self._load_bitmaps()
+        self._store_bitmaps(in_use=True)
+
+    @property
+    def sidecar(self) -> Path:
+        return self.path.with_name(self.path.name + ".bitmaps")
+
+    # -- data ----------------------------------------------------------------------------
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` at ``offset``; every enabled bitmap records it."""
+        n = memoryview(data).nbytes
+        if offset < 0 or offset + n > self.size:
+            raise ValueError(f"block node '{self.name}': write of {n} bytes at {offset} beyond its {self.size} bytes")
+        with self._lock:
+            if self._fd < 0:
+                raise ValueError(f"block node '{self.name}' is closed")
+            os.pwrite(self._fd, data, offset)
+            for bm in self.bitmaps.values():
+                bm.mark(offset, n)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return os.pread(self._fd, length, offset)
+
+    def flush(self) -> None:
+        os.fsync(self._fd)
+
+    # -- bitmaps -------------------------------------------------------------------------
+
+    def add_bitmap(self, bitmap: DirtyBitmap) -> None:
+        with self._lock:
+            self.bitmaps[bitmap.name] = bitmap
+
+    def remove_bitmap(self, name: str) -> DirtyBitmap:
+        with self._lock:
+            bm = self.bitmaps.pop(name)
+        if bm.persistent:
+            self._store_bitmaps(in_use=True)  # a removed persistent bitmap does not come back
+        return bm
+
+    def _load_bitmaps(self) -> None:
+        try:
+            raw = self.sidecar.read_bytes()
+        except FileNotFoundError:
+            return
+        try:
+            doc = msgpack.unpackb(raw, raw=False)
+            crashed = bool(doc["in-use"])
+            for name, b in doc["bitmaps"].items():
+                bm = DirtyBitmap(name, self.size, b["granularity"], enabled=b["enabled"], persistent=True)
+                bm.load_packed(b["bits"])
+                bm.inconsistent = crashed or bool(b.get("inconsistent", False))
+                self.bitmaps[name] = bm
+        except (ValueError, KeyError, TypeError, msgpack.UnpackException) as e:
+            log.warning("block_bitmaps_unreadable", node=self.name, sidecar=str(self.sidecar), error=str(e))
+            return
+        log.info("block_bitmaps_loaded", node=self.name, bitmaps=sorted(self.bitmaps),
+                 inconsistent=[n for n, b in self.bitmaps.items() if b.inconsistent])
+
+    def _store_bitmaps(self, in_use: bool) -> None:
+        persistent = {n: b for n, b in self.bitmaps.items() if b.persistent}
+        if not persistent and not self.sidecar.exists():
+            return
+        doc = {"version": _SIDECAR_VERSION, "in-use": in_use,
+               "bitmaps": {n: {"granularity": b.granularity, "enabled": b.enabled, "inconsistent": b.inconsistent,
+                               "bits": b.packed()} for n, b in persistent.items()}}
+        tmp = self.sidecar.with_name(self.sidecar.name + ".tmp")
+        tmp.write_bytes(msgpack.packb(doc, use_bin_type=True))
+        os.replace(tmp, self.sidecar)
+
+    def close(self) -> None:
+        """Store the persistent bitmaps (marked cleanly closed) and close the file."""
+        with self._lock:
+            if self._fd < 0:
+                return
+            try:
+                self._store_bitmaps(in_use=False)
+            except OSError as e:
+                log.warning("block_bitmaps_not_stored", node=self.name, error=e.strerror)
+            os.close(self._fd)
+            self._fd = -1
