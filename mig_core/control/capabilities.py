@@ -45,7 +45,7 @@ CAPABILITIES: tuple[CapabilitySpec, ...] = (
                                   "destination confirms it loaded everything."),
     CapabilitySpec(C.PAUSE_BEFORE_SWITCHOVER, "Stop in pre-switchover (machine stopped) until migrate-continue."),
     CapabilitySpec(C.MULTIFD, "Send pages over multifd-channels parallel connections."),
-    CapabilitySpec(C.DIRTY_BITMAPS, "Migrate block dirty bitmaps (accepted; mig has no block layer)."),
+    CapabilitySpec(C.DIRTY_BITMAPS, "Migrate block nodes' named dirty bitmaps (block-bitmap-mapping renames them)."),
     CapabilitySpec(C.POSTCOPY_BLOCKTIME, "On the destination, measure how long vCPUs wait for postcopy pages."),
     CapabilitySpec(C.LATE_BLOCK_ACTIVATE, "Historic: defer block activation until cont (no effect)."),
     CapabilitySpec(C.X_IGNORE_SHARED, "Do not send RAM blocks that are shared and file-backed; both ends map them.",

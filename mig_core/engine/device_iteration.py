@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from mig_core.engine import dirty_bitmaps
+from mig_core.engine.dirty_bitmaps import OutgoingBitmap
 from mig_core.errors import DeviceStateError
 from mig_core.machine.device import Device, DeviceRegistry, DeviceSection
 from mig_core.stream.writer import StreamWriter
@@ -26,6 +28,8 @@ class DeviceIteration:
         self._budgets: list[tuple[Device, int]] = []
         #: bytes of state sent by devices marked ``vfio`` (query-migrate's VfioStats.transferred)
         self.vfio_bytes = 0
+        #: dirty-bitmaps: the block nodes' bitmaps that go with the final state
+        self.bitmaps: list[OutgoingBitmap] = []
 
     @property
     def has_vfio(self) -> bool:
@@ -36,6 +40,8 @@ class DeviceIteration:
         """Every device's final state (vCPUs stopped), counted for ``vfio`` like its chunks."""
         for dev in self.devices:
             self.write_final(writer, dev, self.devices.save(dev))
+        if self.bitmaps:
+            writer.write_device(dirty_bitmaps.section(self.bitmaps))
 
     def write_final(self, writer: StreamWriter, dev: Device, section: DeviceSection) -> None:
         writer.write_device(section)

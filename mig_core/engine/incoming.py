@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from mig_core.engine import link_probe
+from mig_core.engine import dirty_bitmaps, link_probe
 from mig_core.engine.announce import start_announce
 from mig_core.engine.context import EngineContext
 from mig_core.engine.link_probe import PROBE_MAGIC
@@ -205,7 +205,9 @@ class IncomingMigration:
         package: CommandReceived | None = None
         try:
             for item in reader:
-                if isinstance(item, DeviceSection):
+                if isinstance(item, DeviceSection) and item.id == dirty_bitmaps.SECTION_ID:
+                    self._load_bitmaps(item)
+                elif isinstance(item, DeviceSection):
                     states.add(item)
                 elif isinstance(item, DevicePart):
                     machine.devices.lookup(item.id, item.instance, item.version).load_iterate(item.chunk)
@@ -254,7 +256,10 @@ class IncomingMigration:
             section = self.reader.next()
             if not isinstance(section, DeviceSection):
                 raise StreamError(f"CMD_PACKAGED: expected device state, got {type(section).__name__}")
-            states.add(section)
+            if section.id == dirty_bitmaps.SECTION_ID:
+                self._load_bitmaps(section)
+            else:
+                states.add(section)
         if self.multifd is not None:  # the source ended its multifd channels before the switch
             self.multifd.finish()
 
@@ -309,6 +314,12 @@ class IncomingMigration:
                     r.close()
         main.seek(layout.resume_offset)
         log.info("mapped_ram_loaded", pages=pages, readers=len(readers))
+
+    def _load_bitmaps(self, section: DeviceSection) -> None:
+        """The source's dirty bitmaps (capability dirty-bitmaps), placed on this host's block nodes."""
+        if not self.ctx.capability(C.DIRTY_BITMAPS):
+            raise StreamError("the source sends dirty bitmaps, but capability dirty-bitmaps is off here")
+        dirty_bitmaps.load(section, self.machine, self.ctx.parameter("block-bitmap-mapping"))
 
     def _drop_unsent(self, placer: CopyPlacer) -> None:
         """Pages the source never sent are zero there: drop whatever this host held in them.

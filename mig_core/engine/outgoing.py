@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import structlog
 
+from mig_core.engine import dirty_bitmaps
 from mig_core.engine.context import EngineContext
 from mig_core.engine.convergence import ConvergenceTrigger
 from mig_core.engine.device_iteration import DeviceIteration
@@ -268,6 +269,7 @@ class OutgoingMigration:
             self._consumer.close()
         for dev in self.machine.devices:
             dev.save_cleanup()
+        dirty_bitmaps.release(self.device_state.bitmaps)
         if self.channel is not None:
             self.channel.abort("migration ended")
             if self._out is not None:
@@ -327,6 +329,8 @@ class OutgoingMigration:
         self.unplugs.request()  # QEMU asks at setup's start and waits after the setup handlers ran
         for dev in self.machine.devices:
             dev.save_setup()
+        if self.caps[C.DIRTY_BITMAPS]:
+            self.device_state.bitmaps = dirty_bitmaps.plan(self.machine, self.ctx.parameter("block-bitmap-mapping"))
         self._consumer = self.machine.tracker().consumer("migration", sends=True, skip=self.ignored)
         self.pending = self._sync()
         self._device_pending = self.device_state.sync()

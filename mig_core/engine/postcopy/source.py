@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import structlog
 
+from mig_core.engine import dirty_bitmaps
 from mig_core.engine.device_iteration import DeviceIteration
 from mig_core.engine.return_path import Pong, RequestPages, SourceReturnPath
 from mig_core.engine.stats import MigrationCounters, RateLimiter, now_ms
@@ -348,9 +349,12 @@ def send_package(engine: SourceEngine, token: int) -> None:
     """PACKAGED and every device's state after it (the destination reads them whole, then runs)."""
     devices = list(engine.machine.devices)
     sections = [engine.machine.devices.save(dev) for dev in devices]
-    engine.writer.write_command(Command.PACKAGED, [token, len(sections)])
+    bitmaps = engine.device_state.bitmaps
+    engine.writer.write_command(Command.PACKAGED, [token, len(sections) + (1 if bitmaps else 0)])
     for dev, section in zip(devices, sections, strict=True):
         engine.device_state.write_final(engine.writer, dev, section)
+    if bitmaps:
+        engine.writer.write_device(dirty_bitmaps.section(bitmaps))
 
 
 def send_discards(engine: SourceEngine, coming: dict[str, np.ndarray]) -> None:
