@@ -37,6 +37,8 @@ class BlockNode:
             os.ftruncate(self._fd, size)
         self.size = size if size is not None else current
         self.bitmaps: dict[str, DirtyBitmap] = {}
+        #: anonymous bitmaps (a migration's own tracking): they see writes but are not listed
+        self._trackers: list[DirtyBitmap] = []
         self._lock = threading.Lock()
         self._load_bitmaps()
         self._store_bitmaps(in_use=True)
@@ -58,6 +60,25 @@ class BlockNode:
             os.pwrite(self._fd, data, offset)
             for bm in self.bitmaps.values():
                 bm.mark(offset, n)
+            for bm in self._trackers:
+                bm.mark(offset, n)
+
+    def write_untracked(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write without marking any bitmap: what an incoming migration places (its bitmaps come apart)."""
+        n = memoryview(data).nbytes
+        if offset < 0 or offset + n > self.size:
+            raise ValueError(f"block node '{self.name}': write of {n} bytes at {offset} beyond its {self.size} bytes")
+        with self._lock:
+            os.pwrite(self._fd, data, offset)
+
+    def add_tracker(self, bitmap: DirtyBitmap) -> None:
+        with self._lock:
+            self._trackers.append(bitmap)
+
+    def remove_tracker(self, bitmap: DirtyBitmap) -> None:
+        with self._lock:
+            if bitmap in self._trackers:
+                self._trackers.remove(bitmap)
 
     def read(self, offset: int, length: int) -> bytes:
         return os.pread(self._fd, length, offset)

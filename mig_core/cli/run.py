@@ -102,10 +102,12 @@ def _rates(_ctx: click.Context, param: click.Parameter, value: str) -> list[int]
               help="A failover primary device (a passthrough NIC beside a standby, as QEMU's virtio-net failover): "
                    "a migration first has the guest unplug it, which takes N ms (default 500), waiting in "
                    "wait-unplug; a failed or cancelled migration plugs it back (repeatable).")
-@click.option("--drive", "drives", multiple=True, metavar="node-name=N,file=PATH[,size=S][,write-rate=R]",
+@click.option("--drive", "drives", multiple=True,
+              metavar="node-name=N,file=PATH[,size=S][,write-rate=R][,migrate=on]",
               help="A block node backed by PATH (created or grown to S bytes): block-dirty-bitmap-* track what is "
                    "written to it; the workload writes R bytes per second to it (default 0) while the machine "
-                   "runs (repeatable).")
+                   "runs; with migrate=on its contents migrate with the machine (storage the destination does "
+                   "not share; give the destination the node with migrate=on too) (repeatable).")
 def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: bool, vcpus: int, dirty_rate: list[int],
         paused: bool, incoming: str | None, uuid: str | None, postcopy_prefetch: int, dirty_tracker: str | None,
         caps: tuple[str, ...], params: tuple[str, ...], flight_dir: str | None, no_flight_record: bool,
@@ -207,16 +209,19 @@ def _add_drive(machine: Machine, text: str) -> tuple[BlockNode, float]:
     opts: dict[str, str] = {}
     for item in text.split(","):
         key, eq, value = item.partition("=")
-        if not eq or key not in ("node-name", "file", "size", "write-rate"):
-            raise click.BadParameter(f"'{item}' is not node-name=, file=, size= or write-rate=", param_hint="--drive")
+        if not eq or key not in ("node-name", "file", "size", "write-rate", "migrate"):
+            raise click.BadParameter(f"'{item}' is not node-name=, file=, size=, write-rate= or migrate=",
+                                     param_hint="--drive")
         opts[key] = value
     if "node-name" not in opts or "file" not in opts:
         raise click.BadParameter("a drive needs node-name= and file=", param_hint="--drive")
     try:
         size = parse_size(opts["size"], "size") if "size" in opts else None
         rate = float(parse_size(opts.get("write-rate", "0"), "write-rate"))
+        if opts.get("migrate", "off") not in ("on", "off"):
+            raise ValueError(f"migrate={opts['migrate']}: on or off")
         node = BlockNode(opts["node-name"], opts["file"], size)
-        machine.add_block_node(node)
+        machine.add_block_node(node, migrate=opts.get("migrate") == "on")
     except (ValueError, OSError) as e:
         raise click.BadParameter(str(e), param_hint="--drive") from None
     return node, rate

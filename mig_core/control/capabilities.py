@@ -35,7 +35,7 @@ CAPABILITIES: tuple[CapabilitySpec, ...] = (
     CapabilitySpec(C.XBZRLE, "Delta-encode pages sent again against a cache of their previous contents."),
     CapabilitySpec(C.RDMA_PIN_ALL, "Register (pin) all RAM with the rdma transport up front instead of on demand."),
     CapabilitySpec(C.AUTO_CONVERGE, "Throttle vCPU threads when the program dirties memory faster than it is sent."),
-    CapabilitySpec(C.ZERO_BLOCKS, "Deprecated and without effect (block migration no longer exists)."),
+    CapabilitySpec(C.ZERO_BLOCKS, "Block data migration (a node added with migrate): zero blocks go as markers."),
     CapabilitySpec(C.EVENTS, "Emit MIGRATION and MIGRATION_PASS events on this side."),
     CapabilitySpec(C.POSTCOPY_RAM,
                    "Allow switching to postcopy: run on the destination, fetch missing pages on fault."),

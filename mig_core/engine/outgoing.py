@@ -35,6 +35,7 @@ from mig_core.engine.xbzrle_send import XbzrleSender
 from mig_core.errors import MigrationFailed, QMPError
 from mig_core.ext.channel import Channel, ChannelAborted, ChannelError
 from mig_core.ext.dirty_tracker import DirtyConsumer
+from mig_core.machine.block_data import BlockDataDevice
 from mig_core.machine.device import DeviceStateError
 from mig_core.machine.vcpu import VcpuStopTimeout
 from mig_core.memory.ram import RAMBlock
@@ -328,6 +329,8 @@ class OutgoingMigration:
             self._start_multifd()
         self.unplugs.request()  # QEMU asks at setup's start and waits after the setup handlers ran
         for dev in self.machine.devices:
+            if isinstance(dev, BlockDataDevice):
+                dev.zero_blocks = self.caps[C.ZERO_BLOCKS]
             dev.save_setup()
         if self.caps[C.DIRTY_BITMAPS]:
             self.device_state.bitmaps = dirty_bitmaps.plan(self.machine, self.ctx.parameter("block-bitmap-mapping"))

@@ -14,6 +14,7 @@ from mig_core.block.node import BlockNode
 from mig_core.ext import dirty_tracker
 from mig_core.ext.dirty_tracker import DirtyTracker, TrackerChoice
 from mig_core.ext.snapshot_backend import SnapshotBackend
+from mig_core.machine.block_data import BlockDataDevice
 from mig_core.machine.blockers import MigrationBlockers
 from mig_core.machine.device import Device, DeviceRegistry
 from mig_core.machine.runstate import RunStateMachine
@@ -155,14 +156,18 @@ class Machine:
             raise ValueError(f"node-name '{name}' is already in use")
         self.nodes[name] = node
 
-    def add_block_node(self, node: BlockNode) -> None:
-        """Offer a block node (a file written through mig, with dirty bitmaps) as ``node.name``."""
+    def add_block_node(self, node: BlockNode, migrate: bool = False) -> None:
+        """Offer a block node (a file written through mig, with dirty bitmaps) as ``node.name``; with
+        ``migrate`` its contents migrate with the machine (storage the destination does not share: add it
+        with ``migrate`` there too)."""
         name = node.name
         if not _NODE_NAME.fullmatch(name):
             raise ValueError(f"Invalid node name '{name}': a letter first, then letters, digits, '-', '.', '_'")
         if name in self.nodes or name in self.block_nodes:
             raise ValueError(f"node-name '{name}' is already in use")
         self.block_nodes[name] = node
+        if migrate:
+            self.add_device(BlockDataDevice(node))
 
     # -- devices and run state --------------------------------------------------------
 
