@@ -4,11 +4,18 @@ Writes go through ``BlockNode.write`` so every enabled bitmap sees them. Persist
 a sidecar file (``<file>.bitmaps``, msgpack) written when the node closes; while the node is open the
 sidecar says so, and bitmaps loaded from a sidecar that was never closed are marked inconsistent (the
 writes of the crashed run are unknown), as QEMU marks a qcow2 bitmap left "in use".
+
+An active node holds a write lock on its file (an open-file-description lock, as QEMU's image locking),
+so a second process opening it for writing sees it; an incoming migration opens its nodes inactive and
+activates them when the machine takes over (with ``late-block-activate``, at ``cont``).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import struct
 import threading
 from pathlib import Path
 
@@ -20,6 +27,12 @@ from mig_core.block.bitmap import DirtyBitmap
 log = structlog.get_logger("mig.block")
 
 _SIDECAR_VERSION = 1
+#: struct flock: type, whence, start, len, pid (0 for an OFD lock)
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+class NodeLockError(OSError):
+    """Another process holds the node's file (QEMU: ``Failed to get "write" lock``)."""
 
 
 class BlockNode:
@@ -36,6 +49,8 @@ class BlockNode:
                 raise ValueError(f"block node '{name}': {self.path} holds {current} bytes, more than size={size}")
             os.ftruncate(self._fd, size)
         self.size = size if size is not None else current
+        #: holds the write lock and may be written by the program (an incoming node is inactive until then)
+        self.active = False
         self.bitmaps: dict[str, DirtyBitmap] = {}
         #: anonymous bitmaps (a migration's own tracking): they see writes but are not listed
         self._trackers: list[DirtyBitmap] = []
@@ -85,6 +100,32 @@ class BlockNode:
 
     def flush(self) -> None:
         os.fsync(self._fd)
+
+    def _lock_file(self, kind: int) -> None:
+        fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, 0, 0, 0))
+
+    def activate(self) -> None:
+        """Take the write lock (NodeLockError if another process has the file); idempotent."""
+        if self.active:
+            return
+        try:
+            self._lock_file(fcntl.F_WRLCK)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise NodeLockError(f'Failed to get "write" lock: Is another process using the image '
+                                    f"[{self.path}]?") from None
+            raise
+        self.active = True
+        log.info("block_node_activated", node=self.name)
+
+    def inactivate(self) -> None:
+        """Flush and let the lock go (the source at switchover: the destination takes over the file)."""
+        if not self.active or self._fd < 0:
+            return
+        self.flush()
+        self._lock_file(fcntl.F_UNLCK)
+        self.active = False
+        log.info("block_node_inactivated", node=self.name)
 
     # -- bitmaps -------------------------------------------------------------------------
 

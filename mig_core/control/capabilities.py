@@ -47,7 +47,7 @@ CAPABILITIES: tuple[CapabilitySpec, ...] = (
     CapabilitySpec(C.MULTIFD, "Send pages over multifd-channels parallel connections."),
     CapabilitySpec(C.DIRTY_BITMAPS, "Migrate block nodes' named dirty bitmaps (block-bitmap-mapping renames them)."),
     CapabilitySpec(C.POSTCOPY_BLOCKTIME, "On the destination, measure how long vCPUs wait for postcopy pages."),
-    CapabilitySpec(C.LATE_BLOCK_ACTIVATE, "Historic: defer block activation until cont (no effect)."),
+    CapabilitySpec(C.LATE_BLOCK_ACTIVATE, "A destination that stays paused takes its block nodes' locks at cont."),
     CapabilitySpec(C.X_IGNORE_SHARED, "Do not send RAM blocks that are shared and file-backed; both ends map them.",
                    True),
     CapabilitySpec(C.VALIDATE_UUID, "Send the source uuid; the destination refuses a stream from another uuid."),

@@ -241,6 +241,11 @@ class MigrationManager:
         self.run.stop()
 
     def cont(self) -> None:
+        if self.run.state not in (RunState.INMIGRATE, RunState.FINISH_MIGRATE):
+            try:  # late-block-activate left them for now (QEMU's qmp_cont activates first)
+                self.machine.activate_block_nodes()
+            except OSError as e:
+                raise QMPError(str(e)) from None
         self.run.cont()
 
     def quit(self) -> None:

@@ -399,6 +399,14 @@ class IncomingMigration:
         run = self.machine.run
         source_state = self.ctx.global_state.received_runstate
         self.ctx.hooks.switchover(self.ctx.migration_id, self.status.side)
+        will_run = source_state in (None, RunState.RUNNING, RunState.FINISH_MIGRATE) and run.autostart
+        if will_run or not self.ctx.capability(C.LATE_BLOCK_ACTIVATE):  # late: at cont, unless it runs now
+            try:
+                self.machine.activate_block_nodes()
+            except OSError as e:  # QEMU's rule: report it, and the machine stays stopped
+                log.error("block_nodes_not_activated", error=str(e))
+                run.set(RunState.PAUSED)
+                return
         if source_state in (None, RunState.RUNNING, RunState.FINISH_MIGRATE):
             run.set(RunState.RUNNING if run.autostart else RunState.PAUSED)
         else:

@@ -241,8 +241,13 @@ class OutgoingMigration:
         log.info("migration_thread_exit", status=status.state.value)
 
     def _end_unsuccessfully(self, error: str | None) -> None:
-        """Put unplugged devices back, restore the source's run state, then land in cancelled or failed."""
+        """Put unplugged devices back, take the storage back, restore the source's run state, then land in
+        cancelled or failed."""
         self.unplugs.replug()
+        try:
+            self.machine.activate_block_nodes()
+        except OSError as e:  # another process took the file meanwhile: the source cannot write it
+            log.error("block_nodes_not_reactivated", error=str(e))
         c = self.counters
         c.end_ms = now_ms()
         if self._runstate_before is not None and self.machine.run.state is RunState.FINISH_MIGRATE:

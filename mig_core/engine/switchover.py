@@ -137,6 +137,7 @@ def complete_precopy(engine: SwitchoverEngine) -> None:
         engine._account(0, running=False)
     log.debug("switchover_ram_sent", ms_since_stop=now_ms() - (c.downtime_start_ms or 0))
     engine.device_state.save_final(engine.writer)
+    engine.machine.inactivate_block_nodes()  # storage goes to the destination (re-activated on failure)
     engine.writer.write_end()
     engine._flush()
     engine._ch.finish()

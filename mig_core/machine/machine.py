@@ -165,9 +165,22 @@ class Machine:
             raise ValueError(f"Invalid node name '{name}': a letter first, then letters, digits, '-', '.', '_'")
         if name in self.nodes or name in self.block_nodes:
             raise ValueError(f"node-name '{name}' is already in use")
+        if self.run.state is not RunState.INMIGRATE:  # an incoming machine's nodes wait for the migration
+            node.activate()
         self.block_nodes[name] = node
         if migrate:
             self.add_device(BlockDataDevice(node))
+
+    def activate_block_nodes(self) -> None:
+        """Take every block node's write lock (the machine takes over its storage); NodeLockError if one
+        is held by another process (the nodes activated before it stay active)."""
+        for node in self.block_nodes.values():
+            node.activate()
+
+    def inactivate_block_nodes(self) -> None:
+        """Flush and unlock every block node (a source handing its storage to the destination)."""
+        for node in self.block_nodes.values():
+            node.inactivate()
 
     # -- devices and run state --------------------------------------------------------
 

@@ -355,6 +355,7 @@ def send_package(engine: SourceEngine, token: int) -> None:
         engine.device_state.write_final(engine.writer, dev, section)
     if bitmaps:
         engine.writer.write_device(dirty_bitmaps.section(bitmaps))
+    engine.machine.inactivate_block_nodes()  # the destination runs from here: its storage (back on failure)
 
 
 def send_discards(engine: SourceEngine, coming: dict[str, np.ndarray]) -> None:
