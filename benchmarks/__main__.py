@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import convergence, machine, migration, multifd, postcopy, qemu, snapshot
+from benchmarks import block, convergence, machine, migration, multifd, postcopy, qemu, snapshot
 from mig_core.logconfig import configure_logging
 
 
@@ -23,7 +23,8 @@ def _cpu() -> str:
 
 def main() -> None:
     configure_logging(level=os.environ.get("MIG_LOG_LEVEL", "warning"))
-    which = sys.argv[1:] or ["machine", "migration", "convergence", "multifd", "postcopy", "snapshot", "qemu"]
+    which = sys.argv[1:] or ["machine", "migration", "convergence", "multifd", "postcopy", "snapshot", "block",
+                             "qemu"]
     print(f"machine: {_cpu()}\n")
     if "machine" in which:
         data_path()
@@ -35,6 +36,8 @@ def main() -> None:
         postcopy.main()
     if "snapshot" in which:
         snapshot.main()
+    if "block" in which:
+        block.main()
     if "qemu" in which:
         qemu.main()
     if "convergence" in which:

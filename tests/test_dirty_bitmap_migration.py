@@ -133,3 +133,25 @@ async def test_a_name_too_long_to_send_fails_the_setup(start_host, tmp_path):
     finally:
         await src.disconnect()
         await dst.disconnect()
+
+
+async def test_an_unknown_bitmap_alias_drops_the_bitmaps(start_host, tmp_path):
+    s, d, src, dst = await pair(start_host, tmp_path)
+    try:
+        for name in ("a", "b"):
+            await src.execute("block-dirty-bitmap-add", {"node": "disk0", "name": name})
+        await src.execute("migrate-set-parameters", {"block-bitmap-mapping": [
+            {"node-name": "disk0", "alias": "d",
+             "bitmaps": [{"name": "a", "alias": "x"}, {"name": "b", "alias": "y"}]}]})
+        await dst.execute("migrate-set-parameters", {"block-bitmap-mapping": [
+            {"node-name": "disk0", "alias": "d", "bitmaps": [{"name": "a", "alias": "x"}]}]})
+        await start(src, dst)
+        assert (await wait_for_status(src, {"completed", "failed"}, timeout=60))["status"] == "completed"
+        assert (await wait_for_status(dst, {"completed", "failed"}))["status"] == "completed"
+        # as QEMU cancels the incoming bitmaps: none is kept, not even the one it could place
+        assert await bitmaps(dst) == {}
+        [cancel] = [e for e in d.log_events() if e.get("event") == "dirty_bitmaps_cancelled"]
+        assert cancel["error"] == "Error: Unknown bitmap alias 'y' on node 'disk0' (alias 'd')"
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
