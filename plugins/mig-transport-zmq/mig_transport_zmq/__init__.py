@@ -152,8 +152,9 @@ class ZmqChannel(Channel):
         if self._push.closed:
             return
         # ordered after this channel's data: the pump forwards everything before it lets the channel go;
-        # only an aborted channel is dropped at once (as a reset connection), any other is delivered
-        marker = _ABORT if self.abort_reason is not None else _CLOSE
+        # only a channel aborted before it finished is dropped at once (as a reset connection), any other
+        # is delivered (the engine aborts every channel when a migration ends, finished ones included)
+        marker = _ABORT if self.abort_reason is not None and not self._finished else _CLOSE
         self._push.send_multipart([self._ident, b"", marker])
         self._push.close()
         self._pump.release()
