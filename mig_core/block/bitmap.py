@@ -38,6 +38,15 @@ class DirtyBitmap:
             with self._lock:
                 self.bits[offset // self.granularity:(offset + length - 1) // self.granularity + 1] = True
 
+    def unusable(self, allow_inconsistent: bool = False) -> str | None:
+        """Why a command or a migration may not use this bitmap now (QEMU's bdrv_dirty_bitmap_check); None
+        if it may. Removal allows an inconsistent one."""
+        if self.busy:
+            return f"Bitmap '{self.name}' is currently in use by another operation and cannot be used"
+        if self.inconsistent and not allow_inconsistent:
+            return f"Bitmap '{self.name}' is inconsistent and cannot be used"
+        return None
+
     @property
     def count(self) -> int:
         """Dirty bytes as QEMU counts them: dirty granules × granularity."""

@@ -66,9 +66,7 @@ class BlockNode:
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` at ``offset``; every enabled bitmap records it."""
-        n = memoryview(data).nbytes
-        if offset < 0 or offset + n > self.size:
-            raise ValueError(f"block node '{self.name}': write of {n} bytes at {offset} beyond its {self.size} bytes")
+        n = self._check_range(offset, data)
         with self._lock:
             if self._fd < 0:
                 raise ValueError(f"block node '{self.name}' is closed")
@@ -80,11 +78,16 @@ class BlockNode:
 
     def write_untracked(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write without marking any bitmap: what an incoming migration places (its bitmaps come apart)."""
+        self._check_range(offset, data)
+        with self._lock:
+            os.pwrite(self._fd, data, offset)
+
+    def _check_range(self, offset: int, data: bytes | bytearray | memoryview) -> int:
+        """The write's length; ValueError if it does not fit the node."""
         n = memoryview(data).nbytes
         if offset < 0 or offset + n > self.size:
             raise ValueError(f"block node '{self.name}': write of {n} bytes at {offset} beyond its {self.size} bytes")
-        with self._lock:
-            os.pwrite(self._fd, data, offset)
+        return n
 
     def add_tracker(self, bitmap: DirtyBitmap) -> None:
         with self._lock:

@@ -26,12 +26,10 @@ from mig_core.schema.block import (
 log = structlog.get_logger("mig.block")
 
 
-def _usable(bm: DirtyBitmap) -> None:
-    """QEMU's bdrv_dirty_bitmap_check with BDRV_BITMAP_DEFAULT: neither busy nor inconsistent."""
-    if bm.busy:
-        raise QMPError(f"Bitmap '{bm.name}' is currently in use by another operation and cannot be used")
-    if bm.inconsistent:
-        raise QMPError(f"Bitmap '{bm.name}' is inconsistent and cannot be used")
+def _usable(bm: DirtyBitmap, allow_inconsistent: bool = False) -> None:
+    reason = bm.unusable(allow_inconsistent)
+    if reason is not None:
+        raise QMPError(reason)
 
 
 class BlockNodeCommands:
@@ -69,8 +67,7 @@ class BlockNodeCommands:
 
     def remove(self, args: BlockDirtyBitmapArgs) -> None:
         bs, bm = self._lookup(args.node, args.name)
-        if bm.busy:
-            raise QMPError(f"Bitmap '{bm.name}' is currently in use by another operation and cannot be used")
+        _usable(bm, allow_inconsistent=True)
         bs.remove_bitmap(bm.name)
         log.info("dirty_bitmap_removed", node=bs.name, bitmap=bm.name)
 

@@ -65,11 +65,9 @@ def plan(machine: Machine, mapping: object) -> list[OutgoingBitmap]:
         else:
             node_alias, inner = node.name, None
         for bm in node.bitmaps.values():
-            if bm.busy:
-                raise MigrationFailed(f"Bitmap '{bm.name}' is currently in use by another operation and cannot be "
-                                      "used")
-            if bm.inconsistent:
-                raise MigrationFailed(f"Bitmap '{bm.name}' is inconsistent and cannot be used")
+            reason = bm.unusable()
+            if reason is not None:
+                raise MigrationFailed(reason)
             persistent = bm.persistent
             if inner is not None:
                 alias = inner.get(bm.name)
@@ -137,19 +135,15 @@ def load(sec: DeviceSection, machine: Machine, mapping: object) -> list[str]:
             bm.load_packed(e["bits"])
             node.add_bitmap(bm)
             created.append((node, bm))
-    except _Cancelled as c:
-        for node, bm in created:
+    except BaseException as err:
+        for node, bm in created:  # none is kept, whatever stopped the load
             node.remove_bitmap(bm.name)
-        log.error("dirty_bitmaps_cancelled", error=str(c))
-        return []
-    except StreamError:
-        for node, bm in created:
-            node.remove_bitmap(bm.name)
+        if isinstance(err, _Cancelled):
+            log.error("dirty_bitmaps_cancelled", error=str(err))
+            return []
+        if isinstance(err, (KeyError, TypeError, ValueError)) and not isinstance(err, StreamError):
+            raise StreamError(f"corrupt dirty-bitmap section: {err!r}") from None
         raise
-    except (KeyError, TypeError, ValueError) as err:
-        for node, bm in created:
-            node.remove_bitmap(bm.name)
-        raise StreamError(f"corrupt dirty-bitmap section: {err!r}") from None
     names = [f"{node.name}/{bm.name}" for node, bm in created]
     log.info("dirty_bitmaps_loaded", bitmaps=names)
     return names

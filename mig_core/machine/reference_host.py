@@ -213,6 +213,7 @@ class Workload:
         second each (4 KiB writes at random aligned offsets, through the node so its bitmaps see them)."""
         self.machine = machine
         self.drives = drives or []
+        self._drive_rng = np.random.default_rng()  # vCPU 0 alone draws from it
         self.nvcpus = len(rates)
         self.rates = rates
         vcpus = self.nvcpus
@@ -294,7 +295,7 @@ class Workload:
             blocks = node.size // DRIVE_BLOCK
             while owed[i] >= DRIVE_BLOCK and blocks:
                 owed[i] -= DRIVE_BLOCK
-                at = int(np.random.default_rng().integers(blocks)) * DRIVE_BLOCK
+                at = int(self._drive_rng.integers(blocks)) * DRIVE_BLOCK
                 node.write(at, counter.to_bytes(8, "little") * (DRIVE_BLOCK // 8))
         return owed
 
