@@ -15,6 +15,7 @@ import numpy as np
 import structlog
 
 from mig_core.engine.context import EngineContext, StatusCell
+from mig_core.engine.convergence import ConvergenceTrigger
 from mig_core.engine.device_iteration import DeviceIteration
 from mig_core.engine.multifd_send import MultifdSender
 from mig_core.engine.return_path import SourceReturnPath
@@ -47,6 +48,7 @@ class SwitchoverEngine(Protocol):
     return_path: SourceReturnPath | None
     multifd: MultifdSender | None
     mapped: MappedRamWriter | None
+    convergence: ConvergenceTrigger
     pending: dict[str, np.ndarray]
     _runstate_before: RunState | None
 
@@ -152,9 +154,10 @@ def complete_precopy(engine: SwitchoverEngine) -> None:
 
 def report_completed(engine: SwitchoverEngine, current: S, **figures: Any) -> None:
     """Freeze the clocks and move ``current`` to completed, the source in postmigrate first (so whoever
-    sees completed sees postmigrate too)."""
+    sees completed sees postmigrate too, and the operator's dirty limits back in place)."""
     c, run = engine.counters, engine.machine.run
     c.finish()
+    engine.convergence.stop()
     run.set(RunState.POSTMIGRATE)
     if not engine.status.cas(current, S.COMPLETED):
         run.set(RunState.FINISH_MIGRATE)  # not completed after all: the failure path decides the run state
