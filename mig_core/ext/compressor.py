@@ -32,7 +32,12 @@ class Encoder(ABC):
 
     @abstractmethod
     def compress(self, data: bytes | memoryview) -> bytes:
-        """Compress one packet's payload so that the peer can decode it on its own arrival."""
+        """Compress one packet's payload so that the peer can decode it on its own arrival.
+
+        ``data`` may be live RAM that a vCPU writes meanwhile (the page is then dirty and sent again): read
+        each byte once, from a copy (your own, or a codec's that buffers its input), never match against
+        ``data`` in place, or a page written meanwhile corrupts pages nobody wrote
+        (``CompressorContract.test_pages_written_meanwhile_leave_the_others_intact``)."""
 
     def compress_parts(self, data: bytes | memoryview) -> list[bytes | memoryview]:
         """``compress`` as buffers to send one after the other (what the multifd channels call).
