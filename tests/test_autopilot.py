@@ -12,8 +12,11 @@ from qemu.qmp import EventListener
 from mig_core.engine.autopilot import AutopilotPolicy
 from mig_core.testing import connect, qmp_error, wait_for_status
 
-# 8 MB/s of distinct pages (two vCPUs) against 4 MB/s of bandwidth: every pass finds all 8 MiB dirty again
-WL = ("--ram", "8M", "--ram-fill", "random", "--vcpus", "2", "--dirty-rate", "4000000,4000000")
+# 8 MB/s of distinct pages (two vCPUs) against 4 MB/s of bandwidth: every pass finds all 4 MiB dirty again
+WL = ("--ram", "4M", "--ram-fill", "random", "--vcpus", "2", "--dirty-rate", "4000000,4000000")
+#: the dirty-limit case keeps 8 MiB: with 4 MiB its migration took 46 s against 15 s (measured; the slower
+#: convergence of a dirty limit on so small a RAM is noted in the issue, not investigated here)
+WL_LIMITED = ("--ram", "8M", *WL[2:])
 BANDWIDTH = 4_000_000
 
 
@@ -21,9 +24,10 @@ def on(*caps: str) -> dict:
     return {"capabilities": [{"capability": c, "state": True} for c in caps]}
 
 
-async def start(start_host, tmp_path, caps: tuple[str, ...] = (), env: dict | None = None):
-    src_h = start_host(*WL, name="src", env=env)
-    dst_h = start_host(*WL, "--incoming", "defer", name="dst")
+async def start(start_host, tmp_path, caps: tuple[str, ...] = (), env: dict | None = None,
+                workload: tuple[str, ...] = WL):
+    src_h = start_host(*workload, name="src", env=env)
+    dst_h = start_host(*workload, "--incoming", "defer", name="dst")
     src, dst = await connect(src_h.sock), await connect(dst_h.sock)
     for c in (src, dst):
         await c.execute("migrate-set-capabilities", on("events", *caps))
@@ -43,16 +47,17 @@ async def test_without_the_autopilot_it_does_not_converge_with_it_it_switches_to
     assert await src.execute("x-query-migration-autopilot") == {
         "enabled": False, "stalled-passes": 3, "deadline": 0, "decisions": []}
     await src.execute("migrate", {"uri": f"unix:{tmp_path}/m.sock"})
-    # eight passes without the autopilot: remaining never falls, nothing steps in
+    # six passes without the autopilot (twice the default stalled-passes): remaining never falls, nothing
+    # steps in
     deadline = time.monotonic() + 180
     while True:
         info = await src.execute("query-migrate")
-        if info["status"] not in ("setup", "active") or info.get("ram", {}).get("dirty-sync-count", 0) >= 8:
+        if info["status"] not in ("setup", "active") or info.get("ram", {}).get("dirty-sync-count", 0) >= 6:
             break
         assert time.monotonic() < deadline, info
         await asyncio.sleep(0.1)
-    assert info["status"] == "active" and info["ram"]["dirty-sync-count"] >= 8, info
-    assert info["ram"]["remaining"] > 4 << 20  # more than half the RAM still to send, pass after pass
+    assert info["status"] == "active" and info["ram"]["dirty-sync-count"] >= 6, info
+    assert info["ram"]["remaining"] > 2 << 20  # more than half the RAM still to send, pass after pass
     assert (await src.execute("x-query-migration-autopilot"))["decisions"] == []
     await src.execute("migrate_cancel")
     assert (await wait_for_status(src, {"cancelled"}))["status"] == "cancelled"
@@ -80,7 +85,7 @@ async def test_without_the_autopilot_it_does_not_converge_with_it_it_switches_to
 
 
 async def test_the_autopilot_applies_a_dirty_limit_where_vcpus_are_attributed(start_host, tmp_path):
-    src, dst = await start(start_host, tmp_path, env={"MIG_DIRTY_TRACKER": "host"})
+    src, dst = await start(start_host, tmp_path, env={"MIG_DIRTY_TRACKER": "host"}, workload=WL_LIMITED)
     await src.execute("migrate-set-parameters", {"vcpu-dirty-limit": 1})  # 2 vCPUs: 2 MB/s, half the bandwidth
     await src.execute("x-set-migration-autopilot", {"enabled": True, "stalled-passes": 2})
     await src.execute("migrate", {"uri": f"unix:{tmp_path}/m.sock"})

@@ -206,7 +206,6 @@ def _threads_in_fault(pid: int) -> int:
 
 async def test_destination_qmp_answers_while_a_vcpu_waits_on_a_cut_link(start_host, tmp_path):
     import asyncio
-    import time
 
     src_h, dst_h, src, dst = await _pair(start_host)  # the destination runs: its vCPUs fault
     proxy = None
@@ -225,19 +224,14 @@ async def test_destination_qmp_answers_while_a_vcpu_waits_on_a_cut_link(start_ho
                 break
             await asyncio.sleep(0.02)
         assert _threads_in_fault(dst_h.proc.pid), "no destination thread waits on a missing page"
-        worst = 0.0
-        t_end = time.monotonic() + 10
-        while time.monotonic() < t_end:
-            t0 = time.monotonic()
-            info = await dst.execute("query-migrate")
-            worst = max(worst, time.monotonic() - t0)
+        # the monitor answers, again and again, while the fault goes on (a server stuck behind the fault
+        # would never answer: nothing arrives until migrate-recover, which it would have to read first)
+        for _ in range(20):
+            info = await asyncio.wait_for(dst.execute("query-migrate"), 10)
             assert info["status"] == "postcopy-paused", info
             assert _threads_in_fault(dst_h.proc.pid)  # still blocked: nothing arrived meanwhile
             await asyncio.sleep(0.05)
-        assert worst < 0.1, f"query-migrate took {worst * 1000:.1f} ms"
-        t0 = time.monotonic()
-        await dst.execute("migrate-recover", {"uri": f"unix:{tmp_path}/r.sock"})
-        assert time.monotonic() - t0 < 0.5
+        await asyncio.wait_for(dst.execute("migrate-recover", {"uri": f"unix:{tmp_path}/r.sock"}), 10)
         await src.execute("migrate-set-parameters", {"max-postcopy-bandwidth": 0})
         await src.execute("migrate", {"uri": f"unix:{tmp_path}/r.sock", "resume": True})
         done = await wait_for_status(src, {"completed", "failed"}, timeout=60)
