@@ -15,12 +15,13 @@ from mig_core.errors import QMPError
 from mig_core.machine.blockers import BlockerRefused
 from mig_core.machine.device import Device
 from mig_core.machine.machine import Machine
+from mig_core.plugin.registry import PluginRegistry
 from mig_core.qapi import to_qmp
 from mig_core.qapi.visitor import from_qmp
 from mig_core.schema.common import RunState
 from mig_core.schema.migration import MigMode, MigrationStatus
 from mig_core.schema.parameters import MigrateSetParameters
-from mig_core.testing import LoopbackTransport, connect, migrate_in_process, wait_until
+from mig_core.testing import LoopbackTransport, connect, migrate_in_process, qmp_error, wait_until
 
 
 async def test_a_blocked_host_refuses_migrate_and_snapshot_save(start_host, tmp_path):
@@ -61,6 +62,35 @@ def machine(runstate: RunState) -> Machine:
     m.blocks[0].array[:] = np.random.default_rng(3).integers(0, 256, 8 << 20, dtype=np.uint8)
     m.mark_pages("ram0", np.arange(m.blocks[0].npages))
     return m
+
+
+async def test_mig_blocks_a_host_no_dirty_tracker_can_serve(start_host, tmp_path):
+    """mig registers a blocker itself when no tracker can serve the machine (here the one named in
+    MIG_DIRTY_TRACKER is not installed): migrate is refused with the reason before anything starts, the
+    host runs on, and query-migrate lists it."""
+    h = start_host("--ram", "16M", env={"MIG_DIRTY_TRACKER": "hash", "MIG_DISABLED_PLUGINS": "mig-tracker-hash"})
+    c = await connect(h.sock)
+    [reason] = (await c.execute("query-migrate"))["blocked-reasons"]
+    assert reason.startswith("dirty tracking is not available: ") and "'hash'" in reason, reason
+    assert await qmp_error(c.execute("migrate", {"uri": f"unix:{tmp_path}/nowhere.sock"})) == reason
+    assert await c.execute("query-migrate") == {"blocked-reasons": [reason]}  # nothing started
+    assert (await c.execute("query-status"))["status"] == "running"
+    await c.disconnect()
+
+
+def test_an_embedded_machine_no_tracker_serves_is_blocked_at_migrate():
+    """Host software that never started tracking: migrate finds that no tracker serves the machine (no
+    host marks, the plugins hidden) and refuses with mig's blocker instead of failing in setup."""
+    registry = PluginRegistry(disabled={"mig-tracker-hash", "mig-tracker-uffd-wp"})
+    m = Machine(registry=registry)
+    m.add_ram("ram0", 1 << 20)
+    src = MigrationManager(m)
+    transport = LoopbackTransport()
+    with pytest.raises(QMPError, match="^dirty tracking is not available: no dirty tracker works here: ") as e:
+        src.migrate_with(transport, transport.address())
+    assert "host: the host does not report its writes with mark_dirty()" in e.value.desc
+    assert src.source.state is MigrationStatus.NONE
+    assert to_qmp(src.query_migrate()) == {"blocked-reasons": [e.value.desc]}
 
 
 def test_blockers_refuse_until_removed_and_unmigratable_devices_block():

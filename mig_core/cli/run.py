@@ -32,6 +32,7 @@ from mig_core.qmp.address import parse_monitor_address
 from mig_core.qmp.server import QMPServer
 from mig_core.schema.commands import MigrateIncomingArgs, MigrateSetCapabilitiesArgs
 from mig_core.schema.common import RunState
+from mig_core.schema.migration import MigMode
 from mig_core.schema.parameters import MigrateSetParameters
 
 log = structlog.get_logger("mig.run")
@@ -167,7 +168,7 @@ def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: boo
                                  param_hint="--cap/--param") from None
     try:
         log.info("dirty_tracker", tracker=machine.tracker_class().name)  # chosen now, not at migrate time
-    except ValueError as e:
+    except (ValueError, PluginNotFound) as e:
         if dirty_tracker is not None:  # asked for by name: it must work
             raise click.BadParameter(str(e), param_hint="--dirty-tracker") from None
         log.warning("no_dirty_tracker", error=str(e))
@@ -175,10 +176,9 @@ def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: boo
     # a destination may start with stale contents too: what the source does not send is dropped
     fill(machine, ram_fill)
     if incoming is None:
-        try:
-            machine.start_tracking()  # arm the tracker now: migrations then start without that cost
-        except ValueError as e:
-            log.warning("dirty_tracking_unavailable", error=str(e))
+        # arm the tracker now: migrations then start without that cost (or mig blocks them, saying why)
+        if not machine.start_tracking():
+            log.warning("dirty_tracking_unavailable", blocked_reasons=machine.blockers.reasons(MigMode.NORMAL))
     workload = Workload(machine, rates, device, drive_rates)
 
     def incoming_failed(error: str, exit_on_error: bool) -> None:

@@ -400,6 +400,7 @@ class MigrationManager:
                 raise QMPError("Guest is waiting for an incoming migration")
             if self.run.state is RunState.POSTMIGRATE:
                 raise QMPError("Can't migrate the vm that was paused due to previous migration")
+            self.machine.start_tracking()  # a machine no tracker can serve is blocked now, with the reason
             blocked = self.machine.blockers.error(self.params["mode"])
             if blocked is not None:
                 raise QMPError(blocked)

@@ -11,11 +11,12 @@ from typing import Any
 import structlog
 
 from mig_core.block.node import BlockNode
+from mig_core.errors import PluginNotFound
 from mig_core.ext import dirty_tracker
 from mig_core.ext.dirty_tracker import DirtyTracker, TrackerChoice
 from mig_core.ext.snapshot_backend import SnapshotBackend
 from mig_core.machine.block_data import BlockDataDevice
-from mig_core.machine.blockers import MigrationBlockers
+from mig_core.machine.blockers import Blocker, MigrationBlockers
 from mig_core.machine.device import Device, DeviceRegistry
 from mig_core.machine.runstate import RunStateMachine
 from mig_core.machine.vcpu import VcpuController
@@ -54,6 +55,8 @@ class Machine:
         #: How an operator gets per-vCPU dirty attribution on this host (added to dirty-limit's refusals).
         self.attribution_hint = ""
         self._tracker: DirtyTracker | None = None
+        #: the blocker mig registered because no dirty tracker can serve this machine (``start_tracking``)
+        self._tracking_blocker: Blocker | None = None
         #: Storage nodes by node name (snapshot-save's ``devices`` and ``vmstate`` name them).
         self.nodes: dict[str, SnapshotBackend] = {}
         #: block nodes (files written through mig, with dirty bitmaps), by node name
@@ -117,9 +120,19 @@ class Machine:
             self._tracker = self.tracker_class()(self.blocks)
         return self._tracker
 
-    def start_tracking(self) -> None:
-        """Start dirty tracking now (not at the first migration), so arming it costs no setup time later."""
-        self.tracker()
+    def start_tracking(self) -> bool:
+        """Start dirty tracking now (not at the first migration), so arming it costs no setup time later.
+
+        Where no tracker can serve these blocks, mig registers a migration blocker naming why instead, and
+        returns False: ``migrate`` and ``snapshot-save`` are then refused with that reason before anything
+        starts (and ``query-migrate`` lists it), not failed in their setup."""
+        try:
+            self.tracker()
+        except (ValueError, PluginNotFound) as e:
+            if self._tracking_blocker is None:
+                self._tracking_blocker = self.blockers.add(f"dirty tracking is not available: {e}")
+            return False
+        return True
 
     def release_tracker(self) -> bool:
         """Make the running dirty tracker let go of RAM (see ``DirtyTracker.release``); False if none runs."""
