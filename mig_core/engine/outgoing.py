@@ -255,16 +255,18 @@ class OutgoingMigration:
         if error is not None and c.in_postcopy:
             error += " (in postcopy: the destination already runs this machine, so the source stays stopped)"
         status = self.status
-        state = status.state
-        if state is S.CANCELLING or error is None:
-            if state is not S.CANCELLING:
-                status.cas(state, S.CANCELLING)
-            status.cas(S.CANCELLING, S.CANCELLED)
-            log.info("migration_cancelled")
-        else:
-            self.ctx.set_error(error)
-            status.cas(state, S.FAILED)
-            log.error("migration_failed", error=error)
+        while True:  # migrate_cancel may move the state under us: retry until one move lands (QEMU's cas)
+            state = status.state
+            if state is S.CANCELLING or error is None:
+                if state is not S.CANCELLING and not status.cas(state, S.CANCELLING):
+                    continue
+                status.cas(S.CANCELLING, S.CANCELLED)
+                log.info("migration_cancelled", failure=error)
+                return
+            self.ctx.set_error(error)  # before failed: whoever sees failed sees why
+            if status.cas(state, S.FAILED):
+                log.error("migration_failed", error=error)
+                return
 
     def _cleanup(self) -> None:
         self.convergence.stop()
