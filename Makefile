@@ -24,7 +24,9 @@ test: check
 	@# mig top's test drives it in tmux, as a person would use it
 	@command -v tmux >/dev/null || (apt-get update -qq && apt-get install -y -qq tmux) >/dev/null || \
 		echo "tmux could not be installed: mig top's terminal test will fail"
-	$(BIN)/python -m pytest -q
+	@# two workers: most tests wait on real processes and sockets, so the suite takes half the time; each
+	@# test is also run beside another, which a test that depends on an idle machine does not survive
+	$(BIN)/python -m pytest -q -n 2
 
 # Lint (with import order) and type check; part of make test.
 check: $(STAMP)
