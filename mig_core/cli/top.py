@@ -166,7 +166,18 @@ class HostView:
             grid.add_row("error", Text(info["error-desc"], style="red"))
         if self.error:
             grid.add_row("monitor", Text(self.error, style="red"))
-        return Panel(grid, title=f"{self.socket} — {self.runstate}", title_align="left")
+        return Panel(grid, title=f"{_abbreviated(str(self.socket))} — {self.runstate}", title_align="left")
+
+
+#: Characters of a monitor address a panel title keeps: the run state after it must fit an 80-column terminal.
+TITLE_ADDRESS = 50
+
+
+def _abbreviated(address: str) -> str:
+    """A long socket path keeps its end (the file names the host); the middle goes."""
+    if len(address) <= TITLE_ADDRESS:
+        return address
+    return "…" + address[-(TITLE_ADDRESS - 1):]
 
 
 def frame(views: list[HostView]) -> Group:
