@@ -155,3 +155,47 @@ async def test_an_unknown_bitmap_alias_drops_the_bitmaps(start_host, tmp_path):
     finally:
         await src.disconnect()
         await dst.disconnect()
+
+
+async def test_bitmaps_arrive_through_a_postcopy_switch(start_host, tmp_path):
+    # with postcopy-ram the bitmaps travel in the package the destination loads before it runs
+    s, d, src, dst = await pair(start_host, tmp_path)
+    try:
+        for c in (src, dst):
+            await c.execute("migrate-set-capabilities",
+                            {"capabilities": [{"capability": "postcopy-ram", "state": True}]})
+        await src.execute("block-dirty-bitmap-add", {"node": "disk0", "name": "b0", "granularity": 4096})
+        await src.execute("migrate-set-parameters", {"max-bandwidth": 1 << 20})
+        await start(src, dst)
+        await wait_for_status(src, {"active"})
+        await src.execute("migrate-start-postcopy")
+        info = await wait_for_status(src, {"completed", "failed"}, timeout=60)
+        assert info["status"] == "completed", info
+        assert info["ram"]["postcopy-bytes"] > 0, info  # pages went after the switch
+        assert (await wait_for_status(dst, {"completed", "failed"}))["status"] == "completed"
+        mine, theirs = await bitmaps(src), await bitmaps(dst)
+        assert mine["b0"]["count"] > 0
+        assert theirs["b0"]["count"] == mine["b0"]["count"] and theirs["b0"]["granularity"] == 4096
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
+
+
+async def test_start_postcopy_with_only_dirty_bitmaps_is_accepted(start_host, tmp_path):
+    # QEMU's rule: dirty-bitmaps alone makes migrate-start-postcopy legal; RAM stays precopy
+    s, d, src, dst = await pair(start_host, tmp_path)
+    try:
+        await src.execute("block-dirty-bitmap-add", {"node": "disk0", "name": "b0"})
+        await src.execute("migrate-set-parameters", {"max-bandwidth": 1 << 20})
+        await start(src, dst)
+        await wait_for_status(src, {"active"})
+        assert await src.execute("migrate-start-postcopy") == {}
+        await src.execute("migrate-set-parameters", {"max-bandwidth": 0})
+        info = await wait_for_status(src, {"completed", "failed"}, timeout=60)
+        assert info["status"] == "completed", info
+        assert info["ram"]["postcopy-bytes"] == 0, info
+        assert (await wait_for_status(dst, {"completed", "failed"}))["status"] == "completed"
+        assert (await bitmaps(dst))["b0"]["count"] == (await bitmaps(src))["b0"]["count"] > 0
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
