@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import block, convergence, machine, migration, multifd, postcopy, qemu, snapshot
+from benchmarks import block, convergence, machine, migration, multifd, postcopy, qemu, snapshot, tls
 from mig_core.logconfig import configure_logging
 
 
@@ -24,7 +24,7 @@ def _cpu() -> str:
 def main() -> None:
     configure_logging(level=os.environ.get("MIG_LOG_LEVEL", "warning"))
     which = sys.argv[1:] or ["machine", "migration", "convergence", "multifd", "postcopy", "snapshot", "block",
-                             "qemu"]
+                             "tls", "qemu"]
     print(f"machine: {_cpu()}\n")
     if "machine" in which:
         data_path()
@@ -38,6 +38,8 @@ def main() -> None:
         snapshot.main()
     if "block" in which:
         block.main()
+    if "tls" in which:
+        tls.main()
     if "qemu" in which:
         qemu.main()
     if "convergence" in which:

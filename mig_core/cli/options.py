@@ -53,3 +53,39 @@ def parse_params(values: tuple[str, ...]) -> dict[str, Any]:
             raise click.BadParameter(f"unknown parameter '{name}'", param_hint="--param")
         out[name] = value if SPECS[name].qapi_type in ("str", "StrOrNull") else parse_value(value)
     return out
+
+
+def parse_object(text: str) -> dict[str, Any]:
+    """``--object`` as QEMU's ``-object``: ``TYPE,id=ID[,PROP=VALUE…]`` (``,,`` is a comma) or a JSON object.
+
+    Boolean properties take on/off/yes/no/true/false; anything structured (authz-list's ``rules``) needs
+    the JSON form.
+    """
+    from mig_core.qapi.visitor import members_of
+    from mig_core.schema.objects import ObjectOptions
+
+    if text.lstrip().startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise click.BadParameter(f"not a JSON object: {e}", param_hint="--object") from None
+        if not isinstance(data, dict):
+            raise click.BadParameter("not a JSON object", param_hint="--object")
+        return data
+    parts = [p.replace("\0", ",") for p in text.replace(",,", "\0").split(",")]
+    out: dict[str, Any] = {}
+    if parts and "=" not in parts[0]:
+        out["qom-type"] = parts.pop(0)
+    for p in parts:
+        key, eq, value = p.partition("=")
+        if not eq:
+            raise click.BadParameter(f"'{p}' is not PROP=VALUE", param_hint="--object")
+        out[key] = value
+    branch = ObjectOptions.branches.get(str(out.get("qom-type")))
+    kinds = {m.name: m.node.kind for m in members_of(branch)} if branch is not None else {}
+    for key, value in out.items():
+        if kinds.get(key) == "bool":
+            if value.lower() not in _BOOL:
+                raise click.BadParameter(f"'{key}={value}': a boolean is on or off", param_hint="--object")
+            out[key] = _BOOL[value.lower()]
+    return out

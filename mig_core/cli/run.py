@@ -12,7 +12,7 @@ import click
 import structlog
 
 from mig_core.block.node import BlockNode
-from mig_core.cli.options import parse_caps, parse_params
+from mig_core.cli.options import parse_caps, parse_object, parse_params
 from mig_core.control.manager import MigrationManager
 from mig_core.errors import PluginNotFound, QMPError
 from mig_core.ext import snapshot_backend
@@ -33,6 +33,7 @@ from mig_core.qmp.server import QMPServer
 from mig_core.schema.commands import MigrateIncomingArgs, MigrateSetCapabilitiesArgs
 from mig_core.schema.common import RunState
 from mig_core.schema.migration import MigMode
+from mig_core.schema.objects import ObjectOptions
 from mig_core.schema.parameters import MigrateSetParameters
 
 log = structlog.get_logger("mig.run")
@@ -103,6 +104,10 @@ def _rates(_ctx: click.Context, param: click.Parameter, value: str) -> list[int]
               help="A failover primary device (a passthrough NIC beside a standby, as QEMU's virtio-net failover): "
                    "a migration first has the guest unplug it, which takes N ms (default 500), waiting in "
                    "wait-unplug; a failed or cancelled migration plugs it back (repeatable).")
+@click.option("--object", "objects", multiple=True, metavar="TYPE,id=ID[,PROP=VALUE...]|JSON",
+              help="Create an object as object-add does, before --param and --incoming use it (repeatable): "
+                   "tls-creds-x509,id=tls0,dir=DIR,endpoint=server; authz-simple,id=a,identity=DN; "
+                   "authz-list in the JSON form (its rules are a list).")
 @click.option("--drive", "drives", multiple=True,
               metavar="node-name=N,file=PATH[,size=S][,write-rate=R][,migrate=on]",
               help="A block node backed by PATH (created or grown to S bytes): block-dirty-bitmap-* track what is "
@@ -113,7 +118,7 @@ def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: boo
         paused: bool, incoming: str | None, uuid: str | None, postcopy_prefetch: int, dirty_tracker: str | None,
         caps: tuple[str, ...], params: tuple[str, ...], flight_dir: str | None, no_flight_record: bool,
         snapshot_dirs: tuple[str, ...], blockers: tuple[str, ...], failover: tuple[str, ...],
-        drives: tuple[str, ...]) -> None:
+        drives: tuple[str, ...], objects: tuple[str, ...]) -> None:
     if len(dirty_rate) not in (1, vcpus):  # type: ignore[arg-type]
         raise click.BadParameter(f"give one rate or {vcpus} (one per vCPU)", param_hint="--dirty-rate")
     """Run the reference host serving QMP until 'quit' or a signal."""
@@ -158,6 +163,11 @@ def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: boo
     if flight_dir is not None:
         manager.recorder.directory = Path(flight_dir)
     manager.recorder.enabled = not no_flight_record
+    for text in objects:
+        try:
+            manager.object_add(from_qmp(ObjectOptions, parse_object(text)))
+        except (QMPError, QapiInputError) as e:
+            raise click.BadParameter(e.desc if isinstance(e, QMPError) else str(e), param_hint="--object") from None
     try:
         if caps:
             manager.migrate_set_capabilities(from_qmp(MigrateSetCapabilitiesArgs, {"capabilities": parse_caps(caps)}))

@@ -15,6 +15,7 @@ import structlog
 from mig_core.control import addresses
 from mig_core.control import capabilities as caps_mod
 from mig_core.control import parameters as params_mod
+from mig_core.control import tls as tls_policy
 from mig_core.control.advice import Advisor, verdict
 from mig_core.control.autopilot import Autopilot
 from mig_core.control.block_nodes import BlockNodeCommands
@@ -22,6 +23,7 @@ from mig_core.control.dirty_log import GlobalDirtyLog
 from mig_core.control.events import EventEmitter
 from mig_core.control.flight_recorder import FlightRecorder
 from mig_core.control.jobs import JobRegistry
+from mig_core.control.objects import ObjectRegistry
 from mig_core.control.snapshots import IN_PROGRESS, Snapshots
 from mig_core.control.status import POSTCOPY_STATES, RUNNING_STATES, Side, StatusMachine
 from mig_core.engine.context import EngineContext
@@ -131,6 +133,9 @@ class MigrationManager:
         #: steers a migration that does not converge (x-set-migration-autopilot; off by default)
         self.autopilot = Autopilot(self)
         self.block_nodes = BlockNodeCommands(self.machine)
+        #: object-add / object-del: TLS credentials and authorization objects
+        self.objects = ObjectRegistry(self.registry, in_use=self._objects_in_use)
+        self._tls_source_creds = self._tls_destination_creds = ""
         self.pm.register(self.autopilot, "mig-autopilot")
         #: xen-set-global-dirty-log: a consumer of the dirty tracker while the log is on
         self.global_dirty_log = GlobalDirtyLog(self.machine)
@@ -420,14 +425,27 @@ class MigrationManager:
             if self.caps[C.MULTIFD]:  # the plugin may have gone since migrate-set-parameters
                 params_mod.check_compression(self.multifd_compression(),
                                              params_mod.CheckContext(caps=self.caps, registry=self.registry))
+            tls_policy.check(self.params, self.caps, addr)
             transport.check_address(addr, incoming=False)
             self.new_migration_id()
             self.error_desc = None
+            tls_error, self._tls_source_creds = None, ""
+            if self.tls_enabled():  # QEMU: credentials are looked up once the migration runs, and fail it
+                try:
+                    transport, self._tls_source_creds = tls_policy.source_transport(self.objects, self.params,
+                                                                                    transport, addr)
+                except QMPError as e:
+                    tls_error = e.desc
             out = OutgoingMigration(self.engine_context(Side.SOURCE), transport, addr)
             self.outgoing = out
             self.cancel_outgoing = out.cancel
             self.source.cas(self.source.state, S.SETUP)
-            if cls.connects_synchronously:
+            if tls_error is not None:
+                self.set_error(tls_error)
+                self.source.cas(S.SETUP, S.FAILED)
+                return
+            # with TLS the handshake waits on the peer: the migration thread connects
+            if cls.connects_synchronously and not self.tls_enabled():
                 try:
                     out.use_channel(transport.connect(addr, lambda: False))
                 except QMPError as e:  # QEMU: returned to the caller and the migration fails
@@ -439,12 +457,16 @@ class MigrationManager:
                     self.set_error(f"{cls.address_type}: connect failed: {type(e).__name__}: {e}")
                     self.source.cas(S.SETUP, S.FAILED)
                     raise QMPError(self.error_desc or str(e)) from None
-            if self.tls_enabled():
-                # TLS objects do not exist in mig: a named credential is never found (QEMU: async failure)
-                self.set_error(f"No TLS credentials with id '{self.params['tls-creds']}'")
-                self.source.cas(S.SETUP, S.FAILED)
-                return
             out.start()
+
+    def _objects_in_use(self) -> set[str]:
+        """The credentials a running migration (either side) holds: object-del refuses them."""
+        used = set()
+        if self.source.state in RUNNING_STATES:
+            used.add(self._tls_source_creds)
+        if self.incoming is not None and self.destination.state in RUNNING_STATES:
+            used.add(self._tls_destination_creds)
+        return used - {""}
 
     def _check_xbzrle_cache(self) -> None:
         """A cache the host could not hold is refused before anything starts (QEMU fails in setup).
@@ -490,7 +512,16 @@ class MigrationManager:
     def _start_incoming(self, transport: Transport, addr: MigrationAddress, exit_on_error: bool) -> None:
         with self._lock:
             transport.check_address(addr, incoming=True)
+            tls_policy.check(self.params, self.caps, addr)
+            creds = self.objects.tls_creds(str(self.params["tls-creds"]), "server") if self.tls_enabled() else None
             listener = transport.listen(addr)
+            self._tls_destination_creds = creds.creds_id if creds is not None else ""
+            if creds is not None:
+                try:
+                    listener = tls_policy.destination_listener(self.objects, self.params, listener)
+                except QMPError:
+                    listener.close()
+                    raise
             self._listener = listener
             self._incoming_rdma = addr.tag is MigrationAddressType.RDMA
             self.new_migration_id()
@@ -622,6 +653,14 @@ class MigrationManager:
         return self.snapshots.query()
 
     # -- QMP: block nodes and their dirty bitmaps (control/block_nodes.py) ----------------
+
+    # -- QMP: objects ------------------------------------------------------------------------
+
+    def object_add(self, args: Any) -> None:
+        self.objects.add(args)
+
+    def object_del(self, args: Any) -> None:
+        self.objects.delete(args.id)
 
     def block_dirty_bitmap_add(self, args: Any) -> None:
         self.block_nodes.add(args)

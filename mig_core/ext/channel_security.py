@@ -1,18 +1,17 @@
 """The channel-security extension point (``mig_core.channel_security``): TLS over any channel.
 
-A ``tls-creds`` object names credentials; the migration asks the security
-provider serving their kind to wrap each channel it opens (main, multifd,
-return path share one session per connection) before the stream starts. A
-handshake failure, an unknown peer or a hostname mismatch raises
-``ChannelError`` with the reason, and the migration fails with that text.
-Wrapping runs on the thread that opened the channel, before any migration
-data moves.
+A credentials object (``object-add qom-type=tls-creds-x509``…) is an instance of the provider
+registered under its QOM type; it loads and checks its files when it is created, so bad credentials
+are refused at ``object-add``. A migration with ``tls-creds`` asks it to wrap each channel it opens
+(main, every multifd channel; the return path shares the main channel's session) before any
+migration data moves. A handshake failure, a peer refused by ``tls-authz`` or a hostname mismatch
+raises ``ChannelError`` with the reason, and the migration fails with that text.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 from mig_core.ext.channel import Channel
@@ -20,6 +19,10 @@ from mig_core.plugin.registry import PluginRegistry
 
 #: The entry-point group of channel-security providers (key: the credential kind, e.g. ``tls-creds-x509``).
 GROUP = "mig_core.channel_security"
+
+#: Called by a server with the peer's identity (an x509 distinguished name, a PSK username); raises
+#: ``ChannelError`` with the reason when the identity may not connect.
+Authorize = Callable[[str], None]
 
 
 class ChannelSecurity(ABC):
@@ -29,18 +32,29 @@ class ChannelSecurity(ABC):
     name: ClassVar[str]
 
     def __init__(self, creds_id: str, properties: Mapping[str, object]) -> None:
-        """``properties`` are the credentials object's (``dir``, ``endpoint``, ``verify-peer`` …); a bad one
-        raises ``ValueError`` naming it."""
+        """``properties`` are the object's (``dir``, ``endpoint``, ``verify-peer`` …), names as on the wire;
+        bad or unloadable credentials raise ``ValueError`` with the text ``object-add`` answers."""
         self.creds_id = creds_id
         self.properties = dict(properties)
+
+    @property
+    def endpoint(self) -> str:
+        """``client`` (the source's credentials) or ``server`` (the destination's)."""
+        return str(self.properties.get("endpoint", "client"))
+
+    @property
+    def verify_peer(self) -> bool:
+        """Whether the peer must prove its identity (a certificate the CA signed)."""
+        return bool(self.properties.get("verify-peer", True))
 
     @abstractmethod
     def wrap_client(self, channel: Channel, hostname: str | None) -> Channel:
         """The source's end: a channel that speaks TLS to the server, checking ``hostname`` (tls-hostname)."""
 
     @abstractmethod
-    def wrap_server(self, channel: Channel, authz: str | None) -> Channel:
-        """The destination's end: a channel that speaks TLS to the client, authorised by ``authz`` (tls-authz)."""
+    def wrap_server(self, channel: Channel, authorize: Authorize | None) -> Channel:
+        """The destination's end: a channel that speaks TLS to the client, its identity passed to
+        ``authorize`` (tls-authz) when the credentials verify peers."""
 
 
 def load(registry: PluginRegistry, name: str) -> type[ChannelSecurity]:

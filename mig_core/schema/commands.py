@@ -41,6 +41,7 @@ from mig_core.schema.migration import (
     MigrationThreadInfo,
     TimeUnit,
 )
+from mig_core.schema.objects import ObjectDelArgs, ObjectOptions
 from mig_core.schema.parameters import MigrateSetParameters, MigrationParameters
 from mig_core.schema.snapshots import XSnapshotInfo
 
@@ -221,6 +222,8 @@ COMMANDS: dict[str, Command] = {
         Command("block-dirty-bitmap-enable", BlockDirtyBitmapArgs, EmptyStruct),
         Command("block-dirty-bitmap-disable", BlockDirtyBitmapArgs, EmptyStruct),
         Command("query-named-block-nodes", QueryNamedBlockNodesArgs, list[BlockDeviceInfo]),
+        Command("object-add", ObjectOptions, EmptyStruct),
+        Command("object-del", ObjectDelArgs, EmptyStruct),
         Command("x-query-snapshots", None, list[XSnapshotInfo], features=("unstable",)),
         Command("x-query-migration-record", None, list[Any_], features=("unstable",)),
         Command("x-query-migration-advice", XQueryMigrationAdviceArgs, MigrationAdvice, features=("unstable",)),

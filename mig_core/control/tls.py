@@ -1,0 +1,60 @@
+"""What ``tls-creds``, ``tls-hostname`` and ``tls-authz`` mean for one migration (QEMU's rules).
+
+``check`` refuses, before anything starts, what TLS cannot serve; ``source_transport`` and
+``destination_listener`` wrap a transport or listener with the named credentials, or raise QMPError
+with QEMU's text (no such object, not credentials, the wrong endpoint).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from mig_core.control.objects import ObjectRegistry
+from mig_core.engine.tls import TlsListener, TlsTransport, address_hostname
+from mig_core.errors import QMPError
+from mig_core.ext.channel_security import Authorize
+from mig_core.ext.transport import Listener, Transport
+from mig_core.schema.migration import MigrationAddress, MigrationAddressType
+from mig_core.schema.migration import MigrationCapability as C
+
+
+def enabled(params: Mapping[str, Any]) -> bool:
+    return bool(params["tls-creds"])
+
+
+def check(params: Mapping[str, Any], caps: Mapping[Any, bool], addr: MigrationAddress) -> None:
+    """Refuse a TLS migration whose transport or capabilities cannot carry a session."""
+    if not enabled(params):
+        return
+    if addr.tag is MigrationAddressType.FILE:
+        raise QMPError("TLS is not supported with the file transport: a file is no peer to hold a session with")
+    if addr.tag is MigrationAddressType.RDMA:
+        raise QMPError("TLS is not supported over rdma (QEMU's RDMA path would send in the clear)")
+    if caps.get(C.POSTCOPY_RAM):
+        raise QMPError("Postcopy is not supported over TLS yet: the destination's page server continues the "
+                       "connection in a process of its own, which cannot take over a TLS session")
+
+
+def source_transport(objects: ObjectRegistry, params: Mapping[str, Any], transport: Transport,
+                     addr: MigrationAddress) -> tuple[Transport, str]:
+    """``transport`` with every channel wrapped by the client credentials; also their id, to hold."""
+    creds_id = str(params["tls-creds"])
+    creds = objects.tls_creds(creds_id, "client")
+    hostname = str(params["tls-hostname"]) or address_hostname(addr)
+    return TlsTransport(transport, creds, hostname), creds_id
+
+
+def destination_listener(objects: ObjectRegistry, params: Mapping[str, Any], listener: Listener) -> Listener:
+    """``listener`` whose connections are admitted by a handshake with the server credentials."""
+    creds = objects.tls_creds(str(params["tls-creds"]), "server")
+    authz_id = str(params["tls-authz"])
+    if authz_id and not creds.verify_peer:
+        raise QMPError(f"tls-authz '{authz_id}' needs credentials that verify the peer: "
+                       f"'{creds.creds_id}' has verify-peer=off, so no identity would be checked")
+
+    def authorize() -> Authorize | None:  # read at each handshake: an authz set later applies next time
+        current = str(params["tls-authz"])
+        return objects.authorizer(current) if current else None
+
+    return TlsListener(listener, creds, authorize)

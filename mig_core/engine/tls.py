@@ -1,0 +1,182 @@
+"""TLS on a migration's channels: a transport and a listener that wrap every channel they open.
+
+The source wraps each connection (main and multifd) as it opens it, on the migration thread; the
+destination runs each arriving connection's handshake on a thread of its own, so a peer that connects
+and stays silent delays nobody, and a refused handshake (wrong CA, hostname, authz…) leaves the
+listener waiting for the next source, as QEMU's does. Handshakes are bounded by ``HANDSHAKE_TIMEOUT``
+and end at once on cancel.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+
+import structlog
+
+from mig_core.errors import ChannelAborted, ChannelError
+from mig_core.ext.channel import Channel
+from mig_core.ext.channel_security import Authorize, ChannelSecurity
+from mig_core.ext.transport import Listener, Transport, TransportError
+from mig_core.schema.migration import MigrationAddress, MigrationAddressType
+from mig_core.schema.sockets import InetSocketAddress, SocketAddress, SocketAddressType
+
+log = structlog.get_logger("mig.tls")
+
+#: Seconds a handshake may take before the connection is dropped.
+HANDSHAKE_TIMEOUT = 30.0
+
+
+def address_hostname(addr: MigrationAddress) -> str | None:
+    """The host a tcp address names (the certificate must match it), None for the others."""
+    if addr.tag is MigrationAddressType.SOCKET:
+        sa = addr.value
+        assert isinstance(sa, SocketAddress)
+        if sa.tag is SocketAddressType.INET:
+            inet = sa.value
+            assert isinstance(inet, InetSocketAddress)
+            return inet.host
+    return None
+
+
+def _bounded(channel: Channel, run: Callable[[], Channel], abort_check: Callable[[], bool] | None) -> Channel:
+    """``run()`` (a handshake on ``channel``), aborted after HANDSHAKE_TIMEOUT or once ``abort_check()``."""
+    done = threading.Event()
+    why: list[str] = []
+
+    def watch() -> None:
+        waited = 0.0
+        while not done.wait(0.05):
+            waited += 0.05
+            if abort_check is not None and abort_check():
+                why.append("cancelled during the TLS handshake")
+            elif waited >= HANDSHAKE_TIMEOUT:
+                why.append(f"TLS handshake failed: no answer within {HANDSHAKE_TIMEOUT:g} s")
+            else:
+                continue
+            channel.abort(why[0])
+            return
+
+    threading.Thread(target=watch, name="tls-handshake-watch", daemon=True).start()
+    try:
+        return run()
+    except BaseException as e:
+        done.set()
+        channel.close()
+        if why:  # whatever the aborted handshake raised, the reason is the abort's
+            raise ChannelError(why[0]) from None
+        if isinstance(e, ChannelAborted):
+            raise ChannelError("the TLS handshake was aborted") from None
+        raise
+    finally:
+        done.set()
+
+
+class TlsTransport(Transport):
+    """``inner`` with every outgoing channel wrapped by ``security`` (the source's credentials)."""
+
+    address_type = "tls"
+    uri_schemes = ()
+
+    def __init__(self, inner: Transport, security: ChannelSecurity, hostname: str | None) -> None:
+        super().__init__(inner.ctx)
+        self.inner = inner
+        self.security = security
+        self.hostname = hostname
+
+    @classmethod
+    def parse_uri(cls, uri: str) -> MigrationAddress:
+        raise TransportError("TLS wraps another transport; it has no URI of its own")
+
+    def check_address(self, addr: MigrationAddress, incoming: bool) -> None:
+        self.inner.check_address(addr, incoming)
+
+    def _wrap(self, open_channel: Callable[[], Channel], abort_check: Callable[[], bool]) -> Channel:
+        channel = open_channel()
+        try:
+            return _bounded(channel, lambda: self.security.wrap_client(channel, self.hostname), abort_check)
+        except ChannelError as e:
+            log.warning("tls_handshake_failed", side="source", creds=self.security.creds_id, reason=str(e))
+            raise
+
+    def connect(self, addr: MigrationAddress, abort_check: Callable[[], bool]) -> Channel:
+        return self._wrap(lambda: self.inner.connect(addr, abort_check), abort_check)
+
+    def connect_extra(self, addr: MigrationAddress, abort_check: Callable[[], bool], direct_io: bool) -> Channel:
+        return self._wrap(lambda: self.inner.connect_extra(addr, abort_check, direct_io), abort_check)
+
+    def listen(self, addr: MigrationAddress) -> Listener:
+        raise TransportError("a TLS transport for the source does not listen")
+
+
+class TlsListener(Listener):
+    """``inner`` whose connections reach ``accept`` only once their handshake succeeded."""
+
+    def __init__(self, inner: Listener, security: ChannelSecurity, authorize: Callable[[], Authorize | None]) -> None:
+        self.inner = inner
+        self.security = security
+        self.authorize = authorize
+        self._ready: queue.Queue[Channel | BaseException] = queue.Queue()
+        self._closed = threading.Event()
+        self._last_refusal: str | None = None
+        self._pending = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept_loop, name="tls-accept", daemon=True).start()
+
+    @property
+    def socket_addresses(self):  # type: ignore[no-untyped-def]
+        return self.inner.socket_addresses
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                channel = self.inner.accept()
+            except (ChannelError, OSError) as e:
+                self._finish(e)
+                return
+            with self._lock:
+                self._pending += 1
+            threading.Thread(target=self._handshake, args=(channel,), name="tls-handshake", daemon=True).start()
+
+    def _finish(self, e: BaseException) -> None:
+        """The inner listener gave its last connection: once no handshake is left, accept reports why."""
+        with self._lock:
+            self._inner_done: BaseException | None = e
+            idle = self._pending == 0
+        if idle:
+            self._ready.put(self._ending())
+
+    def _ending(self) -> BaseException:
+        if self._closed.is_set() or self._last_refusal is None:
+            return ChannelAborted("the TLS listener was closed")
+        return ChannelError(self._last_refusal)
+
+    def _handshake(self, channel: Channel) -> None:
+        try:
+            auth = self.authorize()
+            wrapped = _bounded(channel, lambda: self.security.wrap_server(channel, auth), self._closed.is_set)
+        except (ChannelError, OSError) as e:
+            self._last_refusal = str(e)
+            log.warning("tls_handshake_refused", side="destination", creds=self.security.creds_id, reason=str(e))
+            wrapped = None
+        with self._lock:
+            self._pending -= 1
+            last = self._pending == 0 and getattr(self, "_inner_done", None) is not None
+        if wrapped is not None:
+            log.info("tls_session_accepted", creds=self.security.creds_id)
+            self._ready.put(wrapped)
+        elif last:
+            self._ready.put(self._ending())
+
+    def accept(self) -> Channel:
+        item = self._ready.get()
+        if isinstance(item, BaseException):
+            self._ready.put(item)  # every later accept fails the same way
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._closed.set()
+        self.inner.close()
+        self._ready.put(ChannelAborted("the TLS listener was closed"))

@@ -1,0 +1,1 @@
+"""TLS for mig's migration channels: credentials objects and the session over any channel."""

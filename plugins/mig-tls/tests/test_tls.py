@@ -1,0 +1,234 @@
+"""TLS migrations between real ``mig run`` processes: credentials objects, exact data over one and over
+several channels, and every refusal with its reason, the destination ready for the next source."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mig_tls.testing import Authority, make_pki
+
+from mig_core.testing import connect, qmp_error, ram_digest, wait_for_status
+
+RAM = 16 << 20
+WL = ("--ram", "16M", "--ram-fill", "random")
+CLIENT_DN = "CN=source.mig.test,O=mig tests,C=GB"
+
+
+def x509(oid: str, directory: Path, endpoint: str, **extra: object) -> dict:
+    return {"qom-type": "tls-creds-x509", "id": oid, "dir": str(directory), "endpoint": endpoint, **extra}
+
+
+async def pair(start_host, tmp_path, src_dir: Path, dst_dir: Path, src_extra=(), dst_extra=()):
+    s = start_host(*WL, name="src")
+    d = start_host(*WL, "--incoming", "defer", "-S", name="dst")  # paused after: its RAM stays the source's
+    src, dst = await connect(s.sock, "src"), await connect(d.sock, "dst")
+    await src.execute("object-add", x509("tls0", src_dir, "client", **dict(src_extra)))
+    await dst.execute("object-add", x509("tls0", dst_dir, "server", **dict(dst_extra)))
+    for c in (src, dst):
+        await c.execute("migrate-set-parameters", {"tls-creds": "tls0"})
+    return s, d, src, dst
+
+
+async def listen(dst) -> int:
+    await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0", "exit-on-error": False})
+    (addr,) = (await dst.execute("query-migrate"))["socket-address"]
+    return int(addr["port"])
+
+
+async def migrate_and_compare(src, dst, port: int, tmp_path: Path) -> dict:
+    await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+    info = await wait_for_status(src, {"completed", "failed"}, timeout=60)
+    assert info["status"] == "completed", info
+    assert (await wait_for_status(dst, {"completed", "failed"}))["status"] == "completed"
+    assert await ram_digest(src, RAM, tmp_path / "s.mem") == await ram_digest(dst, RAM, tmp_path / "d.mem")
+    return info
+
+
+async def refused(src, port: int) -> str:
+    await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+    info = await wait_for_status(src, {"completed", "failed"}, timeout=60)
+    assert info["status"] == "failed", info
+    assert (await src.execute("query-status"))["status"] == "running"
+    return info["error-desc"]
+
+
+@pytest.mark.parametrize("channels", [0, 4])
+async def test_tls_migration_is_exact(start_host, tmp_path, channels):
+    make_pki(tmp_path / "pki")
+    s, d, src, dst = await pair(start_host, tmp_path, tmp_path / "pki", tmp_path / "pki")
+    try:
+        caps = ["return-path"] + (["multifd"] if channels else [])
+        for c in (src, dst):
+            await c.execute("migrate-set-capabilities",
+                            {"capabilities": [{"capability": x, "state": True} for x in caps]})
+            if channels:
+                await c.execute("migrate-set-parameters", {"multifd-channels": channels})
+        await src.execute("migrate-set-parameters", {"max-bandwidth": 4 << 20})  # still running: object in use
+        port = await listen(dst)
+        await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        await wait_for_status(src, {"active"})
+        assert await qmp_error(src.execute("object-del", {"id": "tls0"})) == \
+            "object 'tls0' is in use, can not be deleted"
+        await src.execute("migrate-set-parameters", {"max-bandwidth": 0})
+        info = await wait_for_status(src, {"completed", "failed"}, timeout=60)
+        assert info["status"] == "completed", info
+        assert (await wait_for_status(dst, {"completed", "failed"}))["status"] == "completed"
+        assert await ram_digest(src, RAM, tmp_path / "s.mem") == await ram_digest(dst, RAM, tmp_path / "d.mem")
+        handshakes = [e for e in d.log_events() if e.get("event") == "tls_session_accepted"]
+        assert len(handshakes) == 1 + channels  # every channel had its own session
+        await src.execute("object-del", {"id": "tls0"})  # the migration is over: free again
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
+
+
+async def test_credentials_objects_with_qemus_errors(start_host, tmp_path):
+    make_pki(tmp_path / "pki")
+    h = start_host(*WL)
+    c = await connect(h.sock)
+    try:
+        err = lambda args: qmp_error(c.execute("object-add", args))  # noqa: E731
+        assert await err({"qom-type": "tls-creds-x509", "id": "t", "endpoint": "client"}) == \
+            "Missing 'dir' property value"
+        assert await err(x509("t", tmp_path / "none", "client")) == \
+            f"Unable to access credentials {tmp_path}/none/ca-cert.pem: No such file or directory"
+        (tmp_path / "half").mkdir()
+        (tmp_path / "half" / "ca-cert.pem").write_bytes((tmp_path / "pki" / "ca-cert.pem").read_bytes())
+        assert await err(x509("t", tmp_path / "half", "server")) == \
+            f"Unable to access credentials {tmp_path}/half/server-cert.pem: No such file or directory"
+        assert await err(x509("t", tmp_path / "pki", "sideways")) == \
+            "Parameter 'endpoint' does not accept value 'sideways'"
+        assert await err(x509("9t", tmp_path / "pki", "client")) == "Parameter 'id' expects an identifier"
+        assert (await err(x509("t", tmp_path / "pki", "client", priority="NORMAL"))).startswith(
+            "Property 'priority' is not supported")
+        assert await err({"qom-type": "memory-backend-ram", "id": "m"}) == \
+            "Parameter 'qom-type' does not accept value 'memory-backend-ram'"
+        make_pki(tmp_path / "old", server_expired=True)
+        assert await err(x509("t", tmp_path / "old", "server")) == \
+            f"The server certificate {tmp_path}/old/server-cert.pem has expired"
+        make_pki(tmp_path / "foreign", trust=Authority("another CA"))
+        assert await err(x509("t", tmp_path / "foreign", "client")) == (
+            f"Our own certificate {tmp_path}/foreign/client-cert.pem failed validation against "
+            f"{tmp_path}/foreign/ca-cert.pem: The certificate hasn't got a known issuer")
+
+        await c.execute("object-add", x509("t", tmp_path / "pki", "client"))
+        assert await err(x509("t", tmp_path / "pki", "client")) == \
+            "attempt to add duplicate property 't' to object (type 'container')"
+        await c.execute("object-add", {"qom-type": "authz-simple", "id": "a", "identity": CLIENT_DN})
+        await c.execute("object-del", {"id": "a"})
+        assert await qmp_error(c.execute("object-del", {"id": "a"})) == "object 'a' not found"
+
+        # a migration with credentials that cannot serve it fails with QEMU's texts
+        for creds, text in [("nope", "No TLS credentials with id 'nope'"),
+                            ("t", None)]:
+            await c.execute("migrate-set-parameters", {"tls-creds": creds})
+            if text is None:
+                break
+            await c.execute("migrate", {"uri": "tcp:127.0.0.1:1"})
+            info = await wait_for_status(c, {"failed"})
+            assert info["error-desc"] == text
+        await c.execute("object-add", {"qom-type": "authz-list", "id": "z"})
+        await c.execute("migrate-set-parameters", {"tls-creds": "z"})
+        await c.execute("migrate", {"uri": "tcp:127.0.0.1:1"})
+        assert (await wait_for_status(c, {"failed"}))["error-desc"] == "Object with id 'z' is not TLS credentials"
+        assert await qmp_error(c.execute("migrate", {"uri": "file:/tmp/x"})) == \
+            "TLS is not supported with the file transport: a file is no peer to hold a session with"
+    finally:
+        await c.disconnect()
+
+
+async def test_wrong_endpoint_and_missing_hostname(start_host, tmp_path):
+    make_pki(tmp_path / "pki")
+    s, d, src, dst = await pair(start_host, tmp_path, tmp_path / "pki", tmp_path / "pki")
+    try:
+        await src.execute("object-add", x509("srv", tmp_path / "pki", "server"))
+        await src.execute("migrate-set-parameters", {"tls-creds": "srv"})
+        await src.execute("migrate", {"uri": "tcp:127.0.0.1:1"})
+        assert (await wait_for_status(src, {"failed"}))["error-desc"] == \
+            "Expected TLS credentials for a client endpoint"
+        await src.execute("migrate-set-parameters", {"tls-creds": "tls0"})
+        await dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/in.sock", "exit-on-error": False})
+        await src.execute("migrate", {"uri": f"unix:{tmp_path}/in.sock"})
+        assert (await wait_for_status(src, {"failed"}))["error-desc"] == "No hostname for certificate validation"
+        # with tls-hostname the unix socket carries the session, to the same waiting destination
+        await src.execute("migrate-set-parameters", {"tls-hostname": "localhost"})
+        await src.execute("migrate", {"uri": f"unix:{tmp_path}/in.sock"})
+        assert (await wait_for_status(src, {"completed", "failed"}, timeout=60))["status"] == "completed"
+        assert (await wait_for_status(dst, {"completed", "failed"}))["status"] == "completed"
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
+
+
+async def test_each_refusal_names_its_reason_and_the_destination_waits_for_the_next(start_host, tmp_path):
+    ca = make_pki(tmp_path / "pki")
+    make_pki(tmp_path / "foreign", trust=Authority("another CA"))  # a source that trusts another CA
+    make_pki(tmp_path / "expired", ca=ca, client_expired=True)
+    s, d, src, dst = await pair(start_host, tmp_path, tmp_path / "foreign", tmp_path / "pki",
+                                src_extra={"sanity-check": False})
+    try:
+        await dst.execute("object-add", {"qom-type": "authz-list", "id": "auth0", "policy": "deny", "rules": [
+            {"match": "CN=*.elsewhere.test,*", "policy": "allow", "format": "glob"}]})
+        await dst.execute("migrate-set-parameters", {"tls-authz": "auth0"})
+        port = await listen(dst)
+
+        # 1. the destination's certificate is not signed by the CA the source trusts
+        assert await refused(src, port) == "The certificate hasn't got a known issuer"
+
+        async def creds(directory: Path, **extra: object) -> None:
+            await src.execute("object-del", {"id": "tls0"})
+            await src.execute("object-add", x509("tls0", directory, "client", **extra))
+        await creds(tmp_path / "pki")
+
+        # 2. the name the source dials is not the certificate's
+        await src.execute("migrate-set-parameters", {"tls-hostname": "elsewhere.test"})
+        assert await refused(src, port) == "Certificate does not match the hostname elsewhere.test"
+        await src.execute("migrate-set-parameters", {"tls-hostname": ""})
+
+        # 3. the source's name is not in the destination's authz list
+        assert await refused(src, port) == f"TLS x509 authz check for {CLIENT_DN} is denied"
+
+        # 4. an expired source certificate (its own sanity check off): the destination refuses the session
+        await dst.execute("object-del", {"id": "auth0"})
+        await dst.execute("object-add", {"qom-type": "authz-simple", "id": "auth0", "identity": CLIENT_DN})
+        await creds(tmp_path / "expired", **{"sanity-check": False})
+        text = await refused(src, port)
+        assert text.startswith("TLS handshake failed: the peer refused the session") and "expired" in text, text
+        reasons = [e["reason"] for e in d.log_events() if e.get("event") == "tls_handshake_refused"]
+        assert "The certificate has expired" in reasons, reasons
+
+        # the destination waited through all of it: the right credentials migrate exactly
+        await creds(tmp_path / "pki")
+        assert (await dst.execute("query-migrate"))["status"] == "setup"
+        await migrate_and_compare(src, dst, port, tmp_path)
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
+
+
+async def test_objects_from_the_command_line(start_host, tmp_path):
+    make_pki(tmp_path / "pki")
+    pki = tmp_path / "pki"
+    allow = json.dumps({"qom-type": "authz-list", "id": "auth0", "policy": "deny",
+                        "rules": [{"match": "CN=source.*", "policy": "allow", "format": "glob"}]})
+    s = start_host(*WL, f"--object=tls-creds-x509,id=tls0,dir={pki},endpoint=client,verify-peer=on",
+                   "--param", "tls-creds=tls0", name="src")
+    d = start_host(*WL, f"--object=tls-creds-x509,id=tls0,dir={pki},endpoint=server", f"--object={allow}",
+                   "--param", "tls-creds=tls0", "--param", "tls-authz=auth0", "--incoming", "defer", "-S",
+                   name="dst")
+    src, dst = await connect(s.sock, "src"), await connect(d.sock, "dst")
+    try:
+        await migrate_and_compare(src, dst, await listen(dst), tmp_path)
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
+    run = [sys.executable, "-m", "mig_core", "run", "--qmp", f"unix:{tmp_path}/never.sock", "--object"]
+    bad = subprocess.run(run + ["tls-creds-x509,id=t,verify-peer=maybe"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "'verify-peer=maybe': a boolean is on or off" in bad.stderr, bad.stderr
+    bad = subprocess.run(run + [f"tls-creds-x509,id=t,dir={tmp_path}"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and \
+        f"Unable to access credentials {tmp_path}/ca-cert.pem: No such file or directory" in bad.stderr, bad.stderr
