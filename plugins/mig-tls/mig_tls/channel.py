@@ -131,24 +131,33 @@ class TlsChannel(Channel):
         return total
 
     def _recv_into(self, view: memoryview) -> int:
+        # OpenSSL hands out one record (at most 16 KiB) per read: take every record already decrypted-ready
+        # under one lock, so a large read costs one Python round per record, not one per call
         while True:
+            got = 0
             try:
                 with self._ssl_lock:
-                    n = self._ssl.read(view.nbytes, view)
-                    pending = self._out.pending
+                    try:
+                        while got < view.nbytes:
+                            k = self._ssl.read(view.nbytes - got, view[got:])
+                            if not k:  # the peer's close_notify: the end of the stream
+                                break
+                            got += k
+                    finally:
+                        pending = self._out.pending
             except ssl.SSLWantReadError:
-                self._fill()
-                continue
-            except ssl.SSLZeroReturnError:  # the peer closed the session cleanly
-                return 0
-            except ssl.SSLEOFError:
-                return 0
+                if not got:
+                    self._fill()
+                    continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):  # the peer closed the session (cleanly or not)
+                if not got:
+                    return 0
             except ssl.SSLError as e:
                 self._check_abort()
                 raise ChannelError(f"TLS receive failed: {e.reason or e}") from None
             if pending:  # a post-handshake message wants an answer (a key update)
                 self._flush()
-            return n
+            return got
 
     def finish(self) -> None:
         self.inner.finish()
