@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 from mig_core.ext.transport import split_host_port
 
+#: The mode a monitor's unix socket is created with unless ``mode=`` says otherwise: only its owner may
+#: connect (the monitor can stop, migrate and read the whole memory of the host).
+DEFAULT_UNIX_MODE = 0o600
+
 
 @dataclass(frozen=True)
 class MonitorAddress:
@@ -13,19 +17,54 @@ class MonitorAddress:
     path: str = ""
     host: str = ""
     port: int = 0
+    mode: int = DEFAULT_UNIX_MODE
 
     def __str__(self) -> str:
         return f"unix:{self.path}" if self.kind == "unix" else f"tcp:{self.host}:{self.port}"
 
 
+def _options(text: str, kind: str) -> dict[str, str]:
+    """QEMU's chardev options after the address: ``server``/``wait`` as mig always is (a listening server
+    that does not wait for a client), ``mode=`` for a unix socket; anything else is refused by name."""
+    out: dict[str, str] = {}
+    for opt in filter(None, text.split(",")):
+        key, eq, value = opt.partition("=")
+        if key in ("server", "nowait", "wait"):
+            if key == "nowait":
+                ok = not eq
+            else:
+                on = value.lower() in ("on", "yes", "true") if eq else True
+                ok = on if key == "server" else not on
+            if not ok:
+                raise ValueError(f"monitor option '{opt}' is not supported: the monitor always listens "
+                                 "(server=on) and never waits for a client (wait=off)")
+            continue
+        if key == "mode" and kind == "unix":
+            try:
+                mode = int(value, 8)
+            except ValueError:
+                mode = -1
+            if not 0 <= mode <= 0o777:
+                raise ValueError(f"monitor option 'mode={value}': an octal file mode such as 0600 is expected")
+            out["mode"] = value
+            continue
+        raise ValueError(f"unknown monitor option '{opt}' (known: server, wait, nowait"
+                         f"{', mode' if kind == 'unix' else ''})")
+    return out
+
+
 def parse_monitor_address(text: str) -> MonitorAddress:
-    """Parse ``unix:PATH`` or ``tcp:HOST:PORT`` (``[v6]:PORT`` too); ValueError with a precise message."""
+    """Parse ``unix:PATH[,mode=OCTAL]`` or ``tcp:HOST:PORT`` (``[v6]:PORT`` too), each with QEMU's
+    ``server``/``wait`` options; ValueError with a precise message."""
     if text.startswith("unix:"):
-        path = text[5:].split(",", 1)[0]
+        path, _, rest = text[5:].partition(",")
         if not path:
             raise ValueError("invalid Unix socket address")
-        return MonitorAddress("unix", path=path)
+        opts = _options(rest, "unix")
+        return MonitorAddress("unix", path=path, mode=int(opts.get("mode", "600"), 8))
     if text.startswith("tcp:"):
-        host, port = split_host_port(text[4:].split(",", 1)[0])
+        hostport, _, rest = text[4:].partition(",")
+        host, port = split_host_port(hostport)
+        _options(rest, "tcp")
         return MonitorAddress("tcp", host=host or "0.0.0.0", port=port)
     raise ValueError(f"monitor address '{text}' must be unix:PATH or tcp:HOST:PORT")

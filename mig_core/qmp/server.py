@@ -50,6 +50,8 @@ MAX_QUEUED = 8
 #: Bytes of replies and events waiting for one client; past it, events for that client are dropped
 #: (and counted) and its requests are not read until the queue drains.
 MAX_OUTPUT_BYTES = 1 << 20
+#: Clients one host serves at once; a further connection is closed at once (logged), nothing else changes.
+MAX_CLIENTS = 64
 #: Threads that run out-of-band commands (never shared with in-band work).
 OOB_THREADS = 4
 #: The event that tells a client how many events it lost (mig's extension, docs/differences.md).
@@ -248,6 +250,7 @@ class QMPSession:
             await self.flush()
             self.close()
             self.server.sessions.discard(self)
+            log.info("qmp_client_closed", peer=str(self.peer), clients=len(self.server.sessions))
 
     async def flush(self, timeout: float = 1.0) -> None:
         """Let queued output go out (before the connection closes; bounded: the client may not read)."""
@@ -373,7 +376,17 @@ class QMPServer:
             if path.is_socket():
                 path.unlink()
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.bind(str(path))
+            # bound under a private name, given its mode, then renamed: nobody can connect in between
+            staging = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+            staging.unlink(missing_ok=True)
+            sock.bind(str(staging))
+            try:
+                os.chmod(staging, addr.mode)
+                os.replace(staging, path)
+            except OSError:
+                staging.unlink(missing_ok=True)
+                sock.close()
+                raise
             self._unix_paths.append(path)
             bound = addr
         else:
@@ -459,6 +472,10 @@ class QMPServer:
             task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, conn: socket.socket) -> None:
+        if len(self.sessions) >= MAX_CLIENTS:
+            log.warning("qmp_client_refused", reason="too many clients", limit=MAX_CLIENTS)
+            conn.close()
+            return
         session = QMPSession(self, conn)
         self.sessions.add(session)
         log.info("qmp_client_connected", peer=str(session.peer))
