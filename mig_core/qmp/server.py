@@ -376,17 +376,11 @@ class QMPServer:
             if path.is_socket():
                 path.unlink()
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            # bound under a private name, given its mode, then renamed: nobody can connect in between
-            staging = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-            staging.unlink(missing_ok=True)
-            sock.bind(str(staging))
-            try:
-                os.chmod(staging, addr.mode)
-                os.replace(staging, path)
-            except OSError:
-                staging.unlink(missing_ok=True)
-                sock.close()
-                raise
+            # Linux creates the file with the socket's mode less the umask: never wider than asked, so
+            # nobody else can connect before the chmod that sets the mode exactly
+            os.fchmod(sock.fileno(), addr.mode)
+            sock.bind(str(path))
+            os.chmod(path, addr.mode)
             self._unix_paths.append(path)
             bound = addr
         else:

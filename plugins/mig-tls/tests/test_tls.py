@@ -106,7 +106,7 @@ async def test_credentials_objects_with_qemus_errors(start_host, tmp_path):
         assert (await err(x509("t", tmp_path / "pki", "client", priority="NORMAL"))).startswith(
             "Property 'priority' is not supported")
         assert await err({"qom-type": "tls-creds-psk", "id": "p", "dir": str(tmp_path), "endpoint": "client"}) == \
-            "No plugin named 'tls-creds-psk' in group mig_core.channel_security (installed: tls-creds-x509)"
+            "no plugin named 'tls-creds-psk' in group mig_core.channel_security (installed: tls-creds-x509)"
         assert await err({"qom-type": "memory-backend-ram", "id": "m"}) == \
             "Parameter 'qom-type' does not accept value 'memory-backend-ram'"
         make_pki(tmp_path / "old", server_expired=True)
