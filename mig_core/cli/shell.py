@@ -65,6 +65,16 @@ def parse_line(line: str) -> tuple[str, dict[str, Any]]:
     return name, _arguments(tuple(shlex.split(rest, posix=False)))
 
 
+def _say(text: str) -> None:
+    """A reply, written before the next prompt starts. Through patch_stdout it could be written while that
+    prompt runs, and prompt_toolkit writes such output with the terminal in cooked mode: a Ctrl-D typed in
+    that moment became an end-of-file for the line discipline, and the shell never saw it (it hung)."""
+    out = sys.__stdout__
+    assert out is not None
+    out.write(text + "\n")
+    out.flush()
+
+
 async def _shell(socket: str) -> None:
     client: QMPClient = await connect_monitor(socket)
     names = [c["name"] for c in cast(list[dict[str, str]], await client.execute("query-commands"))]
@@ -96,15 +106,15 @@ async def _shell(socket: str) -> None:
                 try:
                     name, args = parse_line(line)
                 except (click.BadParameter, ValueError) as e:
-                    print(f"error: {e}")
+                    _say(f"error: {e}")
                     continue
                 try:
                     reply = await client.execute(name, args or None)
-                    print(json.dumps({"return": reply}))
+                    _say(json.dumps({"return": reply}))
                 except ExecuteError as e:
-                    print(json.dumps({"error": {"class": e.error.error.class_, "desc": e.error.error.desc}}))
+                    _say(json.dumps({"error": {"class": e.error.error.class_, "desc": e.error.error.desc}}))
                 except Exception as e:  # noqa: BLE001 - the connection may end (quit)
-                    print(f"connection closed: {e}")
+                    _say(f"connection closed: {e}")
                     break
     finally:
         events.cancel()
