@@ -11,7 +11,7 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from mig_core.testing import connect
+from mig_core.testing import connect, migrate_and_wait, wait_for_status
 
 
 @contextlib.asynccontextmanager
@@ -41,3 +41,15 @@ def rss(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+async def migrate_measured(src: QMPClient, dst: QMPClient, s: Any, d: Any) -> tuple[dict[str, Any], float, float]:
+    """Listen on a loopback port, migrate there and wait until both sides completed: the source's final
+    ``query-migrate`` and the CPU-seconds each host process spent meanwhile."""
+    await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+    port = (await dst.execute("query-migrate"))["socket-address"][0]["port"]
+    cpu0 = cpu_seconds(s.proc.pid), cpu_seconds(d.proc.pid)
+    info = await migrate_and_wait(src, {"uri": f"tcp:127.0.0.1:{port}"})
+    assert info["status"] == "completed", info
+    await wait_for_status(dst, {"completed"})
+    return info, cpu_seconds(s.proc.pid) - cpu0[0], cpu_seconds(d.proc.pid) - cpu0[1]

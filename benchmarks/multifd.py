@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from mig_transport_socket import UNPACED_CONGESTION_CONTROLS
 
-from benchmarks.hosts import cpu_seconds, qmp_clients
+from benchmarks.hosts import migrate_measured, qmp_clients
 from mig_core.testing import Host, migrate_and_wait, wait_for_status
 
 GIB = 1 << 30
@@ -139,14 +139,8 @@ async def _migrate(tmp: Path, fill: str, channels: int, compression: str, extra:
             await c.execute("migrate-set-capabilities", {"capabilities": [{"capability": x, "state": True}
                                                                           for x in on]})
             await c.execute("migrate-set-parameters", p)
-        await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
-        port = (await dst.execute("query-migrate"))["socket-address"][0]["port"]
-        cpu0 = cpu_seconds(s.proc.pid), cpu_seconds(d.proc.pid)
-        info = await migrate_and_wait(src, {"uri": f"tcp:127.0.0.1:{port}"})
-        assert info["status"] == "completed", info
-        await wait_for_status(dst, {"completed"})
-        cpu = cpu_seconds(s.proc.pid) - cpu0[0], cpu_seconds(d.proc.pid) - cpu0[1]
-    return {"info": info, "cpu_src": cpu[0], "cpu_dst": cpu[1]}
+        info, cpu_src, cpu_dst = await migrate_measured(src, dst, s, d)
+    return {"info": info, "cpu_src": cpu_src, "cpu_dst": cpu_dst}
 
 
 def _run(*args, **kw) -> dict:

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from mig_tls.testing import make_pki
 
-from benchmarks.hosts import cpu_seconds, qmp_clients
+from benchmarks.hosts import migrate_measured, qmp_clients
 from benchmarks.multifd import GIB, UNPACED, raw_loopback
-from mig_core.testing import Host, migrate_and_wait, wait_for_status
+from mig_core.testing import Host
 
 ENV = {"MIG_LOG_LEVEL": "warning"}
 
@@ -80,14 +80,8 @@ async def _migrate(tmp: Path, pki: Path, tls: bool, channels: int) -> dict:
                                                                           for x in caps]})
             await c.execute("migrate-set-parameters", {"max-bandwidth": 0, **({"multifd-channels": channels}
                                                                                 if channels else {})})
-        await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
-        port = (await dst.execute("query-migrate"))["socket-address"][0]["port"]
-        cpu0 = cpu_seconds(s.proc.pid), cpu_seconds(d.proc.pid)
-        info = await migrate_and_wait(src, {"uri": f"tcp:127.0.0.1:{port}"})
-        assert info["status"] == "completed", info
-        await wait_for_status(dst, {"completed"})
-        cpu = cpu_seconds(s.proc.pid) - cpu0[0], cpu_seconds(d.proc.pid) - cpu0[1]
-    return {"s": info["total-time"] / 1000, "cpu_src": cpu[0], "cpu_dst": cpu[1]}
+        info, cpu_src, cpu_dst = await migrate_measured(src, dst, s, d)
+    return {"s": info["total-time"] / 1000, "cpu_src": cpu_src, "cpu_dst": cpu_dst}
 
 
 def table(reps: int = 3) -> list[dict]:
