@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 PLUGINS := $(sort $(wildcard plugins/*/pyproject.toml))
 STAMP := $(VENV)/.mig-installed
 
-.PHONY: demo test venv docs clean scale check
+.PHONY: demo test venv docs clean scale check fuzz
 
 venv: $(STAMP)
 
@@ -32,6 +32,10 @@ test: check
 check: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+# Long fuzzing of every decoder (make test runs the same fuzzers briefly): MIG_FUZZ_EXAMPLES per target.
+fuzz: $(STAMP)
+	MIG_FUZZ_EXAMPLES=$${MIG_FUZZ_EXAMPLES:-100000} MIG_FUZZ_REPORT=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/fuzz
 
 # Full-size checks beside the suite (8 GiB hosts): not part of make test.
 scale: $(STAMP)

@@ -197,6 +197,17 @@ def test_bad_fields(stream_bytes):
         "the stream must start with its block list, not section 0x02")
 
 
+def test_a_section_whose_map_is_keyed_by_a_list_is_refused(stream_bytes):
+    """Found by the fuzzers (tests/fuzz): msgpack raises TypeError for such a map; the reader let it out."""
+    data, _ = stream_bytes
+    payload = b"\x81\x91\x01\x02"  # {[1]: 2}
+    raw = data[:header_len(data)] + struct.pack("<B3xI", Section.PASS, len(payload)) + payload
+    r = reader_for(raw, blocks(fill=False))
+    r.read_header()
+    with pytest.raises(StreamError, match=r"corrupt PASS section: unhashable type"):
+        list(r)
+
+
 def test_truncation_at_every_offset(stream_bytes):
     data, _ = stream_bytes
     # every cut inside the header and section framing, and a stride through the page data

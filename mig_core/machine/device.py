@@ -255,7 +255,7 @@ class DeviceRegistry:
                 raise DeviceStateError(f"{where}: corrupt state: {e}") from None
         try:
             return dev, msgpack.unpackb(section.payload, raw=False, strict_map_key=False)
-        except (ValueError, msgpack.UnpackException) as e:
+        except (ValueError, TypeError, msgpack.UnpackException) as e:  # TypeError: a map keyed by a list
             raise DeviceStateError(f"{where}: corrupt state: {e}") from None
 
     @staticmethod

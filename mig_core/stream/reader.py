@@ -169,7 +169,7 @@ class StreamReader:
         payload = self._recv(length, "a metadata section")
         try:
             return msgpack.unpackb(payload, raw=False, strict_map_key=False)
-        except (ValueError, msgpack.UnpackException) as e:
+        except (ValueError, TypeError, msgpack.UnpackException) as e:  # TypeError: a map keyed by a list
             raise StreamError(f"corrupt {section.name} section: {e}") from None
 
     def next(self) -> Item:

@@ -1,0 +1,300 @@
+"""Fuzzing every decoder that reads what a peer or a client sends (issue 18, item 4).
+
+Each target takes bytes (or a JSON value) from hypothesis and must either accept them or refuse them
+with its documented error; any other exception is a crash, and an example that runs longer than
+``HANG_SECONDS`` is a hang. Inputs are both raw garbage and mutations of valid encodings (a flipped
+bit, a cut, an insertion), which reach far deeper than random bytes do.
+
+``make test`` runs a bounded number of examples per target; ``make fuzz`` sets ``MIG_FUZZ_EXAMPLES``
+(100 000 by default there). A crash found becomes a regression test in the module of its decoder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import msgpack
+import msgspec
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mig_core.errors import ChannelError, QMPError, StreamError
+from mig_core.ext.channel import loopback_pair
+from mig_core.machine.device import Device, DeviceRegistry, DeviceSection, DeviceStateError
+from mig_core.memory import xbzrle
+from mig_core.memory.ram import allocate
+from mig_core.qapi.visitor import QapiInputError
+from mig_core.qmp.dispatch import check_request, visit_arguments
+from mig_core.qmp.framing import JsonInputError, JsonStreamer
+from mig_core.schema.commands import COMMANDS
+from mig_core.stream import mapped_ram
+from mig_core.stream.format import META_HEADER
+from mig_core.stream.multifd import PACKET, PACKET_MAGIC, pack_header, read_packet
+from mig_core.stream.placement import CopyPlacer
+from mig_core.stream.reader import StreamReader
+from mig_core.stream.writer import StreamWriter
+
+EXAMPLES = int(os.environ.get("MIG_FUZZ_EXAMPLES", "300"))
+HANG_SECONDS = 10
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+#: examples run per target (``make fuzz`` prints them: the count behind "N cases, 0 crashes")
+CASES: Counter[str] = Counter()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _report_cases() -> Iterator[None]:
+    yield
+    if os.environ.get("MIG_FUZZ_REPORT"):
+        print("\nfuzz cases per target:")
+        for name, n in sorted(CASES.items()):
+            print(f"  {name}: {n}")
+
+
+@contextmanager
+def no_hang(target: str) -> Iterator[None]:
+    """Fail the example if it runs longer than HANG_SECONDS (SIGALRM: the main thread, as pytest runs)."""
+    CASES[target] += 1
+    def alarm(signum: int, frame: object) -> None:
+        raise AssertionError(f"hang: the decoder ran over {HANG_SECONDS} s")
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(HANG_SECONDS)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@st.composite
+def mutated(draw: st.DrawFn, valid: bytes) -> bytes:
+    """``valid`` with a few flips, cuts, insertions or overwrites; or, now and then, plain garbage."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.binary(max_size=4096))
+    data = bytearray(valid)
+    for _ in range(draw(st.integers(1, 4))):
+        if not data:
+            break
+        at = draw(st.integers(0, len(data) - 1))
+        op = draw(st.sampled_from(["flip", "cut", "insert", "set"]))
+        if op == "flip":
+            data[at] ^= 1 << draw(st.integers(0, 7))
+        elif op == "cut":
+            del data[at:at + draw(st.integers(1, 64))]
+        elif op == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=16))
+        else:
+            data[at] = draw(st.sampled_from([0, 1, 0x7F, 0x80, 0xFF]))
+    return bytes(data)
+
+
+# -- the main stream ------------------------------------------------------------------------------
+
+UUID = "12345678-1234-5678-1234-567812345678"
+
+
+class _Serial(Device):
+    id = "serial"
+    version = 2
+    state_type = dict[str, list[int]]
+
+    def save_state(self) -> dict[str, list[int]]:
+        return {"regs": [1, 2, 3]}
+
+    def load_state(self, state: dict[str, list[int]], version: int) -> None:
+        self.regs = state["regs"]
+
+
+def _blocks() -> list:
+    return [allocate("ram0", 16 * 4096), allocate("ram1", 4 * 8192, page_size=8192)]
+
+
+def _valid_stream() -> bytes:
+    src = _blocks()
+    src[0].pages[:] = np.random.default_rng(1).integers(0, 255, src[0].pages.shape, dtype=np.uint8)
+    tx, rx = loopback_pair(capacity=16 << 20)
+    w = StreamWriter(tx, src)
+    w.write_header(UUID)
+    w.write_pages(src[0], np.arange(16))
+    w.write_zero_pages(src[1], np.array([0, 3]))
+    w.write_device(DeviceSection("serial", 0, 2, msgpack.packb({"regs": [1, 2, 3]})))
+    w.write_pass(1)
+    w.write_end()
+    tx.close()
+    out, buf = bytearray(), bytearray(65536)
+    while n := rx._recv_into(memoryview(buf)):
+        out += buf[:n]
+    return bytes(out)
+
+
+STREAM = _valid_stream()
+
+
+@FUZZ
+@given(data=mutated(STREAM))
+def test_stream_reader(data: bytes) -> None:
+    dst = _blocks()
+    tx, rx = loopback_pair(capacity=len(data) + 1)
+    tx.send(data)
+    tx.close()
+    reader = StreamReader(rx, dst, CopyPlacer(dst))
+    with no_hang("stream_reader"):
+        try:
+            reader.read_header()
+            for _ in reader:
+                pass
+        except (StreamError, ChannelError):
+            pass
+    assert [b.pages.shape for b in dst] == [(16, 4096), (4, 8192)]
+
+
+# -- multifd packets ------------------------------------------------------------------------------
+
+PACKET_OK = pack_header(0, 1, 0, 2, 1, 8192, 7) + np.array([3, 4, 9], dtype="<u8").tobytes()
+
+
+@FUZZ
+@given(data=mutated(PACKET_OK))
+def test_multifd_packet(data: bytes) -> None:
+    tx, rx = loopback_pair(capacity=len(data) + 1)
+    tx.send(data)
+    tx.close()
+    with no_hang("multifd_packet"):
+        try:
+            pkt = read_packet(rx, 0, 2, [16, 4], compressed=False)
+        except (StreamError, ChannelError):
+            return
+    # what was accepted is within what the destination has
+    assert pkt.block < 2 and all(0 <= int(o) < [16, 4][pkt.block] for o in (*pkt.normal, *pkt.zero))
+
+
+def test_the_valid_packet_is_valid() -> None:
+    tx, rx = loopback_pair(capacity=len(PACKET_OK) + 1)
+    tx.send(PACKET_OK)
+    pkt = read_packet(rx, 0, 2, [16, 4], compressed=False)
+    assert list(pkt.normal) == [3, 4] and list(pkt.zero) == [9] and PACKET.size + 24 == len(PACKET_OK)
+    assert PACKET.unpack(PACKET_OK[:PACKET.size])[0] == PACKET_MAGIC
+
+
+# -- xbzrle ------------------------------------------------------------------------------------------
+
+_OLD = np.random.default_rng(2).integers(0, 256, 4096, dtype=np.uint8)
+_NEW = _OLD.copy()
+_NEW[100:140] ^= 0x5A
+_NEW[3000] = 1
+XBZRLE = bytes(xbzrle.encode(_OLD, _NEW, 4096))
+
+
+@FUZZ
+@given(data=mutated(XBZRLE))
+def test_xbzrle_decode(data: bytes) -> None:
+    page = _OLD.copy()
+    with no_hang("xbzrle_decode"):
+        try:
+            xbzrle.decode(data, page)
+        except ValueError:
+            return
+    assert page.shape == (4096,)
+
+
+# -- mapped-ram headers --------------------------------------------------------------------------
+
+_MR_BLOCKS = _blocks()
+MAPPED_RAM = mapped_ram.plan(_MR_BLOCKS, 4096)[1][META_HEADER.size:]  # the section's payload, as parse gets it
+
+
+@FUZZ
+@given(data=mutated(MAPPED_RAM))
+def test_mapped_ram_header(data: bytes) -> None:
+    with no_hang("mapped_ram_header"):
+        try:
+            obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        except (ValueError, TypeError, msgpack.UnpackException):  # what the reader refuses (test_stream.py)
+            return
+        try:
+            layout = mapped_ram.parse(obj, _MR_BLOCKS, 4096)
+        except ValueError:  # StreamError, or ValueError as the reader turns it into one
+            return
+    for r, b in zip(layout.regions, _MR_BLOCKS, strict=True):  # accepted: regions in order, aligned, apart
+        assert r.pages_offset % 4096 == 0 and r.pages_offset >= r.bitmap_offset + r.bitmap_bytes
+        assert r.npages == b.npages
+
+
+# -- device state --------------------------------------------------------------------------------
+
+_DEVICES = DeviceRegistry()
+_DEVICES.register(_Serial())
+DEVICE_STATE = msgpack.packb({"regs": [1, 2, 3]})
+
+
+@FUZZ
+@given(data=mutated(DEVICE_STATE), version=st.integers(0, 3))
+def test_device_state_section(data: bytes, version: int) -> None:
+    with no_hang("device_state_section"):
+        try:
+            _DEVICES.load(DeviceSection("serial", 0, version, data))
+        except DeviceStateError:
+            pass
+
+
+@FUZZ
+@given(data=mutated(_DEVICES.save_to_buffer()))
+def test_device_state_buffer(data: bytes) -> None:
+    with no_hang("device_state_buffer"):
+        try:
+            _DEVICES.load_from_buffer(data)
+        except DeviceStateError:
+            pass
+
+
+# -- QMP framing and arguments -------------------------------------------------------------------
+
+QMP_TEXT = b'{"execute": "migrate-set-parameters", "arguments": {"downtime-limit": 300, "tls-creds": "a"}}\n'
+
+
+@FUZZ
+@given(data=mutated(QMP_TEXT * 3), split=st.integers(1, 64))
+def test_qmp_framing(data: bytes, split: int) -> None:
+    streamer = JsonStreamer()
+    with no_hang("qmp_framing"):
+        for at in range(0, len(data), split):  # arbitrary read boundaries
+            for item in streamer.feed(data[at:at + split]):
+                if isinstance(item, JsonInputError):
+                    continue
+                try:
+                    json.loads(item)
+                except ValueError:
+                    pass  # a text the framing closed that is not JSON: the server answers with an error
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats(allow_nan=False)
+                     | st.text(max_size=20), lambda kids: st.lists(kids, max_size=4)
+                     | st.dictionaries(st.text(max_size=12), kids, max_size=4), max_leaves=12)
+_COMMANDS = sorted(COMMANDS)
+
+
+@FUZZ
+@given(name=st.sampled_from(_COMMANDS), args=st.dictionaries(st.text(max_size=16), _json, max_size=5),
+       known=st.booleans())
+def test_qmp_arguments(name: str, args: dict, known: bool) -> None:
+    """Arguments for every command, with its own member names half the time, as the server checks them."""
+    cmd = COMMANDS[name]
+    if known and isinstance(cmd.args, type) and issubclass(cmd.args, msgspec.Struct):
+        members = [f.encode_name for f in msgspec.structs.fields(cmd.args)]
+        args = dict(zip(members, args.values(), strict=False)) or args
+    with no_hang("qmp_arguments"):
+        try:
+            req = check_request({"execute": name, "arguments": args}, oob_enabled=True)
+            visit_arguments(cmd, req.arguments)
+        except (QMPError, QapiInputError):
+            pass
+
