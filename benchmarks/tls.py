@@ -55,7 +55,8 @@ def raw_tls_loopback(pki: Path, size: int = GIB) -> float:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_verify_locations(str(pki / "ca-cert.pem"))
     raw = socket.create_connection(("127.0.0.1", port))
-    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, UNPACED)
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, UNPACED)  # as mig's transport sets them
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     s = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
     mv = memoryview(data)
     t = time.perf_counter()

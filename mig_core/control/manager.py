@@ -201,7 +201,7 @@ class MigrationManager:
         return str(self.params["multifd-compression"])
 
     def tls_enabled(self) -> bool:
-        return bool(self.params["tls-creds"])
+        return tls_policy.enabled(self.params)
 
     def postcopy_unsupported(self) -> str | None:
         reason = host_features.postcopy_unsupported()
@@ -513,15 +513,11 @@ class MigrationManager:
         with self._lock:
             transport.check_address(addr, incoming=True)
             tls_policy.check(self.params, self.caps, addr)
-            creds = self.objects.tls_creds(str(self.params["tls-creds"]), "server") if self.tls_enabled() else None
+            creds = tls_policy.server_credentials(self.objects, self.params)
             listener = transport.listen(addr)
             self._tls_destination_creds = creds.creds_id if creds is not None else ""
             if creds is not None:
-                try:
-                    listener = tls_policy.destination_listener(self.objects, self.params, listener)
-                except QMPError:
-                    listener.close()
-                    raise
+                listener = tls_policy.destination_listener(self.objects, self.params, creds, listener)
             self._listener = listener
             self._incoming_rdma = addr.tag is MigrationAddressType.RDMA
             self.new_migration_id()
@@ -652,15 +648,15 @@ class MigrationManager:
     def x_query_snapshots(self) -> Any:
         return self.snapshots.query()
 
-    # -- QMP: block nodes and their dirty bitmaps (control/block_nodes.py) ----------------
-
-    # -- QMP: objects ------------------------------------------------------------------------
+    # -- QMP: objects (control/objects.py) -----------------------------------------------------
 
     def object_add(self, args: Any) -> None:
         self.objects.add(args)
 
     def object_del(self, args: Any) -> None:
         self.objects.delete(args.id)
+
+    # -- QMP: block nodes and their dirty bitmaps (control/block_nodes.py) ----------------
 
     def block_dirty_bitmap_add(self, args: Any) -> None:
         self.block_nodes.add(args)

@@ -51,14 +51,10 @@ class ObjectRegistry:
         oid = props.id
         if not _ID.match(oid):
             raise QMPError("Parameter 'id' expects an identifier")
-        with self._lock:
+        with self._lock:  # (object-add is rare: loading credentials under the lock costs nobody)
             if oid in self._objects:
                 raise QMPError(f"attempt to add duplicate property '{oid}' to object (type 'container')")
-        obj = self._create(options.tag.value, oid, props)
-        with self._lock:
-            if oid in self._objects:
-                raise QMPError(f"attempt to add duplicate property '{oid}' to object (type 'container')")
-            self._objects[oid] = obj
+            self._objects[oid] = self._create(options.tag.value, oid, props)
         log.info("object_added", id=oid, qom_type=options.tag.value)
 
     def _create(self, qom_type: str, oid: str, props: Any) -> ChannelSecurity | Authz:

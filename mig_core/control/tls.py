@@ -1,8 +1,8 @@
 """What ``tls-creds``, ``tls-hostname`` and ``tls-authz`` mean for one migration (QEMU's rules).
 
 ``check`` refuses, before anything starts, what TLS cannot serve; ``source_transport`` and
-``destination_listener`` wrap a transport or listener with the named credentials, or raise QMPError
-with QEMU's text (no such object, not credentials, the wrong endpoint).
+``server_credentials`` find the named credentials or raise QMPError with QEMU's text (no such object,
+not credentials, the wrong endpoint); ``destination_listener`` wraps the destination's listener.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 from mig_core.control.objects import ObjectRegistry
 from mig_core.engine.tls import TlsListener, TlsTransport, address_hostname
 from mig_core.errors import QMPError
-from mig_core.ext.channel_security import Authorize
+from mig_core.ext.channel_security import Authorize, ChannelSecurity
 from mig_core.ext.transport import Listener, Transport
 from mig_core.schema.migration import MigrationAddress, MigrationAddressType
 from mig_core.schema.migration import MigrationCapability as C
@@ -45,13 +45,21 @@ def source_transport(objects: ObjectRegistry, params: Mapping[str, Any], transpo
     return TlsTransport(transport, creds, hostname), creds_id
 
 
-def destination_listener(objects: ObjectRegistry, params: Mapping[str, Any], listener: Listener) -> Listener:
-    """``listener`` whose connections are admitted by a handshake with the server credentials."""
+def server_credentials(objects: ObjectRegistry, params: Mapping[str, Any]) -> ChannelSecurity | None:
+    """The destination's credentials if TLS is on (checked before it listens); QMPError with the reason."""
+    if not enabled(params):
+        return None
     creds = objects.tls_creds(str(params["tls-creds"]), "server")
     authz_id = str(params["tls-authz"])
     if authz_id and not creds.verify_peer:
         raise QMPError(f"tls-authz '{authz_id}' needs credentials that verify the peer: "
                        f"'{creds.creds_id}' has verify-peer=off, so no identity would be checked")
+    return creds
+
+
+def destination_listener(objects: ObjectRegistry, params: Mapping[str, Any], creds: ChannelSecurity,
+                         listener: Listener) -> Listener:
+    """``listener`` whose connections are admitted by a handshake with ``creds``."""
 
     def authorize() -> Authorize | None:  # read at each handshake: an authz set later applies next time
         current = str(params["tls-authz"])

@@ -121,28 +121,30 @@ class TlsListener(Listener):
         self._closed = threading.Event()
         self._last_refusal: str | None = None
         self._pending = 0
+        #: the inner listener gave its last connection (a single-use one, or closed)
+        self._inner_done = False
         self._lock = threading.Lock()
         threading.Thread(target=self._accept_loop, name="tls-accept", daemon=True).start()
 
     @property
-    def socket_addresses(self):  # type: ignore[no-untyped-def]
+    def socket_addresses(self) -> list[SocketAddress]:
         return self.inner.socket_addresses
 
     def _accept_loop(self) -> None:
         while not self._closed.is_set():
             try:
                 channel = self.inner.accept()
-            except (ChannelError, OSError) as e:
-                self._finish(e)
+            except (ChannelError, OSError):
+                self._finish()
                 return
             with self._lock:
                 self._pending += 1
             threading.Thread(target=self._handshake, args=(channel,), name="tls-handshake", daemon=True).start()
 
-    def _finish(self, e: BaseException) -> None:
+    def _finish(self) -> None:
         """The inner listener gave its last connection: once no handshake is left, accept reports why."""
         with self._lock:
-            self._inner_done: BaseException | None = e
+            self._inner_done = True
             idle = self._pending == 0
         if idle:
             self._ready.put(self._ending())
@@ -162,7 +164,7 @@ class TlsListener(Listener):
             wrapped = None
         with self._lock:
             self._pending -= 1
-            last = self._pending == 0 and getattr(self, "_inner_done", None) is not None
+            last = self._pending == 0 and self._inner_done
         if wrapped is not None:
             log.info("tls_session_accepted", creds=self.security.creds_id)
             self._ready.put(wrapped)

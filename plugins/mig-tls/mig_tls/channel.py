@@ -13,7 +13,7 @@ import ssl
 import threading
 from collections.abc import Callable, Sequence
 
-from mig_core.errors import ChannelAborted, ChannelEOF, ChannelError
+from mig_core.errors import ChannelError
 from mig_core.ext.channel import Buffer, Channel, ChannelAbilities
 
 #: Plaintext encrypted per record batch: large enough to amortise the calls, small enough to stay in cache.
@@ -100,10 +100,7 @@ class TlsChannel(Channel):
         """Move the next ciphertext the wrapped channel has into OpenSSL's input."""
         self._check_abort()
         view = memoryview(self._recv_buf)
-        try:
-            n = self.inner._recv_into(view)
-        except ChannelAborted:
-            raise
+        n = self.inner._recv_into(view)
         if n == 0:
             with self._ssl_lock:
                 self._in.write_eof()
@@ -176,5 +173,3 @@ class TlsChannel(Channel):
             self._flush_quietly()
         self.inner.close()
 
-
-__all__ = ["ChannelEOF", "TlsChannel"]

@@ -125,14 +125,9 @@ async def test_credentials_objects_with_qemus_errors(start_host, tmp_path):
         assert await qmp_error(c.execute("object-del", {"id": "a"})) == "object 'a' not found"
 
         # a migration with credentials that cannot serve it fails with QEMU's texts
-        for creds, text in [("nope", "No TLS credentials with id 'nope'"),
-                            ("t", None)]:
-            await c.execute("migrate-set-parameters", {"tls-creds": creds})
-            if text is None:
-                break
-            await c.execute("migrate", {"uri": "tcp:127.0.0.1:1"})
-            info = await wait_for_status(c, {"failed"})
-            assert info["error-desc"] == text
+        await c.execute("migrate-set-parameters", {"tls-creds": "nope"})
+        await c.execute("migrate", {"uri": "tcp:127.0.0.1:1"})
+        assert (await wait_for_status(c, {"failed"}))["error-desc"] == "No TLS credentials with id 'nope'"
         await c.execute("object-add", {"qom-type": "authz-list", "id": "z"})
         await c.execute("migrate-set-parameters", {"tls-creds": "z"})
         await c.execute("migrate", {"uri": "tcp:127.0.0.1:1"})
