@@ -108,6 +108,9 @@ def _rates(_ctx: click.Context, param: click.Parameter, value: str) -> list[int]
               help="Create an object as object-add does, before --param and --incoming use it (repeatable): "
                    "tls-creds-x509,id=tls0,dir=DIR,endpoint=server; authz-simple,id=a,identity=DN; "
                    "authz-list in the JSON form (its rules are a list).")
+@click.option("--tcp-user-timeout", type=click.FloatRange(0.001, 3600), default=30.0, metavar="SECONDS",
+              help="How long a migration's TCP connection may go unacknowledged before it counts as dead "
+                   "(a dead link fails the migration after this long).")
 @click.option("--drive", "drives", multiple=True,
               metavar="node-name=N,file=PATH[,size=S][,write-rate=R][,migrate=on]",
               help="A block node backed by PATH (created or grown to S bytes): block-dirty-bitmap-* track what is "
@@ -118,10 +121,10 @@ def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: boo
         paused: bool, incoming: str | None, uuid: str | None, postcopy_prefetch: int, dirty_tracker: str | None,
         caps: tuple[str, ...], params: tuple[str, ...], flight_dir: str | None, no_flight_record: bool,
         snapshot_dirs: tuple[str, ...], blockers: tuple[str, ...], failover: tuple[str, ...],
-        drives: tuple[str, ...], objects: tuple[str, ...]) -> None:
+        tcp_user_timeout: float, drives: tuple[str, ...], objects: tuple[str, ...]) -> None:
+    """Run the reference host serving QMP until 'quit' or a signal."""
     if len(dirty_rate) not in (1, vcpus):  # type: ignore[arg-type]
         raise click.BadParameter(f"give one rate or {vcpus} (one per vCPU)", param_hint="--dirty-rate")
-    """Run the reference host serving QMP until 'quit' or a signal."""
     if incoming is not None:
         state = RunState.INMIGRATE
     else:
@@ -160,6 +163,7 @@ def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: boo
         machine.blockers.add(reason)
     manager = MigrationManager(machine)
     manager.postcopy_prefetch_pages = postcopy_prefetch
+    manager.tcp_user_timeout = tcp_user_timeout
     if flight_dir is not None:
         manager.recorder.directory = Path(flight_dir)
     manager.recorder.enabled = not no_flight_record

@@ -100,6 +100,9 @@ class MigrationManager:
         self.params: dict[str, Any] = parameter_decls.defaults()
         self.migration_id = ""
         self.error_desc: str | None = None
+        #: Seconds a TCP connection may hold unacknowledged data before it counts as dead (``mig run
+        #: --tcp-user-timeout``): how long a migration over a dead link takes to fail.
+        self.tcp_user_timeout: float = TransportContext.user_timeout
         self._incoming_rdma = False
         #: Set after ``quit`` has been answered; the host process exits when it sees it.
         self.quit_requested = threading.Event()
@@ -364,8 +367,8 @@ class MigrationManager:
     # -- QMP: migrate --------------------------------------------------------------------
 
     def transport_context(self) -> TransportContext:
-        """What transports get from this host: named descriptors (getfd)."""
-        return TransportContext(named_fds=self.named_fds, take_fd=self._take_fd)
+        """What transports get from this host: named descriptors (getfd) and the TCP user timeout."""
+        return TransportContext(named_fds=self.named_fds, take_fd=self._take_fd, user_timeout=self.tcp_user_timeout)
 
     def _take_fd(self, name: str) -> int | None:
         with self._lock:

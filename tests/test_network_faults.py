@@ -1,0 +1,194 @@
+"""Real network faults: two hosts on a veth link whose cable is pulled, and a proxy process that delays,
+stalls, drops or corrupts the stream. Every scenario ends with the migration completed exact, or failed
+with the source running and its RAM intact, within the TCP user timeout the hosts were given; the table
+of these scenarios is in docs/network-faults.md."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from mig_core.testing import Host, connect, ram_digest, wait_for_status
+from mig_core.testing.fault_proxy import ProxyProcess
+from mig_core.testing.netns import NetnsUnavailable, VethLink
+
+RAM = 32 << 20
+#: the bound every failure must come within: both hosts get this TCP user timeout
+USER_TIMEOUT = 3
+WL = ("--ram", "32M", "--ram-fill", "random", "--tcp-user-timeout", str(USER_TIMEOUT))
+#: what each failure may take beyond the user timeout: the retransmission in flight when it expires,
+#: and the host noticing (generous: a slow, busy machine)
+SLACK = 15
+
+
+@pytest.fixture
+def link():
+    try:
+        veth = VethLink()
+    except NetnsUnavailable as e:
+        pytest.skip(f"network namespaces are not available here: {e}")
+    yield veth
+    veth.close()
+
+
+@pytest.fixture
+def hosts(tmp_path):
+    started: list[Host] = []
+
+    def start(*args: str, name: str, wrapper: list[str] | None = None) -> Host:
+        h = Host(tmp_path, *WL, *args, name=f"{name}{len(started)}", wrapper=wrapper)
+        started.append(h)
+        return h
+
+    yield start
+    for h in started:
+        h.stop()
+
+
+async def sent_at_least(src, nbytes: int) -> None:
+    """Wait until the source has sent ``nbytes`` of RAM (so a fault lands mid-stream)."""
+    while True:
+        info = await src.execute("query-migrate")
+        assert info.get("status") in ("setup", "active"), info
+        if info.get("ram", {}).get("transferred", 0) >= nbytes:
+            return
+        await asyncio.sleep(0.02)
+
+
+async def assert_exact(src, dst, tmp_path: Path) -> None:
+    info = await wait_for_status(src, {"completed", "failed"}, timeout=120)
+    assert info["status"] == "completed", info
+    assert (await wait_for_status(dst, {"completed", "failed"}, timeout=30))["status"] == "completed"
+    assert await ram_digest(src, RAM, tmp_path / "s.mem") == await ram_digest(dst, RAM, tmp_path / "d.mem")
+
+
+async def assert_failed_in_time(src, since: float, before: str, tmp_path: Path) -> str:
+    """The source failed within the user timeout (and slack), is paused as it was, with the RAM it had."""
+    info = await wait_for_status(src, {"completed", "failed"}, timeout=USER_TIMEOUT + SLACK)
+    took = time.monotonic() - since
+    assert info["status"] == "failed", info
+    assert took < USER_TIMEOUT + SLACK, took
+    assert (await src.execute("query-status"))["status"] == "paused"  # as it was before: nothing moved on
+    assert await ram_digest(src, RAM, tmp_path / "after.mem") == before
+    print(f"source failed {took:.1f} s after the fault: {info['error-desc']}")  # for the table in docs
+    return str(info["error-desc"])
+
+
+async def stopped_source(hosts, wrapper=None):
+    """A source whose RAM holds still (stopped), so 'intact' means the same digest before and after."""
+    s = hosts(name="src", wrapper=wrapper)
+    src = await connect(s.sock, "src")
+    await src.execute("stop")
+    return s, src
+
+
+# -- a pulled cable between two namespaces ------------------------------------------------------------------
+
+
+async def test_a_link_down_for_a_moment_then_up_completes_exact(link, hosts, tmp_path):
+    s = hosts(name="src", wrapper=link.prefix("a"))
+    d = hosts("--incoming", "defer", "-S", name="dst", wrapper=link.prefix("b"))
+    src, dst = await connect(s.sock, "src"), await connect(d.sock, "dst")
+    await dst.execute("migrate-incoming", {"uri": f"tcp:{link.address('b')}:4444"})
+    await src.execute("migrate-set-parameters", {"max-bandwidth": 8 << 20})
+    await src.execute("migrate", {"uri": f"tcp:{link.address('b')}:4444"})
+    await sent_at_least(src, 4 << 20)
+    link.down()
+    await asyncio.sleep(USER_TIMEOUT / 2)  # shorter than the user timeout: TCP retransmits afterwards
+    link.up()
+    await assert_exact(src, dst, tmp_path)
+
+
+async def test_a_link_that_stays_down_fails_both_ends_in_time_and_the_source_migrates_again(link, hosts,
+                                                                                            tmp_path):
+    s, src = await stopped_source(hosts, link.prefix("a"))
+    before = await ram_digest(src, RAM, tmp_path / "before.mem")
+    d = hosts("--incoming", "defer", "-S", name="dst", wrapper=link.prefix("b"))
+    dst = await connect(d.sock, "dst")
+    await dst.execute("migrate-incoming", {"uri": f"tcp:{link.address('b')}:4444"})
+    await src.execute("migrate-set-parameters", {"max-bandwidth": 8 << 20})
+    await src.execute("migrate", {"uri": f"tcp:{link.address('b')}:4444"})
+    await sent_at_least(src, 4 << 20)
+    link.down()
+    since = time.monotonic()
+    error = await assert_failed_in_time(src, since, before, tmp_path)
+    assert "timed out" in error, error
+    # the destination's connection is dead too: it fails (and exits, exit-on-error) within the same bound
+    assert d.proc.wait(USER_TIMEOUT + SLACK) == 1
+    assert time.monotonic() - since < USER_TIMEOUT + SLACK
+    link.up()
+    d2 = hosts("--incoming", "defer", "-S", name="dst", wrapper=link.prefix("b"))
+    dst2 = await connect(d2.sock, "dst2")
+    await dst2.execute("migrate-incoming", {"uri": f"tcp:{link.address('b')}:4445"})
+    await src.execute("migrate-set-parameters", {"max-bandwidth": 0})
+    await src.execute("migrate", {"uri": f"tcp:{link.address('b')}:4445"})
+    await assert_exact(src, dst2, tmp_path)
+
+
+# -- a proxy process that delays, stalls, drops or corrupts --------------------------------------------------
+
+
+async def through_proxy(hosts, tmp_path, fault: str, at: int = 0, ms: int = 0, conn: int = 0,
+                        channels: int = 0, stop_source: bool = False):
+    """Source and destination on loopback with the fault proxy between them; the migration started."""
+    if stop_source:
+        s, src = await stopped_source(hosts)
+    else:
+        s = hosts(name="src")
+        src = await connect(s.sock, "src")
+    before = await ram_digest(src, RAM, tmp_path / "before.mem") if stop_source else ""
+    d = hosts("--incoming", "defer", "-S", name="dst")
+    dst = await connect(d.sock, "dst")
+    if channels:
+        for c in (src, dst):
+            await c.execute("migrate-set-capabilities", {"capabilities": [{"capability": "multifd", "state": True}]})
+            await c.execute("migrate-set-parameters", {"multifd-channels": channels})
+    await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+    port = (await dst.execute("query-migrate"))["socket-address"][0]["port"]
+    proxy = ProxyProcess(f"127.0.0.1:{port}", fault, at=at, ms=ms, conn=conn)
+    await src.execute("migrate-set-parameters", {"max-bandwidth": 16 << 20})
+    await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{proxy.port}"})
+    return proxy, d, src, dst, before
+
+
+async def test_delay_on_every_chunk_completes_exact(hosts, tmp_path):
+    proxy, _d, src, dst, _ = await through_proxy(hosts, tmp_path, "delay", ms=40)
+    try:
+        assert proxy.fired()
+        await assert_exact(src, dst, tmp_path)
+    finally:
+        proxy.stop()
+
+
+async def test_a_stall_shorter_than_the_timeout_completes_exact(hosts, tmp_path):
+    proxy, _d, src, dst, _ = await through_proxy(hosts, tmp_path, "stall", at=4 << 20, ms=USER_TIMEOUT * 500)
+    try:
+        assert proxy.fired()
+        await assert_exact(src, dst, tmp_path)
+    finally:
+        proxy.stop()
+
+
+async def test_a_stall_for_good_fails_the_source_in_time(hosts, tmp_path):
+    proxy, d, src, _dst, before = await through_proxy(hosts, tmp_path, "stall", at=4 << 20, stop_source=True)
+    try:
+        assert proxy.fired()
+        await assert_failed_in_time(src, time.monotonic(), before, tmp_path)
+    finally:
+        proxy.stop()  # the hung middlebox goes away: the destination's connection closes, and it fails
+    assert d.proc.wait(USER_TIMEOUT + SLACK) == 1
+
+
+@pytest.mark.parametrize("channels,conn", [(0, 0), (4, 3)], ids=["main-channel", "one-multifd-channel"])
+async def test_a_dropped_connection_fails_both_ends_at_once(hosts, tmp_path, channels, conn):
+    proxy, d, src, _dst, before = await through_proxy(hosts, tmp_path, "drop", at=1 << 20, conn=conn,
+                                                      channels=channels, stop_source=True)
+    try:
+        assert proxy.fired()
+        await assert_failed_in_time(src, time.monotonic(), before, tmp_path)
+        assert d.proc.wait(USER_TIMEOUT + SLACK) == 1
+    finally:
+        proxy.stop()
