@@ -38,9 +38,9 @@ async def enabled(qmp) -> set[str]:
     return {c["capability"] for c in await qmp.execute("query-migrate-capabilities") if c["state"]}
 
 
-async def test_query_lists_all_22_in_schema_order_all_off(qmp):
+async def test_query_lists_qemus_22_and_migs_own_in_schema_order_all_off(qmp):
     caps_list = await qmp.execute("query-migrate-capabilities")
-    assert [c["capability"] for c in caps_list] == ALL and len(ALL) == 22
+    assert [c["capability"] for c in caps_list] == ALL and len(ALL) == 23 and ALL[-1] == "x-checksums"
     assert all(c["state"] is False for c in caps_list)
 
 

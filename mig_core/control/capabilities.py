@@ -1,4 +1,4 @@
-"""The 22 migration capabilities and QEMU's set-time rules, declared once.
+"""The 22 migration capabilities of QEMU's schema, mig's x-checksums, and QEMU's set-time rules, declared once.
 
 ``migrate-set-capabilities`` overlays the request on the current set and runs
 the rules below in QEMU's order on the result; the first failure is returned
@@ -58,6 +58,8 @@ CAPABILITIES: tuple[CapabilitySpec, ...] = (
     CapabilitySpec(C.SWITCHOVER_ACK, "Switch over only after the destination acknowledges it is ready."),
     CapabilitySpec(C.DIRTY_LIMIT, "Throttle each vCPU to vcpu-dirty-limit MB/s by its own dirty rate."),
     CapabilitySpec(C.MAPPED_RAM, "Give each RAM page a fixed offset in a file: parallel writes, no scan on load."),
+    CapabilitySpec(C.X_CHECKSUMS, "mig's own: every section, packet and page carries an xxh3-64 of its bytes, "
+                                  "so a bit flipped on the way fails the migration (set on both sides).", True),
 )
 
 assert [s.cap for s in CAPABILITIES] == list(C), "capability table must follow the schema's enum order"
@@ -190,6 +192,10 @@ RULES: tuple[Rule, ...] = (
          lambda new, old, ctx: new[C.MAPPED_RAM] and new[C.XBZRLE]),
     Rule("mapped-ram conflicts with postcopy-ram", "Mapped-ram migration is incompatible with postcopy",
          lambda new, old, ctx: new[C.MAPPED_RAM] and new[C.POSTCOPY_RAM]),
+    Rule("x-checksums does not cover postcopy's page requests yet", "mig cannot combine x-checksums with "
+         "postcopy-ram yet", lambda new, old, ctx: new[C.X_CHECKSUMS] and new[C.POSTCOPY_RAM]),
+    Rule("x-checksums does not cover mapped-ram's file layout", "mig cannot combine x-checksums with "
+         "mapped-ram yet", lambda new, old, ctx: new[C.X_CHECKSUMS] and new[C.MAPPED_RAM]),
     Rule("an rdma destination cannot use xbzrle", "RDMA and XBZRLE can't be used together",
          lambda new, old, ctx: ctx.incoming_rdma() and new[C.XBZRLE]),
     Rule("an rdma destination cannot use multifd", "RDMA and multifd can't be used together",

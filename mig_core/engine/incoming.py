@@ -34,6 +34,7 @@ from mig_core.schema.migration import MigrationCapability as C
 from mig_core.schema.migration import MigrationStatus as S
 from mig_core.stream import mapped_ram
 from mig_core.stream import postcopy as postcopy_wire
+from mig_core.stream.checksum import FLAG_CHECKSUMS
 from mig_core.stream.format import MAGIC, Command
 from mig_core.stream.mapped_ram import MappedRamLayout
 from mig_core.stream.multifd import MULTIFD_MAGIC, MultifdError, read_init
@@ -174,12 +175,16 @@ class IncomingMigration:
                     raise StreamError("the stream must send its CONFIG right after its block list")
                 self._command(item, self.reader.source_uuid)
             elif magic == MULTIFD_MAGIC:
-                cid, uuid = read_init(ch, magic, want, set(self._extra))
+                cid, uuid, flags = read_init(ch, magic, want, set(self._extra))
+                if bool(flags & FLAG_CHECKSUMS) != caps[C.X_CHECKSUMS]:
+                    raise MultifdError(f"multifd channel {cid}: {_checksums_mismatch(caps[C.X_CHECKSUMS])}")
                 self._extra[cid] = ch
                 uuids[cid] = uuid
             else:
                 ch.close()
                 raise StreamError(f"unknown channel magic: {magic!r}")
+        if self.reader.checksums != caps[C.X_CHECKSUMS]:
+            raise StreamError(_checksums_mismatch(caps[C.X_CHECKSUMS]))
         for cid, uuid in sorted(uuids.items()):
             if uuid != self.reader.source_uuid:
                 raise MultifdError(f"failed to receive packet via multifd channel {cid}: multifd: received uuid "
@@ -192,7 +197,8 @@ class IncomingMigration:
                 factory = compressor.load(self.ctx.registry, name, page_size).decoder
             main = self.channel
             self.multifd = MultifdReceiver([self._extra[i] for i in range(want)], self.reader.source_blocks,
-                                           self.placer, factory, lambda msg: main.abort(msg))
+                                           self.placer, factory, lambda msg: main.abort(msg),
+                                           self.reader.suspects if self.reader.checksums else None)
             self.multifd.start()
 
     def _load(self) -> None:
@@ -227,6 +233,9 @@ class IncomingMigration:
                 elif isinstance(item, End):
                     if self.multifd is not None:
                         self.multifd.finish()
+                    corrupt = reader.suspects.remaining()
+                    if corrupt is not None:  # pages that arrived corrupt and never again: do not run on them
+                        raise StreamError(corrupt)
                     break
             if package is None:
                 states.apply()
@@ -460,3 +469,10 @@ def check_ignored_blocks(ignored: object, blocks: list[RAMBlock]) -> set[str]:
             raise StreamError(f"x-ignore-shared: RAM block '{name}' maps {mine['path']} here but "
                               f"{ident.get('path')} on the source: not the same file")
     return set(ignored)
+
+
+def _checksums_mismatch(here: bool) -> str:
+    """x-checksums must be set on both sides (as multifd must): the stream says what the source did."""
+    if here:
+        return "this host has x-checksums on, but the source sends no checksums (set it on both sides)"
+    return "the source sends checksums (x-checksums), but this host has x-checksums off (set it on both sides)"

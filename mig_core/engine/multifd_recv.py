@@ -19,7 +19,8 @@ import structlog
 from mig_core.ext.channel import Channel, ChannelEOF, ChannelError
 from mig_core.ext.compressor import Decoder
 from mig_core.memory.ram import RAMBlock
-from mig_core.stream.multifd import MultifdError, PacketFlag, read_packet
+from mig_core.stream.checksum import SuspectPages
+from mig_core.stream.multifd import MultifdError, PacketFlag, read_packet, read_page_hashes
 from mig_core.stream.placement import PagePlacer
 
 log = structlog.get_logger("mig.multifd")
@@ -29,8 +30,11 @@ class MultifdReceiver:
     """Channel threads for one incoming migration; the main thread calls ``wait_sync`` and ``finish``."""
 
     def __init__(self, channels: Sequence[Channel], blocks: Sequence[RAMBlock], placer: PagePlacer,
-                 decoder_factory: Callable[[], Decoder] | None, on_error: Callable[[str], None]) -> None:
+                 decoder_factory: Callable[[], Decoder] | None, on_error: Callable[[str], None],
+                 suspects: SuspectPages | None = None) -> None:
         self.channels = list(channels)
+        #: x-checksums: where pages whose checksum failed are kept (shared with the main stream's reader)
+        self.suspects = suspects
         self.blocks = list(blocks)  # indexed as the source numbered them
         self.placer = placer
         self.decoder_factory = decoder_factory
@@ -112,23 +116,30 @@ class MultifdReceiver:
         staging = np.empty(0, dtype=np.uint8)
         wire = bytearray()
 
+        suspects = self.suspects
+
         def land(block: RAMBlock, pages: np.ndarray, fill: Callable[[memoryview], None]) -> None:
             """``fill`` the pages' bytes straight into RAM where they are one run, else into a reused
-            staging buffer that the placer copies from."""
+            staging buffer that the placer copies from (with x-checksums, each page's is checked first)."""
             nonlocal staging
             direct = self.placer.direct_view(block, pages)
             if direct is not None:
                 fill(direct)
+                if suspects is not None:
+                    suspects.check(block, pages, read_page_hashes(ch, i, len(pages)))
                 self.placer.place(block, pages, None)
                 return
             size = len(pages) * block.page_size
             if staging.nbytes < size:
                 staging = np.empty(size, dtype=np.uint8)
             fill(staging[:size].data)
-            self.placer.place(block, pages, staging[:size].reshape(len(pages), block.page_size))
+            rows = staging[:size].reshape(len(pages), block.page_size)
+            if suspects is not None:
+                suspects.check(block, pages, read_page_hashes(ch, i, len(pages)), rows)
+            self.placer.place(block, pages, rows)
 
         while True:
-            pkt = read_packet(ch, i, nblocks, block_pages, decoder is not None)
+            pkt = read_packet(ch, i, nblocks, block_pages, decoder is not None, suspects is not None)
             if pkt.flags & PacketFlag.FIN:
                 return
             if pkt.flags & PacketFlag.SYNC:
@@ -159,6 +170,8 @@ class MultifdReceiver:
                 except ChannelEOF:
                     raise MultifdError(f"multifd {i}: unexpected EOF inside a packet's pages") from None
             if len(pkt.zero):
+                if suspects is not None:  # zero now, under a framing checksum that held
+                    suspects.clear(block, pkt.zero)
                 # only a page this host already received can hold data: the rest are zero or are dropped
                 # at the end with whatever this host held before the migration
                 received = self.placer.received[block.name]

@@ -29,6 +29,7 @@ from mig_core.ext.compressor import Encoder
 from mig_core.memory.ram import RAMBlock
 from mig_core.memory.zeropage import zero_mask, zero_rows
 from mig_core.schema.migration import CompressionStats
+from mig_core.stream.checksum import FLAG_CHECKSUMS, page_hashes, trailer
 from mig_core.stream.mapped_ram import MappedRamWriter
 from mig_core.stream.multifd import PacketFlag, init_packet, pack_header
 from mig_core.stream.writer import page_buffers
@@ -142,8 +143,10 @@ class MultifdSender:
 
     def __init__(self, channels: Sequence[Channel], source_uuid: str, counters: MigrationCounters,
                  encoder_factory: Callable[[], Encoder] | None, detect_zero: bool, zero_copy: bool,
-                 mapped: MappedRamWriter | None = None) -> None:
+                 mapped: MappedRamWriter | None = None, checksums: bool = False) -> None:
         self.channels = list(channels)
+        #: x-checksums: each packet's framing and each of its pages carry an xxh3-64
+        self.checksums = checksums
         self.uuid = source_uuid
         self.counters = counters
         self.compression = CompressionCounters(counters.page_size)
@@ -171,7 +174,7 @@ class MultifdSender:
                 continue
             if self.zero_copy:
                 ch.enable_zero_copy()
-            ch.sendv([init_packet(i, n, self.uuid)])
+            ch.sendv([init_packet(i, n, self.uuid, FLAG_CHECKSUMS if self.checksums else 0)])
             self.counters.multifd_sent(ch.bytes_sent, 0, 0)
         for t in self.threads:
             t.start()
@@ -224,7 +227,7 @@ class MultifdSender:
         missed = False
         for ch in self.channels:
             before = ch.bytes_sent
-            ch.sendv([pack_header(PacketFlag.SYNC, pass_number, 0, 0, 0, 0, 0)])
+            self._send_end(ch, pack_header(PacketFlag.SYNC, pass_number, 0, 0, 0, 0, 0))
             if self.zero_copy:
                 missed |= ch.flush_zero_copy()
             self.counters.multifd_sent(ch.bytes_sent - before, 0, 0)
@@ -237,7 +240,7 @@ class MultifdSender:
         for ch in self.channels:
             before = ch.bytes_sent
             if self.mapped is None:
-                ch.sendv([pack_header(PacketFlag.FIN, 0, 0, 0, 0, 0, 0)])
+                self._send_end(ch, pack_header(PacketFlag.FIN, 0, 0, 0, 0, 0, 0))
             ch.finish()
             self.counters.multifd_sent(ch.bytes_sent - before, 0, 0)
         self.stop()
@@ -342,27 +345,40 @@ class MultifdSender:
             if encoder.independent and _nbytes(payload) >= len(part) * ps:
                 size = self._send_raw(ch, job, part, part_data, part_zero)
             else:
-                size = self._send_packet(ch, job, PacketFlag.COMPRESSED, part, part_zero, payload)
+                hashes = page_hashes(b, part, np.asarray(raw).reshape(len(part), ps)) if self.checksums else None
+                size = self._send_packet(ch, job, PacketFlag.COMPRESSED, part, part_zero, payload, hashes)
             self.compression.compressed(len(part), size)
 
     def _send_raw(self, ch: Channel, job: _Job, pages: np.ndarray, data: np.ndarray | None,
                   zero: np.ndarray) -> int:
         """Pages as they are (views of RAM where they are runs), in an uncompressed packet."""
         payload = [np.ascontiguousarray(data)] if data is not None else page_buffers(job.block, pages)
-        return self._send_packet(ch, job, 0, pages, zero, payload)
+        # hashed before they go out: a page written meanwhile is dirty again and sent again (checksum module)
+        hashes = page_hashes(job.block, pages, data) if self.checksums else None
+        return self._send_packet(ch, job, 0, pages, zero, payload, hashes)
+
+    def _send_end(self, ch: Channel, head: bytes) -> None:
+        """A SYNC or FIN packet (header only)."""
+        ch.sendv([head, trailer([head])] if self.checksums else [head])
 
     def _send_packet(self, ch: Channel, job: _Job, flags: int, pages: np.ndarray, zero: np.ndarray,
-                     payload: list) -> int:
-        """One packet: header, offsets (pages, then zero pages), payload; returns the payload's size."""
+                     payload: list, hashes: np.ndarray | None = None) -> int:
+        """One packet: header, offsets (pages, then zero pages), payload; returns the payload's size.
+
+        With x-checksums the framing checksum follows the offsets and the page checksums the payload."""
         size = _nbytes(payload)
         offsets = np.concatenate([pages, zero]).astype("<u8") if len(zero) else pages.astype("<u8")
         head = pack_header(flags, job.pass_number, job.block_index, len(pages), len(zero), size, job.number)
+        framing = [head, offsets, trailer([head, offsets])] if self.checksums else [head, offsets]
+        tail = [hashes] if hashes is not None and len(hashes) else []
         before = ch.bytes_sent
         if self.zero_copy and payload:
-            ch.sendv([head, offsets])  # headers are short-lived Python objects: never zero-copy
+            ch.sendv(framing)  # headers are short-lived Python objects: never zero-copy
             ch.sendv_zero_copy(payload)
+            if tail:
+                ch.sendv(tail)
         else:
-            ch.sendv([head, offsets, *payload])
+            ch.sendv([*framing, *payload, *tail])
         self.counters.multifd_sent(ch.bytes_sent - before, len(pages), len(zero))
         return size
 
@@ -383,7 +399,7 @@ def _probe(encoder: Encoder, source: np.ndarray, rows: np.ndarray) -> float:
 
 def connect_sender(params: Mapping[str, Any], registry: PluginRegistry, transport: Transport, addr: MigrationAddress,
                    should_abort: Callable[[], bool], counters: MigrationCounters, source_uuid: str, zero_copy: bool,
-                   mapped: MappedRamWriter | None) -> MultifdSender:
+                   mapped: MappedRamWriter | None, checksums: bool = False) -> MultifdSender:
     """Connect ``multifd-channels`` more connections to ``addr`` and start a sender's threads on them."""
     name = str(params["multifd-compression"])
     factory = None
@@ -403,7 +419,7 @@ def connect_sender(params: Mapping[str, Any], registry: PluginRegistry, transpor
         raise
     sender = MultifdSender(channels, source_uuid, counters, factory,
                            detect_zero=params["zero-page-detection"].value == "multifd", zero_copy=zero_copy,
-                           mapped=mapped)
+                           mapped=mapped, checksums=checksums)
     sender.start()
     log.info("multifd_started", channels=len(channels))
     return sender

@@ -167,7 +167,7 @@ class OutgoingMigration:
         self.channel = channel
         self._accounted = 0
         self._out = WriteBehind(channel)
-        self.writer = StreamWriter(self._out, self.machine.blocks)
+        self.writer = StreamWriter(self._out, self.machine.blocks, self.caps[C.X_CHECKSUMS])
 
     def _postcopy_due(self) -> bool:
         return self.caps[C.POSTCOPY_RAM] and self.postcopy_requested.is_set() and self._switchover_allowed()
@@ -303,7 +303,7 @@ class OutgoingMigration:
             self.writer = StreamWriter(self.channel, self.machine.blocks)
         else:
             self._out = WriteBehind(self.channel)
-            self.writer = StreamWriter(self._out, self.machine.blocks)
+            self.writer = StreamWriter(self._out, self.machine.blocks, self.caps[C.X_CHECKSUMS])
         self.writer.write_header(self.machine.uuid)
         self.writer.write_command(Command.CONFIG, {
             "validate-uuid": self.caps[C.VALIDATE_UUID],
@@ -371,7 +371,7 @@ class OutgoingMigration:
         """Connect multifd-channels more connections to the same address and start their threads."""
         self.multifd = connect_sender(self.ctx.parameters(), self.ctx.registry, self.transport, self.addr,
                                       self.cancel_requested.is_set, self.counters, self.machine.uuid,
-                                      self.caps[C.ZERO_COPY_SEND], self.mapped)
+                                      self.caps[C.ZERO_COPY_SEND], self.mapped, self.caps[C.X_CHECKSUMS])
 
     def _end_pass(self, running: bool) -> None:
         """Multifd: every page of this pass is on the wire, then the PASS marker on the main stream.

@@ -70,9 +70,11 @@ class MigrationCapability(QapiEnum):
     SWITCHOVER_ACK = "switchover-ack"
     DIRTY_LIMIT = "dirty-limit"
     MAPPED_RAM = "mapped-ram"
+    X_CHECKSUMS = "x-checksums"  # mig's own: every section and page carries an xxh3-64 of its bytes
 
 
-enum_features(MigrationCapability, x_colo=("unstable",), x_ignore_shared=("unstable",))
+enum_features(MigrationCapability, x_colo=("unstable",), x_ignore_shared=("unstable",),
+              x_checksums=("unstable",))
 
 
 class MigrationParameter(QapiEnum):

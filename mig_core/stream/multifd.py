@@ -18,6 +18,7 @@ import numpy as np
 
 from mig_core.errors import MultifdError
 from mig_core.ext.channel import Channel, ChannelEOF
+from mig_core.stream.checksum import FLAG_CHECKSUMS, TRAILER, digest
 
 #: first 8 bytes of a multifd channel (the main stream starts with ``MIGSTRM\0``)
 MULTIFD_MAGIC = b"MIGMFD\x00\x00"
@@ -51,8 +52,9 @@ class Packet:
     number: int
 
 
-def init_packet(channel_id: int, channels: int, source_uuid: str) -> bytes:
-    return INIT.pack(MULTIFD_MAGIC, MULTIFD_VERSION, channel_id, channels, 0, uuid_mod.UUID(source_uuid).bytes)
+def init_packet(channel_id: int, channels: int, source_uuid: str, flags: int = 0) -> bytes:
+    """``flags``: FLAG_CHECKSUMS when every packet ends in checksums (x-checksums)."""
+    return INIT.pack(MULTIFD_MAGIC, MULTIFD_VERSION, channel_id, channels, flags, uuid_mod.UUID(source_uuid).bytes)
 
 
 def pack_header(flags: int, pass_number: int, block: int, normal: int, zero: int, payload: int,
@@ -67,13 +69,14 @@ def _recv(channel: Channel, n: int, what: str, cid: int) -> bytes:
         raise MultifdError(f"multifd {cid}: unexpected EOF {what}") from None
 
 
-def read_init(channel: Channel, magic: bytes, channels: int, seen: set[int]) -> tuple[int, str]:
+def read_init(channel: Channel, magic: bytes, channels: int, seen: set[int]) -> tuple[int, str, int]:
     """Check the rest of an init packet whose first 8 bytes (``magic``) were already read.
 
-    Returns the channel id and the source uuid it names (checked against the main stream's later).
+    Returns the channel id, the source uuid it names (checked against the main stream's later) and its
+    flags (FLAG_CHECKSUMS, checked against the main stream's header).
     """
     rest = _recv(channel, INIT.size - len(magic), "in the init packet", -1)
-    _magic, version, cid, theirs, _flags, raw_uuid = INIT.unpack(magic + rest)
+    _magic, version, cid, theirs, flags, raw_uuid = INIT.unpack(magic + rest)
     prefix = "failed to receive packet via multifd channel"
     if version != MULTIFD_VERSION:
         raise MultifdError(f"{prefix} {cid}: multifd: received packet version {version} expected "
@@ -84,11 +87,17 @@ def read_init(channel: Channel, magic: bytes, channels: int, seen: set[int]) -> 
                            f"but this host has multifd-channels {channels}")
     if cid in seen:
         raise MultifdError(f"{prefix} {cid}: multifd: received id '{cid}' already setup'")
-    return cid, uuid
+    if flags & ~FLAG_CHECKSUMS:
+        raise MultifdError(f"{prefix} {cid}: multifd: unknown init flags {flags:#x}")
+    return cid, uuid, flags
 
 
-def read_packet(channel: Channel, cid: int, nblocks: int, block_pages: list[int], compressed: bool) -> Packet:
+def read_packet(channel: Channel, cid: int, nblocks: int, block_pages: list[int], compressed: bool,
+                checksums: bool = False) -> Packet:
     """Read and check one packet header and its offsets (the payload is left on the channel).
+
+    With ``checksums`` (x-checksums) the framing checksum that follows the offsets is checked too; the page
+    checksums follow the payload (``read_page_hashes``).
 
     Runs once per packet on every channel thread, so it sticks to plain integers and one numpy pass
     per check (an enum operation or a numpy wrapper costs as much as the check itself here)."""
@@ -102,6 +111,8 @@ def read_packet(channel: Channel, cid: int, nblocks: int, block_pages: list[int]
     if flags & _END:
         if normal or zero or payload:
             raise MultifdError(f"multifd {cid}: a {flag!r} packet carries pages")
+        if checksums:
+            _verify(channel, cid, [head])
         return Packet(flag, pass_number, 0, _NO_PAGES, _NO_PAGES, 0, number)
     if normal and flags & _COMPRESSED and not compressed:  # (a compressing source may send pages as they are)
         raise MultifdError(f"multifd {cid}: flags received {flags:x} flags expected 0")
@@ -117,11 +128,30 @@ def read_packet(channel: Channel, cid: int, nblocks: int, block_pages: list[int]
         channel.recv_into(offsets)
     except ChannelEOF:
         raise MultifdError(f"multifd {cid}: unexpected EOF after packet header") from None
+    if checksums:  # before the offsets are trusted: a flipped bit there must not place pages elsewhere
+        _verify(channel, cid, [head, offsets])
     top = int(offsets.max())
     if top >= block_pages[block]:
         raise MultifdError(f"multifd {cid}: offset too long {top} (max {block_pages[block] - 1})")
     offsets = offsets.view(np.int64)  # below 2**63: checked above
     return Packet(flag, pass_number, block, offsets[:normal], offsets[normal:], payload, number)
+
+
+def _verify(channel: Channel, cid: int, buffers: list[object]) -> None:
+    (expected,) = TRAILER.unpack(_recv(channel, TRAILER.size, "before a packet's checksum", cid))
+    if digest(buffers) != expected:
+        raise MultifdError(f"multifd {cid}: a packet header failed its checksum: the stream was corrupted on "
+                           "the way")
+
+
+def read_page_hashes(channel: Channel, cid: int, count: int) -> np.ndarray:
+    """The per-page checksums that follow a packet's payload (x-checksums)."""
+    hashes = np.empty(count, dtype="<u8")
+    try:
+        channel.recv_into(hashes)
+    except ChannelEOF:
+        raise MultifdError(f"multifd {cid}: unexpected EOF inside a packet's page checksums") from None
+    return hashes
 
 
 _FLAGS = {int(f): f for f in (PacketFlag(v) for v in range(8))}

@@ -22,6 +22,7 @@ from mig_core.machine.device import DeviceSection
 from mig_core.memory import xbzrle
 from mig_core.memory.ram import RAMBlock
 from mig_core.stream import mapped_ram
+from mig_core.stream.checksum import FLAG_CHECKSUMS, TRAILER, SuspectPages, digest
 from mig_core.stream.format import (
     HEADER,
     MAGIC,
@@ -93,6 +94,10 @@ class StreamReader:
         self.version = 0
         self._blocks: list[RAMBlock] = []  # indexed as the source numbered them
         self._staging = np.empty(0, dtype=np.uint8)
+        #: the source sends checksums (x-checksums; its header says so)
+        self.checksums = False
+        #: pages whose checksum failed, until they arrive again intact (the multifd channels share it)
+        self.suspects = SuspectPages()
 
     @classmethod
     def continuing(cls, channel: Channel, source_blocks: Sequence[RAMBlock], placer: PagePlacer) -> StreamReader:
@@ -127,15 +132,17 @@ class StreamReader:
         ``prefix``: the header's first bytes when the caller already read them (to tell channels apart).
         """
         head = prefix + self._recv(HEADER.size - len(prefix), "the stream header")
-        magic, version, _flags, raw_uuid = HEADER.unpack(head)
+        magic, version, flags, raw_uuid = HEADER.unpack(head)
         _expect(magic == MAGIC, f"not a mig migration stream (bad magic {magic!r})")
         _expect(version != 0 and version <= VERSION,
                 f"the stream has format version {version}; this host reads version {VERSION}")
+        _expect(flags & ~FLAG_CHECKSUMS == 0, f"unknown stream header flags {flags:#x}")
+        self.checksums = bool(flags & FLAG_CHECKSUMS)
         self.version = version
         self.source_uuid = str(uuid_mod.UUID(bytes=raw_uuid))
         (section,) = self._recv(1, "the block list")
         _expect(section == Section.BLOCKS, f"the stream must start with its block list, not section {section:#04x}")
-        blocks = self._meta(Section.BLOCKS)
+        blocks = self._meta(Section.BLOCKS, covered=head)
         _expect(isinstance(blocks, list) and 0 < len(blocks) <= MAX_BLOCKS,
                 "corrupt block list: expected 1 to 4096 blocks")
         seen: set[str] = set()
@@ -160,13 +167,22 @@ class StreamReader:
 
     # -- sections ----------------------------------------------------------------
 
-    def _meta(self, section: Section) -> Any:
+    def _verify(self, what: str, buffers: list[Any]) -> None:
+        """Read a section's framing checksum and compare it with its bytes (x-checksums)."""
+        (expected,) = TRAILER.unpack(self._recv(TRAILER.size, f"{what}'s checksum"))
+        if digest(buffers) != expected:
+            raise StreamError(f"{what} failed its checksum (at stream byte {self.channel.bytes_received}): the "
+                              "stream was corrupted on the way")
+
+    def _meta(self, section: Section, covered: bytes = b"") -> Any:
         rest = self._recv(META_HEADER.size - 1, "a section header")
         (length,) = META_HEADER.unpack(bytes([section]) + rest)[1:]
         if length > MAX_META_BYTES:
             raise StreamError(f"{section.name} section of {length} bytes exceeds the {MAX_META_BYTES >> 20} MiB "
                               "limit")
         payload = self._recv(length, "a metadata section")
+        if self.checksums:
+            self._verify(f"a {section.name} section", [covered, bytes([section]), rest, payload])
         try:
             return msgpack.unpackb(payload, raw=False, strict_map_key=False)
         except (ValueError, TypeError, msgpack.UnpackException) as e:  # TypeError: a map keyed by a list
@@ -183,6 +199,8 @@ class StreamReader:
         if section is Section.PAGES:
             return self._pages()
         if section is Section.END:
+            if self.checksums:
+                self._verify("the end marker", [bytes([raw])])
             return End()
         _expect(section is not Section.BLOCKS, "a second block list in the stream")
         obj = self._meta(section)
@@ -228,8 +246,11 @@ class StreamReader:
         nbytes = count * block.page_size
         if encoding is not PageEncoding.ZERO and nbytes > MAX_BATCH_BYTES:
             raise StreamError(f"page batch of {nbytes} bytes exceeds the {MAX_BATCH_BYTES >> 20} MiB limit")
+        framing: list[Any] = [bytes([Section.PAGES]), rest]  # what the framing checksum covers
         if count == 1:  # a single page (a postcopy request): no array work to read its index
-            (first,) = _U64.unpack(self._recv(8, "a page batch's offsets"))
+            raw1 = self._recv(8, "a page batch's offsets")
+            framing.append(raw1)
+            (first,) = _U64.unpack(raw1)
             if first >= block.npages:
                 raise StreamError(f"page batch for RAM block '{block.name}' names page {first}, beyond its "
                                   f"{block.npages} pages")
@@ -237,10 +258,14 @@ class StreamReader:
         else:
             raw = np.empty(count, dtype="<u8")
             self._recv_into(raw, "a page batch's offsets")
+            framing.append(raw)
             _expect(bool((raw < block.npages).all()), f"page batch for RAM block '{block.name}' names page "
                                                       f"{int(raw.max())}, beyond its {block.npages} pages")
             pages = raw.astype(np.int64)
         if encoding is PageEncoding.ZERO:
+            if self.checksums:
+                self._verify("a page batch", framing)
+                self.suspects.clear(block, pages)
             self.placer.place_zero(block, pages)
             return PagesReceived(block, pages, encoding)
         if encoding is PageEncoding.XBZRLE:
@@ -250,6 +275,9 @@ class StreamReader:
             self._recv_into(lengths, "a page batch's XBZRLE lengths")
             _expect(bool((lengths <= block.page_size).all()), "Failed to load XBZRLE page - len overflow!")
             payload = self._recv(int(lengths.sum()), "a page batch's XBZRLE data")
+            if self.checksums:  # the encodings were private copies on the source: no race to allow for
+                self._verify("an XBZRLE page batch", [*framing, lengths, payload])
+                self.suspects.clear(block, pages)
             current = block.pages[pages]  # a copy: the encodings apply on top of what this host holds
             pos = 0
             for i, n in enumerate(lengths.tolist()):
@@ -263,14 +291,26 @@ class StreamReader:
         direct = self.placer.direct_view(block, pages)
         if direct is not None:
             self._recv_into(direct, "a page batch's data")
+            if self.checksums:
+                self._check_pages(block, pages, framing, None)
             self.placer.place(block, pages, None)
         else:
             if self._staging.nbytes < nbytes:
                 self._staging = np.empty(nbytes, dtype=np.uint8)
             data = self._staging[:nbytes]
             self._recv_into(data, "a page batch's data")
-            self.placer.place(block, pages, data.reshape(count, block.page_size))
+            rows = data.reshape(count, block.page_size)
+            if self.checksums:
+                self._check_pages(block, pages, framing, rows)
+            self.placer.place(block, pages, rows)
         return PagesReceived(block, pages, encoding)
+
+    def _check_pages(self, block: RAMBlock, pages: np.ndarray, framing: list[Any], rows: np.ndarray | None) -> None:
+        """The batch's framing checksum, then each page's (a failed page is suspect: see checksum's module)."""
+        self._verify("a page batch", framing)
+        expected = np.empty(len(pages), dtype="<u8")
+        self._recv_into(expected, "a page batch's page checksums")
+        self.suspects.check(block, pages, expected, rows)
 
     def __iter__(self) -> Iterator[Item]:
         """Every section up to and including the end marker."""

@@ -14,6 +14,7 @@ from mig_core.ext.channel import IOV_MAX, Buffer
 from mig_core.machine.device import DeviceSection
 from mig_core.memory.pagemap import pages_to_runs
 from mig_core.memory.ram import RAMBlock
+from mig_core.stream.checksum import FLAG_CHECKSUMS, page_hashes, trailer
 from mig_core.stream.format import (
     HEADER,
     MAGIC,
@@ -57,22 +58,28 @@ class ByteSink(Protocol):
 class StreamWriter:
     """Frames sections onto a channel; page data goes out with sendmsg straight from RAM when it can."""
 
-    def __init__(self, channel: ByteSink, blocks: Sequence[RAMBlock]) -> None:
+    def __init__(self, channel: ByteSink, blocks: Sequence[RAMBlock], checksums: bool = False) -> None:
         self.channel = channel
         self.blocks = list(blocks)
         self._index = {b.name: i for i, b in enumerate(self.blocks)}
+        #: x-checksums: each section ends in a framing checksum, each page sent as it is has its own
+        self.checksums = checksums
 
     def block_index(self, block: RAMBlock) -> int:
         return self._index[block.name]
 
     def write_header(self, source_uuid: str) -> None:
         """Magic, version, uuid, then the block list (the destination checks it against its own)."""
-        self.channel.send(HEADER.pack(MAGIC, VERSION, 0, uuid_mod.UUID(source_uuid).bytes))
-        self._meta(Section.BLOCKS, [[b.name, b.size, b.page_size] for b in self.blocks])
+        flags = FLAG_CHECKSUMS if self.checksums else 0
+        header = HEADER.pack(MAGIC, VERSION, flags, uuid_mod.UUID(source_uuid).bytes)
+        self.channel.send(header)
+        self._meta(Section.BLOCKS, [[b.name, b.size, b.page_size] for b in self.blocks], covered=header)
 
-    def _meta(self, section: Section, obj: object) -> None:
+    def _meta(self, section: Section, obj: object, covered: bytes = b"") -> None:
+        """A metadata section; its checksum also covers ``covered`` (the stream header, before the block list)."""
         payload = msgpack.packb(obj, use_bin_type=True)
-        self.channel.sendv([META_HEADER.pack(section, len(payload)), payload])
+        bufs = [META_HEADER.pack(section, len(payload)), payload]
+        self.channel.sendv([*bufs, trailer([covered, *bufs])] if self.checksums else bufs)
 
     def max_batch(self, block: RAMBlock) -> int:
         """Most pages one batch of this block may carry."""
@@ -94,13 +101,25 @@ class StreamWriter:
         if len(pages) == 1 and data is None:  # one page (a postcopy request's): no array work
             page, ps = int(pages[0]), block.page_size
             head = PAGES_HEADER.pack(Section.PAGES, PageEncoding.RAW, self._index[block.name], 1) + _U64.pack(page)
+            if self.checksums:
+                return self._checked(block, head, b"", pages, [block.view[page * ps:(page + 1) * ps]], None)
             self.channel.sendv([head, block.view[page * ps:(page + 1) * ps]])
             return len(head) + ps
         idx = np.ascontiguousarray(pages, dtype="<u8")
         head = PAGES_HEADER.pack(Section.PAGES, PageEncoding.RAW, self._index[block.name], len(idx))
-        bufs = [head, idx, np.ascontiguousarray(data)] if data is not None else [head, idx, *page_buffers(block, pages)]
-        self.channel.sendv(bufs)
+        payload = [np.ascontiguousarray(data)] if data is not None else page_buffers(block, pages)
+        if self.checksums:
+            return self._checked(block, head, idx, pages, payload, data)
+        self.channel.sendv([head, idx, *payload])
         return PAGES_HEADER.size + idx.nbytes + len(pages) * block.page_size
+
+    def _checked(self, block: RAMBlock, head: bytes, idx: Buffer, pages: np.ndarray, payload: list[Buffer],
+                 data: np.ndarray | None) -> int:
+        """A raw batch with its checksums: framing (header, offsets), then one per page, hashed now (a page a
+        vCPU writes before it goes out is dirty again, and sent again: see mig_core.stream.checksum)."""
+        hashes = page_hashes(block, pages, data)
+        self.channel.sendv([head, idx, *payload, trailer([head, idx]), hashes])
+        return len(head) + len(memoryview(idx).cast("B")) + len(pages) * block.page_size + 8 + hashes.nbytes
 
     def write_zero_pages(self, block: RAMBlock, pages: np.ndarray) -> int:
         """Tell the destination these pages are zero now (no page data travels)."""
@@ -108,18 +127,19 @@ class StreamWriter:
         total = 0
         for i in range(0, len(pages), step):
             idx = np.ascontiguousarray(pages[i:i + step], dtype="<u8")
-            self.channel.sendv([PAGES_HEADER.pack(Section.PAGES, PageEncoding.ZERO, self._index[block.name],
-                                                  len(idx)), idx])
-            total += PAGES_HEADER.size + idx.nbytes
+            bufs = [PAGES_HEADER.pack(Section.PAGES, PageEncoding.ZERO, self._index[block.name], len(idx)), idx]
+            self.channel.sendv([*bufs, trailer(bufs)] if self.checksums else bufs)
+            total += PAGES_HEADER.size + idx.nbytes + (8 if self.checksums else 0)
         return total
 
     def write_xbzrle_pages(self, block: RAMBlock, pages: np.ndarray, encodings: list[bytes]) -> int:
         """Send pages as XBZRLE encodings against what the destination holds (one batch)."""
         idx = np.ascontiguousarray(pages, dtype="<u8")
         lengths = np.array([len(e) for e in encodings], dtype="<u2")
-        self.channel.sendv([PAGES_HEADER.pack(Section.PAGES, PageEncoding.XBZRLE, self._index[block.name], len(idx)),
-                            idx, lengths, *encodings])
-        return PAGES_HEADER.size + idx.nbytes + lengths.nbytes + int(lengths.sum())
+        bufs = [PAGES_HEADER.pack(Section.PAGES, PageEncoding.XBZRLE, self._index[block.name], len(idx)),
+                idx, lengths, *encodings]
+        self.channel.sendv([*bufs, trailer(bufs)] if self.checksums else bufs)  # encodings: private copies
+        return PAGES_HEADER.size + idx.nbytes + lengths.nbytes + int(lengths.sum()) + (8 if self.checksums else 0)
 
     def write_device(self, section: DeviceSection) -> None:
         self._meta(Section.DEVICE, [section.id, section.instance, section.version, section.payload])
@@ -134,4 +154,5 @@ class StreamWriter:
         self._meta(Section.PASS, [number])
 
     def write_end(self) -> None:
-        self.channel.send(bytes([Section.END]))
+        end = bytes([Section.END])
+        self.channel.send(end + trailer([end]) if self.checksums else end)

@@ -118,11 +118,17 @@ def _blocks() -> list:
     return [allocate("ram0", 16 * 4096), allocate("ram1", 4 * 8192, page_size=8192)]
 
 
-def _valid_stream() -> bytes:
+def _blocks_filled() -> list:
+    """The source's blocks: the first one random, the second zero."""
     src = _blocks()
     src[0].pages[:] = np.random.default_rng(1).integers(0, 255, src[0].pages.shape, dtype=np.uint8)
+    return src
+
+
+def _valid_stream(checksums: bool = False) -> bytes:
+    src = _blocks_filled()
     tx, rx = loopback_pair(capacity=16 << 20)
-    w = StreamWriter(tx, src)
+    w = StreamWriter(tx, src, checksums=checksums)
     w.write_header(UUID)
     w.write_pages(src[0], np.arange(16))
     w.write_zero_pages(src[1], np.array([0, 3]))
@@ -155,6 +161,43 @@ def test_stream_reader(data: bytes) -> None:
         except (StreamError, ChannelError):
             pass
     assert [b.pages.shape for b in dst] == [(16, 4096), (4, 8192)]
+
+
+CHECKED_STREAM = _valid_stream(checksums=True)
+
+
+@FUZZ
+@given(bit=st.integers(0, len(CHECKED_STREAM) * 8 - 1))
+def test_a_checksummed_stream_never_accepts_a_flipped_bit(bit: int) -> None:
+    """x-checksums: whatever bit is flipped (framing, page data, a checksum), the read fails or ends with
+    pages still suspect, which the destination refuses to run on: no wrong data is ever accepted."""
+    data = bytearray(CHECKED_STREAM)
+    data[bit // 8] ^= 1 << (bit % 8)
+    dst = _blocks()
+    tx, rx = loopback_pair(capacity=len(data) + 1)
+    tx.send(bytes(data))
+    tx.close()
+    reader = StreamReader(rx, dst, CopyPlacer(dst))
+    with no_hang("checksummed_stream"):
+        try:
+            reader.read_header()
+            for _ in reader:
+                pass
+        except (StreamError, ChannelError):
+            return
+    assert reader.suspects.remaining() is not None, f"bit {bit} flipped and nothing noticed"
+
+
+def test_the_checksummed_stream_reads_clean() -> None:
+    dst = _blocks()
+    tx, rx = loopback_pair(capacity=len(CHECKED_STREAM) + 1)
+    tx.send(CHECKED_STREAM)
+    tx.close()
+    reader = StreamReader(rx, dst, CopyPlacer(dst))
+    reader.read_header()
+    assert reader.checksums and [type(i).__name__ for i in reader][-1] == "End"
+    assert reader.suspects.remaining() is None
+    assert bytes(dst[0].pages) == bytes(_blocks_filled()[0].pages)
 
 
 # -- multifd packets ------------------------------------------------------------------------------
