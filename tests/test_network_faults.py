@@ -223,6 +223,7 @@ async def test_a_flipped_bit_fails_the_migration_with_checksums(hosts, tmp_path,
         assert info["status"] == "failed", info
         dst_error = info["error-desc"]
         assert "checksum" in dst_error, (dst_error, error)
+        print(f"destination: {dst_error}")
         assert (await dst.execute("query-status"))["status"] != "running"  # never ran on corrupt pages
     finally:
         proxy.stop()
@@ -244,3 +245,37 @@ async def test_without_checksums_a_flipped_page_bit_goes_unnoticed(hosts, tmp_pa
         assert await ram_digest(src, RAM, tmp_path / "s.mem") != await ram_digest(dst, RAM, tmp_path / "d.mem")
     finally:
         proxy.stop()
+
+
+async def test_a_link_down_in_postcopy_pauses_both_sides_and_recovers_exact_after_it_returns(link, hosts,
+                                                                                               tmp_path):
+    """Postcopy cannot fail back to the source (the destination runs): a dead link pauses both sides, within
+    the timeouts, and migrate-recover plus migrate resume=true finish it over the link once it is back."""
+    s = hosts(name="src", wrapper=link.prefix("a"))
+    d = hosts("--incoming", "defer", "-S", name="dst", wrapper=link.prefix("b"))
+    src, dst = await connect(s.sock, "src"), await connect(d.sock, "dst")
+    for c in (src, dst):
+        await c.execute("migrate-set-capabilities", {"capabilities": [{"capability": "postcopy-ram", "state": True}]})
+    # an idle destination notices the dead link by keep-alive: probes after 1 s, 1 s apart
+    keep = ",keep-alive=on,keep-alive-idle=1,keep-alive-interval=1,keep-alive-count=2"
+    await dst.execute("migrate-incoming", {"uri": f"tcp:{link.address('b')}:4444{keep}"})
+    await src.execute("migrate-set-parameters", {"max-bandwidth": 8 << 20, "max-postcopy-bandwidth": 8 << 20})
+    await src.execute("migrate", {"uri": f"tcp:{link.address('b')}:4444{keep}"})
+    await wait_for_status(src, {"active"})
+    await src.execute("migrate-start-postcopy")
+    while True:
+        info = await src.execute("query-migrate")
+        assert info["status"] in ("active", "device", "postcopy-active"), info
+        if info["status"] == "postcopy-active" and info["ram"]["postcopy-bytes"] >= 1 << 20:
+            break
+        await asyncio.sleep(0.02)
+    link.down()
+    since = time.monotonic()
+    await wait_for_status(src, {"postcopy-paused"}, timeout=USER_TIMEOUT + SLACK)
+    await wait_for_status(dst, {"postcopy-paused"}, timeout=USER_TIMEOUT + SLACK)
+    assert time.monotonic() - since < USER_TIMEOUT + SLACK
+    link.up()
+    await dst.execute("migrate-recover", {"uri": f"tcp:{link.address('b')}:4445"})
+    await src.execute("migrate-set-parameters", {"max-postcopy-bandwidth": 0})
+    await src.execute("migrate", {"uri": f"tcp:{link.address('b')}:4445", "resume": True})
+    await assert_exact(src, dst, tmp_path)

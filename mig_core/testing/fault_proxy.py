@@ -99,12 +99,15 @@ class _Connection:
             if p.ms:
                 threading.Timer(p.ms / 1000, self.flowing.set).start()
         elif p.fault == "drop":
-            for s in (self.client, self.upstream):
-                with contextlib.suppress(OSError):  # SO_LINGER 0: close sends a reset
-                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
+            self._reset()
+
+    def _reset(self) -> None:
+        for s in (self.client, self.upstream):
+            with contextlib.suppress(OSError):  # SO_LINGER 0: close sends a reset
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
 
     def _pump(self, src: socket.socket, dst: socket.socket, forward: bool) -> None:
         p = self.proxy
@@ -148,8 +151,9 @@ class _Connection:
                         held.notify_all()
                 else:
                     dst.sendall(data)
-        except OSError:
-            pass
+        except OSError:  # one side reset or vanished: so does the other, as through a real path
+            self._reset()
+            return
         if delayed:
             with held:
                 done[0] = True
@@ -178,7 +182,8 @@ class _Connection:
                     size[0] -= len(data)
                     held.notify_all()
         except OSError:
-            pass
+            self._reset()
+            return
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
 

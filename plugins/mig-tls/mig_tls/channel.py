@@ -151,6 +151,9 @@ class TlsChannel(Channel):
                     return 0
             except ssl.SSLError as e:
                 self._check_abort()
+                if e.reason in _ALTERED:
+                    raise ChannelError("TLS receive failed: a record failed its authentication (bad record MAC): "
+                                       "the data were altered on the way") from None
                 raise ChannelError(f"TLS receive failed: {e.reason or e}") from None
             if pending:  # a post-handshake message wants an answer (a key update)
                 self._flush()
@@ -173,3 +176,6 @@ class TlsChannel(Channel):
             self._flush_quietly()
         self.inner.close()
 
+
+#: OpenSSL's reasons for a record whose authentication tag does not match
+_ALTERED = frozenset({"DECRYPTION_FAILED_OR_BAD_RECORD_MAC", "BAD_RECORD_MAC", "DECRYPTION_FAILED"})

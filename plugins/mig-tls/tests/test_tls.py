@@ -229,3 +229,32 @@ async def test_objects_from_the_command_line(start_host, tmp_path):
     bad = subprocess.run(run + [f"tls-creds-x509,id=t,dir={tmp_path}"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and \
         f"Unable to access credentials {tmp_path}/ca-cert.pem: No such file or directory" in bad.stderr, bad.stderr
+
+
+async def test_a_bit_flipped_on_the_way_fails_the_session(start_host, tmp_path):
+    """TLS authenticates every record: a proxy that flips one bit of page data breaks the session (a plain
+    link would carry it into the destination's RAM; see test_network_faults)."""
+    from mig_core.testing.fault_proxy import ProxyProcess
+
+    make_pki(tmp_path / "pki")
+    s, d, src, dst = await pair(start_host, tmp_path, tmp_path / "pki", tmp_path / "pki")
+    try:
+        await src.execute("stop")
+        before = await ram_digest(src, RAM, tmp_path / "before.mem")
+        port = await listen(dst)
+        proxy = ProxyProcess(f"127.0.0.1:{port}", "corrupt", at=(4 << 20) + 4321)
+        try:
+            await src.execute("migrate-set-parameters", {"tls-hostname": "127.0.0.1"})
+            await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{proxy.port}"})
+            assert proxy.fired()
+            info = await wait_for_status(src, {"completed", "failed"}, timeout=60)
+            assert info["status"] == "failed", info
+            dst_info = await wait_for_status(dst, {"completed", "failed"})
+            assert dst_info["status"] == "failed" and "altered on the way" in dst_info["error-desc"], dst_info
+        finally:
+            proxy.stop()
+        assert (await src.execute("query-status"))["status"] == "paused"
+        assert await ram_digest(src, RAM, tmp_path / "after.mem") == before
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
