@@ -139,6 +139,8 @@ class MigrationManager:
         #: object-add / object-del: TLS credentials and authorization objects
         self.objects = ObjectRegistry(self.registry, in_use=self._objects_in_use)
         self._tls_source_creds = self._tls_destination_creds = ""
+        #: credentials and authz objects a TLS monitor serves with (for as long as it listens)
+        self.monitor_objects: set[str] = set()
         self.pm.register(self.autopilot, "mig-autopilot")
         #: xen-set-global-dirty-log: a consumer of the dirty tracker while the log is on
         self.global_dirty_log = GlobalDirtyLog(self.machine)
@@ -463,8 +465,8 @@ class MigrationManager:
             out.start()
 
     def _objects_in_use(self) -> set[str]:
-        """The credentials a running migration (either side) holds: object-del refuses them."""
-        used = set()
+        """The credentials a running migration (either side) or a monitor holds: object-del refuses them."""
+        used = set(self.monitor_objects)
         if self.source.state in RUNNING_STATES:
             used.add(self._tls_source_creds)
         if self.incoming is not None and self.destination.state in RUNNING_STATES:

@@ -10,6 +10,7 @@ raises ``ChannelError`` with the reason, and the migration fails with that text.
 
 from __future__ import annotations
 
+import ssl
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import ClassVar
@@ -55,6 +56,15 @@ class ChannelSecurity(ABC):
     def wrap_server(self, channel: Channel, authorize: Authorize | None) -> Channel:
         """The destination's end: a channel that speaks TLS to the client, its identity passed to
         ``authorize`` (tls-authz) when the credentials verify peers."""
+
+    def stream_context(self) -> ssl.SSLContext:
+        """An ``ssl`` context for plain TLS streams that are not migration channels (a tcp QMP monitor,
+        ``tls-creds=`` on ``--qmp``). Credentials that cannot give one raise ``ValueError`` saying so."""
+        raise ValueError(f"credentials of type '{self.name}' cannot secure a QMP monitor")
+
+    def peer_identity(self, certificate: bytes) -> str:
+        """The identity ``tls-authz`` rules match in a peer's certificate (DER): an x509 distinguished name."""
+        raise ValueError(f"credentials of type '{self.name}' have no peer identity")
 
 
 def load(registry: PluginRegistry, name: str) -> type[ChannelSecurity]:

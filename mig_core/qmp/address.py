@@ -18,6 +18,9 @@ class MonitorAddress:
     host: str = ""
     port: int = 0
     mode: int = DEFAULT_UNIX_MODE
+    #: tcp only: the id of server TLS credentials (``tls-creds=``), and of an authz object (``tls-authz=``)
+    tls_creds: str = ""
+    tls_authz: str = ""
 
     def __str__(self) -> str:
         return f"unix:{self.path}" if self.kind == "unix" else f"tcp:{self.host}:{self.port}"
@@ -48,14 +51,21 @@ def _options(text: str, kind: str) -> dict[str, str]:
                 raise ValueError(f"monitor option 'mode={value}': an octal file mode such as 0600 is expected")
             out["mode"] = value
             continue
+        if key in ("tls-creds", "tls-authz") and kind == "tcp":
+            if not value:
+                raise ValueError(f"monitor option '{key}' needs an object id")
+            out[key] = value
+            continue
         raise ValueError(f"unknown monitor option '{opt}' (known: server, wait, nowait"
-                         f"{', mode' if kind == 'unix' else ''})")
+                         f"{', mode' if kind == 'unix' else ', tls-creds, tls-authz'})")
+    if "tls-authz" in out and "tls-creds" not in out:
+        raise ValueError("monitor option 'tls-authz' needs 'tls-creds'")
     return out
 
 
 def parse_monitor_address(text: str) -> MonitorAddress:
-    """Parse ``unix:PATH[,mode=OCTAL]`` or ``tcp:HOST:PORT`` (``[v6]:PORT`` too), each with QEMU's
-    ``server``/``wait`` options; ValueError with a precise message."""
+    """Parse ``unix:PATH[,mode=OCTAL]`` or ``tcp:HOST:PORT[,tls-creds=ID[,tls-authz=ID]]`` (``[v6]:PORT``
+    too), each with QEMU's ``server``/``wait`` options; ValueError with a precise message."""
     if text.startswith("unix:"):
         path, _, rest = text[5:].partition(",")
         if not path:
@@ -65,6 +75,7 @@ def parse_monitor_address(text: str) -> MonitorAddress:
     if text.startswith("tcp:"):
         hostport, _, rest = text[4:].partition(",")
         host, port = split_host_port(hostport)
-        _options(rest, "tcp")
-        return MonitorAddress("tcp", host=host or "0.0.0.0", port=port)
+        opts = _options(rest, "tcp")
+        return MonitorAddress("tcp", host=host or "0.0.0.0", port=port, tls_creds=opts.get("tls-creds", ""),
+                              tls_authz=opts.get("tls-authz", ""))
     raise ValueError(f"monitor address '{text}' must be unix:PATH or tcp:HOST:PORT")

@@ -28,6 +28,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 from typing import Any
@@ -36,7 +37,9 @@ import structlog
 
 from mig_core.engine.postcopy.ipc import ControlClosed, ControlConnection
 from mig_core.logconfig import configure_logging
+from mig_core.plugin.registry import PluginNotFound, PluginRegistry
 from mig_core.qmp.framing import JsonInputError, JsonStreamer
+from mig_core.qmp.monitor_tls import bridge, context_from
 
 log = structlog.get_logger("mig.qmp.front")
 
@@ -315,30 +318,49 @@ class Front:
             sock = socket.socket(fileno=fds[0])
             sock.setblocking(False)
             self._listeners.append(sock)
-            self.loop.create_task(self._accept(sock))
+            context = None
+            if msg.get("tls") is not None:  # a TLS monitor: the session ends in this process, as the client's does
+                try:
+                    context = context_from(msg["tls"], PluginRegistry.from_environment())
+                except (ValueError, OSError, PluginNotFound) as e:
+                    log.error("front_tls_unavailable", error=str(e))
+                    sock.close()
+                    return
+            self.loop.create_task(self._accept(sock, int(msg.get("index", 0)), context))
         elif op == "page-server":
             self.page_server = PageServerLink(self, ControlConnection(socket.socket(fileno=fds[0])))
         else:
             log.error("front_unknown_op", op=op)
 
-    async def _accept(self, listener: socket.socket) -> None:
+    async def _accept(self, listener: socket.socket, index: int, context: ssl.SSLContext | None) -> None:
         while True:
             try:
                 client, _ = await self.loop.sock_accept(listener)
             except OSError:
                 return
             client.setblocking(False)
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.loop.create_task(self._client(client, index, context))
+
+    async def _client(self, client: socket.socket, index: int, context: ssl.SSLContext | None) -> None:
+        """Hand a client to the host (after its TLS handshake, on a TLS monitor) and relay for it."""
+        peer = None
+        if context is not None:
             try:
-                self.ctl.send({"op": "client"}, [theirs.fileno()])
-            except (ControlClosed, OSError):
-                client.close()
-                ours.close()
+                client, peer = await bridge(client, context)
+            except (OSError, ssl.SSLError, TimeoutError, asyncio.TimeoutError) as e:
+                log.warning("qmp_tls_handshake_failed", error=str(e))
                 return
-            finally:
-                theirs.close()
-            ours.setblocking(False)
-            self.loop.create_task(ClientRelay(self, client, ours).run())
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.ctl.send({"op": "client", "listener": index, "peer": peer}, [theirs.fileno()])
+        except (ControlClosed, OSError):
+            client.close()
+            ours.close()
+            return
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        await ClientRelay(self, client, ours).run()
 
 
 def main(argv: list[str]) -> int:

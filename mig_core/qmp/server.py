@@ -42,6 +42,7 @@ from mig_core.qmp.dispatch import (
     visit_arguments,
 )
 from mig_core.qmp.framing import MAX_NESTING, JsonInputError, JsonStreamer
+from mig_core.qmp.monitor_tls import MonitorTls
 
 log = structlog.get_logger("mig.qmp")
 
@@ -360,6 +361,8 @@ class QMPServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = asyncio.Event()
         self._unix_paths: list[Path] = []
+        #: per listener, in the order they were opened: its TLS (None: plain); the front names it by index
+        self._tls: list[MonitorTls | None] = []
         manager.events.subscribe(self._on_event)
 
     def run_locked(self, fn: Any, *args: Any) -> Any:
@@ -371,6 +374,7 @@ class QMPServer:
         """Start listening; returns the bound address (the real port for tcp port 0)."""
         self._loop = asyncio.get_running_loop()
         addr = parse_monitor_address(address) if isinstance(address, str) else address
+        tls = MonitorTls.for_address(self.manager.objects, addr)
         if addr.kind == "unix":
             path = Path(addr.path)
             if path.is_socket():
@@ -393,13 +397,18 @@ class QMPServer:
             bound = MonitorAddress("tcp", host=host, port=port)
         sock.listen(16)
         sock.setblocking(False)
+        index = len(self._tls)
+        self._tls.append(tls)
+        if tls is not None:  # object-del refuses credentials (and authz) a monitor serves with
+            self.manager.monitor_objects.update(filter(None, (addr.tls_creds, addr.tls_authz)))
         if self.front:
-            self._start_front().send({"op": "listener"}, [sock.fileno()])
+            self._start_front().send({"op": "listener", "index": index,
+                                      "tls": tls.describe() if tls is not None else None}, [sock.fileno()])
             sock.close()  # the front accepts; this process gets each client over its control connection
         else:
             self._listeners.append(sock)
-            self._tasks.add(asyncio.create_task(self._accept_loop(sock)))
-        log.info("qmp_listening", address=str(bound), front=self.front)
+            self._tasks.add(asyncio.create_task(self._accept_loop(sock, tls)))
+        log.info("qmp_listening", address=str(bound), front=self.front, tls=tls is not None)
         return bound
 
     def _start_front(self) -> ControlConnection:
@@ -426,8 +435,9 @@ class QMPServer:
                 if msg["op"] == "client" and fds:
                     sock = socket.socket(fileno=fds[0])
                     loop = self._loop
-                    if loop is None or loop.is_closed():
-                        sock.close()
+                    tls = self._tls[msg.get("listener", 0)] if self._tls else None
+                    if loop is None or loop.is_closed() or (tls is not None and not tls.admit(msg.get("peer"))):
+                        sock.close()  # the front's TLS session ended here: tls-authz is checked in this process
                         continue
                     loop.call_soon_threadsafe(self._adopt, sock)
         except ControlClosed:
@@ -454,22 +464,27 @@ class QMPServer:
             theirs.close()
         return ours
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
+    async def _accept_loop(self, listener: socket.socket, tls: MonitorTls | None) -> None:
         while True:
             try:
                 conn, _ = await self._loop.sock_accept(listener)  # type: ignore[union-attr]
             except OSError:
                 return
             conn.setblocking(False)
-            task = asyncio.create_task(self._serve(conn))
+            task = asyncio.create_task(self._serve(conn, tls))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, conn: socket.socket) -> None:
+    async def _serve(self, conn: socket.socket, tls: MonitorTls | None = None) -> None:
         if len(self.sessions) >= MAX_CLIENTS:
             log.warning("qmp_client_refused", reason="too many clients", limit=MAX_CLIENTS)
             conn.close()
             return
+        if tls is not None:
+            plain = await tls.accept(conn)
+            if plain is None:
+                return
+            conn = plain
         session = QMPSession(self, conn)
         self.sessions.add(session)
         log.info("qmp_client_connected", peer=str(session.peer))

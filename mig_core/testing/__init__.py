@@ -54,12 +54,15 @@ class Host:
             stdout=subprocess.PIPE, stderr=self.log, env=full_env, text=True, cwd=cwd, pass_fds=pass_fds,
         )
         assert self.proc.stdout is not None
+        #: the addresses the monitors listen on, in order (the first is ``sock``; a tcp port 0 is resolved)
+        self.monitors: list[str] = []
         for _ in range(1 + args.count("--qmp")):  # one "mig: QMP listening on ..." line per monitor
             line = self.proc.stdout.readline()
             if "listening" not in line:
                 self.proc.kill()
                 self.proc.wait()
                 raise RuntimeError(f"mig run did not start: {line!r}\n{self.logs()}")
+            self.monitors.append(line.rsplit(" ", 1)[-1].strip())
 
     def logs(self) -> str:
         self.log.flush()

@@ -182,6 +182,12 @@ class X509Credentials(ChannelSecurity):
         log.info("tls_creds_loaded", id=creds_id, endpoint=self.endpoint, verify_peer=self.verify_peer,
                  dir=directory, client_cert=cert is not None)
 
+    def stream_context(self) -> ssl.SSLContext:
+        return self.context
+
+    def peer_identity(self, certificate: bytes) -> str:
+        return distinguished_name(certificate)
+
     def wrap_client(self, channel: Channel, hostname: str | None) -> Channel:
         if self.verify_peer and not hostname:
             raise ChannelError("No hostname for certificate validation")
