@@ -12,6 +12,9 @@ STAMP := $(VENV)/.mig-installed
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml $(PLUGINS)
+	@# mig-tls's sslpsk3 compiles against OpenSSL's headers
+	@test -f /usr/include/openssl/ssl.h || (apt-get update -qq && apt-get install -y -qq libssl-dev) >/dev/null || \
+		echo "libssl-dev could not be installed: the mig-tls plugin (sslpsk3) will not build"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test,bench,report]' $(foreach p,$(PLUGINS),-e $(dir $(p)))

@@ -105,8 +105,6 @@ async def test_credentials_objects_with_qemus_errors(start_host, tmp_path):
         assert await err(x509("9t", tmp_path / "pki", "client")) == "Parameter 'id' expects an identifier"
         assert (await err(x509("t", tmp_path / "pki", "client", priority="NORMAL"))).startswith(
             "Property 'priority' is not supported")
-        assert await err({"qom-type": "tls-creds-psk", "id": "p", "dir": str(tmp_path), "endpoint": "client"}) == \
-            "no plugin named 'tls-creds-psk' in group mig_core.channel_security (installed: tls-creds-x509)"
         assert await err({"qom-type": "memory-backend-ram", "id": "m"}) == \
             "Parameter 'qom-type' does not accept value 'memory-backend-ram'"
         make_pki(tmp_path / "old", server_expired=True)
@@ -258,3 +256,103 @@ async def test_a_bit_flipped_on_the_way_fails_the_session(start_host, tmp_path):
     finally:
         await src.disconnect()
         await dst.disconnect()
+
+
+# -- pre-shared keys ----------------------------------------------------------------------------------------
+
+KEY = "0123456789abcdef0123456789abcdef"
+
+
+def psk_dir(path: Path, *lines: str) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "keys.psk").write_text("".join(f"{line}\n" for line in lines))
+    return path
+
+
+def psk(oid: str, directory: Path, endpoint: str, **extra: object) -> dict:
+    return {"qom-type": "tls-creds-psk", "id": oid, "dir": str(directory), "endpoint": endpoint, **extra}
+
+
+async def psk_pair(start_host, src_dir: Path, dst_dir: Path, src_extra=(), dst_extra=()):
+    s = start_host(*WL, name="src")
+    d = start_host(*WL, "--incoming", "defer", "-S", name="dst")
+    src, dst = await connect(s.sock, "src"), await connect(d.sock, "dst")
+    await src.execute("object-add", psk("tls0", src_dir, "client", **dict(src_extra)))
+    await dst.execute("object-add", psk("tls0", dst_dir, "server", **dict(dst_extra)))
+    for c in (src, dst):
+        await c.execute("migrate-set-parameters", {"tls-creds": "tls0"})
+    return s, d, src, dst
+
+
+@pytest.mark.parametrize("channels", [0, 2])
+async def test_psk_migration_is_exact_without_a_hostname(start_host, tmp_path, channels):
+    keys = psk_dir(tmp_path / "keys", f"qemu:{KEY}")
+    s, d, src, dst = await psk_pair(start_host, keys, keys)
+    try:
+        if channels:
+            for c in (src, dst):
+                await c.execute("migrate-set-capabilities", {"capabilities": [{"capability": "multifd",
+                                                                               "state": True}]})
+                await c.execute("migrate-set-parameters", {"multifd-channels": channels})
+        # a unix socket has no host name, and PSK needs none (an x509 source would refuse)
+        await dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/psk.sock"})
+        await src.execute("migrate", {"uri": f"unix:{tmp_path}/psk.sock"})
+        info = await wait_for_status(src, {"completed", "failed"}, timeout=60)
+        assert info["status"] == "completed", info
+        assert (await wait_for_status(dst, {"completed", "failed"}))["status"] == "completed"
+        assert await ram_digest(src, RAM, tmp_path / "s.mem") == await ram_digest(dst, RAM, tmp_path / "d.mem")
+        assert any(e.get("event") == "tls_session_accepted" for e in d.log_events())
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
+
+
+async def test_psk_refusals_name_their_reason_and_the_destination_waits(start_host, tmp_path):
+    server = psk_dir(tmp_path / "server", f"qemu:{KEY}", f"intruder:{KEY}")
+    s, d, src, dst = await psk_pair(start_host, psk_dir(tmp_path / "wrong", "qemu:" + "ff" * 16), server)
+    try:
+        await dst.execute("object-add", {"qom-type": "authz-simple", "id": "auth0", "identity": "qemu"})
+        await dst.execute("migrate-set-parameters", {"tls-authz": "auth0"})
+        port = await listen(dst)
+
+        async def creds(directory: Path, **extra: object) -> None:
+            await src.execute("object-del", {"id": "tls0"})
+            await src.execute("object-add", psk("tls0", directory, "client", **extra))
+
+        # 1. the same username, another key
+        assert await refused(src, port) == "TLS handshake failed: the pre-shared keys do not match"
+        # 2. a username the destination has no key for
+        await creds(psk_dir(tmp_path / "stranger", f"stranger:{KEY}"), username="stranger")
+        assert await refused(src, port) == "TLS handshake failed: the server has no pre-shared key for this username"
+        # 3. a username the destination knows, but its authz object does not allow
+        await creds(psk_dir(tmp_path / "intruder", f"intruder:{KEY}"), username="intruder")
+        assert await refused(src, port) == "TLS PSK authz check for intruder is denied"
+        # the destination waited through all of it
+        await creds(psk_dir(tmp_path / "right", f"qemu:{KEY}"))
+        assert (await dst.execute("query-migrate"))["status"] == "setup"
+        await migrate_and_compare(src, dst, port, tmp_path)
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
+
+
+async def test_psk_objects_with_their_errors(start_host, tmp_path):
+    h = start_host(*WL, name="h")
+    qmp = await connect(h.sock, "h")
+    try:
+        keys = psk_dir(tmp_path / "keys", f"qemu:{KEY}")
+        for args, text in (
+            ({"qom-type": "tls-creds-psk", "id": "p", "endpoint": "client"}, "Missing 'dir' property value"),
+            (psk("p", tmp_path, "client"),
+             f"Unable to access credentials {tmp_path}/keys.psk: No such file or directory"),
+            (psk("p", keys, "client", username="nobody"), f"Username 'nobody' not found in PSK file {keys}/keys.psk"),
+            (psk("p", keys, "server", username="qemu"), "Property 'username' is for client credentials: a server "
+                                                        "looks the client's up in its keys file"),
+            (psk("p", psk_dir(tmp_path / "bad", "qemu:zz"), "client"), f"{tmp_path}/bad/keys.psk line 1: expected "
+                                                                        "username:hexkey"),
+        ):
+            assert await qmp_error(qmp.execute("object-add", args)) == text, args
+        await qmp.execute("object-add", psk("p", keys, "client"))
+        await qmp.execute("object-del", {"id": "p"})
+    finally:
+        await qmp.disconnect()
