@@ -39,6 +39,9 @@ check: $(STAMP)
 # Long fuzzing of every decoder (make test runs the same fuzzers briefly): MIG_FUZZ_EXAMPLES per target.
 fuzz: $(STAMP)
 	MIG_FUZZ_EXAMPLES=$${MIG_FUZZ_EXAMPLES:-100000} MIG_FUZZ_REPORT=1 $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/fuzz
+	@# then coverage-guided: atheris (libFuzzer) on the same properties, ATHERIS_RUNS inputs per decoder
+	$(BIN)/python -m pip install -q 'atheris>=2.3'
+	MIG_LOG_LEVEL=error $(BIN)/python tests/fuzz/coverage_guided.py all -runs=$${ATHERIS_RUNS:-100000}
 
 # Full-size checks beside the suite (8 GiB hosts): not part of make test.
 scale: $(STAMP)
