@@ -22,6 +22,9 @@ WL = ("--ram", "32M", "--ram-fill", "random", "--tcp-user-timeout", str(USER_TIM
 #: what each failure may take beyond the user timeout: the retransmission in flight when it expires,
 #: and the host noticing (generous: a slow, busy machine)
 SLACK = 15
+#: for the scenarios that must complete: a timeout far beyond the outage, whatever TCP's retransmission
+#: backoff (after a 1.5 s outage the next retransmission may come about 3 s after the first loss)
+PATIENT = ("--tcp-user-timeout", "30")
 
 
 @pytest.fixture
@@ -89,15 +92,15 @@ async def stopped_source(hosts, wrapper=None):
 
 
 async def test_a_link_down_for_a_moment_then_up_completes_exact(link, hosts, tmp_path):
-    s = hosts(name="src", wrapper=link.prefix("a"))
-    d = hosts("--incoming", "defer", "-S", name="dst", wrapper=link.prefix("b"))
+    s = hosts(*PATIENT, name="src", wrapper=link.prefix("a"))
+    d = hosts(*PATIENT, "--incoming", "defer", "-S", name="dst", wrapper=link.prefix("b"))
     src, dst = await connect(s.sock, "src"), await connect(d.sock, "dst")
     await dst.execute("migrate-incoming", {"uri": f"tcp:{link.address('b')}:4444"})
     await src.execute("migrate-set-parameters", {"max-bandwidth": 8 << 20})
     await src.execute("migrate", {"uri": f"tcp:{link.address('b')}:4444"})
     await sent_at_least(src, 4 << 20)
     link.down()
-    await asyncio.sleep(USER_TIMEOUT / 2)  # shorter than the user timeout: TCP retransmits afterwards
+    await asyncio.sleep(1.5)  # far shorter than the user timeout: TCP retransmits afterwards
     link.up()
     await assert_exact(src, dst, tmp_path)
 
@@ -133,14 +136,15 @@ async def test_a_link_that_stays_down_fails_both_ends_in_time_and_the_source_mig
 
 async def through_proxy(hosts, tmp_path, fault: str, at: int = 0, ms: int = 0, conn: int = 0,
                         channels: int = 0, stop_source: bool = False):
-    """Source and destination on loopback with the fault proxy between them; the migration started."""
+    """Source and destination on loopback with the fault proxy between them; the migration started.
+    A stopped source is to fail (the user timeout of 3 s); a running one is to complete (patient)."""
     if stop_source:
         s, src = await stopped_source(hosts)
     else:
-        s = hosts(name="src")
+        s = hosts(*PATIENT, name="src")
         src = await connect(s.sock, "src")
     before = await ram_digest(src, RAM, tmp_path / "before.mem") if stop_source else ""
-    d = hosts("--incoming", "defer", "-S", name="dst")
+    d = hosts(*(() if stop_source else PATIENT), "--incoming", "defer", "-S", name="dst")
     dst = await connect(d.sock, "dst")
     if channels:
         for c in (src, dst):
@@ -164,7 +168,7 @@ async def test_delay_on_every_chunk_completes_exact(hosts, tmp_path):
 
 
 async def test_a_stall_shorter_than_the_timeout_completes_exact(hosts, tmp_path):
-    proxy, _d, src, dst, _ = await through_proxy(hosts, tmp_path, "stall", at=4 << 20, ms=USER_TIMEOUT * 500)
+    proxy, _d, src, dst, _ = await through_proxy(hosts, tmp_path, "stall", at=4 << 20, ms=1500)
     try:
         assert proxy.fired()
         await assert_exact(src, dst, tmp_path)
