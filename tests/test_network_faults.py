@@ -198,6 +198,10 @@ async def test_a_dropped_connection_fails_both_ends_at_once(hosts, tmp_path, cha
         proxy.stop()
 
 
+#: the reader's refusals of a corrupt header field (docs/stream-format.md)
+FRAMING = ("section", "page batch", "multifd", "packet", "stream")
+
+
 async def _checksummed(src, dst) -> None:
     for c in (src, dst):
         await c.execute("migrate-set-capabilities", {"capabilities": [
@@ -226,7 +230,9 @@ async def test_a_flipped_bit_fails_the_migration_with_checksums(hosts, tmp_path,
         info = await wait_for_status(dst, {"completed", "failed"})
         assert info["status"] == "failed", info
         dst_error = info["error-desc"]
-        assert "checksum" in dst_error, (dst_error, error)
+        # almost always the checksum; a flip that lands on a header field the reader checks before the
+        # checksum arrives (a count, a block index: a few bytes in a MiB) is refused by that check
+        assert "checksum" in dst_error or (at > 1000 and any(w in dst_error for w in FRAMING)), (dst_error, error)
         print(f"destination: {dst_error}")
         assert (await dst.execute("query-status"))["status"] != "running"  # never ran on corrupt pages
     finally:
@@ -234,21 +240,32 @@ async def test_a_flipped_bit_fails_the_migration_with_checksums(hosts, tmp_path,
 
 
 async def test_without_checksums_a_flipped_page_bit_goes_unnoticed(hosts, tmp_path):
-    """Why x-checksums exists: on a plain link nothing checks page data (QEMU does not either)."""
-    s, src = await stopped_source(hosts)
-    d = hosts("--incoming", "defer", "-S", name="dst")
-    dst = await connect(d.sock, "dst")
-    await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
-    port = (await dst.execute("query-migrate"))["socket-address"][0]["port"]
-    proxy = ProxyProcess(f"127.0.0.1:{port}", "corrupt", at=(8 << 20) + 12345)
-    try:
-        await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{proxy.port}"})
-        assert proxy.fired()
-        assert (await wait_for_status(src, {"completed", "failed"}, timeout=60))["status"] == "completed"
-        assert (await wait_for_status(dst, {"completed", "failed"}))["status"] == "completed"
-        assert await ram_digest(src, RAM, tmp_path / "s.mem") != await ram_digest(dst, RAM, tmp_path / "d.mem")
-    finally:
-        proxy.stop()
+    """Why x-checksums exists: on a plain link nothing checks page data (QEMU does not either). A flip that
+    lands in framing instead (a page batch's header or offsets: about 0.2 % of the stream) fails the
+    migration; then the next offset is tried."""
+    outcomes = []
+    for at in ((8 << 20) + 12345, (9 << 20) + 4321, (10 << 20) + 999):
+        s, src = await stopped_source(hosts)
+        d = hosts("--incoming", "defer", "-S", name="dst")
+        dst = await connect(d.sock, "dst")
+        await dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0", "exit-on-error": False})
+        port = (await dst.execute("query-migrate"))["socket-address"][0]["port"]
+        proxy = ProxyProcess(f"127.0.0.1:{port}", "corrupt", at=at)
+        try:
+            await src.execute("migrate", {"uri": f"tcp:127.0.0.1:{proxy.port}"})
+            assert proxy.fired()
+            outcome = (await wait_for_status(src, {"completed", "failed"}, timeout=60))["status"]
+            outcomes.append(outcome)
+            if outcome == "completed":
+                assert (await wait_for_status(dst, {"completed", "failed"}))["status"] == "completed"
+                assert await ram_digest(src, RAM, tmp_path / "s.mem") != await ram_digest(dst, RAM,
+                                                                                          tmp_path / "d.mem")
+                return
+        finally:
+            proxy.stop()
+            s.stop()
+            d.stop()
+    raise AssertionError(f"every flip landed in framing: {outcomes}")
 
 
 async def test_a_link_down_in_postcopy_pauses_both_sides_and_recovers_exact_after_it_returns(link, hosts,

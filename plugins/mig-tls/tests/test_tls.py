@@ -248,7 +248,10 @@ async def test_a_bit_flipped_on_the_way_fails_the_session(start_host, tmp_path):
             info = await wait_for_status(src, {"completed", "failed"}, timeout=60)
             assert info["status"] == "failed", info
             dst_info = await wait_for_status(dst, {"completed", "failed"})
-            assert dst_info["status"] == "failed" and "altered on the way" in dst_info["error-desc"], dst_info
+            # a flip in a record's body fails its authentication; one in a record's 5-byte header (0.03 % of
+            # the stream) breaks the record layer instead: refused either way
+            desc = dst_info["error-desc"]
+            assert dst_info["status"] == "failed" and "TLS receive failed" in desc, dst_info
         finally:
             proxy.stop()
         assert (await src.execute("query-status"))["status"] == "paused"
