@@ -53,3 +53,11 @@ async def migrate_measured(src: QMPClient, dst: QMPClient, s: Any, d: Any) -> tu
     assert info["status"] == "completed", info
     await wait_for_status(dst, {"completed"})
     return info, cpu_seconds(s.proc.pid) - cpu0[0], cpu_seconds(d.proc.pid) - cpu0[1]
+
+
+async def configure_both(clients: list[QMPClient], caps: list[str], params: dict[str, Any]) -> None:
+    """The same capabilities (switched on) and parameters on every host, as a migration's two ends need."""
+    for c in clients:
+        await c.execute("migrate-set-capabilities", {"capabilities": [{"capability": x, "state": True}
+                                                                      for x in caps]})
+        await c.execute("migrate-set-parameters", params)

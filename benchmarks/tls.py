@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from mig_tls.testing import make_pki
 
-from benchmarks.hosts import migrate_measured, qmp_clients
+from benchmarks.hosts import configure_both, migrate_measured, qmp_clients
 from benchmarks.multifd import GIB, UNPACED, raw_loopback
 from mig_core.testing import Host
 
@@ -76,11 +76,8 @@ async def _migrate(tmp: Path, pki: Path, tls: bool, channels: int) -> dict:
     d = Host(tmp, "--ram", "1G", "--mem-prealloc", *obj("server"), "-S", "--incoming", "defer", name="dst", env=ENV)
     async with qmp_clients(s, d) as (src, dst):
         caps = ["return-path"] + (["multifd"] if channels else [])
-        for c in (src, dst):
-            await c.execute("migrate-set-capabilities", {"capabilities": [{"capability": x, "state": True}
-                                                                          for x in caps]})
-            await c.execute("migrate-set-parameters", {"max-bandwidth": 0, **({"multifd-channels": channels}
-                                                                                if channels else {})})
+        await configure_both([src, dst], caps, {"max-bandwidth": 0, **({"multifd-channels": channels}
+                                                                      if channels else {})})
         info, cpu_src, cpu_dst = await migrate_measured(src, dst, s, d)
     return {"s": info["total-time"] / 1000, "cpu_src": cpu_src, "cpu_dst": cpu_dst}
 

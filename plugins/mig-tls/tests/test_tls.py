@@ -22,15 +22,21 @@ def x509(oid: str, directory: Path, endpoint: str, **extra: object) -> dict:
     return {"qom-type": "tls-creds-x509", "id": oid, "dir": str(directory), "endpoint": endpoint, **extra}
 
 
-async def pair(start_host, tmp_path, src_dir: Path, dst_dir: Path, src_extra=(), dst_extra=()):
+async def hosts_with(start_host, src_creds: dict, dst_creds: dict):
+    """A source and a destination, each with its credentials object ``tls0`` and ``tls-creds`` set."""
     s = start_host(*WL, name="src")
     d = start_host(*WL, "--incoming", "defer", "-S", name="dst")  # paused after: its RAM stays the source's
     src, dst = await connect(s.sock, "src"), await connect(d.sock, "dst")
-    await src.execute("object-add", x509("tls0", src_dir, "client", **dict(src_extra)))
-    await dst.execute("object-add", x509("tls0", dst_dir, "server", **dict(dst_extra)))
+    await src.execute("object-add", src_creds)
+    await dst.execute("object-add", dst_creds)
     for c in (src, dst):
         await c.execute("migrate-set-parameters", {"tls-creds": "tls0"})
     return s, d, src, dst
+
+
+async def pair(start_host, tmp_path, src_dir: Path, dst_dir: Path, src_extra=(), dst_extra=()):
+    return await hosts_with(start_host, x509("tls0", src_dir, "client", **dict(src_extra)),
+                            x509("tls0", dst_dir, "server", **dict(dst_extra)))
 
 
 async def listen(dst) -> int:
@@ -46,6 +52,12 @@ async def migrate_and_compare(src, dst, port: int, tmp_path: Path) -> dict:
     assert (await wait_for_status(dst, {"completed", "failed"}))["status"] == "completed"
     assert await ram_digest(src, RAM, tmp_path / "s.mem") == await ram_digest(dst, RAM, tmp_path / "d.mem")
     return info
+
+
+async def still_waiting_then_exact(src, dst, port: int, tmp_path: Path) -> None:
+    """After refusals the destination still listens, and a source with the right credentials migrates exact."""
+    assert (await dst.execute("query-migrate"))["status"] == "setup"
+    await migrate_and_compare(src, dst, port, tmp_path)
 
 
 async def refused(src, port: int) -> str:
@@ -198,8 +210,7 @@ async def test_each_refusal_names_its_reason_and_the_destination_waits_for_the_n
 
         # the destination waited through all of it: the right credentials migrate exactly
         await creds(tmp_path / "pki")
-        assert (await dst.execute("query-migrate"))["status"] == "setup"
-        await migrate_and_compare(src, dst, port, tmp_path)
+        await still_waiting_then_exact(src, dst, port, tmp_path)
     finally:
         await src.disconnect()
         await dst.disconnect()
@@ -276,15 +287,8 @@ def psk(oid: str, directory: Path, endpoint: str, **extra: object) -> dict:
     return {"qom-type": "tls-creds-psk", "id": oid, "dir": str(directory), "endpoint": endpoint, **extra}
 
 
-async def psk_pair(start_host, src_dir: Path, dst_dir: Path, src_extra=(), dst_extra=()):
-    s = start_host(*WL, name="src")
-    d = start_host(*WL, "--incoming", "defer", "-S", name="dst")
-    src, dst = await connect(s.sock, "src"), await connect(d.sock, "dst")
-    await src.execute("object-add", psk("tls0", src_dir, "client", **dict(src_extra)))
-    await dst.execute("object-add", psk("tls0", dst_dir, "server", **dict(dst_extra)))
-    for c in (src, dst):
-        await c.execute("migrate-set-parameters", {"tls-creds": "tls0"})
-    return s, d, src, dst
+async def psk_pair(start_host, src_dir: Path, dst_dir: Path):
+    return await hosts_with(start_host, psk("tls0", src_dir, "client"), psk("tls0", dst_dir, "server"))
 
 
 @pytest.mark.parametrize("channels", [0, 2])
@@ -332,8 +336,7 @@ async def test_psk_refusals_name_their_reason_and_the_destination_waits(start_ho
         assert await refused(src, port) == "TLS PSK authz check for intruder is denied"
         # the destination waited through all of it
         await creds(psk_dir(tmp_path / "right", f"qemu:{KEY}"))
-        assert (await dst.execute("query-migrate"))["status"] == "setup"
-        await migrate_and_compare(src, dst, port, tmp_path)
+        await still_waiting_then_exact(src, dst, port, tmp_path)
     finally:
         await src.disconnect()
         await dst.disconnect()
