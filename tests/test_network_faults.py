@@ -158,17 +158,10 @@ async def through_proxy(hosts, tmp_path, fault: str, at: int = 0, ms: int = 0, c
     return proxy, d, src, dst, before
 
 
-async def test_delay_on_every_chunk_completes_exact(hosts, tmp_path):
-    proxy, _d, src, dst, _ = await through_proxy(hosts, tmp_path, "delay", ms=40)
-    try:
-        assert proxy.fired()
-        await assert_exact(src, dst, tmp_path)
-    finally:
-        proxy.stop()
-
-
-async def test_a_stall_shorter_than_the_timeout_completes_exact(hosts, tmp_path):
-    proxy, _d, src, dst, _ = await through_proxy(hosts, tmp_path, "stall", at=4 << 20, ms=1500)
+@pytest.mark.parametrize("fault,at,ms", [("delay", 0, 40), ("stall", 4 << 20, 1500)],
+                         ids=["40-ms-delay-on-every-chunk", "1.5-s-stall"])
+async def test_a_delay_or_a_short_stall_completes_exact(hosts, tmp_path, fault, at, ms):
+    proxy, _d, src, dst, _ = await through_proxy(hosts, tmp_path, fault, at=at, ms=ms)
     try:
         assert proxy.fired()
         await assert_exact(src, dst, tmp_path)

@@ -103,8 +103,9 @@ class ObjectRegistry:
             raise QMPError(f"Object '{oid}' is not a QAuthZ subclass")
         return obj
 
-    def authorizer(self, oid: str) -> Authorize:
-        """A check the TLS server runs at each handshake: the object is looked up then, as QEMU does."""
+    def authorizer(self, oid: str, kind: str = "x509") -> Authorize:
+        """A check the TLS server runs at each handshake: the object is looked up then, as QEMU does.
+        ``kind`` names what the identity is in the refusal (QEMU: ``x509`` or ``PSK``)."""
         def authorize(identity: str) -> None:
             try:
                 allowed = self.authz(oid).is_allowed(identity)
@@ -112,5 +113,5 @@ class ObjectRegistry:
                 raise ChannelError(e.desc) from None
             if not allowed:
                 log.warning("tls_authz_denied", authz=oid, identity=identity)
-                raise ChannelError(f"TLS x509 authz check for {identity} is denied")
+                raise ChannelError(f"TLS {kind} authz check for {identity} is denied")
         return authorize

@@ -63,6 +63,6 @@ def destination_listener(objects: ObjectRegistry, params: Mapping[str, Any], cre
 
     def authorize() -> Authorize | None:  # read at each handshake: an authz set later applies next time
         current = str(params["tls-authz"])
-        return objects.authorizer(current) if current else None
+        return objects.authorizer(current, creds.identity_kind) if current else None
 
     return TlsListener(listener, creds, authorize)

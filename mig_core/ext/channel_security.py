@@ -31,6 +31,8 @@ class ChannelSecurity(ABC):
 
     #: The name in the ``mig_core.channel_security`` group (the QOM type of the credentials it serves).
     name: ClassVar[str]
+    #: What a peer's identity is, as ``tls-authz`` refusals name it (QEMU: ``x509`` or ``PSK``).
+    identity_kind: ClassVar[str] = "x509"
 
     def __init__(self, creds_id: str, properties: Mapping[str, object]) -> None:
         """``properties`` are the object's (``dir``, ``endpoint``, ``verify-peer`` …), names as on the wire;

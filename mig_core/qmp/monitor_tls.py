@@ -54,7 +54,7 @@ class MonitorTls:
             authorize = None
             if addr.tls_authz:
                 objects.authz(addr.tls_authz)  # there now, and looked up again at each client (as QEMU)
-                authorize = objects.authorizer(addr.tls_authz)
+                authorize = objects.authorizer(addr.tls_authz, creds.identity_kind)
         except QMPError as e:
             raise ValueError(e.desc) from None
         return cls(creds, creds.stream_context(), authorize, addr.tls_authz)

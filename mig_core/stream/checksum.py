@@ -41,6 +41,11 @@ def trailer(buffers: Iterable[object]) -> bytes:
     return TRAILER.pack(digest(buffers))
 
 
+def matches(buffers: Iterable[object], received: bytes) -> bool:
+    """Whether ``received`` (a trailer as read) is the checksum of the buffers' bytes."""
+    return TRAILER.unpack(received)[0] == digest(buffers)
+
+
 def page_hashes(block: RAMBlock, pages: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     """xxh3-64 of each page's bytes: of ``rows`` (one row per page) if given, else of the pages in RAM."""
     out = np.empty(len(pages), dtype="<u8")

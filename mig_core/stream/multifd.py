@@ -18,7 +18,7 @@ import numpy as np
 
 from mig_core.errors import MultifdError
 from mig_core.ext.channel import Channel, ChannelEOF
-from mig_core.stream.checksum import FLAG_CHECKSUMS, TRAILER, digest
+from mig_core.stream.checksum import FLAG_CHECKSUMS, TRAILER, matches
 
 #: first 8 bytes of a multifd channel (the main stream starts with ``MIGSTRM\0``)
 MULTIFD_MAGIC = b"MIGMFD\x00\x00"
@@ -138,8 +138,7 @@ def read_packet(channel: Channel, cid: int, nblocks: int, block_pages: list[int]
 
 
 def _verify(channel: Channel, cid: int, buffers: list[object]) -> None:
-    (expected,) = TRAILER.unpack(_recv(channel, TRAILER.size, "before a packet's checksum", cid))
-    if digest(buffers) != expected:
+    if not matches(buffers, _recv(channel, TRAILER.size, "before a packet's checksum", cid)):
         raise MultifdError(f"multifd {cid}: a packet header failed its checksum: the stream was corrupted on "
                            "the way")
 

@@ -22,7 +22,7 @@ from mig_core.machine.device import DeviceSection
 from mig_core.memory import xbzrle
 from mig_core.memory.ram import RAMBlock
 from mig_core.stream import mapped_ram
-from mig_core.stream.checksum import FLAG_CHECKSUMS, TRAILER, SuspectPages, digest
+from mig_core.stream.checksum import FLAG_CHECKSUMS, TRAILER, SuspectPages, matches
 from mig_core.stream.format import (
     HEADER,
     MAGIC,
@@ -169,8 +169,7 @@ class StreamReader:
 
     def _verify(self, what: str, buffers: list[Any]) -> None:
         """Read a section's framing checksum and compare it with its bytes (x-checksums)."""
-        (expected,) = TRAILER.unpack(self._recv(TRAILER.size, f"{what}'s checksum"))
-        if digest(buffers) != expected:
+        if not matches(buffers, self._recv(TRAILER.size, f"{what}'s checksum")):
             raise StreamError(f"{what} failed its checksum (at stream byte {self.channel.bytes_received}): the "
                               "stream was corrupted on the way")
 

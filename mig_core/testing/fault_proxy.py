@@ -50,8 +50,10 @@ class FaultProxy:
         self._say_lock = threading.Lock()
 
     def say(self, line: str) -> None:
+        """One line of the proxy's interface on stdout (``listening PORT``, ``fault ...``), not a log."""
         with self._say_lock:
-            print(line, flush=True)
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
 
     def serve(self) -> None:
         self.say(f"listening {self.port}")

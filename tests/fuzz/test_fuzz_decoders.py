@@ -145,14 +145,19 @@ def _valid_stream(checksums: bool = False) -> bytes:
 STREAM = _valid_stream()
 
 
-@FUZZ
-@given(data=mutated(STREAM))
-def test_stream_reader(data: bytes) -> None:
+def _reader_of(data: bytes) -> tuple[list, StreamReader]:
+    """Fresh destination blocks and a reader of ``data`` (the whole stream, then its end)."""
     dst = _blocks()
     tx, rx = loopback_pair(capacity=len(data) + 1)
     tx.send(data)
     tx.close()
-    reader = StreamReader(rx, dst, CopyPlacer(dst))
+    return dst, StreamReader(rx, dst, CopyPlacer(dst))
+
+
+@FUZZ
+@given(data=mutated(STREAM))
+def test_stream_reader(data: bytes) -> None:
+    dst, reader = _reader_of(data)
     with no_hang("stream_reader"):
         try:
             reader.read_header()
@@ -173,11 +178,7 @@ def test_a_checksummed_stream_never_accepts_a_flipped_bit(bit: int) -> None:
     pages still suspect, which the destination refuses to run on: no wrong data is ever accepted."""
     data = bytearray(CHECKED_STREAM)
     data[bit // 8] ^= 1 << (bit % 8)
-    dst = _blocks()
-    tx, rx = loopback_pair(capacity=len(data) + 1)
-    tx.send(bytes(data))
-    tx.close()
-    reader = StreamReader(rx, dst, CopyPlacer(dst))
+    _dst, reader = _reader_of(bytes(data))
     with no_hang("checksummed_stream"):
         try:
             reader.read_header()
@@ -189,11 +190,7 @@ def test_a_checksummed_stream_never_accepts_a_flipped_bit(bit: int) -> None:
 
 
 def test_the_checksummed_stream_reads_clean() -> None:
-    dst = _blocks()
-    tx, rx = loopback_pair(capacity=len(CHECKED_STREAM) + 1)
-    tx.send(CHECKED_STREAM)
-    tx.close()
-    reader = StreamReader(rx, dst, CopyPlacer(dst))
+    dst, reader = _reader_of(CHECKED_STREAM)
     reader.read_header()
     assert reader.checksums and [type(i).__name__ for i in reader][-1] == "End"
     assert reader.suspects.remaining() is None

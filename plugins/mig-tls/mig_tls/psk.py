@@ -77,6 +77,7 @@ class PskCredentials(ChannelSecurity):
     """Pre-shared-key credentials for one endpoint; the key file is read at ``object-add``."""
 
     name = "tls-creds-psk"
+    identity_kind = "PSK"  # tls-authz matches the username
 
     def __init__(self, creds_id: str, properties: Mapping[str, object]) -> None:
         super().__init__(creds_id, properties)
@@ -135,10 +136,7 @@ class PskCredentials(ChannelSecurity):
                 identity = getattr(self._handshake, "identity", None)
                 if not identity:
                     raise ChannelError("The client presented no PSK username")
-                try:
-                    authorize(identity)
-                except ChannelError as e:  # the identity is a username here, not a certificate's name
-                    raise ChannelError(str(e).replace("TLS x509 authz", "TLS PSK authz", 1)) from None
+                authorize(identity)
         return server_session(channel, self.context, describe_failure, check)
 
 
