@@ -47,12 +47,14 @@ def raw_loopback(n: int, size: int = GIB, congestion: bytes | None = None) -> fl
     """Seconds to move ``size`` random bytes over ``n`` loopback connections (a thread per connection on each
     side, sendall of 4 MiB slices / recv_into a faulted-in buffer): the limit for n multifd channels.
 
-    ``congestion``: the senders' congestion control (None: the system's default)."""
+    ``congestion``: the senders' congestion control (None: the system's default). Every connection gets
+    TCP_NODELAY, as mig's do."""
     data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
     rx = subprocess.Popen([sys.executable, "-c", _RAW_RECEIVER, str(size), str(n)], stdout=subprocess.PIPE, text=True)
     port = int(rx.stdout.readline())
     socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
     for s in socks:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as mig's socket transport sets it
         if congestion:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion)
     part = size // n
