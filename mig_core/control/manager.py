@@ -364,7 +364,8 @@ class MigrationManager:
             capabilities=lambda: self.caps, parameters=lambda: self.params, set_error=self.set_error,
             hooks=self.hooks, registry=self.registry, global_state=self.global_state,
             listener_closed=self._incoming_listener_closed, incoming_failed=self._incoming_failed,
-            front_link=self.front_link)
+            front_link=self.front_link,
+            recovery_tls=lambda: tls_policy.recovery_tls(self.objects, self.params, self._tls_destination_creds))
 
     # -- QMP: migrate --------------------------------------------------------------------
 
@@ -394,6 +395,10 @@ class MigrationManager:
                     raise QMPError("Postcopy recovery cannot work when release-ram capability is set")
                 transport = cls(self.transport_context())
                 transport.check_address(addr, incoming=False)
+                if self.tls_enabled():  # the recovery's connections are TLS sessions too, with today's credentials
+                    tls_policy.check(self.params, self.caps, addr)
+                    transport, self._tls_source_creds = tls_policy.source_transport(self.objects, self.params,
+                                                                                    transport, addr)
                 self.error_desc = None
                 out.resume_postcopy(transport, addr)
             return

@@ -15,9 +15,9 @@ from typing import Any
 
 import structlog
 
-from mig_core.control.authz import Authz, ListAuthz, SimpleAuthz
-from mig_core.errors import ChannelError, PluginNotFound, QMPError
+from mig_core.errors import PluginNotFound, QMPError
 from mig_core.ext import channel_security
+from mig_core.ext.authz import Authz, AuthzCheck, ListAuthz, SimpleAuthz
 from mig_core.ext.channel_security import Authorize, ChannelSecurity
 from mig_core.plugin.registry import PluginRegistry
 from mig_core.qapi import UNSET, to_qmp
@@ -103,15 +103,16 @@ class ObjectRegistry:
             raise QMPError(f"Object '{oid}' is not a QAuthZ subclass")
         return obj
 
+    def authz_check(self, oid: str, kind: str = "x509") -> AuthzCheck:
+        """``tls-authz`` ``oid`` as it stands now, a check another process can run (see ``AuthzCheck``).
+        ``kind`` names what the identity is in a refusal (QEMU: ``x509`` or ``PSK``)."""
+        try:
+            return AuthzCheck(oid, kind, self.authz(oid).describe())
+        except QMPError as e:
+            return AuthzCheck(oid, kind, error=e.desc)
+
     def authorizer(self, oid: str, kind: str = "x509") -> Authorize:
-        """A check the TLS server runs at each handshake: the object is looked up then, as QEMU does.
-        ``kind`` names what the identity is in the refusal (QEMU: ``x509`` or ``PSK``)."""
+        """A check the TLS server runs at each handshake: the object is looked up then, as QEMU does."""
         def authorize(identity: str) -> None:
-            try:
-                allowed = self.authz(oid).is_allowed(identity)
-            except QMPError as e:
-                raise ChannelError(e.desc) from None
-            if not allowed:
-                log.warning("tls_authz_denied", authz=oid, identity=identity)
-                raise ChannelError(f"TLS {kind} authz check for {identity} is denied")
+            self.authz_check(oid, kind)(identity)
         return authorize

@@ -13,10 +13,10 @@ from typing import Any
 from mig_core.control.objects import ObjectRegistry
 from mig_core.engine.tls import TlsListener, TlsTransport, address_hostname
 from mig_core.errors import QMPError
-from mig_core.ext.channel_security import Authorize, ChannelSecurity
+from mig_core.ext.authz import AuthzCheck
+from mig_core.ext.channel_security import ChannelSecurity
 from mig_core.ext.transport import Listener, Transport
 from mig_core.schema.migration import MigrationAddress, MigrationAddressType
-from mig_core.schema.migration import MigrationCapability as C
 
 
 def enabled(params: Mapping[str, Any]) -> bool:
@@ -31,9 +31,6 @@ def check(params: Mapping[str, Any], caps: Mapping[Any, bool], addr: MigrationAd
         raise QMPError("TLS is not supported with the file transport: a file is no peer to hold a session with")
     if addr.tag is MigrationAddressType.RDMA:
         raise QMPError("TLS is not supported over rdma (QEMU's RDMA path would send in the clear)")
-    if caps.get(C.POSTCOPY_RAM):
-        raise QMPError("Postcopy is not supported over TLS yet: the destination's page server continues the "
-                       "connection in a process of its own, which cannot take over a TLS session")
 
 
 def source_transport(objects: ObjectRegistry, params: Mapping[str, Any], transport: Transport,
@@ -61,8 +58,19 @@ def destination_listener(objects: ObjectRegistry, params: Mapping[str, Any], cre
                          listener: Listener) -> Listener:
     """``listener`` whose connections are admitted by a handshake with ``creds``."""
 
-    def authorize() -> Authorize | None:  # read at each handshake: an authz set later applies next time
+    def authz() -> AuthzCheck | None:  # read at each connection: an authz set later applies next time
         current = str(params["tls-authz"])
-        return objects.authorizer(current, creds.identity_kind) if current else None
+        return objects.authz_check(current, creds.identity_kind) if current else None
 
-    return TlsListener(listener, creds, authorize)
+    return TlsListener(listener, creds, authz)
+
+
+def recovery_tls(objects: ObjectRegistry, params: Mapping[str, Any], creds_id: str) -> dict[str, Any] | None:
+    """What postcopy's page server needs to run migrate-recover's listener with the destination's TLS:
+    the credentials' description and tls-authz as they stand now (None: no TLS)."""
+    if not creds_id:
+        return None
+    creds = objects.tls_creds(creds_id, "server")
+    authz_id = str(params["tls-authz"])
+    check = objects.authz_check(authz_id, creds.identity_kind) if authz_id else None
+    return {"creds": creds.describe(), "authz": None if check is None else check.to_wire()}

@@ -73,6 +73,9 @@ class EngineContext:
     #: A connection for the postcopy page server to the host's monitor front, which answers QMP for it
     #: while the host is stopped by a fault (None: the host has no front).
     front_link: Callable[[], socket.socket | None] = lambda: None
+    #: The TLS a postcopy page server's migrate-recover listener uses: the destination's credentials
+    #: (described) and tls-authz, taken at the switch (None: the destination does not use TLS).
+    recovery_tls: Callable[[], dict[str, Any] | None] = lambda: None
 
     def capability(self, cap: MigrationCapability) -> bool:
         return bool(self.capabilities().get(cap, False))

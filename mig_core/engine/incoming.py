@@ -389,7 +389,7 @@ class IncomingMigration:
                 if not self.ctx.capability(C.POSTCOPY_RAM):
                     raise StreamError("RAM postcopy is disabled but have 16 byte advise")
                 postcopy_wire.check_advise(advise, self.machine.blocks)
-                self.postcopy = PostcopyIncoming(self.machine.blocks, self.ctx.front_link)
+                self.postcopy = PostcopyIncoming(self.machine.blocks, self.ctx.front_link, self.ctx.recovery_tls)
                 self.postcopy.advise()
         elif item.command is Command.POSTCOPY_RAM_DISCARD:
             if self.postcopy is None:

@@ -4,7 +4,8 @@ The source wraps each connection (main and multifd) as it opens it, on the migra
 destination runs each arriving connection's handshake on a thread of its own, so a peer that connects
 and stays silent delays nobody, and a refused handshake (wrong CA, hostname, authz…) leaves the
 listener waiting for the next source, as QEMU's does. Handshakes are bounded by ``HANDSHAKE_TIMEOUT``
-and end at once on cancel.
+and end at once on cancel. A destination's sessions on sockets end in a relay process, so the plain
+connection the host reads can be handed to postcopy's page server (``mig_core.engine.tls_relay``).
 """
 
 from __future__ import annotations
@@ -15,18 +16,17 @@ from collections.abc import Callable
 
 import structlog
 
+from mig_core.engine.tls_handshake import bounded
+from mig_core.engine.tls_relay import RelayProcess
 from mig_core.errors import ChannelAborted, ChannelError
-from mig_core.ext.channel import Channel
-from mig_core.ext.channel_security import Authorize, ChannelSecurity
+from mig_core.ext.authz import AuthzCheck
+from mig_core.ext.channel import Channel, SocketChannel
+from mig_core.ext.channel_security import ChannelSecurity
 from mig_core.ext.transport import Listener, Transport, TransportError
 from mig_core.schema.migration import MigrationAddress, MigrationAddressType
 from mig_core.schema.sockets import InetSocketAddress, SocketAddress, SocketAddressType
 
 log = structlog.get_logger("mig.tls")
-
-#: Seconds a handshake may take before the connection is dropped.
-HANDSHAKE_TIMEOUT = 30.0
-
 
 def address_hostname(addr: MigrationAddress) -> str | None:
     """The host a tcp address names (the certificate must match it), None for the others."""
@@ -38,39 +38,6 @@ def address_hostname(addr: MigrationAddress) -> str | None:
             assert isinstance(inet, InetSocketAddress)
             return inet.host
     return None
-
-
-def _bounded(channel: Channel, run: Callable[[], Channel], abort_check: Callable[[], bool] | None) -> Channel:
-    """``run()`` (a handshake on ``channel``), aborted after HANDSHAKE_TIMEOUT or once ``abort_check()``."""
-    done = threading.Event()
-    why: list[str] = []
-
-    def watch() -> None:
-        waited = 0.0
-        while not done.wait(0.05):
-            waited += 0.05
-            if abort_check is not None and abort_check():
-                why.append("cancelled during the TLS handshake")
-            elif waited >= HANDSHAKE_TIMEOUT:
-                why.append(f"TLS handshake failed: no answer within {HANDSHAKE_TIMEOUT:g} s")
-            else:
-                continue
-            channel.abort(why[0])
-            return
-
-    threading.Thread(target=watch, name="tls-handshake-watch", daemon=True).start()
-    try:
-        return run()
-    except BaseException as e:
-        done.set()
-        channel.close()
-        if why:  # whatever the aborted handshake raised, the reason is the abort's
-            raise ChannelError(why[0]) from None
-        if isinstance(e, ChannelAborted):
-            raise ChannelError("the TLS handshake was aborted") from None
-        raise
-    finally:
-        done.set()
 
 
 class TlsTransport(Transport):
@@ -95,7 +62,7 @@ class TlsTransport(Transport):
     def _wrap(self, open_channel: Callable[[], Channel], abort_check: Callable[[], bool]) -> Channel:
         channel = open_channel()
         try:
-            return _bounded(channel, lambda: self.security.wrap_client(channel, self.hostname), abort_check)
+            return bounded(channel, lambda: self.security.wrap_client(channel, self.hostname), abort_check)
         except ChannelError as e:
             log.warning("tls_handshake_failed", side="source", creds=self.security.creds_id, reason=str(e))
             raise
@@ -113,10 +80,13 @@ class TlsTransport(Transport):
 class TlsListener(Listener):
     """``inner`` whose connections reach ``accept`` only once their handshake succeeded."""
 
-    def __init__(self, inner: Listener, security: ChannelSecurity, authorize: Callable[[], Authorize | None]) -> None:
+    def __init__(self, inner: Listener, security: ChannelSecurity, authz: Callable[[], AuthzCheck | None]) -> None:
+        """``authz``: ``tls-authz`` as it stands when a connection arrives (None: every verified peer)."""
         self.inner = inner
         self.security = security
-        self.authorize = authorize
+        self.authz = authz
+        #: sessions on sockets end in a relay process (see mig_core.engine.tls_relay); others end here
+        self._relay = RelayProcess()
         self._ready: queue.Queue[Channel | BaseException] = queue.Queue()
         self._closed = threading.Event()
         self._last_refusal: str | None = None
@@ -156,8 +126,12 @@ class TlsListener(Listener):
 
     def _handshake(self, channel: Channel) -> None:
         try:
-            auth = self.authorize()
-            wrapped = _bounded(channel, lambda: self.security.wrap_server(channel, auth), self._closed.is_set)
+            authz = self.authz()
+            if isinstance(channel, SocketChannel):
+                wrapped: Channel | None = self._relay.open(channel, self.security.describe(), authz,
+                                                           self._closed.is_set)
+            else:
+                wrapped = bounded(channel, lambda: self.security.wrap_server(channel, authz), self._closed.is_set)
         except (ChannelError, OSError) as e:
             self._last_refusal = str(e)
             log.warning("tls_handshake_refused", side="destination", creds=self.security.creds_id, reason=str(e))
@@ -181,4 +155,5 @@ class TlsListener(Listener):
     def close(self) -> None:
         self._closed.set()
         self.inner.close()
+        self._relay.close()
         self._ready.put(ChannelAborted("the TLS listener was closed"))

@@ -151,6 +151,21 @@ class Channel(ABC):
         finally:
             self.bytes_received += got
 
+    def recv_some(self, buf: Buffer) -> int:
+        """Up to ``len(buf)`` bytes as they arrive (the read-ahead first); 0 at the end of the stream.
+        For pumps that forward a stream without knowing its framing (the TLS relay)."""
+        view = memoryview(buf).cast("B")
+        ahead = self._ra_end - self._ra_pos
+        if ahead:
+            take = min(view.nbytes, ahead)
+            view[:take] = self._ra[self._ra_pos:self._ra_pos + take]
+            self._ra_pos += take
+        else:
+            self._check_abort()
+            take = self._recv_into(view)
+        self.bytes_received += take
+        return take
+
     def recv_exact(self, n: int) -> bytes:
         buf = bytearray(n)
         self.recv_into(buf)

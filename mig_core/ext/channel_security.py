@@ -13,7 +13,7 @@ from __future__ import annotations
 import ssl
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from mig_core.ext.channel import Channel
 from mig_core.plugin.registry import PluginRegistry
@@ -39,6 +39,11 @@ class ChannelSecurity(ABC):
         bad or unloadable credentials raise ``ValueError`` with the text ``object-add`` answers."""
         self.creds_id = creds_id
         self.properties = dict(properties)
+
+    def describe(self) -> dict[str, Any]:
+        """What another process needs to load the same credentials (``from_description``): a TLS relay,
+        a monitor front, a postcopy page server."""
+        return {"qom-type": self.name, "id": self.creds_id, "properties": self.properties}
 
     @property
     def endpoint(self) -> str:
@@ -73,3 +78,10 @@ def load(registry: PluginRegistry, name: str) -> type[ChannelSecurity]:
     """The provider class serving credentials of kind ``name``; logs its class and distribution.
     ``PluginNotFound`` naming the group and the name if none does."""
     return registry.load_class(GROUP, name, ChannelSecurity)
+
+
+def from_description(registry: PluginRegistry, description: Mapping[str, Any]) -> ChannelSecurity:
+    """The credentials ``ChannelSecurity.describe`` gave, loaded again in this process (``ValueError`` with
+    the reason if they no longer load, e.g. a file removed since)."""
+    cls = load(registry, str(description["qom-type"]))
+    return cls(str(description["id"]), description["properties"])

@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from mig_core.errors import ChannelError, QMPError
-from mig_core.ext.channel_security import Authorize, ChannelSecurity
-from mig_core.ext.channel_security import load as load_security
+from mig_core.ext.channel_security import Authorize, ChannelSecurity, from_description
 from mig_core.plugin.registry import PluginRegistry
 
 if TYPE_CHECKING:
@@ -61,7 +60,7 @@ class MonitorTls:
 
     def describe(self) -> dict[str, Any]:
         """What the front process needs to build the same context (it loads the same plugin)."""
-        return {"qom-type": self.creds.name, "id": self.creds.creds_id, "properties": self.creds.properties}
+        return self.creds.describe()
 
     def admit(self, peer: bytes | None) -> bool:
         """Whether the client whose certificate is ``peer`` may use the monitor (tls-authz); logs a refusal."""
@@ -92,8 +91,7 @@ class MonitorTls:
 
 def context_from(description: Mapping[str, Any], registry: PluginRegistry) -> ssl.SSLContext:
     """The front process's copy of a monitor's TLS context (``MonitorTls.describe``)."""
-    cls = load_security(registry, str(description["qom-type"]))
-    return cls(str(description["id"]), description["properties"]).stream_context()
+    return from_description(registry, description).stream_context()
 
 
 async def bridge(conn: socket.socket, context: ssl.SSLContext) -> tuple[socket.socket, bytes | None]:

@@ -58,11 +58,13 @@ def _exit_description(proc: subprocess.Popen[bytes]) -> str:
 class PostcopyIncoming:
     """One destination's postcopy: from the advise to the page server's last page."""
 
-    def __init__(self, blocks: Sequence[RAMBlock], front_link: Callable[[], socket.socket | None] = lambda: None
-                 ) -> None:
-        """``front_link``: a connection to the host's monitor front, if it has one (see mig_core.qmp.front)."""
+    def __init__(self, blocks: Sequence[RAMBlock], front_link: Callable[[], socket.socket | None] = lambda: None,
+                 recovery_tls: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
+        """``front_link``: a connection to the host's monitor front, if it has one (see mig_core.qmp.front);
+        ``recovery_tls``: the TLS migrate-recover's listener uses (``EngineContext.recovery_tls``)."""
         self.blocks = list(blocks)
         self._front_link = front_link
+        self._recovery_tls = recovery_tls
         self.coming = {b.name: np.zeros(b.npages, dtype=bool) for b in self.blocks}
         self.proc: subprocess.Popen[bytes] | None = None
         self.ctl: ControlConnection | None = None
@@ -132,7 +134,8 @@ class PostcopyIncoming:
         buffered = channel.take_buffered()
         fds = [fd] + ([preempt.fileno()] if preempt is not None else [])
         ctl.send({"op": "listen", "blocks": blocks_msg, "buffered": buffered, "source_uuid": source_uuid,
-                  "preempt": None if preempt is None else preempt.take_buffered(), "blocktime_vcpus": blocktime_vcpus},
+                  "preempt": None if preempt is None else preempt.take_buffered(), "blocktime_vcpus": blocktime_vcpus,
+                  "tls": self._recovery_tls()},
                  [*fds, *(r.fd for r in self._registrations)])
         self.listening = True
         log.info("postcopy_listening", page_server=self.pid,

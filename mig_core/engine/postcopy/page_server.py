@@ -41,8 +41,11 @@ import structlog
 from mig_core.engine.postcopy.blocktime import BlocktimeMeter
 from mig_core.engine.postcopy.ipc import SWITCH_INTERVAL_S, ControlClosed, ControlConnection
 from mig_core.engine.return_path import DestinationReturnPath, ReceivedBitmap, RequestPages, ResumeAck
+from mig_core.engine.tls import TlsListener
 from mig_core.errors import MigError, QMPError
+from mig_core.ext.authz import AuthzCheck
 from mig_core.ext.channel import Channel, ChannelError, SocketChannel
+from mig_core.ext.channel_security import from_description
 from mig_core.ext.transport import Listener, TransportContext, TransportRegistry
 from mig_core.host.uffd import UFFD_EVENT_PAGEFAULT, UFFD_MSG, PageFiller
 from mig_core.logconfig import configure_logging
@@ -181,6 +184,8 @@ class PageServer:
         self.requests = 0
         self.zero_filled = 0
         self.blocktime: BlocktimeMeter | None = None
+        #: the destination's TLS for migrate-recover (credentials described, tls-authz), None: plain
+        self.recovery_tls: dict[str, Any] | None = None
         self._listener: Listener | None = None
         self._finished = False
         self._stop_r, self._stop_w = os.pipe()
@@ -290,6 +295,7 @@ class PageServer:
         self.blocktime = BlocktimeMeter(tids) if tids is not None else None
         self.placer = UffdPlacer(self.states, self.lock, self.blocktime)
         self.source_uuid = str(msg["source_uuid"])
+        self.recovery_tls = msg.get("tls")
         channel = SocketChannel(socket.socket(fileno=chan_fd))
         channel.preload(msg["buffered"])
         reader = StreamReader.continuing(channel, [s.block for s in self.states], self.placer)
@@ -407,11 +413,23 @@ class PageServer:
         if self._listener is not None:
             self._listener.close()  # a previous migrate-recover's listener is released first
             self._listener = None
-        transports = TransportRegistry(PluginRegistry.from_environment())
+        registry = PluginRegistry.from_environment()
+        transports = TransportRegistry(registry)
         cls, addr = transports.parse(uri)
         transport = cls(TransportContext(named_fds={}, take_fd=lambda name: None))
         transport.check_address(addr, incoming=True)
+        tls = self.recovery_tls
+        creds = None
+        if tls is not None:  # loaded before listening: credentials that no longer load fail the command
+            try:
+                creds = from_description(registry, tls["creds"])
+            except ValueError as e:
+                raise QMPError(f"migrate-recover cannot use the TLS credentials: {e}") from None
         listener = transport.listen(addr)
+        if creds is not None:
+            assert tls is not None
+            check = AuthzCheck.from_wire(tls["authz"]) if tls.get("authz") else None
+            listener = TlsListener(listener, creds, lambda: check)
         self._listener = listener
         t = threading.Thread(target=self._accept, args=(listener,), name="mig/pc/recover", daemon=True)
         self._threads.append(t)
