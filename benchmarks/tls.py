@@ -1,5 +1,7 @@
 """TLS against plain migration, 1 GiB random RAM, in one run: one channel and multifd 4, with the CPU each side
 spends per GiB, beside raw loopback and raw TLS loopback (Python's ssl over one connection) measured the same run.
+One more row: one channel with ``postcopy-ram`` on both sides (no switch), so the destination's session ends
+in the TLS relay process, whose CPU the destination's column does not count.
 
 ``make bench WHICH=tls``.
 """
@@ -69,13 +71,13 @@ def raw_tls_loopback(pki: Path, size: int = GIB) -> float:
     return elapsed
 
 
-async def _migrate(tmp: Path, pki: Path, tls: bool, channels: int) -> dict:
+async def _migrate(tmp: Path, pki: Path, tls: bool | str, channels: int) -> dict:
     obj = lambda end: (f"--object=tls-creds-x509,id=tls0,dir={pki},endpoint={end}",  # noqa: E731
                        "--param", "tls-creds=tls0") if tls else ()
     s = Host(tmp, "--ram", "1G", "--ram-fill", "random", *obj("client"), name="src", env=ENV)
     d = Host(tmp, "--ram", "1G", "--mem-prealloc", *obj("server"), "-S", "--incoming", "defer", name="dst", env=ENV)
     async with qmp_clients(s, d) as (src, dst):
-        caps = ["return-path"] + (["multifd"] if channels else [])
+        caps = ["return-path"] + (["multifd"] if channels else []) + (["postcopy-ram"] if tls == "relayed" else [])
         await configure_both([src, dst], caps, {"max-bandwidth": 0, **({"multifd-channels": channels}
                                                                       if channels else {})})
         info, cpu_src, cpu_dst = await migrate_measured(src, dst, s, d)
@@ -84,8 +86,8 @@ async def _migrate(tmp: Path, pki: Path, tls: bool, channels: int) -> dict:
 
 def table(reps: int = 3) -> list[dict]:
     """Rows (one channel, multifd 4) × (plain, TLS), medians of ``reps`` interleaved runs, and the limits."""
-    configs = [(0, False), (0, True), (4, False), (4, True)]
-    runs: dict[tuple[int, bool], list[dict]] = {c: [] for c in configs}
+    configs: list[tuple[int, bool | str]] = [(0, False), (0, True), (4, False), (4, True), (0, "relayed")]
+    runs: dict[tuple[int, bool | str], list[dict]] = {c: [] for c in configs}
     raw, raw_tls = [], []
     with tempfile.TemporaryDirectory() as tmp:
         pki = Path(tmp) / "pki"
@@ -114,6 +116,7 @@ def main(reps: int = 3) -> None:
     print("| channels | TLS | s | × one-channel plain speed | CPU s/GiB src | CPU s/GiB dst |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['channels'] or '1 (no multifd)'} | {'yes' if r['tls'] else 'no'} | {r['s']:.3f} | "
+        tls = {False: "no", True: "yes", "relayed": "yes, relayed (postcopy-ram)"}[r["tls"]]
+        print(f"| {r['channels'] or '1 (no multifd)'} | {tls} | {r['s']:.3f} | "
               f"{plain1 / r['s']:.2f} | {r['cpu_src']:.2f} | {r['cpu_dst']:.2f} |")
     print()

@@ -527,7 +527,7 @@ class MigrationManager:
             listener = transport.listen(addr)
             self._tls_destination_creds = creds.creds_id if creds is not None else ""
             if creds is not None:
-                listener = tls_policy.destination_listener(self.objects, self.params, creds, listener)
+                listener = tls_policy.destination_listener(self.objects, self.params, self.caps, creds, listener)
             self._listener = listener
             self._incoming_rdma = addr.tag is MigrationAddressType.RDMA
             self.new_migration_id()

@@ -17,6 +17,7 @@ from mig_core.ext.authz import AuthzCheck
 from mig_core.ext.channel_security import ChannelSecurity
 from mig_core.ext.transport import Listener, Transport
 from mig_core.schema.migration import MigrationAddress, MigrationAddressType
+from mig_core.schema.migration import MigrationCapability as C
 
 
 def enabled(params: Mapping[str, Any]) -> bool:
@@ -54,15 +55,16 @@ def server_credentials(objects: ObjectRegistry, params: Mapping[str, Any]) -> Ch
     return creds
 
 
-def destination_listener(objects: ObjectRegistry, params: Mapping[str, Any], creds: ChannelSecurity,
-                         listener: Listener) -> Listener:
-    """``listener`` whose connections are admitted by a handshake with ``creds``."""
+def destination_listener(objects: ObjectRegistry, params: Mapping[str, Any], caps: Mapping[Any, bool],
+                         creds: ChannelSecurity, listener: Listener) -> Listener:
+    """``listener`` whose connections are admitted by a handshake with ``creds``; with postcopy-ram on when
+    a connection arrives (``caps`` is read then) its session ends in the TLS relay, for the page server."""
 
     def authz() -> AuthzCheck | None:  # read at each connection: an authz set later applies next time
         current = str(params["tls-authz"])
         return objects.authz_check(current, creds.identity_kind) if current else None
 
-    return TlsListener(listener, creds, authz)
+    return TlsListener(listener, creds, authz, lambda: bool(caps.get(C.POSTCOPY_RAM)))
 
 
 def recovery_tls(objects: ObjectRegistry, params: Mapping[str, Any], creds_id: str) -> dict[str, Any] | None:

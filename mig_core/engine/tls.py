@@ -4,8 +4,8 @@ The source wraps each connection (main and multifd) as it opens it, on the migra
 destination runs each arriving connection's handshake on a thread of its own, so a peer that connects
 and stays silent delays nobody, and a refused handshake (wrong CA, hostname, authz…) leaves the
 listener waiting for the next source, as QEMU's does. Handshakes are bounded by ``HANDSHAKE_TIMEOUT``
-and end at once on cancel. A destination's sessions on sockets end in a relay process, so the plain
-connection the host reads can be handed to postcopy's page server (``mig_core.engine.tls_relay``).
+and end at once on cancel. With postcopy a destination's sessions on sockets end in a relay process, so
+the plain connection the host reads can be handed to the page server (``mig_core.engine.tls_relay``).
 """
 
 from __future__ import annotations
@@ -80,13 +80,17 @@ class TlsTransport(Transport):
 class TlsListener(Listener):
     """``inner`` whose connections reach ``accept`` only once their handshake succeeded."""
 
-    def __init__(self, inner: Listener, security: ChannelSecurity, authz: Callable[[], AuthzCheck | None]) -> None:
-        """``authz``: ``tls-authz`` as it stands when a connection arrives (None: every verified peer)."""
+    def __init__(self, inner: Listener, security: ChannelSecurity, authz: Callable[[], AuthzCheck | None],
+                 relayed: Callable[[], bool] = lambda: True) -> None:
+        """``authz``: ``tls-authz`` as it stands when a connection arrives (None: every verified peer);
+        ``relayed``: whether a socket's session arriving now ends in the relay process, so that postcopy
+        can hand its plain connection on (otherwise it ends here, which costs less: no extra copies)."""
         self.inner = inner
         self.security = security
         self.authz = authz
-        #: sessions on sockets end in a relay process (see mig_core.engine.tls_relay); others end here
-        self._relay = RelayProcess()
+        self.relayed = relayed
+        self._relay: RelayProcess | None = RelayProcess() if relayed() else None
+        self._relay_lock = threading.Lock()
         self._ready: queue.Queue[Channel | BaseException] = queue.Queue()
         self._closed = threading.Event()
         self._last_refusal: str | None = None
@@ -127,9 +131,9 @@ class TlsListener(Listener):
     def _handshake(self, channel: Channel) -> None:
         try:
             authz = self.authz()
-            if isinstance(channel, SocketChannel):
-                wrapped: Channel | None = self._relay.open(channel, self.security.describe(), authz,
-                                                           self._closed.is_set)
+            if isinstance(channel, SocketChannel) and self.relayed():
+                wrapped: Channel | None = self._relay_process().open(channel, self.security.describe(), authz,
+                                                                     self._closed.is_set)
             else:
                 wrapped = bounded(channel, lambda: self.security.wrap_server(channel, authz), self._closed.is_set)
         except (ChannelError, OSError) as e:
@@ -145,6 +149,14 @@ class TlsListener(Listener):
         elif last:
             self._ready.put(self._ending())
 
+    def _relay_process(self) -> RelayProcess:
+        with self._relay_lock:
+            if self._closed.is_set():
+                raise ChannelError("cancelled during the TLS handshake")
+            if self._relay is None:
+                self._relay = RelayProcess()
+            return self._relay
+
     def accept(self) -> Channel:
         item = self._ready.get()
         if isinstance(item, BaseException):
@@ -155,5 +167,8 @@ class TlsListener(Listener):
     def close(self) -> None:
         self._closed.set()
         self.inner.close()
-        self._relay.close()
+        with self._relay_lock:
+            relay, self._relay = self._relay, None
+        if relay is not None:
+            relay.close()
         self._ready.put(ChannelAborted("the TLS listener was closed"))

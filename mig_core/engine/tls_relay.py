@@ -39,6 +39,9 @@ log = structlog.get_logger("mig.tls.relay")
 
 #: Bytes moved per call in each direction.
 PUMP_CHUNK = 256 << 10
+#: Send buffer of each end of the plain socket pair: a unix socket's default (208 KiB) makes the relay and
+#: the host take turns every few records; the kernel caps it at net.core.wmem_max.
+PLAIN_BUFFER = 4 << 20
 #: How long a channel whose plain side ended waits for the relay's word on why (it is sent first).
 ENDING_WAIT_S = 5.0
 
@@ -120,6 +123,8 @@ class RelayProcess:
         passed, or ChannelError with the reason (also on ``abort_check()`` and after the handshake timeout)."""
         plain_host, plain_relay = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         status_host, status_relay = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        for end in (plain_host, plain_relay):
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PLAIN_BUFFER)
         try:
             self.ctl.send({"op": "session", "creds": dict(creds), "authz": None if authz is None else authz.to_wire(),
                            "timeout": HANDSHAKE_TIMEOUT},

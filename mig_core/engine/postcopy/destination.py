@@ -121,7 +121,8 @@ class PostcopyIncoming:
         fd = channel.fileno()
         if fd < 0:
             raise StreamError(f"postcopy needs a connection another process can continue ({type(channel).__name__} "
-                              "has no descriptor)")
+                              "has no descriptor; a TLS session is continued by mig's relay only if postcopy-ram "
+                              "was set on this host before the connection arrived)")
         blocks_msg = []
         try:
             for b in source_blocks:

@@ -240,14 +240,20 @@ async def test_objects_from_the_command_line(start_host, tmp_path):
         f"Unable to access credentials {tmp_path}/ca-cert.pem: No such file or directory" in bad.stderr, bad.stderr
 
 
-async def test_a_bit_flipped_on_the_way_fails_the_session(start_host, tmp_path):
+@pytest.mark.parametrize("relayed", [False, True], ids=["in-process", "relayed"])
+async def test_a_bit_flipped_on_the_way_fails_the_session(start_host, tmp_path, relayed):
     """TLS authenticates every record: a proxy that flips one bit of page data breaks the session (a plain
-    link would carry it into the destination's RAM; see test_network_faults)."""
+    link would carry it into the destination's RAM; see test_network_faults). With postcopy-ram the
+    destination's session ends in the TLS relay process, and its reason still reaches the host."""
     from mig_core.testing.fault_proxy import ProxyProcess
 
     make_pki(tmp_path / "pki")
     s, d, src, dst = await pair(start_host, tmp_path, tmp_path / "pki", tmp_path / "pki")
     try:
+        if relayed:
+            for c in (src, dst):
+                await c.execute("migrate-set-capabilities",
+                                {"capabilities": [{"capability": "postcopy-ram", "state": True}]})
         await src.execute("stop")
         before = await ram_digest(src, RAM, tmp_path / "before.mem")
         port = await listen(dst)
@@ -263,6 +269,7 @@ async def test_a_bit_flipped_on_the_way_fails_the_session(start_host, tmp_path):
             # the stream) breaks the record layer instead: refused either way
             desc = dst_info["error-desc"]
             assert dst_info["status"] == "failed" and "TLS receive failed" in desc, dst_info
+            assert ("tls_relay_session_failed" in d.logs()) == relayed
         finally:
             proxy.stop()
         assert (await src.execute("query-status"))["status"] == "paused"
