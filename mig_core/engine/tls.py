@@ -153,6 +153,10 @@ class TlsListener(Listener):
         with self._relay_lock:
             if self._closed.is_set():
                 raise ChannelError("cancelled during the TLS handshake")
+            if self._relay is not None and self._relay.proc.poll() is not None:
+                log.warning("tls_relay_restarted", pid=self._relay.proc.pid, status=self._relay.proc.returncode)
+                self._relay.close()  # (it died, killed perhaps: sessions it forked go on)
+                self._relay = None
             if self._relay is None:
                 self._relay = RelayProcess()
             return self._relay
