@@ -34,6 +34,22 @@ async def _wait_postcopy_bytes(src, at_least: int) -> None:
     raise AssertionError("postcopy made no progress")
 
 
+async def _postcopy_over_tls(src, dst, tmp_path, caps=(), postcopy_bandwidth=4 << 20) -> None:
+    """tls0 on both sides (tls-authz auth0 on the destination), postcopy started, 1 MiB of it sent."""
+    await src.execute("migrate-set-parameters", {"tls-creds": "tls0", "tls-hostname": "localhost",
+                                                 "max-bandwidth": 8 << 20,
+                                                 "max-postcopy-bandwidth": postcopy_bandwidth})
+    await dst.execute("migrate-set-parameters", {"tls-creds": "tls0", "tls-authz": "auth0"})
+    for c in (src, dst):
+        await c.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": x, "state": True} for x in ("events", "postcopy-ram", *caps)]})
+    await dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/pc.sock"})
+    await src.execute("migrate", {"uri": f"unix:{tmp_path}/pc.sock"})
+    await wait_for_status(src, {"active"})
+    await src.execute("migrate-start-postcopy")
+    await _wait_postcopy_bytes(src, 1 << 20)
+
+
 @pytest.mark.parametrize("kind,caps", [("x509", ()), ("x509", ("multifd", "postcopy-preempt")), ("psk", ())],
                          ids=["x509", "x509-multifd-preempt", "psk"])
 async def test_postcopy_over_tls_serves_faults_pauses_and_recovers_exact(start_host, tmp_path, kind, caps):
@@ -48,17 +64,7 @@ async def test_postcopy_over_tls_serves_faults_pauses_and_recovers_exact(start_h
         await src.execute("object-add", _creds(kind, tmp_path, "client"))
         await dst.execute("object-add", _creds(kind, tmp_path, "server"))
         await dst.execute("object-add", {"qom-type": "authz-simple", "id": "auth0", "identity": identity})
-        await src.execute("migrate-set-parameters", {"tls-creds": "tls0", "tls-hostname": "localhost",
-                                                     "max-bandwidth": 8 << 20, "max-postcopy-bandwidth": 4 << 20})
-        await dst.execute("migrate-set-parameters", {"tls-creds": "tls0", "tls-authz": "auth0"})
-        for c in (src, dst):
-            await c.execute("migrate-set-capabilities", {"capabilities": [
-                {"capability": x, "state": True} for x in ("events", "postcopy-ram", *caps)]})
-        await dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/pc.sock"})
-        await src.execute("migrate", {"uri": f"unix:{tmp_path}/pc.sock"})
-        await wait_for_status(src, {"active"})
-        await src.execute("migrate-start-postcopy")
-        await _wait_postcopy_bytes(src, 1 << 20)
+        await _postcopy_over_tls(src, dst, tmp_path, caps)
 
         await src.execute("migrate-pause", oob=True)
         await wait_for_status(src, {"postcopy-paused"})
@@ -109,17 +115,7 @@ async def test_a_recovery_from_a_refused_identity_is_turned_away_and_the_right_o
         await dst.execute("object-add", _creds("x509", tmp_path, "server"))
         await dst.execute("object-add", {"qom-type": "authz-list", "id": "auth0", "policy": "deny",
                                          "rules": [{"match": "CN=source.*", "policy": "allow", "format": "glob"}]})
-        await src.execute("migrate-set-parameters", {"tls-creds": "tls0", "tls-hostname": "localhost",
-                                                     "max-bandwidth": 8 << 20, "max-postcopy-bandwidth": 2 << 20})
-        await dst.execute("migrate-set-parameters", {"tls-creds": "tls0", "tls-authz": "auth0"})
-        for c in (src, dst):
-            await c.execute("migrate-set-capabilities", {"capabilities": [
-                {"capability": x, "state": True} for x in ("events", "postcopy-ram")]})
-        await dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/pc.sock"})
-        await src.execute("migrate", {"uri": f"unix:{tmp_path}/pc.sock"})
-        await wait_for_status(src, {"active"})
-        await src.execute("migrate-start-postcopy")
-        await _wait_postcopy_bytes(src, 1 << 20)
+        await _postcopy_over_tls(src, dst, tmp_path, postcopy_bandwidth=2 << 20)
         await dst.execute("migrate-pause", oob=True)
         await wait_for_status(src, {"postcopy-paused"})
         await wait_for_status(dst, {"postcopy-paused"})
