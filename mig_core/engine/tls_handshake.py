@@ -20,6 +20,7 @@ def bounded(channel: Channel, run: Callable[[], Channel], abort_check: Callable[
     """``run()`` (a handshake on ``channel``), aborted after ``timeout`` seconds or once ``abort_check()``;
     ChannelError with the reason (``channel`` closed) if it fails."""
     done = threading.Event()
+    decided = threading.Lock()  # the handshake's end and the watch's abort: whichever comes first counts
     why: list[str] = []
 
     def watch() -> None:
@@ -27,24 +28,32 @@ def bounded(channel: Channel, run: Callable[[], Channel], abort_check: Callable[
         while not done.wait(0.05):
             waited += 0.05
             if abort_check is not None and abort_check():
-                why.append("cancelled during the TLS handshake")
+                reason = "cancelled during the TLS handshake"
             elif waited >= timeout:
-                why.append(f"TLS handshake failed: no answer within {timeout:g} s")
+                reason = f"TLS handshake failed: no answer within {timeout:g} s"
             else:
                 continue
-            channel.abort(why[0])
+            with decided:
+                if not done.is_set():
+                    why.append(reason)
+                    channel.abort(reason)
             return
 
     threading.Thread(target=watch, name="tls-handshake-watch", daemon=True).start()
     try:
-        return run()
+        result = run()
     except BaseException as e:
-        done.set()
+        with decided:
+            done.set()
         channel.close()
         if why:  # whatever the aborted handshake raised, the reason is the abort's
             raise ChannelError(why[0]) from None
         if isinstance(e, ChannelAborted):
             raise ChannelError("the TLS handshake was aborted") from None
         raise
-    finally:
+    with decided:
         done.set()
+    if why:  # aborted just as it ended: the channel is shut, the session unusable
+        channel.close()
+        raise ChannelError(why[0])
+    return result

@@ -93,14 +93,17 @@ class _Session:
             while n := tls.recv_some(buf):
                 self.plain.sendall(buf[:n])
         except ChannelAborted:
+            log.debug("tls_relay_inbound_ended", how="aborted", bytes=tls.bytes_received)
             self._end(None)  # the host side ended first
             return
         except ChannelError as e:
             self._end(str(e))
             self._shut(self.plain, socket.SHUT_RDWR)
             return
-        except OSError:  # the host closed its end: the outbound pump ends the session
+        except OSError as e:  # the host closed its end: the outbound pump ends the session
+            log.debug("tls_relay_inbound_ended", how="host closed", error=str(e), bytes=tls.bytes_received)
             return
+        log.debug("tls_relay_inbound_ended", how="peer ended the session", bytes=tls.bytes_received)
         self._end(None)
         self._shut(self.plain, socket.SHUT_WR)
 
@@ -115,6 +118,7 @@ class _Session:
             self._shut(self.plain, socket.SHUT_RDWR)
         except OSError:
             pass
+        log.debug("tls_relay_outbound_ended", bytes=tls.bytes_sent)
         # the host is done: stop reading from the peer (this wakes the inbound pump), keep sending for the goodbye
         self._shut(self.raw.sock, socket.SHUT_RD)
 

@@ -116,6 +116,7 @@ async def test_a_recovery_from_a_refused_identity_is_turned_away_and_the_right_o
         await dst.execute("object-add", {"qom-type": "authz-list", "id": "auth0", "policy": "deny",
                                          "rules": [{"match": "CN=source.*", "policy": "allow", "format": "glob"}]})
         await _postcopy_over_tls(src, dst, tmp_path, postcopy_bandwidth=2 << 20)
+        await wait_for_status(dst, {"postcopy-active"})  # (a busy destination may still be loading devices)
         await dst.execute("migrate-pause", oob=True)
         await wait_for_status(src, {"postcopy-paused"})
         await wait_for_status(dst, {"postcopy-paused"})
