@@ -301,15 +301,16 @@ class PageServer:
         reader = StreamReader.continuing(channel, [s.block for s in self.states], self.placer)
         self._use(channel)
         log.info("page_server_listening", blocks=len(self.states), pages_coming=self.placer.left)
+        # active before any thread runs: a connection that is already broken pauses it, never the reverse
+        self._set_status(ACTIVE)
         faults = threading.Thread(target=self._serve_faults, name="mig/pc/faults", daemon=True)
         self._threads.append(faults)
         faults.start()
-        self._start_stream(reader)
         if self.preempt_enabled:
             preempt = SocketChannel(socket.socket(fileno=preempt_fd))
             preempt.preload(preempt_buffered or b"")
             self._start_preempt(preempt)
-        self._set_status(ACTIVE)
+        self._start_stream(reader)
 
     def _use(self, channel: Channel) -> None:
         self.channel = channel

@@ -65,6 +65,7 @@ async def test_postcopy_over_tls_serves_faults_pauses_and_recovers_exact(start_h
         await dst.execute("object-add", _creds(kind, tmp_path, "server"))
         await dst.execute("object-add", {"qom-type": "authz-simple", "id": "auth0", "identity": identity})
         await _postcopy_over_tls(src, dst, tmp_path, caps)
+        await wait_for_status(dst, {"postcopy-active"})  # paused after the hand-over to the page server
 
         await src.execute("migrate-pause", oob=True)
         await wait_for_status(src, {"postcopy-paused"})
