@@ -389,11 +389,15 @@ class PageServer:
     def _pause(self, channel: Channel, error: str) -> None:
         """The connection broke (or the user paused): keep every waiter waiting until a recovery."""
         with self.lock:
-            if self.channel is channel:
+            current = self.channel is channel
+            if current:
                 self.rp = None
-            preempt, self.preempt = self.preempt, None
+                preempt, self.preempt = self.preempt, None
         channel.abort("postcopy paused")
         channel.close()
+        if not current:  # a connection a recovery already replaced: the one in use goes on
+            log.info("postcopy_stale_connection_closed", error=error)
+            return
         if preempt is not None:
             preempt.abort("postcopy paused")
             preempt.close()
