@@ -75,10 +75,18 @@ def creds(tmp_path: Path) -> tuple[X509Credentials, X509Credentials]:
 
 
 def _relay_children(listener: TlsListener) -> list[int]:
+    """The relay's forked sessions: processes whose parent is the relay (read from /proc/PID/stat)."""
     assert listener._relay is not None
-    pid = listener._relay.proc.pid
-    out = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [int(p) for p in out]
+    relay = listener._relay.proc.pid
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it ended meanwhile
+        if int(fields[1]) == relay:
+            children.append(int(stat.parent.name))
+    return children
 
 
 def test_a_relayed_session_continues_in_another_process(creds):
