@@ -171,13 +171,19 @@ async def test_wrong_endpoint_and_missing_hostname(start_host, tmp_path):
         await dst.disconnect()
 
 
-async def test_each_refusal_names_its_reason_and_the_destination_waits_for_the_next(start_host, tmp_path):
+@pytest.mark.parametrize("relayed", [False, True], ids=["in-process", "relayed"])
+async def test_each_refusal_names_its_reason_and_the_destination_waits_for_the_next(start_host, tmp_path, relayed):
+    """Relayed: with postcopy-ram the destination's sessions end in the TLS relay, whose refusals read the same."""
     ca = make_pki(tmp_path / "pki")
     make_pki(tmp_path / "foreign", trust=Authority("another CA"))  # a source that trusts another CA
     make_pki(tmp_path / "expired", ca=ca, client_expired=True)
     s, d, src, dst = await pair(start_host, tmp_path, tmp_path / "foreign", tmp_path / "pki",
                                 src_extra={"sanity-check": False})
     try:
+        if relayed:
+            for c in (src, dst):
+                await c.execute("migrate-set-capabilities",
+                                {"capabilities": [{"capability": "postcopy-ram", "state": True}]})
         await dst.execute("object-add", {"qom-type": "authz-list", "id": "auth0", "policy": "deny", "rules": [
             {"match": "CN=*.elsewhere.test,*", "policy": "allow", "format": "glob"}]})
         await dst.execute("migrate-set-parameters", {"tls-authz": "auth0"})
@@ -211,6 +217,7 @@ async def test_each_refusal_names_its_reason_and_the_destination_waits_for_the_n
         # the destination waited through all of it: the right credentials migrate exactly
         await creds(tmp_path / "pki")
         await still_waiting_then_exact(src, dst, port, tmp_path)
+        assert ("tls_relay_started" in d.logs()) == relayed
     finally:
         await src.disconnect()
         await dst.disconnect()
