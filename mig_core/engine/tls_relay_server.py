@@ -163,6 +163,8 @@ def _serve(ctl: ControlConnection, registry: PluginRegistry) -> int:
                     session = _Session(raw, socket.socket(fileno=fds[1]), status)
                     authz = AuthzCheck.from_wire(msg["authz"]) if msg.get("authz") else None
                     code = session.run(creds, authz, float(msg.get("timeout") or HANDSHAKE_TIMEOUT))
+                except BaseException:  # a bug: said before the session ends (os._exit prints nothing)
+                    log.exception("tls_relay_session_crashed")
                 finally:
                     os._exit(code)
         finally:
