@@ -8,7 +8,7 @@ import contextlib
 import numpy as np
 import pytest
 
-from mig_core.testing import connect, ram_digest, wait_for_status
+from mig_core.testing import connect, ram_digest, wait_for_status, wait_postcopy_bytes
 
 RAM = 32 << 20
 WORKLOAD = ("--ram", "32M", "--ram-fill", "random", "--vcpus", "3", "--dirty-rate", "16M")
@@ -123,17 +123,6 @@ async def test_postcopy_running_destination_serves_faults(start_host, tmp_path, 
         await _disconnect(src, dst)
 
 
-async def _wait_postcopy_bytes(src, at_least):
-    import asyncio
-    for _ in range(3000):
-        info = await src.execute("query-migrate")
-        if info["status"] == "postcopy-active" and info["ram"]["postcopy-bytes"] >= at_least:
-            return info
-        assert info["status"] in ("active", "device", "postcopy-active"), info
-        await asyncio.sleep(0.01)
-    raise AssertionError("postcopy made no progress")
-
-
 async def test_postcopy_link_cut_pauses_both_sides_and_recovers_exactly(start_host, tmp_path):
     src_h, dst_h, src, dst = await _pair(start_host, dst_extra=("-S",))
     proxy = None
@@ -147,7 +136,7 @@ async def test_postcopy_link_cut_pauses_both_sides_and_recovers_exactly(start_ho
         with pytest.raises(Exception, match="Cannot resume if there is no paused migration"):
             await src.execute("migrate", {"uri": f"unix:{tmp_path}/r.sock", "resume": True})
         await src.execute("migrate-start-postcopy")
-        await _wait_postcopy_bytes(src, 1 << 20)
+        await wait_postcopy_bytes(src, 1 << 20)
         with pytest.raises(Exception, match="Postcopy migration in progress, cannot cancel."):
             await src.execute("migrate_cancel")
         proxy.cut()
@@ -173,7 +162,7 @@ async def test_migrate_pause_and_recover_twice(start_host, tmp_path):
     try:
         await src.execute("migrate-set-parameters", {"max-postcopy-bandwidth": 4 << 20})
         await _start_postcopy(src, dst, tmp_path, bandwidth=4 << 20)
-        await _wait_postcopy_bytes(src, 1 << 20)
+        await wait_postcopy_bytes(src, 1 << 20)
         for i, pauser in enumerate((src, dst)):
             await pauser.execute("migrate-pause", oob=True)  # out of band: never queued behind other commands
             await wait_for_status(src, {"postcopy-paused"})
@@ -212,7 +201,7 @@ async def test_destination_qmp_answers_while_a_vcpu_waits_on_a_cut_link(start_ho
     try:
         proxy = await _migrate_through_proxy(src, dst, tmp_path, 2 << 20)
         await src.execute("migrate-start-postcopy")
-        await _wait_postcopy_bytes(src, 256 << 10)
+        await wait_postcopy_bytes(src, 256 << 10)
         proxy.cut()
         await wait_for_status(src, {"postcopy-paused"})
         paused = await wait_for_status(dst, {"postcopy-paused"})
@@ -261,7 +250,7 @@ async def test_killed_page_server_fails_the_destination_loudly(start_host, tmp_p
     try:
         await _start_postcopy(src, dst, tmp_path, bandwidth=2 << 20)
         await src.execute("migrate-set-parameters", {"max-postcopy-bandwidth": 2 << 20})
-        await _wait_postcopy_bytes(src, 256 << 10)
+        await wait_postcopy_bytes(src, 256 << 10)
         if while_paused:  # a vCPU then waits on a page that cannot come, which may stop the whole host
             await dst.execute("migrate-pause")
             await wait_for_status(dst, {"postcopy-paused"})
@@ -294,7 +283,7 @@ async def test_killed_source_leaves_the_destination_paused(start_host, tmp_path)
     try:
         await _start_postcopy(src, dst, tmp_path, bandwidth=2 << 20)
         await src.execute("migrate-set-parameters", {"max-postcopy-bandwidth": 2 << 20})
-        await _wait_postcopy_bytes(src, 256 << 10)
+        await wait_postcopy_bytes(src, 256 << 10)
         os.kill(src_h.proc.pid, signal.SIGKILL)
         paused = await wait_for_status(dst, {"postcopy-paused"})
         assert "cannot complete without it" in paused["error-desc"], paused
@@ -311,7 +300,7 @@ async def test_postcopy_after_multifd_precopy(start_host, tmp_path, preempt):
     try:
         await _start_postcopy(src, dst, tmp_path, bandwidth=8 << 20)
         await src.execute("migrate-set-parameters", {"max-postcopy-bandwidth": 4 << 20})
-        info = await _wait_postcopy_bytes(src, 64 << 10)
+        info = await wait_postcopy_bytes(src, 64 << 10)
         assert info["ram"]["multifd-bytes"] > 0, info  # precopy went over the multifd channels
         done = await wait_for_status(src, {"completed", "failed"}, timeout=60)
         assert done["status"] == "completed", done
@@ -364,7 +353,7 @@ async def test_release_ram_forbids_recovery(start_host, tmp_path):
         await src.execute("migrate-set-capabilities", {"capabilities": [{"capability": "release-ram", "state": True}]})
         await src.execute("migrate-set-parameters", {"max-postcopy-bandwidth": 2 << 20})
         await _start_postcopy(src, dst, tmp_path, bandwidth=2 << 20)
-        await _wait_postcopy_bytes(src, 256 << 10)
+        await wait_postcopy_bytes(src, 256 << 10)
         await src.execute("migrate-pause")
         paused = await wait_for_status(src, {"postcopy-paused"})
         assert "cannot resume" in paused["error-desc"], paused

@@ -60,11 +60,15 @@ def destination_listener(objects: ObjectRegistry, params: Mapping[str, Any], cap
     """``listener`` whose connections are admitted by a handshake with ``creds``; with postcopy-ram on when
     a connection arrives (``caps`` is read then) its session ends in the TLS relay, for the page server."""
 
-    def authz() -> AuthzCheck | None:  # read at each connection: an authz set later applies next time
-        current = str(params["tls-authz"])
-        return objects.authz_check(current, creds.identity_kind) if current else None
+    # tls-authz is read at each connection: an authz set later applies next time
+    return TlsListener(listener, creds, lambda: _authz_now(objects, params, creds),
+                       lambda: bool(caps.get(C.POSTCOPY_RAM)))
 
-    return TlsListener(listener, creds, authz, lambda: bool(caps.get(C.POSTCOPY_RAM)))
+
+def _authz_now(objects: ObjectRegistry, params: Mapping[str, Any], creds: ChannelSecurity) -> AuthzCheck | None:
+    """``tls-authz`` as it stands now (None: not set)."""
+    authz_id = str(params["tls-authz"])
+    return objects.authz_check(authz_id, creds.identity_kind) if authz_id else None
 
 
 def recovery_tls(objects: ObjectRegistry, params: Mapping[str, Any], creds_id: str) -> dict[str, Any] | None:
@@ -73,6 +77,5 @@ def recovery_tls(objects: ObjectRegistry, params: Mapping[str, Any], creds_id: s
     if not creds_id:
         return None
     creds = objects.tls_creds(creds_id, "server")
-    authz_id = str(params["tls-authz"])
-    check = objects.authz_check(authz_id, creds.identity_kind) if authz_id else None
+    check = _authz_now(objects, params, creds)
     return {"creds": creds.describe(), "authz": None if check is None else check.to_wire()}

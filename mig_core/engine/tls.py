@@ -28,6 +28,7 @@ from mig_core.schema.sockets import InetSocketAddress, SocketAddress, SocketAddr
 
 log = structlog.get_logger("mig.tls")
 
+
 def address_hostname(addr: MigrationAddress) -> str | None:
     """The host a tcp address names (the certificate must match it), None for the others."""
     if addr.tag is MigrationAddressType.SOCKET:

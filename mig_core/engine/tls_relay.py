@@ -37,8 +37,6 @@ from mig_core.ext.channel import Buffer, SocketChannel
 
 log = structlog.get_logger("mig.tls.relay")
 
-#: Bytes moved per call in each direction.
-PUMP_CHUNK = 256 << 10
 #: Send buffer of each end of the plain socket pair: a unix socket's default (208 KiB) makes the relay and
 #: the host take turns every few records; the kernel caps it at net.core.wmem_max.
 PLAIN_BUFFER = 4 << 20
@@ -46,7 +44,8 @@ PLAIN_BUFFER = 4 << 20
 ENDING_WAIT_S = 5.0
 
 
-def _readable(sock: socket.socket, timeout_s: float) -> bool:
+def readable(sock: socket.socket, timeout_s: float) -> bool:
+    """Whether ``sock`` has something to read (or its peer closed it) within ``timeout_s`` seconds."""
     poller = select.poll()
     poller.register(sock, select.POLLIN | select.POLLHUP)
     return bool(poller.poll(int(timeout_s * 1000)))
@@ -70,7 +69,7 @@ class RelayedChannel(SocketChannel):
             if not self._ending:
                 error = None
                 try:
-                    if _readable(self._status.sock, ENDING_WAIT_S):
+                    if readable(self._status.sock, ENDING_WAIT_S):
                         msg, _ = self._status.recv()
                         error = msg.get("error") if msg["op"] == "ended" else None
                 except (ControlClosed, OSError):
@@ -81,23 +80,25 @@ class RelayedChannel(SocketChannel):
     def _sendv(self, buffers: Sequence[Buffer]) -> int:
         try:
             return super()._sendv(buffers)
-        except ChannelAborted:
-            raise
         except ChannelError as e:
-            raise ChannelError(self.relay_error() or str(e)) from None
+            raise self._with_reason(e) from None
 
     def _recv_into(self, view: memoryview) -> int:
         try:
             n = super()._recv_into(view)
-        except ChannelAborted:
-            raise
         except ChannelError as e:
-            raise ChannelError(self.relay_error() or str(e)) from None
+            raise self._with_reason(e) from None
         if n == 0 and self.abort_reason is None:
             error = self.relay_error()
             if error:
                 raise ChannelError(error)
         return n
+
+    def _with_reason(self, e: ChannelError) -> ChannelError:
+        """A failed send or receive, with the relay's reason where it gave one (an abort stays an abort)."""
+        if isinstance(e, ChannelAborted):
+            return e
+        return ChannelError(self.relay_error() or str(e))
 
     def close(self) -> None:
         super().close()
@@ -153,7 +154,7 @@ class RelayProcess:
     @staticmethod
     def _verdict(status: ControlConnection, abort_check: Callable[[], bool]) -> dict[str, Any]:
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT + ENDING_WAIT_S  # the child times out first
-        while not _readable(status.sock, 0.05):
+        while not readable(status.sock, 0.05):
             if abort_check():
                 raise ChannelError("cancelled during the TLS handshake")
             if time.monotonic() > deadline:

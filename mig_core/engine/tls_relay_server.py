@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import socket
 import sys
@@ -24,6 +23,7 @@ import structlog
 
 from mig_core.engine.postcopy.ipc import ControlClosed, ControlConnection
 from mig_core.engine.tls_handshake import HANDSHAKE_TIMEOUT, bounded
+from mig_core.engine.tls_relay import readable
 from mig_core.errors import ChannelAborted, ChannelError, MigError
 from mig_core.ext.authz import AuthzCheck
 from mig_core.ext.channel import Channel, SocketChannel
@@ -46,9 +46,7 @@ def _tell(status: ControlConnection, msg: dict[str, Any]) -> None:
 
 def _host_gave_up(status: ControlConnection) -> bool:
     """Before the verdict the host sends nothing: its end readable means it closed it."""
-    poller = select.poll()
-    poller.register(status.sock, select.POLLIN | select.POLLHUP)
-    return bool(poller.poll(0))
+    return readable(status.sock, 0)
 
 
 class _Session:

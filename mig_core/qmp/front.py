@@ -36,10 +36,11 @@ from typing import Any
 import structlog
 
 from mig_core.engine.postcopy.ipc import ControlClosed, ControlConnection
+from mig_core.ext.channel_security import from_description
 from mig_core.logconfig import configure_logging
 from mig_core.plugin.registry import PluginNotFound, PluginRegistry
 from mig_core.qmp.framing import JsonInputError, JsonStreamer
-from mig_core.qmp.monitor_tls import bridge, context_from
+from mig_core.qmp.monitor_tls import bridge
 
 log = structlog.get_logger("mig.qmp.front")
 
@@ -321,7 +322,7 @@ class Front:
             context = None
             if msg.get("tls") is not None:  # a TLS monitor: the session ends in this process, as the client's does
                 try:
-                    context = context_from(msg["tls"], PluginRegistry.from_environment())
+                    context = from_description(PluginRegistry.from_environment(), msg["tls"]).stream_context()
                 except (ValueError, OSError, PluginNotFound) as e:
                     log.error("front_tls_unavailable", error=str(e))
                     sock.close()

@@ -13,15 +13,13 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
 from mig_core.errors import ChannelError, QMPError
-from mig_core.ext.channel_security import Authorize, ChannelSecurity, from_description
-from mig_core.plugin.registry import PluginRegistry
+from mig_core.ext.channel_security import Authorize, ChannelSecurity
 
 if TYPE_CHECKING:
     from mig_core.control.objects import ObjectRegistry
@@ -58,10 +56,6 @@ class MonitorTls:
             raise ValueError(e.desc) from None
         return cls(creds, creds.stream_context(), authorize, addr.tls_authz)
 
-    def describe(self) -> dict[str, Any]:
-        """What the front process needs to build the same context (it loads the same plugin)."""
-        return self.creds.describe()
-
     def admit(self, peer: bytes | None) -> bool:
         """Whether the client whose certificate is ``peer`` may use the monitor (tls-authz); logs a refusal."""
         if self.authorize is None:
@@ -87,11 +81,6 @@ class MonitorTls:
             inner.close()
             return None
         return inner
-
-
-def context_from(description: Mapping[str, Any], registry: PluginRegistry) -> ssl.SSLContext:
-    """The front process's copy of a monitor's TLS context (``MonitorTls.describe``)."""
-    return from_description(registry, description).stream_context()
 
 
 async def bridge(conn: socket.socket, context: ssl.SSLContext) -> tuple[socket.socket, bytes | None]:

@@ -403,7 +403,7 @@ class QMPServer:
             self.manager.monitor_objects.update(filter(None, (addr.tls_creds, addr.tls_authz)))
         if self.front:
             self._start_front().send({"op": "listener", "index": index,
-                                      "tls": tls.describe() if tls is not None else None}, [sock.fileno()])
+                                      "tls": tls.creds.describe() if tls is not None else None}, [sock.fileno()])
             sock.close()  # the front accepts; this process gets each client over its control connection
         else:
             self._listeners.append(sock)

@@ -171,6 +171,22 @@ async def wait_for_status(client: QMPClient, states: set[str] | tuple[str, ...],
         await asyncio.sleep(0.02)
 
 
+async def wait_postcopy_bytes(client: QMPClient, at_least: int, timeout: float = 30.0) -> dict[str, Any]:
+    """Poll the source's ``query-migrate`` until it is in ``postcopy-active`` with at least ``at_least``
+    postcopy bytes sent; return that reply. Any status but the way there fails at once."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        info = cast(dict[str, Any], await client.execute("query-migrate"))
+        if info["status"] == "postcopy-active" and info["ram"]["postcopy-bytes"] >= at_least:
+            return info
+        assert info["status"] in ("active", "device", "postcopy-active"), info
+        if time.monotonic() > deadline:
+            raise AssertionError(f"postcopy made no progress in {timeout:g} s: {info}")
+        await asyncio.sleep(0.01)
+
+
 async def migrate_and_wait(client: QMPClient, arguments: dict[str, Any],
                            states: tuple[str, ...] = ("completed", "failed", "cancelled"),
                            timeout: float = 600.0) -> dict[str, Any]:

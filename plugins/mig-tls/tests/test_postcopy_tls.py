@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 from mig_tls.testing import make_pki
 
-from mig_core.testing import connect, qmp_error, ram_digest, wait_for_status, wait_until_async
+from mig_core.testing import (
+    connect,
+    qmp_error,
+    ram_digest,
+    wait_for_status,
+    wait_postcopy_bytes,
+    wait_until_async,
+)
 
 RAM = 32 << 20
 WORKLOAD = ("--ram", "32M", "--ram-fill", "random", "--vcpus", "3", "--dirty-rate", "16M")
@@ -21,17 +28,6 @@ def _creds(kind: str, tmp_path, endpoint: str) -> dict:
     if kind == "x509":
         return {"qom-type": "tls-creds-x509", "id": "tls0", "dir": str(tmp_path / "pki"), "endpoint": endpoint}
     return {"qom-type": "tls-creds-psk", "id": "tls0", "dir": str(tmp_path / "psk"), "endpoint": endpoint}
-
-
-async def _wait_postcopy_bytes(src, at_least: int) -> None:
-    import asyncio
-    for _ in range(3000):
-        info = await src.execute("query-migrate")
-        if info["status"] == "postcopy-active" and info["ram"]["postcopy-bytes"] >= at_least:
-            return
-        assert info["status"] in ("active", "device", "postcopy-active"), info
-        await asyncio.sleep(0.01)
-    raise AssertionError("postcopy made no progress")
 
 
 async def _postcopy_over_tls(src, dst, tmp_path, caps=(), postcopy_bandwidth=4 << 20) -> None:
@@ -47,7 +43,7 @@ async def _postcopy_over_tls(src, dst, tmp_path, caps=(), postcopy_bandwidth=4 <
     await src.execute("migrate", {"uri": f"unix:{tmp_path}/pc.sock"})
     await wait_for_status(src, {"active"})
     await src.execute("migrate-start-postcopy")
-    await _wait_postcopy_bytes(src, 1 << 20)
+    await wait_postcopy_bytes(src, 1 << 20)
 
 
 @pytest.mark.parametrize("kind,caps", [("x509", ()), ("x509", ("multifd", "postcopy-preempt")), ("psk", ())],
