@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import block, checksums, convergence, machine, migration, multifd, postcopy, qemu, snapshot, tls
+from benchmarks import block, checksums, colo, convergence, machine, migration, multifd, postcopy, qemu, snapshot, tls
 from mig_core.logconfig import configure_logging
 
 
@@ -24,7 +24,7 @@ def _cpu() -> str:
 def main() -> None:
     configure_logging(level=os.environ.get("MIG_LOG_LEVEL", "warning"))
     which = sys.argv[1:] or ["machine", "migration", "convergence", "multifd", "postcopy", "snapshot", "block",
-                             "tls", "checksums", "qemu"]
+                             "tls", "checksums", "colo", "qemu"]
     print(f"machine: {_cpu()}\n")
     if "machine" in which:
         data_path()
@@ -42,6 +42,8 @@ def main() -> None:
         tls.main()
     if "checksums" in which:
         checksums.main()
+    if "colo" in which:
+        colo.main()
     if "qemu" in which:
         qemu.main()
     if "convergence" in which:

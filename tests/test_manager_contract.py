@@ -9,7 +9,7 @@ from mig_core.qmp.dispatch import SESSION_COMMANDS
 from mig_core.schema.commands import COMMANDS
 
 #: Declared in the schema, answered with CommandNotFound until their machinery lands (docs/qmp-reference.md).
-NOT_SERVED_YET = {"x-colo-lost-heartbeat", "query-colo-status"}
+NOT_SERVED_YET: set[str] = set()
 #: Commands whose handler also receives the session's passed descriptors.
 SESSION_FD_COMMANDS = {"getfd", "closefd"}
 

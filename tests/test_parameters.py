@@ -12,7 +12,8 @@ DEFAULTS = {
     "throttle-trigger-threshold": 50, "cpu-throttle-initial": 20, "cpu-throttle-increment": 10,
     "cpu-throttle-tailslow": False, "tls-creds": "", "tls-hostname": "", "tls-authz": "",
     "max-bandwidth": 134217728, "avail-switchover-bandwidth": 0, "downtime-limit": 300,
-    "x-checkpoint-delay": 20000, "multifd-channels": 2, "xbzrle-cache-size": 67108864,
+    "x-checkpoint-delay": 20000, "x-colo-heartbeat-timeout": 800, "x-colo-compare-limit": 4096,
+    "multifd-channels": 2, "xbzrle-cache-size": 67108864,
     "max-postcopy-bandwidth": 0, "max-cpu-throttle": 99, "multifd-compression": "none",
     "multifd-zlib-level": 1, "multifd-zstd-level": 1, "x-vcpu-dirty-limit-period": 1000,
     "vcpu-dirty-limit": 1, "mode": "normal", "zero-page-detection": "multifd", "direct-io": False,
@@ -37,6 +38,8 @@ BOUNDS = [
     ("x-vcpu-dirty-limit-period", 1, 1000,
      "Parameter 'x-vcpu-dirty-limit-period' expects a value between 1 and 1000"),
     ("vcpu-dirty-limit", 1, (1 << 64) - 1, "Parameter 'vcpu_dirty_limit' must be greater than 1 MB/s"),
+    ("x-colo-heartbeat-timeout", 0, 60000, "Parameter 'x-colo-heartbeat-timeout' expects a value between 0 and 60000"),
+    ("x-colo-compare-limit", 1, 1048576, "Parameter 'x-colo-compare-limit' expects a value between 1 and 1048576"),
     ("max-cpu-throttle", 20, 99,
      "Parameter 'max_cpu_throttle' expects an integer in the range of cpu_throttle_initial to 99"),
     ("max-bandwidth", 0, (1 << 64) - 1, None),
@@ -63,10 +66,10 @@ async def expect_error(qmp, args, desc):
 async def test_defaults_and_every_member(qmp):
     params = await qmp.execute("query-migrate-parameters")
     assert params == DEFAULTS
-    assert len(PARAMETERS) == 28
+    assert len(PARAMETERS) == 30
     await qmp.execute("migrate-set-parameters", {"block-bitmap-mapping": []})
     params = await qmp.execute("query-migrate-parameters")
-    assert params["block-bitmap-mapping"] == [] and len(params) == 28
+    assert params["block-bitmap-mapping"] == [] and len(params) == 30
 
 
 @pytest.mark.parametrize("name,lo,hi,error", BOUNDS, ids=[b[0] for b in BOUNDS])

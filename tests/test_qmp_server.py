@@ -60,7 +60,7 @@ async def test_qemu_qmp_client_drives_every_issue_command(host):
     caps = await client.execute("query-migrate-capabilities")
     assert len(caps) == 23 and not any(c["state"] for c in caps)  # QEMU's 22 and mig's x-checksums
     params = await client.execute("query-migrate-parameters")
-    assert len(params) == 27  # 28 parameters; block-bitmap-mapping only once set
+    assert len(params) == 29  # 30 parameters (2 mig's own); block-bitmap-mapping only once set
     assert await client.execute("migrate_cancel") == {}  # nothing runs: silently succeeds
     await client.execute("stop")
     assert await client.execute("query-status") == {"running": False, "status": "paused"}

@@ -83,7 +83,8 @@ def test_a_failed_destination_and_an_unexpected_page_request_end_the_migration()
     source, dest, _pings, channels = ends()
     source.start()
     dest.send(RequestPages("pc.ram", 0, 4096))
-    with pytest.raises(MigrationFailed, match=r"return path: unexpected RequestPages \(postcopy is not running\)"):
+    with pytest.raises(MigrationFailed,
+                       match=r"return path: unexpected RequestPages \(neither postcopy nor COLO is running\)"):
         source.await_end(lambda: None)
     for ch in channels:
         ch.close()

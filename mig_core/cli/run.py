@@ -27,6 +27,7 @@ from mig_core.machine.reference_host import (
     parse_ram,
     parse_size,
 )
+from mig_core.machine.reference_output import LineSink, OutputDevice, parse_output
 from mig_core.qapi.visitor import QapiInputError, from_qmp
 from mig_core.qmp.address import parse_monitor_address
 from mig_core.qmp.server import QMPServer
@@ -111,6 +112,10 @@ def _rates(_ctx: click.Context, param: click.Parameter, value: str) -> list[int]
 @click.option("--tcp-user-timeout", type=click.FloatRange(0.001, 3600), default=30.0, metavar="SECONDS",
               help="How long a migration's TCP connection may go unacknowledged before it counts as dead "
                    "(a dead link fails the migration after this long).")
+@click.option("--output", "output", metavar="PATH[,rate=N][,diverge=P]",
+              help="Emit N messages a second that follow from the machine's state (100 by default; a share P "
+                   "of them mixes in randomness); released ones are appended to PATH, one per line (under "
+                   "COLO only once both sides agree).")
 @click.option("--drive", "drives", multiple=True,
               metavar="node-name=N,file=PATH[,size=S][,write-rate=R][,migrate=on]",
               help="A block node backed by PATH (created or grown to S bytes): block-dirty-bitmap-* track what is "
@@ -121,7 +126,7 @@ def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: boo
         paused: bool, incoming: str | None, uuid: str | None, postcopy_prefetch: int, dirty_tracker: str | None,
         caps: tuple[str, ...], params: tuple[str, ...], flight_dir: str | None, no_flight_record: bool,
         snapshot_dirs: tuple[str, ...], blockers: tuple[str, ...], failover: tuple[str, ...],
-        tcp_user_timeout: float, drives: tuple[str, ...], objects: tuple[str, ...]) -> None:
+        tcp_user_timeout: float, drives: tuple[str, ...], objects: tuple[str, ...], output: str | None) -> None:
     """Run the reference host serving QMP until 'quit' or a signal."""
     if len(dirty_rate) not in (1, vcpus):  # type: ignore[arg-type]
         raise click.BadParameter(f"give one rate or {vcpus} (one per vCPU)", param_hint="--dirty-rate")
@@ -157,6 +162,15 @@ def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: boo
     machine.add_device(device)
     for text in failover:
         machine.add_device(_failover_primary(machine, text))
+    output_device = None
+    if output is not None:
+        try:
+            out_spec = parse_output(output)
+            machine.output.set_sink(LineSink(out_spec.path))
+        except (ValueError, OSError) as e:
+            raise click.BadParameter(str(e), param_hint="--output") from None
+        output_device = OutputDevice(out_spec.rate, out_spec.diverge)
+        machine.add_device(output_device)
     for reason in blockers:
         if not reason.strip():
             raise click.BadParameter("a migration blocker needs a reason", param_hint="--migration-blocker")
@@ -193,7 +207,7 @@ def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: boo
         # arm the tracker now: migrations then start without that cost (or mig blocks them, saying why)
         if not machine.start_tracking():
             log.warning("dirty_tracking_unavailable", blocked_reasons=machine.blockers.reasons(MigMode.NORMAL))
-    workload = Workload(machine, rates, device, drive_rates)
+    workload = Workload(machine, rates, device, drive_rates, output_device)
 
     def incoming_failed(error: str, exit_on_error: bool) -> None:
         if exit_on_error:

@@ -51,6 +51,12 @@ def check_capabilities(caps: dict[C, bool], addr: MigrationAddress) -> None:
         raise QMPError(f"Postcopy needs a socket transport (tcp, unix, vsock or fd): the {addr.tag.value} "
                        "transport has no return path another process can continue")
     if caps[C.X_COLO]:
-        raise QMPError(f"mig cannot migrate with capability {C.X_COLO.value} yet")
+        # a checkpoint is one stream with the replies on its return path: no second connection, no
+        # page server, no file; and its pages are plain (the secondary loads them into its cache)
+        for other in (C.POSTCOPY_RAM, C.MULTIFD, C.MAPPED_RAM, C.X_CHECKSUMS):
+            if caps[other]:
+                raise QMPError(f"mig cannot combine {C.X_COLO.value} with {other.value} yet")
+        if addr.tag is MigrationAddressType.FILE:
+            raise QMPError("COLO needs a connection with a return path: the file transport has none")
     if caps[C.X_IGNORE_SHARED] and caps[C.MAPPED_RAM]:
         raise QMPError("mig cannot combine x-ignore-shared with mapped-ram yet")

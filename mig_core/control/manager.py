@@ -19,6 +19,7 @@ from mig_core.control import tls as tls_policy
 from mig_core.control.advice import Advisor, verdict
 from mig_core.control.autopilot import Autopilot
 from mig_core.control.block_nodes import BlockNodeCommands
+from mig_core.control.colo import ColoCommands
 from mig_core.control.dirty_log import GlobalDirtyLog
 from mig_core.control.events import EventEmitter
 from mig_core.control.flight_recorder import FlightRecorder
@@ -26,6 +27,7 @@ from mig_core.control.jobs import JobRegistry
 from mig_core.control.objects import ObjectRegistry
 from mig_core.control.snapshots import IN_PROGRESS, Snapshots
 from mig_core.control.status import POSTCOPY_STATES, RUNNING_STATES, Side, StatusMachine
+from mig_core.engine.colo.state import ColoState
 from mig_core.engine.context import EngineContext
 from mig_core.engine.dirtylimit import DirtyLimiter
 from mig_core.engine.dirtyrate import DirtyRateMeter
@@ -43,6 +45,7 @@ from mig_core.plugin.registry import PluginRegistry
 from mig_core.qapi import UNSET, to_qmp
 from mig_core.schema import parameters as parameter_decls
 from mig_core.schema.commands import (
+    ColoExitEventData,
     MigrateArgs,
     MigrateContinueArgs,
     MigrateIncomingArgs,
@@ -145,6 +148,12 @@ class MigrationManager:
         #: xen-set-global-dirty-log: a consumer of the dirty tracker while the log is on
         self.global_dirty_log = GlobalDirtyLog(self.machine)
         self.snapshots = Snapshots(self)
+        #: COLO: failover status and figures, shared with the COLO thread of either side
+        self.colo = ColoState(lambda mode, reason: self.events.emit("COLO_EXIT",
+                                                                    ColoExitEventData(mode=mode, reason=reason)))
+        self.colo_commands = ColoCommands(self.colo, lambda: self.source.state, lambda: self.destination.state,
+                                          lambda: int(self.params["x-colo-compare-limit"]), lambda: self.error_desc,
+                                          self.migrate_cancel)
         self.machine.blockers.running = self._what_runs
         self.machine.blockers.fail_running = self._blocked_while_running
 
@@ -183,7 +192,7 @@ class MigrationManager:
         self.hooks.status_changed(side, old, new, self.migration_id)
 
     def _on_runstate(self, old: RunState, new: RunState, running: bool) -> None:
-        was_running = old in (RunState.RUNNING, RunState.COLO)
+        was_running = old is RunState.RUNNING
         if was_running and not running:
             self.events.emit("STOP")
         elif running and not was_running:
@@ -302,7 +311,10 @@ class MigrationManager:
         with self._lock:
             ctx = params_mod.CheckContext(caps=self.caps, registry=self.registry)
             self.params = params_mod.merge(self.params, args, ctx)
-        log.info("parameters_set", changed=sorted(to_qmp(args)))
+        changed = sorted(to_qmp(args))
+        log.info("parameters_set", changed=changed)
+        if "x-checkpoint-delay" in changed and self.source.state is S.COLO:  # QEMU: a checkpoint now
+            self.colo.checkpoint_now("request")
 
     # -- QMP: migration status -------------------------------------------------------
 
@@ -356,7 +368,7 @@ class MigrationManager:
                 capabilities=lambda: caps, parameters=lambda: self.params, set_error=self.set_error,
                 hooks=self.hooks, registry=self.registry, global_state=self.global_state,
                 pass_completed=self.migration_pass, dirty_limiter=self.dirty_limiter,
-                postcopy_prefetch_pages=self.postcopy_prefetch_pages,
+                postcopy_prefetch_pages=self.postcopy_prefetch_pages, colo=self._colo_state(),
                 device_unplugged=lambda device_id: self.events.emit("UNPLUG_PRIMARY",
                                                                     UnplugPrimaryEventData(device_id=device_id)))
         return EngineContext(
@@ -364,8 +376,11 @@ class MigrationManager:
             capabilities=lambda: self.caps, parameters=lambda: self.params, set_error=self.set_error,
             hooks=self.hooks, registry=self.registry, global_state=self.global_state,
             listener_closed=self._incoming_listener_closed, incoming_failed=self._incoming_failed,
-            front_link=self.front_link,
+            front_link=self.front_link, colo=self._colo_state(),
             recovery_tls=lambda: tls_policy.recovery_tls(self.objects, self.params, self._tls_destination_creds))
+
+    def _colo_state(self) -> ColoState | None:
+        return self.colo if self.replication_available() else None
 
     # -- QMP: migrate --------------------------------------------------------------------
 
@@ -430,6 +445,9 @@ class MigrationManager:
                     raise QMPError("Cannot use background snapshot with CPR")
                 if self.caps[C.X_COLO]:
                     raise QMPError("Cannot use COLO with CPR")
+            if self.caps[C.X_COLO] and self.machine.block_nodes:
+                raise QMPError(f"mig cannot replicate block nodes with COLO yet (node "
+                               f"'{next(iter(self.machine.block_nodes))}')")
             if self.caps[C.XBZRLE]:
                 self._check_xbzrle_cache()
             if self.caps[C.MULTIFD]:  # the plugin may have gone since migrate-set-parameters
@@ -694,6 +712,24 @@ class MigrationManager:
 
     def xen_set_global_dirty_log(self, args: Any) -> None:
         self.global_dirty_log.set(bool(args.enable))
+
+    def x_colo_lost_heartbeat(self) -> None:
+        self.colo_commands.lost_heartbeat()
+
+    def query_colo_status(self) -> Any:
+        return self.colo_commands.status()
+
+    def xen_set_replication(self, args: Any) -> None:
+        self.colo_commands.set_replication(args)
+
+    def query_xen_replication_status(self) -> Any:
+        return self.colo_commands.replication_status()
+
+    def xen_colo_do_checkpoint(self) -> None:
+        self.colo_commands.checkpoint()
+
+    def x_query_colo_stats(self) -> Any:
+        return self.colo_commands.stats()
 
     def x_query_migration_record(self) -> Any:
         return self.recorder.records()

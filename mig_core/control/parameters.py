@@ -139,6 +139,7 @@ CHECKS = (
     _xbzrle_cache_size, _max_cpu_throttle, _range("announce-initial"), _range("announce-max"),
     _range("announce-rounds"), _range("announce-step"), _bitmap_mapping, _zero_copy, _mapped_ram,
     _range("x-vcpu-dirty-limit-period"), _range("vcpu-dirty-limit"), _direct_io,
+    _range("x-colo-heartbeat-timeout"), _range("x-colo-compare-limit"),  # mig's own, after QEMU's
 )
 """QEMU's order (migrate_params_check); the first failure wins."""
 

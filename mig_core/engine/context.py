@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from mig_core.engine.colo.state import ColoState
 from mig_core.engine.dirtylimit import DirtyLimiter
 from mig_core.engine.globalstate import GlobalState
 from mig_core.machine.machine import Machine
@@ -76,6 +77,8 @@ class EngineContext:
     #: The TLS a postcopy page server's migrate-recover listener uses: the destination's credentials
     #: (described) and tls-authz, taken at the switch (None: the destination does not use TLS).
     recovery_tls: Callable[[], dict[str, Any] | None] = lambda: None
+    #: COLO's failover status and figures, shared with the control plane (None: this host has no COLO)
+    colo: ColoState | None = None
 
     def capability(self, cap: MigrationCapability) -> bool:
         return bool(self.capabilities().get(cap, False))

@@ -17,6 +17,7 @@ import structlog
 
 from mig_core.engine import dirty_bitmaps, link_probe
 from mig_core.engine.announce import start_announce
+from mig_core.engine.colo.secondary import ColoSecondary
 from mig_core.engine.context import EngineContext
 from mig_core.engine.link_probe import PROBE_MAGIC
 from mig_core.engine.multifd_recv import MultifdReceiver
@@ -24,7 +25,7 @@ from mig_core.engine.postcopy.destination import PostcopyIncoming
 from mig_core.engine.return_path import DestinationReturnPath, Loaded, Message, Pong, Shut
 from mig_core.engine.switchover_ack import SwitchoverApprovals
 from mig_core.errors import MigError
-from mig_core.ext import compressor
+from mig_core.ext import compressor, replication
 from mig_core.ext.channel import Channel, ChannelAborted, ChannelEOF, ChannelError
 from mig_core.machine.device import DeviceSection, PendingStates
 from mig_core.memory.ram import RAMBlock
@@ -75,6 +76,8 @@ class IncomingMigration:
         self.announce: threading.Thread | None = None
         #: x-ignore-shared: blocks this host maps from the same file as the source (never sent, never dropped)
         self.ignored: set[str] = set()
+        #: the source's CONFIG asked for COLO (x-colo): after the load this side becomes the secondary
+        self.colo = False
         self.thread = threading.Thread(target=self._run, name="mig/dst/main", daemon=True)
 
     def start(self) -> None:
@@ -249,6 +252,10 @@ class IncomingMigration:
             self.postcopy.close()
             self.postcopy = None
         self._drop_unsent(placer)
+        if self.colo:
+            assert self.ctx.colo is not None
+            ColoSecondary(self, self.ctx.colo).run()
+            return
         self._start_machine()
         if self.return_path is not None:
             self.return_path.send(Loaded())
@@ -382,6 +389,13 @@ class IncomingMigration:
                     log.warning("uuid_not_validated", reason="this host has no uuid", received=source_uuid)
                 elif local != source_uuid:
                     raise StreamError(f"UUID received is {source_uuid} and local is {local}")
+            if cfg.get(C.X_COLO.value):
+                if not caps[C.X_COLO]:
+                    raise StreamError("ENABLE_COLO command come in migration stream, but x-colo capability is not set")
+                if self.ctx.colo is None or "colo" not in self.ctx.registry.names(replication.GROUP):
+                    raise StreamError("ENABLE_COLO command come in migration stream, but the replication module "
+                                      "is not built in")
+                self.colo = True
             self.ignored = check_ignored_blocks(cfg.get("ignored-blocks") or {}, self.machine.blocks)
             advise = cfg.get("postcopy-advise")
             if advise is not None:
@@ -443,7 +457,7 @@ class IncomingMigration:
     def _fail(self, error: str) -> None:
         self.ctx.set_error(error)
         state = self.status.state
-        if state in (S.SETUP, S.ACTIVE, S.POSTCOPY_ACTIVE):
+        if state in (S.SETUP, S.ACTIVE, S.POSTCOPY_ACTIVE, S.COLO):
             self.status.cas(state, S.FAILED)
         self._tell_source(Shut(1))
         log.error("incoming_failed", error=error)

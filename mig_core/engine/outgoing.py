@@ -19,6 +19,7 @@ import numpy as np
 import structlog
 
 from mig_core.engine import dirty_bitmaps
+from mig_core.engine.colo.primary import CancelRequested, ColoPrimary
 from mig_core.engine.context import EngineContext
 from mig_core.engine.convergence import ConvergenceTrigger
 from mig_core.engine.device_iteration import DeviceIteration
@@ -93,6 +94,8 @@ class OutgoingMigration:
         self.limiter = RateLimiter(params()["max-bandwidth"])
         self.thread = threading.Thread(target=self._run, name="live_migration", daemon=True)
         self.return_path: SourceReturnPath | None = None
+        #: x-colo: the primary's side once the initial migration reached its end
+        self.colo: ColoPrimary | None = None
         self._consumer: DirtyConsumer | None = None
         #: pages the destination may hold non-zero (so a page that becomes zero must be sent as zero)
         self._sent_nonzero = {b.name: np.zeros(b.npages, dtype=bool) for b in self.machine.blocks}
@@ -180,6 +183,8 @@ class OutgoingMigration:
     def cancel(self) -> None:
         """Unblock whatever the migration thread waits on; it then ends as cancelled."""
         self.cancel_requested.set()
+        if self.colo is not None and self.colo.cancel():  # COLO runs: ended on purpose, the secondary told
+            return
         self.continue_event.set()
         if self.return_path is not None:
             self.return_path.wake()
@@ -216,6 +221,8 @@ class OutgoingMigration:
                 self._iterate()
                 if self._unsent is not None:
                     self._postcopy()
+                elif self.caps[C.X_COLO]:
+                    self._colo()
                 else:
                     self._complete()
         except Cancelled:
@@ -315,11 +322,13 @@ class OutgoingMigration:
             "switchover-ack": self.caps[C.SWITCHOVER_ACK],
             # QEMU's POSTCOPY_ADVISE, carried in CONFIG: the destination reads it before any page
             "postcopy-advise": postcopy_wire.advise(self.machine.blocks) if self.caps[C.POSTCOPY_RAM] else None,
+            "x-colo": self.caps[C.X_COLO],
             "multifd": ({"channels": self.ctx.parameter("multifd-channels"),
                          "compression": str(self.ctx.parameter("multifd-compression"))}
                         if self.caps[C.MULTIFD] else None),
         })
-        if self.caps[C.RETURN_PATH] or self.caps[C.POSTCOPY_RAM]:  # postcopy always has a return path
+        # postcopy always has a return path; COLO's replies and the secondary's output travel on it
+        if self.caps[C.RETURN_PATH] or self.caps[C.POSTCOPY_RAM] or self.caps[C.X_COLO]:
             self.writer.write_command(Command.OPEN_RETURN_PATH)
             writer = self.writer
             self.return_path = SourceReturnPath(self.channel, lambda token: writer.write_command(Command.PING, token))
@@ -615,6 +624,18 @@ class OutgoingMigration:
 
     def _complete(self) -> None:
         complete_precopy(self)
+
+    # -- COLO -------------------------------------------------------------------------
+
+    def _colo(self) -> None:
+        """x-colo: end the initial migration in ``colo`` and keep the destination in step (engine/colo)."""
+        assert self.ctx.colo is not None
+        primary = self.colo = ColoPrimary(self, self.ctx.colo)
+        try:
+            primary.complete_into_colo()
+            primary.run()
+        except CancelRequested:
+            raise Cancelled() from None
 
     # -- postcopy ---------------------------------------------------------------------
 

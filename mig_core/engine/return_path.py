@@ -76,7 +76,27 @@ class SwitchoverAck:
     """The destination agrees to switch over (the ``switchover-ack`` capability)."""
 
 
-Message = Pong | Loaded | Shut | RequestPages | ReceivedBitmap | ResumeAck | SwitchoverAck
+@dataclass(frozen=True)
+class ColoReply:
+    """COLO: the secondary's COLOMessage (checkpoint-ready, -reply, vmstate-received, -loaded) by number."""
+
+    value: int
+
+
+@dataclass(frozen=True)
+class ColoOutput:
+    """COLO: a message the secondary's program emitted, for the primary to compare with its own."""
+
+    packet: bytes
+
+
+@dataclass(frozen=True)
+class ColoHeartbeat:
+    """COLO: the secondary is alive."""
+
+
+ColoTraffic = ColoReply | ColoOutput | ColoHeartbeat
+Message = Pong | Loaded | Shut | RequestPages | ReceivedBitmap | ResumeAck | SwitchoverAck | ColoTraffic
 
 
 def encode(msg: Message) -> tuple[Command, object]:
@@ -93,6 +113,12 @@ def encode(msg: Message) -> tuple[Command, object]:
         return Command.RP_RECV_BITMAP, [msg.block, msg.bitmap]
     if isinstance(msg, ResumeAck):
         return Command.RP_RESUME_ACK, msg.value
+    if isinstance(msg, ColoReply):
+        return Command.RP_COLO_MESSAGE, msg.value
+    if isinstance(msg, ColoOutput):
+        return Command.RP_COLO_OUTPUT, msg.packet
+    if isinstance(msg, ColoHeartbeat):
+        return Command.RP_COLO_HEARTBEAT, None
     return Command.RP_SWITCHOVER_ACK, None
 
 
@@ -123,6 +149,14 @@ def decode(item: CommandReceived) -> Message:
         return ResumeAck(_int(arg, "RESUME_ACK"))
     if cmd is Command.RP_SWITCHOVER_ACK:
         return SwitchoverAck()
+    if cmd is Command.RP_COLO_MESSAGE:
+        return ColoReply(_int(arg, "COLO_MESSAGE"))
+    if cmd is Command.RP_COLO_OUTPUT:
+        if not isinstance(arg, bytes):
+            raise StreamError(f"return path: COLO_OUTPUT needs bytes, got {type(arg).__name__}")
+        return ColoOutput(arg)
+    if cmd is Command.RP_COLO_HEARTBEAT:
+        return ColoHeartbeat()
     raise StreamError(f"return path: {cmd.name} is not a return-path message")
 
 
@@ -168,6 +202,8 @@ class SourceReturnPath:
         self.on_request: Callable[[RequestPages], None] | None = None
         #: Called on this thread for a recovery's messages (received bitmaps, the resume ack).
         self.on_recovery: Callable[[ReceivedBitmap | ResumeAck], None] | None = None
+        #: Called on this thread for COLO's replies, outputs and heartbeats (set while COLO runs).
+        self.on_colo: Callable[[ColoTraffic], None] | None = None
         #: Set when the destination acknowledged the switchover (the ``switchover-ack`` capability).
         self.switchover_acked = threading.Event()
         self.thread = threading.Thread(target=self._run, name="mig/src/rp_thr", daemon=True)
@@ -240,14 +276,17 @@ class SourceReturnPath:
                     self.on_request(msg)
                 elif isinstance(msg, ReceivedBitmap | ResumeAck) and self.on_recovery is not None:
                     self.on_recovery(msg)
+                elif isinstance(msg, ColoReply | ColoOutput | ColoHeartbeat) and self.on_colo is not None:
+                    self.on_colo(msg)
                 elif isinstance(msg, SwitchoverAck):
                     log.info("switchover_ack_received")
                     self.switchover_acked.set()
                 elif isinstance(msg, Loaded | Shut):
                     self._code = msg.code
                     return
-                else:  # page requests and recovery messages outside postcopy
-                    raise StreamError(f"return path: unexpected {type(msg).__name__} (postcopy is not running)")
+                else:  # page requests and recovery messages outside postcopy, COLO traffic outside COLO
+                    raise StreamError(f"return path: unexpected {type(msg).__name__} (neither postcopy nor COLO "
+                                      "is running)")
         except (ChannelError, StreamError) as e:
             if self._code is None:
                 self._error = f"return path: {e}"

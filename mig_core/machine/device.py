@@ -286,6 +286,10 @@ class DeviceRegistry:
 
     def load_from_buffer(self, buf: bytes) -> None:
         """Check every section of a buffer first, then apply them all: a bad buffer changes nothing."""
+        self.stage_buffer(buf).apply(require_all=False)
+
+    def stage_buffer(self, buf: bytes) -> PendingStates:
+        """Every section of a buffer decoded and checked, ready to apply (``apply(require_all=False)``)."""
         try:
             raw = msgpack.unpackb(buf, raw=False)
             sections = [DeviceSection(str(i), int(n), int(v), bytes(p)) for i, n, v, p in raw]
@@ -294,7 +298,7 @@ class DeviceRegistry:
         pending = self.pending()
         for s in sections:
             pending.add(s)
-        pending.apply(require_all=False)
+        return pending
 
 
 class PendingStates:

@@ -18,6 +18,7 @@ from mig_core.ext.snapshot_backend import SnapshotBackend
 from mig_core.machine.block_data import BlockDataDevice
 from mig_core.machine.blockers import Blocker, MigrationBlockers
 from mig_core.machine.device import Device, DeviceRegistry
+from mig_core.machine.output import OutputPort
 from mig_core.machine.runstate import RunStateMachine
 from mig_core.machine.vcpu import VcpuController
 from mig_core.memory.ram import Backing, RAMBlock, allocate, from_buffer
@@ -61,6 +62,8 @@ class Machine:
         self.nodes: dict[str, SnapshotBackend] = {}
         #: block nodes (files written through mig, with dirty bitmaps), by node name
         self.block_nodes: dict[str, BlockNode] = {}
+        #: the program's outbound messages (released at once, or held by COLO until compared)
+        self.output = OutputPort()
 
     # -- RAM -------------------------------------------------------------------
 
@@ -203,7 +206,7 @@ class Machine:
     def _follow_runstate(self, old: RunState, new: RunState, running: bool) -> None:
         if running:
             self.vcpus.resume_all()
-        elif old in (RunState.RUNNING, RunState.COLO):
+        elif old is RunState.RUNNING:
             self.vcpus.stop_all()
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ import structlog
 from mig_core.block.node import BlockNode
 from mig_core.machine.device import Device, DeviceStateError
 from mig_core.machine.machine import Machine
+from mig_core.machine.reference_output import OutputDevice
 from mig_core.machine.vcpu import Vcpu
 from mig_core.memory.ram import Backing
 
@@ -208,7 +209,7 @@ class Workload:
     """vCPU threads that dirty memory at a set rate and keep their records in RAM."""
 
     def __init__(self, machine: Machine, rates: list[float], device: CounterDevice,
-                 drives: list[tuple[BlockNode, float]] | None = None) -> None:
+                 drives: list[tuple[BlockNode, float]] | None = None, output: OutputDevice | None = None) -> None:
         """``rates``: bytes per second each vCPU dirties; ``drives``: block nodes vCPU 0 writes, bytes per
         second each (4 KiB writes at random aligned offsets, through the node so its bitmaps see them)."""
         self.machine = machine
@@ -218,6 +219,8 @@ class Workload:
         self.rates = rates
         vcpus = self.nvcpus
         self.device = device
+        #: the message generator vCPU 0 drives (mig run --output)
+        self.output = output
         self.stop = threading.Event()
         self.threads: list[threading.Thread] = []
         #: reads that did not return what this workload had just written (logged: workload_inconsistent)
@@ -285,6 +288,9 @@ class Workload:
             m.mark_dirty(m.blocks[0].name, v.index * RECORD_STRIDE, RECORD.size)
             if v.index == 0:
                 self.device.tick()
+                if self.output is not None:
+                    for packet in self.output.step(min(max(ran, 0.0), 0.01)):
+                        m.output.emit(packet)
                 owed = self._write_drives(owed, min(max(ran, 0.0), 0.01), counter)
             v.idle(0.001 if share else 0.005)  # an idle workload wakes less often; a stop wakes it at once
 

@@ -37,7 +37,7 @@ class RunStateMachine:
 
     @property
     def running(self) -> bool:
-        return self._state in (RunState.RUNNING, RunState.COLO)
+        return self._state is RunState.RUNNING
 
     def add_listener(self, fn: RunStateListener) -> None:
         self._listeners.append(fn)

@@ -18,6 +18,7 @@ from mig_core.schema.block import (
     BlockDirtyBitmapArgs,
     QueryNamedBlockNodesArgs,
 )
+from mig_core.schema.colo import ColoStats, XenSetReplicationArgs
 from mig_core.schema.common import (
     CommandInfo,
     EmptyStruct,
@@ -39,6 +40,7 @@ from mig_core.schema.migration import (
     MigrationInfo,
     MigrationStatus,
     MigrationThreadInfo,
+    ReplicationStatus,
     TimeUnit,
 )
 from mig_core.schema.objects import ObjectDelArgs, ObjectOptions
@@ -200,6 +202,10 @@ COMMANDS: dict[str, Command] = {
         Command("migrate-pause", None, EmptyStruct, allow_oob=True),
         Command("x-colo-lost-heartbeat", None, EmptyStruct, features=("unstable",)),
         Command("query-colo-status", None, COLOStatus),
+        Command("xen-set-replication", XenSetReplicationArgs, EmptyStruct),
+        Command("query-xen-replication-status", None, ReplicationStatus),
+        Command("xen-colo-do-checkpoint", None, EmptyStruct),
+        Command("x-query-colo-stats", None, ColoStats, features=("unstable",)),
         Command("calc-dirty-rate", CalcDirtyRateArgs, EmptyStruct),
         Command("query-dirty-rate", QueryDirtyRateArgs, DirtyRateInfo),
         Command("set-vcpu-dirty-limit", SetVcpuDirtyLimitArgs, EmptyStruct),

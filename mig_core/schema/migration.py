@@ -93,6 +93,8 @@ class MigrationParameter(QapiEnum):
     AVAIL_SWITCHOVER_BANDWIDTH = "avail-switchover-bandwidth"
     DOWNTIME_LIMIT = "downtime-limit"
     X_CHECKPOINT_DELAY = "x-checkpoint-delay"
+    X_COLO_HEARTBEAT_TIMEOUT = "x-colo-heartbeat-timeout"
+    X_COLO_COMPARE_LIMIT = "x-colo-compare-limit"
     MULTIFD_CHANNELS = "multifd-channels"
     XBZRLE_CACHE_SIZE = "xbzrle-cache-size"
     MAX_POSTCOPY_BANDWIDTH = "max-postcopy-bandwidth"
@@ -108,7 +110,8 @@ class MigrationParameter(QapiEnum):
     DIRECT_IO = "direct-io"
 
 
-enum_features(MigrationParameter, x_checkpoint_delay=("unstable",), x_vcpu_dirty_limit_period=("unstable",))
+enum_features(MigrationParameter, x_checkpoint_delay=("unstable",), x_colo_heartbeat_timeout=("unstable",),
+              x_colo_compare_limit=("unstable",), x_vcpu_dirty_limit_period=("unstable",))
 
 
 class MultiFDCompression(QapiEnum):

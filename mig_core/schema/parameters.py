@@ -101,6 +101,13 @@ PARAMETERS: tuple[ParameterSpec, ...] = (
       Range(0, 2000000, "Parameter 'downtime_limit' expects an integer in the range of 0 to (2000 * 1000) ms"),
       unit="ms"),
     P("x-checkpoint-delay", UInt32, 20000, "COLO checkpoint period.", unstable=True, unit="ms"),
+    P("x-colo-heartbeat-timeout", UInt32, 800,
+      "mig's own: COLO fails over on its own when the peer is silent this long or its connection breaks "
+      "(0: only x-colo-lost-heartbeat does, as in QEMU).",
+      _between("x-colo-heartbeat-timeout", 0, 60000), unstable=True, unit="ms"),
+    P("x-colo-compare-limit", UInt32, 4096,
+      "mig's own: messages the COLO primary may hold for comparison; a full queue forces a checkpoint.",
+      _between("x-colo-compare-limit", 1, 1048576), unstable=True),
     P("multifd-channels", UInt8, 2, "Number of parallel multifd channels.", _between("multifd_channels", 1, 255)),
     P("xbzrle-cache-size", Size, 67108864, "Size of the xbzrle page cache.",
       Range(TARGET_PAGE_SIZE, SIZE_MAX,

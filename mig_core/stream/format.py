@@ -56,8 +56,10 @@ class Command(enum.IntEnum):
     POSTCOPY_RESUME = 20
     PACKAGED = 21
     POSTCOPY_RECV_BITMAP = 22  # argument: a block name; the destination answers RP_RECV_BITMAP
-    COLO_ENABLE = 32
-    COLO_MESSAGE = 33  # argument: a COLOMessage value
+    COLO_ENABLE = 32  # reserved: x-colo travels in CONFIG ("x-colo")
+    COLO_MESSAGE = 33  # argument: [COLOMessage number, argument or None]
+    COLO_HEARTBEAT = 34  # the primary is alive (sent while no checkpoint runs)
+    COLO_END = 35  # the primary ends replication on purpose (migrate_cancel): the secondary must not take over
     # on the return path (destination → source)
     RP_SHUT = 64  # argument: 0 on success, an error code otherwise
     RP_PONG = 65
@@ -66,3 +68,6 @@ class Command(enum.IntEnum):
     RP_RESUME_ACK = 68
     RP_SWITCHOVER_ACK = 69
     RP_LOADED = 70  # the destination loaded everything and (if it may) runs
+    RP_COLO_MESSAGE = 71  # argument: a COLOMessage number (the secondary's replies)
+    RP_COLO_OUTPUT = 72  # argument: one message the secondary's program emitted (bytes)
+    RP_COLO_HEARTBEAT = 73  # the secondary is alive

@@ -27,6 +27,8 @@ class CuttableProxy:
         self._closed = False
         #: bytes forwarded from the listening side to the target (the source's stream)
         self.forwarded = 0
+        #: cut everything once ``forwarded`` reaches this (``cut_after``)
+        self._cut_at: int | None = None
         self._thread = threading.Thread(target=self._accept, name="proxy-accept", daemon=True)
         self._thread.start()
 
@@ -58,6 +60,12 @@ class CuttableProxy:
                 n = src.recv_into(buf)
                 if not n:
                     break
+                cut_at = self._cut_at if count else None
+                if cut_at is not None and self.forwarded + n >= cut_at:
+                    dst.sendall(memoryview(buf)[:cut_at - self.forwarded])
+                    self.forwarded = cut_at
+                    self.cut()
+                    return
                 dst.sendall(memoryview(buf)[:n])
                 if count:
                     self.forwarded += n
@@ -65,6 +73,10 @@ class CuttableProxy:
             pass
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
+
+    def cut_after(self, n: int) -> None:
+        """Forward ``n`` more bytes of the source's stream, then cut (a link lost in the middle of a transfer)."""
+        self._cut_at = self.forwarded + n
 
     def cut(self) -> None:
         """Break every connection forwarded so far: both ends see a reset, as when a link goes down."""

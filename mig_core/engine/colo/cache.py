@@ -1,0 +1,70 @@
+"""The secondary's RAM cache: a copy of RAM as of the last checkpoint.
+
+A checkpoint's pages land here, not in RAM, while the secondary still runs.
+Only once the whole checkpoint is in does the flush copy into RAM every page
+the checkpoint brought and every page the secondary itself wrote since the
+last checkpoint: RAM is then exactly the primary's, and a checkpoint cut in
+the middle leaves RAM as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from mig_core.memory.ram import RAMBlock
+from mig_core.stream.placement import PagePlacer
+
+
+class RamCache(PagePlacer):
+    """One (npages, page_size) copy per block; received pages are recorded per checkpoint."""
+
+    def __init__(self, blocks: Sequence[RAMBlock]) -> None:
+        super().__init__(blocks)
+        self.copies = {b.name: np.empty((b.npages, b.page_size), dtype=np.uint8) for b in blocks}
+        for b in blocks:  # the state after the initial migration: what the first checkpoint builds on
+            np.copyto(self.copies[b.name], b.pages)
+
+    def direct_view(self, block: RAMBlock, pages: np.ndarray) -> memoryview | None:
+        first, n = int(pages[0]), len(pages)
+        if int(pages[-1]) - first + 1 != n or (n > 2 and not (pages[1:] > pages[:-1]).all()):
+            return None
+        return memoryview(self.copies[block.name][first:first + n].reshape(-1).data)
+
+    def place(self, block: RAMBlock, pages: np.ndarray, data: np.ndarray | None) -> None:
+        if data is not None:
+            self.copies[block.name][pages] = data
+        self.received[block.name][pages] = True
+
+    def place_zero(self, block: RAMBlock, pages: np.ndarray) -> None:
+        self.copies[block.name][pages] = 0
+        self.received[block.name][pages] = True
+
+    def flush(self, written: Mapping[str, np.ndarray]) -> int:
+        """Copy into RAM what this checkpoint brought and what the secondary wrote (``written``: page
+        indices per block); start the next checkpoint's record. Returns the pages copied."""
+        total = 0
+        for b in self.blocks:
+            mask = self.received[b.name]
+            mine = written.get(b.name)
+            if mine is not None and len(mine):
+                mask[mine] = True
+            idx = np.flatnonzero(mask)
+            total += len(idx)
+            if len(idx):
+                _copy_runs(self.copies[b.name], b.pages, idx)
+            mask[:] = False
+        return total
+
+
+def _copy_runs(src: np.ndarray, dst: np.ndarray, idx: np.ndarray) -> None:
+    """dst[idx] = src[idx], run by run (slices copy without the temporaries fancy indexing makes)."""
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = np.concatenate(([idx[0]], idx[breaks]))
+    ends = np.concatenate((idx[breaks - 1] + 1, [idx[-1] + 1]))
+    if len(starts) > len(idx) // 4:  # scattered pages: one gather beats many small copies
+        dst[idx] = src[idx]
+        return
+    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+        dst[s:e] = src[s:e]

@@ -1,0 +1,80 @@
+"""Helpers for COLO tests between ``mig run`` hosts with ``--output``: start a pair in COLO, wait for
+checkpoints and events, and check that the released messages of both sides are one sequence."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+
+from mig_core.testing import connect, wait_for_status
+
+WORKLOAD = ("--ram", "32M", "--ram-fill", "random", "--vcpus", "2", "--dirty-rate", "8M")
+
+
+def released(*paths) -> dict[int, str]:
+    """Every released message by number; a number released twice must carry the same hash."""
+    seen: dict[int, str] = {}
+    for path in paths:
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            for line in f.read().splitlines():
+                seq_text, digest = line.split()
+                seq = int(seq_text)
+                assert seen.setdefault(seq, digest) == digest, f"message {seq} released with two contents"
+    return seen
+
+
+def assert_one_sequence(seen: dict[int, str], chained: bool) -> None:
+    """Numbers 1..n with none missing; ``chained``: each hash follows from the one before it."""
+    assert seen, "nothing was released"
+    assert sorted(seen) == list(range(1, max(seen) + 1)), "a released message is missing"
+    if chained:
+        digest = b"\0" * 16
+        for seq in range(1, max(seen) + 1):
+            digest = hashlib.blake2b(digest + seq.to_bytes(8, "little"), digest_size=16).digest()
+            assert seen[seq] == digest.hex(), f"message {seq} does not follow from the state before it"
+
+
+async def colo_pair(start_host, tmp_path, diverge=0.0, delay=300, rate=200, params=None):
+    out = f"rate={rate},diverge={diverge}"
+    src_h = start_host(*WORKLOAD, "--output", f"{tmp_path}/p.out,{out}", name="src")
+    dst_h = start_host(*WORKLOAD, "--output", f"{tmp_path}/s.out,{out}", "--incoming", "defer", name="dst")
+    src, dst = await connect(src_h.sock, "src"), await connect(dst_h.sock, "dst")
+    for c in (src, dst):
+        await c.execute("migrate-set-capabilities", {"capabilities": [{"capability": x, "state": True}
+                                                                      for x in ("x-colo", "events")]})
+        await c.execute("migrate-set-parameters", {"x-checkpoint-delay": delay, **(params or {})})
+    await dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/colo.sock"})
+    await src.execute("migrate", {"uri": f"unix:{tmp_path}/colo.sock"})
+    await wait_for_status(src, {"colo"}, timeout=60)
+    await wait_for_status(dst, {"colo"}, timeout=60)
+    return src_h, dst_h, src, dst
+
+
+async def checkpoints(client, at_least: int, timeout: float = 60) -> dict:
+    """Wait until the primary made ``at_least`` checkpoints; its stats then."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        stats = await client.execute("x-query-colo-stats")
+        if stats["checkpoints"] >= at_least:
+            return stats
+        assert asyncio.get_running_loop().time() < deadline, f"only {stats['checkpoints']} checkpoints: {stats}"
+        await asyncio.sleep(0.05)
+
+
+async def disconnect(*clients):
+    for c in clients:
+        with contextlib.suppress(Exception):
+            await c.disconnect()
+
+
+
+async def wait_event(client, name: str, timeout: float = 30):
+    async def seen():
+        async for ev in client.events:
+            if ev["event"] == name:
+                return ev
+    return await asyncio.wait_for(seen(), timeout)
