@@ -79,7 +79,8 @@ class ColoCommands:
         out = ColoStats(mode=(mode if mode is not COLOMode.NONE else self.state.last_mode).value,
                         checkpoints=f.checkpoints,
                         reasons=[ColoCheckpointReason(reason=r, count=n) for r, n in sorted(f.reasons.items())],
-                        last_pause_ms=f.last_pause_ms, max_pause_ms=f.max_pause_ms, total_pause_ms=f.total_pause_ms,
+                        last_pause_ms=f.last_pause_ms, last_loaded_ms=f.last_loaded_ms,
+                        max_pause_ms=f.max_pause_ms, total_pause_ms=f.total_pause_ms,
                         last_pages=f.last_pages, last_vmstate_bytes=f.last_vmstate_bytes)
         if self.state.has_compare:
             c = self.state.compare()

@@ -79,11 +79,12 @@ class Replication(ABC):
         """Primary: the messages held now, in order (a checkpoint carries them to the secondary)."""
 
     def checkpoint_started(self) -> None:
-        """Primary: the checkpoint began (both sides stopped); the secondary's earlier messages no longer count."""
+        """Primary: the checkpoint began (both sides stopped): what is held now travels with it, and the
+        secondary's earlier messages no longer count. The primary may run again before ``checkpoint_done``."""
 
     @abstractmethod
     def checkpoint_done(self) -> None:
-        """Primary: the secondary loaded the checkpoint: release what is held, start comparing afresh."""
+        """Primary: the secondary loaded the checkpoint: release what it carried, compare afresh from it."""
 
     @abstractmethod
     def failover(self) -> None:

@@ -39,6 +39,7 @@ class ColoStats(QapiStruct):
     checkpoints: Int
     reasons: list[ColoCheckpointReason]
     last_pause_ms: Number
+    last_loaded_ms: Number
     max_pause_ms: Number
     total_pause_ms: Number
     last_pages: Int

@@ -58,13 +58,19 @@ class RamCache(PagePlacer):
         return total
 
 
+#: pages per gather when the flush copies scattered pages (1 MiB of 4 KiB pages)
+GATHER_PAGES = 256
+
+
 def _copy_runs(src: np.ndarray, dst: np.ndarray, idx: np.ndarray) -> None:
     """dst[idx] = src[idx], run by run (slices copy without the temporaries fancy indexing makes)."""
     breaks = np.flatnonzero(np.diff(idx) != 1) + 1
     starts = np.concatenate(([idx[0]], idx[breaks]))
     ends = np.concatenate((idx[breaks - 1] + 1, [idx[-1] + 1]))
-    if len(starts) > len(idx) // 4:  # scattered pages: one gather beats many small copies
-        dst[idx] = src[idx]
+    if len(starts) > len(idx) // 4:  # scattered pages: gathers small enough that their temporary stays cached
+        for at in range(0, len(idx), GATHER_PAGES):
+            part = idx[at:at + GATHER_PAGES]
+            dst[part] = src[part]
         return
     for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
         dst[s:e] = src[s:e]

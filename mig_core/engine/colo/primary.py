@@ -261,16 +261,21 @@ class ColoPrimary:
         e._flush()
         e._account(pages, running=False)
         self._expect(M.VMSTATE_RECEIVED)
-        self._expect(M.VMSTATE_LOADED)
-        self.repl.checkpoint_done()
+        # the secondary holds the whole checkpoint: the primary runs on while it applies it (QEMU waits for
+        # vmstate-loaded); what the checkpoint carried is released only once it is loaded
         run.set(RunState.RUNNING if was is RunState.COLO else was)  # a primary the operator stopped stays so
         pause = (time.monotonic() - t0) * 1000
+        self._expect(M.VMSTATE_LOADED)
+        self.repl.checkpoint_done()
+        loaded = (time.monotonic() - t0) * 1000
         fig.checkpoints += 1
         fig.reasons[reason] = fig.reasons.get(reason, 0) + 1
         fig.last_pause_ms, fig.max_pause_ms = round(pause, 3), round(max(fig.max_pause_ms, pause), 3)
         fig.total_pause_ms = round(fig.total_pause_ms + pause, 3)
         fig.last_pages, fig.last_vmstate_bytes = pages, len(vmstate)
-        log.debug("colo_checkpoint", reason=reason, pause_ms=round(pause, 3), pages=pages, vmstate=len(vmstate))
+        fig.last_loaded_ms = round(loaded, 3)
+        log.debug("colo_checkpoint", reason=reason, pause_ms=round(pause, 3), loaded_ms=round(loaded, 3), pages=pages,
+                  vmstate=len(vmstate))
 
     def _send_ram(self) -> int:
         """The pages written since the last checkpoint (zero ones as markers); how many went."""

@@ -25,7 +25,10 @@ class CheckpointFigures:
     checkpoints: int = 0
     #: why each checkpoint came: periodic, mismatch, queue-full, request
     reasons: dict[str, int] = field(default_factory=dict)
+    #: ms the primary was stopped for the last checkpoint (stop to running again)
     last_pause_ms: float = 0.0
+    #: ms from that stop until the secondary had loaded it (its held output released then)
+    last_loaded_ms: float = 0.0
     max_pause_ms: float = 0.0
     total_pause_ms: float = 0.0
     last_pages: int = 0

@@ -5,7 +5,10 @@ arrive in the order its program emitted them. The n-th of one side is compared
 with the n-th of the other: equal, the primary's is released; different, the
 sides have diverged, everything from there is held and a checkpoint is asked
 for at once. A checkpoint makes the secondary the primary's copy, so what the
-primary held is released once the secondary loaded it. The queue is bounded:
+primary held when the checkpoint began is released once the secondary loaded
+it; what the primary emits after it resumed (it may resume as soon as the
+secondary holds the whole checkpoint) waits for the secondary's output from
+that checkpoint on. The queue is bounded:
 reaching ``queue_limit`` held messages (a secondary far behind) asks for a
 checkpoint too.
 """
@@ -36,6 +39,7 @@ class ColoCompare(Replication):
         self._theirs: deque[bytes] = deque()  # the secondary's, not yet matched
         self._diverged = False
         self._in_checkpoint = False
+        self._frozen = 0  # how many of the held messages the checkpoint in progress carries
         self._alone = False  # after a failover: no comparison, every message goes out at once
         self._stats = CompareStats()
 
@@ -46,7 +50,8 @@ class ColoCompare(Replication):
                 self.release([packet])
                 return
             self._mine.append(packet)
-            self._match()
+            if not self._in_checkpoint:
+                self._match()
             self._note_depth()
 
     def peer_output(self, packet: bytes) -> None:
@@ -91,26 +96,28 @@ class ColoCompare(Replication):
         """Both sides stopped: what the secondary sent before no longer counts (its state is replaced)."""
         with self._lock:
             self._in_checkpoint = True
+            self._frozen = len(self._mine)
             self._theirs.clear()
 
     def checkpoint_done(self) -> None:
         with self._lock:
-            self._flush()
+            carried = [self._mine.popleft() for _ in range(min(self._frozen, len(self._mine)))]
+            if carried:
+                self._stats.released_unmatched += len(carried)
+                self.release(carried)
+            self._frozen = 0
             self._diverged = False
             self._in_checkpoint = False
-            self._match()  # what the resumed secondary sent meanwhile waits for the primary's next
+            self._match()  # both sides' output since the checkpoint, compared from its start
 
     def failover(self) -> None:
         with self._lock:
-            self._flush()
+            if self._mine:
+                self._stats.released_unmatched += len(self._mine)
+                self.release(list(self._mine))
+                self._mine.clear()
             self._theirs.clear()
             self._alone = True
-
-    def _flush(self) -> None:
-        if self._mine:
-            self._stats.released_unmatched += len(self._mine)
-            self.release(list(self._mine))
-            self._mine.clear()
 
     def stats(self) -> CompareStats:
         with self._lock:

@@ -7,13 +7,18 @@ import asyncio
 import contextlib
 import hashlib
 import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-from mig_core.testing import connect, wait_for_status
+from qemu.qmp import QMPClient
+
+from mig_core.testing import Host, connect, wait_for_status
 
 WORKLOAD = ("--ram", "32M", "--ram-fill", "random", "--vcpus", "2", "--dirty-rate", "8M")
 
 
-def released(*paths) -> dict[int, str]:
+def released(*paths: str | Path) -> dict[int, str]:
     """Every released message by number; a number released twice must carry the same hash."""
     seen: dict[int, str] = {}
     for path in paths:
@@ -38,7 +43,15 @@ def assert_one_sequence(seen: dict[int, str], chained: bool) -> None:
             assert seen[seq] == digest.hex(), f"message {seq} does not follow from the state before it"
 
 
-async def colo_pair(start_host, tmp_path, diverge=0.0, delay=300, rate=200, params=None):
+#: Tests that do not test the heartbeat give a busy machine's hosts time: a silence this long is a hang.
+#: (A killed peer is seen at once, whatever the timeout: its connection breaks.)
+PATIENT = {"x-colo-heartbeat-timeout": 5000}
+
+
+async def colo_pair(start_host: Callable[..., Host], tmp_path: Path, diverge: float = 0.0, delay: int = 300,
+                    rate: int = 200, params: dict[str, Any] | None = None) -> tuple[Host, Host, QMPClient, QMPClient]:
+    """A primary (``src``) and a secondary (``dst``) in COLO, each with ``mig run --output`` into ``p.out`` and
+    ``s.out`` under ``tmp_path``; ``params`` on both (after PATIENT)."""
     out = f"rate={rate},diverge={diverge}"
     src_h = start_host(*WORKLOAD, "--output", f"{tmp_path}/p.out,{out}", name="src")
     dst_h = start_host(*WORKLOAD, "--output", f"{tmp_path}/s.out,{out}", "--incoming", "defer", name="dst")
@@ -46,7 +59,7 @@ async def colo_pair(start_host, tmp_path, diverge=0.0, delay=300, rate=200, para
     for c in (src, dst):
         await c.execute("migrate-set-capabilities", {"capabilities": [{"capability": x, "state": True}
                                                                       for x in ("x-colo", "events")]})
-        await c.execute("migrate-set-parameters", {"x-checkpoint-delay": delay, **(params or {})})
+        await c.execute("migrate-set-parameters", {"x-checkpoint-delay": delay, **PATIENT, **(params or {})})
     await dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/colo.sock"})
     await src.execute("migrate", {"uri": f"unix:{tmp_path}/colo.sock"})
     await wait_for_status(src, {"colo"}, timeout=60)
@@ -54,27 +67,30 @@ async def colo_pair(start_host, tmp_path, diverge=0.0, delay=300, rate=200, para
     return src_h, dst_h, src, dst
 
 
-async def checkpoints(client, at_least: int, timeout: float = 60) -> dict:
+async def checkpoints(client: QMPClient, at_least: int, timeout: float = 60) -> dict[str, Any]:
     """Wait until the primary made ``at_least`` checkpoints; its stats then."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
-        stats = await client.execute("x-query-colo-stats")
+        stats: dict[str, Any] = await client.execute("x-query-colo-stats")  # type: ignore[assignment]
         if stats["checkpoints"] >= at_least:
             return stats
         assert asyncio.get_running_loop().time() < deadline, f"only {stats['checkpoints']} checkpoints: {stats}"
         await asyncio.sleep(0.05)
 
 
-async def disconnect(*clients):
+async def disconnect(*clients: QMPClient) -> None:
+    """Disconnect, whatever state the clients (or their hosts) are in."""
     for c in clients:
         with contextlib.suppress(Exception):
             await c.disconnect()
 
 
+async def wait_event(client: QMPClient, name: str, timeout: float = 30) -> dict[str, Any]:
+    """The next event ``name`` the client receives (events since it connected included)."""
 
-async def wait_event(client, name: str, timeout: float = 30):
-    async def seen():
+    async def seen() -> dict[str, Any]:
         async for ev in client.events:
             if ev["event"] == name:
-                return ev
+                return dict(ev)
+        raise AssertionError(f"the event stream ended before {name}")
     return await asyncio.wait_for(seen(), timeout)
