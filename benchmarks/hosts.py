@@ -23,7 +23,8 @@ async def qmp_clients(*hosts: Any) -> AsyncIterator[list[QMPClient]]:
         clients = [await (h.client() if hasattr(h, "client") else connect(h.sock)) for h in hosts]
         yield clients
         for c in clients:
-            await c.disconnect()
+            with contextlib.suppress(EOFError, OSError):  # a host the benchmark killed
+                await c.disconnect()
     finally:
         for h in hosts:
             h.stop()

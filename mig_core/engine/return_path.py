@@ -204,6 +204,8 @@ class SourceReturnPath:
         self.on_recovery: Callable[[ReceivedBitmap | ResumeAck], None] | None = None
         #: Called on this thread for COLO's replies, outputs and heartbeats (set while COLO runs).
         self.on_colo: Callable[[ColoTraffic], None] | None = None
+        #: Called on this thread when the return path ends by an error (COLO wakes its loop with it).
+        self.on_broken: Callable[[], None] | None = None
         #: Set when the destination acknowledged the switchover (the ``switchover-ack`` capability).
         self.switchover_acked = threading.Event()
         self.thread = threading.Thread(target=self._run, name="mig/src/rp_thr", daemon=True)
@@ -295,3 +297,5 @@ class SourceReturnPath:
             self._ended.set()
             with self._pong:
                 self._pong.notify_all()
+            if self._error is not None and self.on_broken is not None:
+                self.on_broken()

@@ -146,6 +146,7 @@ class ColoPrimary:
         rp = e.return_path
         assert rp is not None  # x-colo opens it
         rp.on_colo = self._on_return_path
+        rp.on_broken = self.trigger.kick  # a lost secondary wakes the loop at once
         stop_machine(e, postcopy=False)
         final = e._sync()
         merged = {b.name: union_pages(e.pending[b.name], final[b.name], b.npages) for b in self.machine.blocks}

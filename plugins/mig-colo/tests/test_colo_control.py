@@ -126,3 +126,24 @@ async def test_without_automatic_failover_the_operator_decides(start_host, tmp_p
         assert (await src.execute("query-status"))["status"] == "running"
     finally:
         await disconnect(src, dst)
+
+
+async def test_a_full_comparison_queue_forces_a_checkpoint(start_host, tmp_path):
+    """x-colo-compare-limit 20: with the secondary stopped (SIGSTOP, within the heartbeat's patience) the
+    primary's held messages reach the bound; that asks for a checkpoint, which completes once the secondary
+    runs again, and releases them."""
+    src_h, dst_h, src, dst = await colo_pair(start_host, tmp_path, delay=3600000, params={"x-colo-compare-limit": 20})
+    try:
+        dst_h.proc.send_signal(signal.SIGSTOP)
+        stats = await src.execute("x-query-colo-stats")
+        while stats["compare"]["queue-depth"] < 20:
+            stats = await src.execute("x-query-colo-stats")
+        assert stats["compare"]["queue-limit"] == 20
+        dst_h.proc.send_signal(signal.SIGCONT)
+        stats = await checkpoints(src, 1)
+        assert {r["reason"]: r["count"] for r in stats["reasons"]}.get("queue-full", 0) >= 1
+        assert stats["compare"]["queue-full"] >= 1 and stats["compare"]["max-queue-depth"] >= 20
+        assert_one_sequence(released(tmp_path / "p.out"), chained=True)
+    finally:
+        dst_h.proc.send_signal(signal.SIGCONT)
+        await disconnect(src, dst)
