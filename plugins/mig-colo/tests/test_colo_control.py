@@ -4,6 +4,7 @@ left to the operator (x-colo-heartbeat-timeout 0, as QEMU)."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 
 import pytest
@@ -94,7 +95,7 @@ async def test_setting_the_delay_or_asking_checkpoints_now(start_host, tmp_path)
 
 
 async def test_a_hung_secondary_is_failed_over_by_the_heartbeat(start_host, tmp_path):
-    src_h, dst_h, src, dst = await colo_pair(start_host, tmp_path, params={"x-colo-heartbeat-timeout": 300})
+    src_h, dst_h, src, dst = await colo_pair(start_host, tmp_path, params={"x-colo-heartbeat-timeout": 1000})
     try:
         await checkpoints(src, 1)
         dst_h.proc.send_signal(signal.SIGSTOP)
@@ -137,6 +138,7 @@ async def test_a_full_comparison_queue_forces_a_checkpoint(start_host, tmp_path)
         dst_h.proc.send_signal(signal.SIGSTOP)
         stats = await src.execute("x-query-colo-stats")
         while stats["compare"]["queue-depth"] < 20:
+            await asyncio.sleep(0.02)
             stats = await src.execute("x-query-colo-stats")
         assert stats["compare"]["queue-limit"] == 20
         dst_h.proc.send_signal(signal.SIGCONT)
