@@ -26,6 +26,7 @@ import numpy as np
 from benchmarks.hosts import qmp_clients
 from mig_core.control.manager import MigrationManager
 from mig_core.machine.machine import Machine
+from mig_core.machine.reference_host import fill
 from mig_core.qapi import from_qmp
 from mig_core.schema.commands import MigrateArgs, MigrateContinueArgs, MigrateIncomingArgs, MigrateSetCapabilitiesArgs
 from mig_core.schema.common import RunState
@@ -47,13 +48,6 @@ def _machine(runstate: RunState, size: int) -> Machine:
     return m
 
 
-def _fill(m: Machine, rng: np.random.Generator) -> None:
-    b = m.blocks[0]
-    for o in range(0, b.size, 64 << 20):
-        b.array[o:o + (64 << 20)] = rng.integers(0, 256, 64 << 20, dtype=np.uint8)
-    m.mark_pages(b.name, np.arange(b.npages))
-
-
 def _dirty(m: Machine, fraction: float, rng: np.random.Generator) -> int:
     """Write random data into ``fraction`` of the pages (distinct, random) and mark them."""
     b = m.blocks[0]
@@ -71,7 +65,7 @@ def _caps(mgr: MigrationManager, *names: str) -> None:
 
 def _pair(tmp: Path, size: int, rng: np.random.Generator, *caps: str) -> tuple[MigrationManager, MigrationManager]:
     src_m, dst_m = _machine(RunState.RUNNING, size), _machine(RunState.INMIGRATE, size)
-    _fill(src_m, rng)
+    fill(src_m, "random", seed=int(rng.integers(1 << 31)))
     src, dst = MigrationManager(src_m), MigrationManager(dst_m)
     for mgr in (src, dst):
         _caps(mgr, *caps)

@@ -8,7 +8,7 @@ import contextlib
 import numpy as np
 import pytest
 
-from mig_core.testing import connect, ram_digest, wait_for_status, wait_postcopy_bytes
+from mig_core.testing import connect, pause_and_recover, ram_digest, wait_for_status, wait_postcopy_bytes
 
 RAM = 32 << 20
 WORKLOAD = ("--ram", "32M", "--ram-fill", "random", "--vcpus", "3", "--dirty-rate", "16M")
@@ -164,12 +164,7 @@ async def test_migrate_pause_and_recover_twice(start_host, tmp_path):
         await _start_postcopy(src, dst, tmp_path, bandwidth=4 << 20)
         await wait_postcopy_bytes(src, 1 << 20)
         for i, pauser in enumerate((src, dst)):
-            await pauser.execute("migrate-pause", oob=True)  # out of band: never queued behind other commands
-            await wait_for_status(src, {"postcopy-paused"})
-            await wait_for_status(dst, {"postcopy-paused"})
-            await dst.execute("migrate-recover", {"uri": f"unix:{tmp_path}/r{i}.sock"})
-            await src.execute("migrate", {"uri": f"unix:{tmp_path}/r{i}.sock", "resume": True})
-            await wait_for_status(src, {"postcopy-active", "completed"})
+            await pause_and_recover(src, dst, pauser, f"unix:{tmp_path}/r{i}.sock")
         await src.execute("migrate-set-parameters", {"max-postcopy-bandwidth": 0})
         done = await wait_for_status(src, {"completed", "failed"}, timeout=60)
         assert done["status"] == "completed", done

@@ -127,6 +127,24 @@ def stop_for_switchover(engine: SwitchoverEngine) -> None:
 def complete_precopy(engine: SwitchoverEngine) -> None:
     """Stop, send the last pass and the device state, and complete once the destination confirms it."""
     c = engine.counters
+    send_rest(engine)
+    engine.machine.inactivate_block_nodes()  # storage goes to the destination (re-activated on failure)
+    engine.writer.write_end()
+    engine._flush()
+    engine._ch.finish()
+    if engine.multifd is not None:
+        engine.multifd.finish()
+    engine._account(0, running=False)
+    log.debug("switchover_sent", ms_since_stop=now_ms() - (c.downtime_start_ms or 0))
+    if engine.return_path is not None:  # complete only once the destination confirms it loaded everything
+        engine.return_path.await_end(engine._check_cancel)
+    report_completed(engine, S.DEVICE)
+
+
+def send_rest(engine: SwitchoverEngine) -> None:
+    """Stop the machine, then send what is still dirty and every device's final state (the end of a
+    precopy migration, and COLO's way into its first checkpoint)."""
+    c = engine.counters
     stop_machine(engine, postcopy=False)
     final = engine._sync()
     merged = {b.name: union_pages(engine.pending[b.name], final[b.name], b.npages) for b in engine.machine.blocks}
@@ -139,17 +157,6 @@ def complete_precopy(engine: SwitchoverEngine) -> None:
         engine._account(0, running=False)
     log.debug("switchover_ram_sent", ms_since_stop=now_ms() - (c.downtime_start_ms or 0))
     engine.device_state.save_final(engine.writer)
-    engine.machine.inactivate_block_nodes()  # storage goes to the destination (re-activated on failure)
-    engine.writer.write_end()
-    engine._flush()
-    engine._ch.finish()
-    if engine.multifd is not None:
-        engine.multifd.finish()
-    engine._account(0, running=False)
-    log.debug("switchover_sent", ms_since_stop=now_ms() - (c.downtime_start_ms or 0))
-    if engine.return_path is not None:  # complete only once the destination confirms it loaded everything
-        engine.return_path.await_end(engine._check_cancel)
-    report_completed(engine, S.DEVICE)
 
 
 def report_completed(engine: SwitchoverEngine, current: S, **figures: Any) -> None:

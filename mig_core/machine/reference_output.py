@@ -39,24 +39,18 @@ def parse_output(text: str) -> OutputSpec:
     path, *rest = text.split(",")
     if not path:
         raise ValueError("--output needs a file to append released messages to")
-    rate, diverge = 100.0, 0.0
+    values = {"rate": 100.0, "diverge": 0.0}
     for item in rest:
-        key, eq, value = item.partition("=")
+        key, eq, text = item.partition("=")
+        if key not in values or not eq:
+            raise ValueError(f"unknown --output option '{item}' (known: rate=N, diverge=P)")
         try:
-            if key == "rate" and eq:
-                rate = float(value)
-                if not 0 < rate <= 100000:
-                    raise ValueError
-            elif key == "diverge" and eq:
-                diverge = float(value)
-                if not 0 <= diverge <= 1:
-                    raise ValueError
-            else:
-                raise KeyError(key)
-        except KeyError:
-            raise ValueError(f"unknown --output option '{item}' (known: rate=N, diverge=P)") from None
+            values[key] = float(text)
         except ValueError:
-            raise ValueError(f"--output {key}={value}: rate must be in (0, 100000], diverge in [0, 1]") from None
+            values[key] = float("nan")  # refused below, with the others out of range
+    rate, diverge = values["rate"], values["diverge"]
+    if not (0 < rate <= 100000 and 0 <= diverge <= 1):
+        raise ValueError(f"--output {','.join(rest)}: rate must be in (0, 100000], diverge in [0, 1]")
     return OutputSpec(path, rate, diverge)
 
 

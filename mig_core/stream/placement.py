@@ -11,6 +11,15 @@ import numpy as np
 from mig_core.memory.ram import RAMBlock
 
 
+def one_run(pages: np.ndarray) -> int | None:
+    """The first page if ``pages`` is one run (increasing, first to last in n steps: nothing repeated or
+    missing), so a batch can be received straight into place; else None."""
+    first, n = int(pages[0]), len(pages)
+    if int(pages[-1]) - first + 1 != n or (n > 2 and not (pages[1:] > pages[:-1]).all()):
+        return None
+    return first
+
+
 class PagePlacer(ABC):
     """Puts received pages into RAM blocks and remembers which pages arrived."""
 
@@ -38,10 +47,10 @@ class CopyPlacer(PagePlacer):
     """Copies pages into the block (precopy); zero pages free their memory instead of being written."""
 
     def direct_view(self, block: RAMBlock, pages: np.ndarray) -> memoryview | None:
-        first, n = int(pages[0]), len(pages)
-        if int(pages[-1]) - first + 1 != n or (n > 2 and not (pages[1:] > pages[:-1]).all()):
-            return None  # not one run (increasing, first to last in n steps: nothing repeated or missing)
-        return block.view[first * block.page_size:(first + n) * block.page_size]
+        first = one_run(pages)
+        if first is None:
+            return None
+        return block.view[first * block.page_size:(first + len(pages)) * block.page_size]
 
     def place(self, block: RAMBlock, pages: np.ndarray, data: np.ndarray | None) -> None:
         if data is not None:

@@ -31,6 +31,7 @@ from mig_core.schema.migration import MigrationAddress, MigrationStatus
 from mig_core.schema.sockets import SocketAddress, String
 
 __all__ = ["Host", "RawQMP", "connect", "wait_until", "wait_for_status", "ram_digest", "vcpu_records", "qmp_error",
+           "pause_and_recover",
            "LoopbackTransport", "migrate_in_process", "run_job", "InProcessServer"]
 
 
@@ -185,6 +186,18 @@ async def wait_postcopy_bytes(client: QMPClient, at_least: int, timeout: float =
         if time.monotonic() > deadline:
             raise AssertionError(f"postcopy made no progress in {timeout:g} s: {info}")
         await asyncio.sleep(0.01)
+
+
+async def pause_and_recover(src: QMPClient, dst: QMPClient, pauser: QMPClient, uri: str) -> None:
+    """migrate-pause a running postcopy on ``pauser`` (out of band: never queued behind other commands), wait
+    until both sides are postcopy-paused, then recover at ``uri``: migrate-recover there, migrate
+    resume=true from the source, and wait until the source runs postcopy again (or completed)."""
+    await pauser.execute("migrate-pause", oob=True)
+    await wait_for_status(src, {"postcopy-paused"})
+    await wait_for_status(dst, {"postcopy-paused"})  # (its monitor front answers: a vCPU may wait on a page)
+    await dst.execute("migrate-recover", {"uri": uri})
+    await src.execute("migrate", {"uri": uri, "resume": True})
+    await wait_for_status(src, {"postcopy-active", "completed"})
 
 
 async def migrate_and_wait(client: QMPClient, arguments: dict[str, Any],

@@ -13,8 +13,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from mig_core.memory.pagemap import pages_to_runs
 from mig_core.memory.ram import RAMBlock
-from mig_core.stream.placement import PagePlacer
+from mig_core.stream.placement import PagePlacer, one_run
 
 
 class RamCache(PagePlacer):
@@ -27,10 +28,10 @@ class RamCache(PagePlacer):
             np.copyto(self.copies[b.name], b.pages)
 
     def direct_view(self, block: RAMBlock, pages: np.ndarray) -> memoryview | None:
-        first, n = int(pages[0]), len(pages)
-        if int(pages[-1]) - first + 1 != n or (n > 2 and not (pages[1:] > pages[:-1]).all()):
+        first = one_run(pages)
+        if first is None:
             return None
-        return memoryview(self.copies[block.name][first:first + n].reshape(-1).data)
+        return memoryview(self.copies[block.name][first:first + len(pages)].reshape(-1).data)
 
     def place(self, block: RAMBlock, pages: np.ndarray, data: np.ndarray | None) -> None:
         if data is not None:
@@ -64,9 +65,7 @@ GATHER_PAGES = 256
 
 def _copy_runs(src: np.ndarray, dst: np.ndarray, idx: np.ndarray) -> None:
     """dst[idx] = src[idx], run by run (slices copy without the temporaries fancy indexing makes)."""
-    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-    starts = np.concatenate(([idx[0]], idx[breaks]))
-    ends = np.concatenate((idx[breaks - 1] + 1, [idx[-1] + 1]))
+    starts, ends = pages_to_runs(idx)
     if len(starts) > len(idx) // 4:  # scattered pages: gathers small enough that their temporary stays cached
         for at in range(0, len(idx), GATHER_PAGES):
             part = idx[at:at + GATHER_PAGES]

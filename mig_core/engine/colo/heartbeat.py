@@ -26,7 +26,7 @@ class Watchdog:
     """
 
     def __init__(self, name: str, timeout_ms: Callable[[], int], heard: Callable[[], int],
-                 beat: Callable[[], None], lost: Callable[[str], None],
+                 beat: Callable[[], None], lost: Callable[[str], object],
                  watching: Callable[[], bool] = lambda: True) -> None:
         self._timeout_ms = timeout_ms
         self._heard = heard

@@ -24,7 +24,7 @@ from mig_core.engine.colo import wire
 from mig_core.engine.colo.heartbeat import Watchdog, interval_s
 from mig_core.engine.colo.state import ColoState
 from mig_core.engine.return_path import ColoOutput, ColoReply, ColoTraffic
-from mig_core.engine.switchover import SwitchoverEngine, stop_machine
+from mig_core.engine.switchover import SwitchoverEngine, send_rest
 from mig_core.errors import MigError, MigrationFailed, QMPError
 from mig_core.ext import replication
 from mig_core.ext.channel import ChannelError
@@ -32,7 +32,6 @@ from mig_core.ext.dirty_tracker import DirtyConsumer
 from mig_core.ext.replication import Replication, Role
 from mig_core.machine.device import DeviceStateError
 from mig_core.machine.vcpu import VcpuStopTimeout
-from mig_core.memory.pagemap import union_pages
 from mig_core.memory.zeropage import zero_mask
 from mig_core.schema.common import RunState
 from mig_core.schema.migration import COLOMessage as M
@@ -132,11 +131,8 @@ class ColoPrimary:
         # heartbeats: their bytes are what the watchdog counts
 
     def _lost(self, why: str) -> None:
-        try:
-            self.state.lost_heartbeat(True, automatic=why)
-        except QMPError:
-            return  # a failover is under way already
-        self.engine._ch.abort(f"COLO: {why}")  # a send blocked on a silent secondary returns
+        if self.state.lose_peer(why):
+            self.engine._ch.abort(f"COLO: {why}")  # a send blocked on a silent secondary returns
 
     # -- the migration thread ------------------------------------------------------------------
 
@@ -147,12 +143,7 @@ class ColoPrimary:
         assert rp is not None  # x-colo opens it
         rp.on_colo = self._on_return_path
         rp.on_broken = self.trigger.kick  # a lost secondary wakes the loop at once
-        stop_machine(e, postcopy=False)
-        final = e._sync()
-        merged = {b.name: union_pages(e.pending[b.name], final[b.name], b.npages) for b in self.machine.blocks}
-        e._send_all(merged, running=False)
-        e._end_pass(running=False)
-        e.device_state.save_final(e.writer)
+        send_rest(e)  # no storage handover: the primary keeps running on its own
         e.writer.write_end()
         e._flush()
         e._account(0, running=False)
@@ -195,7 +186,8 @@ class ColoPrimary:
             log.error("colo_error", mode="primary", error=error)
             self.ctx.set_error(f"COLO: {error}")
         self.state.exited(COLOMode.PRIMARY)
-        self._await_failover(error)
+        self.state.await_failover(error, bool(self.ctx.parameter("x-colo-heartbeat-timeout")), "secondary",
+                                  self._lost, self._check_cancelled)
         self._failover()
 
     def _wait_for_trigger(self) -> str:
@@ -218,8 +210,7 @@ class ColoPrimary:
     def _check_requests(self) -> None:
         if self.state.requested:
             raise FailoverRequested()
-        if self.cancelled.is_set():
-            raise CancelRequested()
+        self._check_cancelled()
 
     def _check_peer(self) -> None:
         rp = self.engine.return_path
@@ -304,18 +295,9 @@ class ColoPrimary:
 
     # -- the end ------------------------------------------------------------------------------
 
-    def _await_failover(self, error: str | None) -> None:
-        """After an error, fail over at once when automatic failover is on (x-colo-heartbeat-timeout > 0),
-        else wait for x-colo-lost-heartbeat as QEMU does."""
-        if self.state.requested:
-            return
-        if error is not None and self.ctx.parameter("x-colo-heartbeat-timeout"):
-            self._lost(f"the secondary is lost: {error}")
-            return
-        while not self.state.requested:
-            if self.cancelled.is_set():
-                raise CancelRequested()
-            self.trigger.wait(POLL_S)
+    def _check_cancelled(self) -> None:
+        if self.cancelled.is_set():
+            raise CancelRequested()
 
     def _failover(self) -> None:
         """Run alone: release what is held, let output straight out, end the connection, completed."""

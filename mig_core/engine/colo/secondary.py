@@ -24,7 +24,7 @@ from mig_core.engine.colo.heartbeat import Watchdog
 from mig_core.engine.colo.state import ColoState
 from mig_core.engine.context import EngineContext, StatusCell
 from mig_core.engine.return_path import ColoHeartbeat, ColoOutput, ColoReply, DestinationReturnPath
-from mig_core.errors import MigError, QMPError
+from mig_core.errors import MigError
 from mig_core.ext.channel import Channel, ChannelError
 from mig_core.ext.dirty_tracker import DirtyConsumer
 from mig_core.machine.device import DeviceStateError
@@ -50,9 +50,6 @@ class IncomingSide(Protocol):
     reader: StreamReader
 
 log = structlog.get_logger("mig.colo")
-
-#: how often a wait for a failover decision looks again
-POLL_S = 0.05
 
 
 class FailoverRequested(Exception):
@@ -103,11 +100,6 @@ class ColoSecondary:
                 return
         self.channel.abort("COLO failover")
 
-    def _lost(self, why: str) -> None:
-        try:
-            self.state.lost_heartbeat(True, automatic=why)
-        except QMPError:
-            pass
 
     # -- the incoming thread ---------------------------------------------------------------
 
@@ -128,8 +120,8 @@ class ColoSecondary:
         self.rp.send(ColoReply(wire.NUMBER[M.CHECKPOINT_READY]))
         log.info("colo_started", mode="secondary")
         watchdog = Watchdog("mig/colo/watchdog", lambda: int(self.ctx.parameter("x-colo-heartbeat-timeout")),
-                            lambda: self.channel.bytes_received, lambda: self.rp.send(ColoHeartbeat()), self._lost,
-                            watching=lambda: not self._busy)
+                            lambda: self.channel.bytes_received, lambda: self.rp.send(ColoHeartbeat()),
+                            self.state.lose_peer, watching=lambda: not self._busy)
         watchdog.start()
         error: str | None = None
         try:
@@ -152,7 +144,8 @@ class ColoSecondary:
                 log.error("colo_error", mode="secondary", error=error)
                 self.ctx.set_error(f"COLO: {error}")
         self.state.exited(COLOMode.SECONDARY)
-        self._await_failover(error)
+        self.state.await_failover(error, bool(self.ctx.parameter("x-colo-heartbeat-timeout")), "primary",
+                                  self.state.lose_peer)
         self._failover()
 
     def _command(self, reader: StreamReader) -> CommandReceived:
@@ -230,15 +223,6 @@ class ColoSecondary:
                 self._busy = False
 
     # -- the end ----------------------------------------------------------------------------
-
-    def _await_failover(self, error: str | None) -> None:
-        if self.state.requested:
-            return
-        if error is not None and self.ctx.parameter("x-colo-heartbeat-timeout"):
-            self._lost(f"the primary is lost: {error}")
-            return
-        while not self.state.requested:
-            time.sleep(POLL_S)
 
     def _failover(self) -> None:
         """Take over: release what was kept, let output straight out, run as the service."""

@@ -17,6 +17,9 @@ log = structlog.get_logger("mig.colo")
 
 F = FailoverStatus
 
+#: how often a side waiting for a failover decision looks at its other reasons to stop waiting
+POLL_S = 0.05
+
 
 @dataclass
 class CheckpointFigures:
@@ -47,6 +50,7 @@ class ColoState:
         self.last_mode = COLOMode.NONE
         #: the running side (set by the COLO thread while it runs): wakes it for a failover or a checkpoint
         self._kick: Callable[[], None] | None = None
+        self._asked = threading.Event()  # a failover was asked for in this COLO run
         self._checkpoint_asked: Callable[[str], None] | None = None
         self.figures = CheckpointFigures()
         self.compare: Callable[[], CompareStats] = CompareStats
@@ -62,6 +66,7 @@ class ColoState:
         """A COLO run starts on this host (QEMU's failover_init_state)."""
         with self._lock:
             self.failover = F.NONE
+            self._asked.clear()
             self._kick = kick
             self._checkpoint_asked = ask_checkpoint
             self.figures = CheckpointFigures()
@@ -106,11 +111,34 @@ class ColoState:
             raise QMPError("VM is not in COLO mode")
         if not self.cas(F.NONE, F.REQUIRE):
             raise QMPError("COLO failover is already activated")
+        self._asked.set()
         if automatic is not None:
             log.warning("colo_automatic_failover", reason=automatic)
         kick = self._kick
         if kick is not None:
             kick()
+
+    def lose_peer(self, why: str) -> bool:
+        """The watchdog or a broken connection: fail over as x-colo-lost-heartbeat would; False if a failover
+        is under way already."""
+        try:
+            self.lost_heartbeat(True, automatic=why)
+        except QMPError:
+            return False
+        return True
+
+    def await_failover(self, error: str | None, automatic: bool, peer: str, lose: Callable[[str], object],
+                       check: Callable[[], None] = lambda: None) -> None:
+        """After a side's loop ended: an ``error`` fails over at once when failover is ``automatic``
+        (``lose``), else the side waits for x-colo-lost-heartbeat as QEMU does (``check`` may raise to stop
+        waiting)."""
+        if self.requested:
+            return
+        if error is not None and automatic:
+            lose(f"the {peer} is lost: {error}")
+            return
+        while not self._asked.wait(POLL_S):
+            check()
 
     def checkpoint_now(self, reason: str) -> bool:
         """Ask the primary for a checkpoint now (x-checkpoint-delay set, xen-colo-do-checkpoint); False if

@@ -12,6 +12,7 @@ from mig_tls.testing import make_pki
 
 from mig_core.testing import (
     connect,
+    pause_and_recover,
     qmp_error,
     ram_digest,
     wait_for_status,
@@ -63,12 +64,7 @@ async def test_postcopy_over_tls_serves_faults_pauses_and_recovers_exact(start_h
         await _postcopy_over_tls(src, dst, tmp_path, caps)
         await wait_for_status(dst, {"postcopy-active"})  # paused after the hand-over to the page server
 
-        await src.execute("migrate-pause", oob=True)
-        await wait_for_status(src, {"postcopy-paused"})
-        await wait_for_status(dst, {"postcopy-paused"})  # (its monitor front answers: a vCPU may wait on a page)
-        await dst.execute("migrate-recover", {"uri": f"unix:{tmp_path}/r.sock"})
-        await src.execute("migrate", {"uri": f"unix:{tmp_path}/r.sock", "resume": True})
-        await wait_for_status(src, {"postcopy-active", "completed"})
+        await pause_and_recover(src, dst, src, f"unix:{tmp_path}/r.sock")
         await src.execute("migrate-set-parameters", {"max-postcopy-bandwidth": 0})
         done = await wait_for_status(src, {"completed", "failed"}, timeout=60)
         assert done["status"] == "completed", done
