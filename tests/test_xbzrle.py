@@ -62,7 +62,9 @@ async def test_migration_with_xbzrle(start_host, tmp_path):
     src, dst = await connect(s.sock), await connect(d.sock)
     try:
         await src.execute("migrate-set-capabilities", {"capabilities": [{"capability": "xbzrle", "state": True}]})
-        await src.execute("migrate-set-parameters", {"max-bandwidth": 8 << 20, "downtime-limit": 20,
+        # downtime-limit 0: no switchover while the workload dirties anything, however slowly a busy machine
+        # runs it, until the test has seen the cache resized and in use; then the limit lets it complete
+        await src.execute("migrate-set-parameters", {"max-bandwidth": 8 << 20, "downtime-limit": 0,
                                                      "xbzrle-cache-size": 1 << 20})
         await dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/x.sock"})
         await src.execute("migrate", {"uri": f"unix:{tmp_path}/x.sock"})
@@ -72,8 +74,12 @@ async def test_migration_with_xbzrle(start_host, tmp_path):
             if info.get("ram", {}).get("dirty-sync-count", 0) >= 2 and not resized:  # resizable while it runs
                 await src.execute("migrate-set-parameters", {"xbzrle-cache-size": 16 << 20})
                 resized = True
+            cache = info.get("xbzrle-cache", {})
+            if resized and cache.get("pages", 0) > 100 and cache.get("cache-miss", 0) > 0:
+                break
             await __import__("asyncio").sleep(0.05)
-        info = await wait_for_status(src, {"completed", "failed"})
+        await src.execute("migrate-set-parameters", {"downtime-limit": 2000, "max-bandwidth": 0})
+        info = await wait_for_status(src, {"completed", "failed"}, timeout=60)
         assert info["status"] == "completed", info
         x = info["xbzrle-cache"]
         assert x["cache-size"] == 16 << 20 and resized
