@@ -24,33 +24,44 @@ ENV = {"MIG_LOG_LEVEL": "info"}
 CORES = os.cpu_count() or 1
 
 _RAW_RECEIVER = r"""
-import socket, sys, threading, numpy as np
+import socket, sys, threading, time, numpy as np
 size, n = int(sys.argv[1]), int(sys.argv[2])
 buf = np.ones(size, dtype=np.uint8)  # faulted in, like a preallocated destination
 s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(n)
 print(s.getsockname()[1], flush=True)
 conns = [s.accept()[0] for _ in range(n)]
 part = size // n
+cpu = [0.0] * n
 def rx(i):
+    start = time.thread_time()
     mv = memoryview(buf)[i * part:(i + 1) * part]; got = 0
     while got < part:
         k = conns[i].recv_into(mv[got:])
         if not k: break
         got += k
+    cpu[i] = time.thread_time() - start
 ts = [threading.Thread(target=rx, args=(i,)) for i in range(n)]
 [t.start() for t in ts]; [t.join() for t in ts]
+print(sum(cpu), flush=True)
 conns[0].sendall(b"k")
 """
 
 
-def raw_loopback(n: int, size: int = GIB, congestion: bytes | None = None) -> float:
+def raw_loopback(n: int = 1, size: int = GIB, congestion: bytes | None = None) -> float:
+    """Seconds to move ``size`` random bytes over ``n`` loopback connections (``raw_loopback_measured``)."""
+    return raw_loopback_measured(n, size, congestion)[0]
+
+
+def raw_loopback_measured(n: int = 1, size: int = GIB, congestion: bytes | None = None) -> tuple[float, float]:
     """Seconds to move ``size`` random bytes over ``n`` loopback connections (a thread per connection on each
-    side, sendall of 4 MiB slices / recv_into a faulted-in buffer): the limit for n multifd channels.
+    side, sendall of 4 MiB slices / recv_into a faulted-in buffer): the limit for n multifd channels; and
+    the CPU-seconds those threads used on both sides together (what the move costs the machine's cores).
 
     ``congestion``: the senders' congestion control (None: the system's default). Every connection gets
     TCP_NODELAY, as mig's do."""
     data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
     rx = subprocess.Popen([sys.executable, "-c", _RAW_RECEIVER, str(size), str(n)], stdout=subprocess.PIPE, text=True)
+    assert rx.stdout is not None
     port = int(rx.stdout.readline())
     socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
     for s in socks:
@@ -58,11 +69,14 @@ def raw_loopback(n: int, size: int = GIB, congestion: bytes | None = None) -> fl
         if congestion:
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion)
     part = size // n
+    cpu = [0.0] * n
 
     def tx(i: int) -> None:
+        start = time.thread_time()
         mv = memoryview(data)[i * part:(i + 1) * part]
         for off in range(0, part, 4 << 20):
             socks[i].sendall(mv[off:off + (4 << 20)])
+        cpu[i] = time.thread_time() - start
 
     t = time.perf_counter()
     threads = [threading.Thread(target=tx, args=(i,)) for i in range(n)]
@@ -72,10 +86,11 @@ def raw_loopback(n: int, size: int = GIB, congestion: bytes | None = None) -> fl
         th.join()
     socks[0].recv(1)
     elapsed = time.perf_counter() - t
+    rx_cpu = float(rx.stdout.readline())
     for s in socks:
         s.close()
     rx.wait()
-    return elapsed
+    return elapsed, sum(cpu) + rx_cpu
 
 
 #: what mig's socket transport switches a loopback connection to, where it can (its first choice)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.hosts import cpu_seconds, qmp_clients
-from benchmarks.multifd import CORES, ENV, GIB, UNPACED, codec_speeds, raw_loopback, sample
+from benchmarks.multifd import CORES, ENV, GIB, UNPACED, codec_speeds, raw_loopback_measured, sample
 from mig_core.testing import Host, connect, migrate_and_wait, wait_for_status
 
 #: (multifd channels (0: the main channel only), multifd-compression)
@@ -160,7 +160,7 @@ def table(binary: str, reps: int = 3, configs: list[tuple[int, str]] | None = No
                 q, m, raw, floor = [], [], [], []
                 for _ in range(reps):
                     conns = max(channels, 1)
-                    raw.append(min(raw_loopback(conns), raw_loopback(conns, congestion=UNPACED)))
+                    raw.append(min(raw_loopback_measured(conns), raw_loopback_measured(conns, congestion=UNPACED)))
                     if comp != "none" and codec is not None:
                         c_speed, d_speed = codec_speeds(comp, LEVEL[comp][1], codec)
                         floor.append((GIB / c_speed + GIB / d_speed) / CORES)
@@ -171,7 +171,9 @@ def table(binary: str, reps: int = 3, configs: list[tuple[int, str]] | None = No
                              "qemu_down": _median(q, "downtime_ms"), "mig_down": _median(m, "downtime_ms"),
                              "qemu_cpu_src": _median(q, "cpu_src"), "qemu_cpu_dst": _median(q, "cpu_dst"),
                              "mig_cpu_src": _median(m, "cpu_src"), "mig_cpu_dst": _median(m, "cpu_dst"),
-                             "raw_s": statistics.median(raw), "floor_s": statistics.median(floor) if floor else None,
+                             "raw_s": statistics.median(r[0] for r in raw),
+                             "raw_cpu": statistics.median(r[1] for r in raw),
+                             "floor_s": statistics.median(floor) if floor else None,
                              "mig_compression": m[-1]["info"].get("compression")})
                 print(_line(rows[-1]), flush=True)
             ram.unlink()
@@ -179,7 +181,8 @@ def table(binary: str, reps: int = 3, configs: list[tuple[int, str]] | None = No
 
 
 HEADER = ("| data | channels | compression | QEMU s | mig s | QEMU / mig | limit s | mig vs limit | downtime ms "
-          "QEMU / mig | CPU s src QEMU / mig | CPU s dst QEMU / mig |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "QEMU / mig | CPU s src QEMU / mig | CPU s dst QEMU / mig | CPU s both sides: mig / limit |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _line(r: dict) -> str:
@@ -188,7 +191,8 @@ def _line(r: dict) -> str:
     return (f"| {r['data']} | {r['channels'] or '1 (no multifd)'} | {r['compression']} | {r['qemu_s']:.2f} | "
             f"{r['mig_s']:.2f} | {r['qemu_s'] / r['mig_s']:.2f} | {limit:.2f} ({kind}) | {limit / r['mig_s']:.2f} | "
             f"{r['qemu_down']:.0f} / {r['mig_down']:.0f} | {r['qemu_cpu_src']:.2f} / {r['mig_cpu_src']:.2f} | "
-            f"{r['qemu_cpu_dst']:.2f} / {r['mig_cpu_dst']:.2f} |")
+            f"{r['qemu_cpu_dst']:.2f} / {r['mig_cpu_dst']:.2f} | {r['mig_cpu_src'] + r['mig_cpu_dst']:.2f} / "
+            f"{limit * CORES if kind == 'floor' else r['raw_cpu']:.2f} |")
 
 
 def main(args: list[str] | None = None) -> None:
@@ -200,7 +204,10 @@ def main(args: list[str] | None = None) -> None:
     print(f"### mig beside QEMU ({qemu_version(binary)}), 1 GiB, tcp loopback (median of {reps}, alternating)\n")
     print("Both sources map the same RAM file and start paused; destinations preallocate. Limit: raw loopback "
           "with the same connections (the faster congestion control), or with a compressor the codec floor "
-          "(compress + decompress time of one thread each on the same data, over the cores).\n")
+          "(compress + decompress time of one thread each on the same data, over the cores). The last column: "
+          "the CPU-seconds mig's two processes used against those the limit's copying threads used (raw) or "
+          "the codec's two threads (floor); on these cores a run cannot take less than its CPU-seconds over "
+          "the cores.\n")
     print(HEADER, flush=True)
     only = set(args or [])
     table(binary, reps, data=tuple(d for d in DATA if not only or d in only))
