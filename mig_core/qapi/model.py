@@ -95,6 +95,9 @@ class FlatUnion:
     branches: ClassVar[dict[str, type]]
 
     __slots__ = ("tag", "value")
+    tag: QapiEnum
+    #: the branch's struct (or nested union): its type follows the tag, which the checker cannot see
+    value: Any
 
     def __init__(self, tag: QapiEnum | str, value: Any) -> None:
         self.tag = self.tag_type(tag)

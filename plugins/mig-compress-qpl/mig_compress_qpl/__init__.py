@@ -46,7 +46,7 @@ class _Decoder(PageFramedDecoder):
     def decompress_page(self, data: memoryview) -> bytes:
         try:
             return isal_zlib.decompress(data, wbits=-15, bufsize=self.page_size)
-        except isal_zlib.error as e:
+        except isal_zlib.error as e:  # type: ignore[misc]  # isal's stub: an instance, not a class
             raise ValueError(f"corrupt qpl page: {e}") from None
 
 

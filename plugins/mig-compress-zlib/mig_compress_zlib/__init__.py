@@ -64,7 +64,7 @@ class _ZlibDecoder(IntoDecoder):
                 rest = inflate.unconsumed_tail
             # the stream's end (and checksum) may follow the last byte; anything decoded past it is too much
             extra = inflate.decompress(rest, 1) if pos == out.nbytes and not inflate.eof else b""
-        except (isal_zlib.error, zlib.error) as e:
+        except (isal_zlib.error, zlib.error) as e:  # type: ignore[misc]  # isal's stub: an instance, not a class
             raise ValueError(f"corrupt zlib packet: {e}") from None
         if extra:
             raise ValueError(f"zlib packet decompresses to more than the {out.nbytes} bytes expected")

@@ -9,6 +9,7 @@ the committed tags when the store opens, so a slot a crashed save wrote is simpl
 
 from __future__ import annotations
 
+import builtins
 import ctypes
 import ctypes.util
 import os
@@ -296,7 +297,7 @@ class DedupBackend(SnapshotBackend):
     def exists(self, tag: str) -> bool:
         return tag in self.manifests
 
-    def begin(self, tag: str, blocks: list[BlockShape]) -> SnapshotWriter:
+    def begin(self, tag: str, blocks: builtins.list[BlockShape]) -> SnapshotWriter:  # list: the method above
         return _Writer(self, tag, blocks)
 
     def open(self, tag: str) -> SnapshotReader:

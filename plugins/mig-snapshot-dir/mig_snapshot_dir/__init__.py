@@ -4,6 +4,7 @@ and the device state."""
 
 from __future__ import annotations
 
+import builtins
 import os
 import shutil
 import threading
@@ -161,7 +162,7 @@ class DirectoryBackend(SnapshotBackend):
             return False
         return True
 
-    def begin(self, tag: str, blocks: list[BlockShape]) -> SnapshotWriter:
+    def begin(self, tag: str, blocks: builtins.list[BlockShape]) -> SnapshotWriter:  # list: the method above
         return _Writer(self, tag, blocks)
 
     def open(self, tag: str) -> SnapshotReader:

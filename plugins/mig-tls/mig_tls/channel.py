@@ -12,6 +12,7 @@ from __future__ import annotations
 import ssl
 import threading
 from collections.abc import Callable, Sequence
+from typing import cast
 
 from mig_core.errors import ChannelError
 from mig_core.ext.channel import Buffer, Channel, ChannelAbilities
@@ -136,7 +137,7 @@ class TlsChannel(Channel):
                 with self._ssl_lock:
                     try:
                         while got < view.nbytes:
-                            k = self._ssl.read(view.nbytes - got, view[got:])
+                            k = cast(int, self._ssl.read(view.nbytes - got, view[got:]))  # with a buffer: a count
                             if not k:  # the peer's close_notify: the end of the stream
                                 break
                             got += k

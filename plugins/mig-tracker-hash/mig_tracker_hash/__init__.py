@@ -8,7 +8,7 @@ the next pass is never missed: what counts is what the other side holds.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
@@ -63,5 +63,6 @@ class HashTracker(DirtyTracker):
         super().__init__(blocks)
         self.zero_hash = {b.page_size: int(hash_pages(np.zeros((1, b.page_size), np.uint8))[0]) for b in self.blocks}
 
-    def _make_consumer(self, name: str, sends: bool) -> DirtyConsumer:
+    def _make_consumer(self, name: str, sends: bool, skip: Collection[str] = ()) -> DirtyConsumer:
+        # ``skip`` only saves a tracker work; this one hashes what it is asked about and has none to save
         return _HashConsumer(self, name, records_sent=sends)

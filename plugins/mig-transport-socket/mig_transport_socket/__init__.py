@@ -8,6 +8,7 @@ import os
 import select
 import socket
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 
@@ -48,7 +49,7 @@ def _parse_inet(text: str) -> InetSocketAddress:
         raise TransportError(str(e)) from None
     if not port:
         raise TransportError(f"error parsing address '{text}'")
-    kw: dict[str, object] = {}
+    kw: dict[str, Any] = {}  # a bool or an int, by option
     for opt in opts:
         key, eq, value = opt.partition("=")
         if key in _BOOL_OPTS:
