@@ -17,11 +17,12 @@ import os
 import ssl
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 
 import sslpsk3
 import structlog
-from sslpsk3.sslpsk3 import SSLPSKObject
+from sslpsk3.sslpsk3 import SSLPSKObject, psk_contexts
 
 from mig_core.errors import ChannelError
 from mig_core.ext.channel import Channel
@@ -37,17 +38,45 @@ TLS12_CIPHERS = "ECDHE-PSK-CHACHA20-POLY1305:DHE-PSK-AES256-GCM-SHA384:DHE-PSK-C
 NATIVE_PSK = sys.version_info >= (3, 13)
 
 
+#: held while a session adds its entry to sslpsk3's table, so that the entry it added is known
+_TABLE_LOCK = threading.Lock()
+
+
 class _PskObject(SSLPSKObject):
     """sslpsk3's object sets its callbacks (and, on a server, the accept state) at every ``do_handshake``;
-    a memory-BIO session calls that once per round trip, so the callbacks are set once."""
+    a memory-BIO session calls that once per round trip, so the callbacks are set once.
+
+    sslpsk3 finds a session's context in a module-wide table (``psk_contexts``, keyed by OpenSSL's session
+    address) that it never empties: every session would keep its credentials alive for the life of the
+    process, ``object-del`` or not. OpenSSL asks for keys only during the handshake, so the entry goes when
+    the handshake ends, or fails, or when the session is dropped in the middle of it (a cut connection).
+    """
 
     _psk_ready = False
 
     def do_handshake(self) -> None:
         if not self._psk_ready:
-            self.context.setup_psk_callbacks(self)  # type: ignore[attr-defined]
             self._psk_ready = True
-        ssl.SSLObject.do_handshake(self)
+            with _TABLE_LOCK:
+                before = set(psk_contexts)
+                self.context.setup_psk_callbacks(self)  # type: ignore[attr-defined]
+                added = set(psk_contexts) - before
+            # a dropped session: the callback runs before OpenSSL frees the session, so before its address
+            # can be another session's key
+            self._psk_release = [weakref.finalize(self, psk_contexts.pop, key, None) for key in added]
+        try:
+            ssl.SSLObject.do_handshake(self)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise  # a memory-BIO round trip: the handshake goes on
+        except BaseException:
+            self._release_psk()
+            raise
+        self._release_psk()
+
+    def _release_psk(self) -> None:
+        for release in getattr(self, "_psk_release", ()):
+            release()  # pops this session's entry now; a finalizer runs once, so not again later
+        self._psk_release = []
 
 
 def read_keys(path: str) -> dict[str, bytes]:
@@ -103,6 +132,7 @@ class PskCredentials(ChannelSecurity):
         self._handshake = threading.local()  # the username the client presented, per handshaking thread
         ctx = sslpsk3.SSLPSKContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
         ctx.sslobject_class = _PskObject
+        ctx.options |= ssl.OP_NO_RENEGOTIATION  # keys are asked for in the first handshake only
         if NATIVE_PSK:
             ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         else:
