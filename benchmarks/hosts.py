@@ -31,9 +31,29 @@ async def qmp_clients(*hosts: Any) -> AsyncIterator[list[QMPClient]]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (``/proc/PID/stat``; clock-tick resolution)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time so far of a process and every process it started that is part of its work (a
+    TLS relay, a postcopy page server, their session children): ``/proc/PID/stat`` of each live one, with
+    what each has reaped of its own exited children (clock-tick resolution)."""
+    stats: dict[int, list[str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stats[int(entry.name)] = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+    children: dict[int, list[int]] = {}
+    for p, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(p)  # field 4 of stat: the parent
+    ticks, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        fields = stats.get(p)
+        if fields is None:
+            continue
+        ticks += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])  # utime stime cutime cstime
+        todo.extend(children.get(p, ()))
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def rss(pid: int) -> int:

@@ -2,7 +2,8 @@
 spends per GiB, beside raw loopback and raw TLS loopback (Python's ssl over one connection) measured the same run.
 Two more rows: one channel with ``postcopy-ram`` on both sides (no switch), plain and TLS. With it the
 destination drops its RAM at the advise (every page then faults in again), and its TLS session ends in the
-relay process, whose CPU the destination's column does not count.
+relay process, a child of the destination whose CPU its column includes (``benchmarks.hosts.cpu_seconds``
+counts a host's whole process tree).
 
 ``make bench WHICH=tls``.
 """
