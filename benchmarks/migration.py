@@ -4,58 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from benchmarks.hosts import qmp_clients, rss
-from benchmarks.multifd import UNPACED, system_congestion
+from benchmarks.multifd import GIB, UNPACED, raw_loopback, system_congestion
 from mig_core.testing import Host, migrate_and_wait, vcpu_records, wait_for_status
 
-GIB = 1 << 30
 ENV = {"MIG_LOG_LEVEL": "info"}
-
-_RAW_RECEIVER = r"""
-import socket, sys, numpy as np
-size = int(sys.argv[1])
-buf = np.ones(size, dtype=np.uint8)  # faulted in, like a preallocated destination
-s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen(1)
-print(s.getsockname()[1], flush=True)
-c, _ = s.accept()
-mv = memoryview(buf); got = 0
-while got < size:
-    n = c.recv_into(mv[got:])
-    if not n: break
-    got += n
-c.sendall(b"k")
-"""
-
-
-def raw_loopback(size: int = GIB, congestion: bytes | None = None) -> float:
-    """Seconds for one process to sendall 4 MiB slices of random data to another that recv_into's them.
-
-    ``congestion``: the sender's congestion control (None: the system's default)."""
-    import numpy as np
-
-    data = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
-    rx = subprocess.Popen([sys.executable, "-c", _RAW_RECEIVER, str(size)], stdout=subprocess.PIPE, text=True)
-    port = int(rx.stdout.readline())
-    s = socket.create_connection(("127.0.0.1", port))
-    if congestion:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion)
-    mv = memoryview(data)
-    t = time.perf_counter()
-    for i in range(0, size, 4 << 20):
-        s.sendall(mv[i:i + (4 << 20)])
-    s.recv(1)
-    elapsed = time.perf_counter() - t
-    s.close()
-    rx.wait()
-    return elapsed
 
 
 async def _migrate(tmp: Path, src_args: tuple[str, ...], dst_args: tuple[str, ...], params: dict,

@@ -100,7 +100,6 @@ class ColoSecondary:
                 return
         self.channel.abort("COLO failover")
 
-
     # -- the incoming thread ---------------------------------------------------------------
 
     def run(self) -> None:

@@ -52,31 +52,31 @@ class _PskObject(SSLPSKObject):
     the handshake ends, or fails, or when the session is dropped in the middle of it (a cut connection).
     """
 
-    _psk_ready = False
+    #: one finalizer per table entry this session added; None until its callbacks are set
+    _psk_entries: list[weakref.finalize] | None = None
 
     def do_handshake(self) -> None:
-        if not self._psk_ready:
-            self._psk_ready = True
+        if self._psk_entries is None:
             with _TABLE_LOCK:
                 before = set(psk_contexts)
                 self.context.setup_psk_callbacks(self)  # type: ignore[attr-defined]
                 added = set(psk_contexts) - before
             # a dropped session: the callback runs before OpenSSL frees the session, so before its address
             # can be another session's key
-            self._psk_release = [weakref.finalize(self, psk_contexts.pop, key, None) for key in added]
+            self._psk_entries = [weakref.finalize(self, psk_contexts.pop, key, None) for key in added]
         try:
             ssl.SSLObject.do_handshake(self)
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             raise  # a memory-BIO round trip: the handshake goes on
         except BaseException:
-            self._release_psk()
+            self._release_entries()
             raise
-        self._release_psk()
+        self._release_entries()
 
-    def _release_psk(self) -> None:
-        for release in getattr(self, "_psk_release", ()):
-            release()  # pops this session's entry now; a finalizer runs once, so not again later
-        self._psk_release = []
+    def _release_entries(self) -> None:
+        """Pop this session's entries now (a finalizer runs once: not again when the session is dropped)."""
+        for entry in self._psk_entries or ():
+            entry()
 
 
 def read_keys(path: str) -> dict[str, bytes]:
