@@ -118,7 +118,9 @@ async def test_a_link_that_stays_down_fails_both_ends_in_time_and_the_source_mig
     link.down()
     since = time.monotonic()
     error = await assert_failed_in_time(src, since, before, tmp_path)
-    assert "timed out" in error, error
+    # what the kernel reports when the user timeout ends the connection: ETIMEDOUT, or the last soft error
+    # a retransmission met (ENETUNREACH once the down link's route is gone, depending on when it went)
+    assert "timed out" in error or "Network is unreachable" in error, error
     # the destination's connection is dead too: it fails (and exits, exit-on-error) within the same bound
     assert d.proc.wait(USER_TIMEOUT + SLACK) == 1
     assert time.monotonic() - since < USER_TIMEOUT + SLACK
