@@ -26,6 +26,7 @@ from mig_core.engine.device_iteration import DeviceIteration
 from mig_core.engine.multifd_send import MultifdSender, connect_sender
 from mig_core.engine.postcopy.source import PostcopySender
 from mig_core.engine.postcopy.switch import run_postcopy
+from mig_core.engine.ram_pass import account_and_pace, send_pages
 from mig_core.engine.return_path import SourceReturnPath
 from mig_core.engine.snapshot.background import run_background_snapshot
 from mig_core.engine.stats import MigrationCounters, PassRecord, RateLimiter, SourceStats, now_ms
@@ -40,7 +41,6 @@ from mig_core.machine.block_data import BlockDataDevice
 from mig_core.machine.device import DeviceStateError
 from mig_core.machine.vcpu import VcpuStopTimeout
 from mig_core.memory.ram import RAMBlock
-from mig_core.memory.zeropage import zero_mask
 from mig_core.schema.common import RunState
 from mig_core.schema.migration import MigMode, VfioStats
 from mig_core.schema.migration import MigrationCapability as C
@@ -57,9 +57,6 @@ if TYPE_CHECKING:
     from mig_core.schema.migration import MigrationAddress
 
 log = structlog.get_logger("mig.outgoing")
-
-#: Pages handed to one write (4 MiB of 4 KiB pages): small enough for prompt cancel and rate limiting.
-BATCH_PAGES = 1024
 
 
 class Cancelled(Exception):
@@ -497,99 +494,10 @@ class OutgoingMigration:
         return [(b, self.pending[b.name]) for b in self.machine.blocks]
 
     def _account_and_pace(self, pages: int, running: bool) -> None:
-        """Count what the channel sent since the last call, then wait as max-bandwidth asks for those bytes."""
-        before = self._accounted
-        self._account(pages, running)
-        delay = self.limiter.wait_time(self._accounted - before)
-        if delay:
-            self.cancel_requested.wait(delay)
+        account_and_pace(self, pages, running)
 
     def _send_all(self, pages: dict[str, np.ndarray], running: bool) -> None:
-        for bi, b in enumerate(self.machine.blocks):
-            idx = pages[b.name]
-            for i in range(0, len(idx), BATCH_PAGES):
-                self._check_cancel()
-                if running and self._postcopy_due():  # what this pass has not sent yet goes in postcopy
-                    self._unsent = {x.name: (pages[x.name][i:] if x is b else pages[x.name][len(pages[x.name]):]
-                                             if xi < bi else pages[x.name])
-                                    for xi, x in enumerate(self.machine.blocks)}
-                    return
-                self.limiter.set_limit(self.ctx.parameter("max-bandwidth") if running else 0)
-                self._send_batch(b, idx[i:i + BATCH_PAGES], running)
-                self.counters.remaining = max(0, self.counters.remaining - min(BATCH_PAGES, len(idx) - i) *
-                                              b.page_size)
-
-    def _send_batch(self, b: RAMBlock, pages: np.ndarray, running: bool) -> None:
-        c = self.counters
-        if self._main_thread_zero:
-            is_zero = zero_mask(b.words, pages)
-            if is_zero.any():
-                zero = pages[is_zero]
-                pages = pages[~is_zero]
-                c.duplicate += len(zero)
-                if self.xbzrle.active and running:
-                    self.xbzrle.zeroed(self._block_index[b.name], zero, self.counters.dirty_sync_count)
-                stale = zero[self._sent_nonzero[b.name][zero]]
-                if self.mapped is not None:
-                    self.mapped.zero(b, zero)
-                elif len(stale):
-                    self.writer.write_zero_pages(b, stale)
-                    self._sent_nonzero[b.name][stale] = False
-                    self._account(len(stale), running)
-                    self._dirty.sent(b, stale, np.zeros((len(stale), b.page_size), dtype=np.uint8))
-        if not len(pages):
-            return
-        if self.multifd is not None:
-            self._send_multifd(b, pages, running)
-            return
-        if self.xbzrle.active:
-            self._send_xbzrle(b, pages, running)
-            return
-        data = None
-        if self._dirty.wants_copies:
-            data = b.pages[pages]  # the copy that is both sent and recorded
-            self._dirty.sent(b, pages, data)
-        if self.mapped is not None:
-            nbytes = self.mapped.write(self._ch, b, pages, data)
-        else:
-            nbytes = self.writer.write_pages(b, pages, data)
-        self._sent_nonzero[b.name][pages] = True
-        c.normal += len(pages)
-        self._account(len(pages), running)
-        delay = self.limiter.wait_time(nbytes)
-        if delay:
-            self.cancel_requested.wait(delay)
-
-    def _send_multifd(self, b: RAMBlock, pages: np.ndarray, running: bool) -> None:
-        data = None
-        if self._dirty.wants_copies:
-            data = b.pages[pages]  # the copy that is both sent and recorded
-            self._dirty.sent(b, pages, data)
-        self._sent_nonzero[b.name][pages] = True
-        assert self.multifd is not None
-        self.multifd.send(self._block_index[b.name], b, pages, data, self.counters.dirty_sync_count,
-                          self._check_cancel)
-        self._account(0, running)  # the main channel's share (zero-page markers under legacy detection)
-        delay = self.limiter.wait_time(len(pages) * b.page_size)
-        if delay:
-            self.cancel_requested.wait(delay)
-
-    # -- xbzrle -------------------------------------------------------------------------
-
-    def _send_xbzrle(self, b: RAMBlock, pages: np.ndarray, running: bool) -> None:
-        self.xbzrle.resize_if_changed(self.ctx.parameter("xbzrle-cache-size"))  # resizable while migrating
-        data = b.pages[pages]  # a snapshot: what is encoded, sent and cached is the same
-        plain, encoded, enc_idx = self.xbzrle.encode(self._block_index[b.name], pages, data,
-                                                     self.counters.dirty_sync_count, running)
-        if plain:
-            idx = np.array(plain)
-            self.writer.write_pages(b, pages[idx], data[idx])
-            self.counters.normal += len(idx)
-        if encoded:
-            self.writer.write_xbzrle_pages(b, pages[np.array(enc_idx)], encoded)
-        self._sent_nonzero[b.name][pages] = True
-        self._dirty.sent(b, pages, data)
-        self._account_and_pace(len(plain) + len(encoded), running)
+        send_pages(self, pages, running)
 
     def threads(self) -> list[threading.Thread]:
         """The threads of this migration (query-migrationthreads shows those alive)."""

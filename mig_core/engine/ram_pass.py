@@ -1,0 +1,123 @@
+"""Sending one pass of dirty RAM on the source: batches, the zero test, and the channel each batch takes.
+
+The migration thread walks the pass's pages in batches of ``BATCH_PAGES``: each
+batch is tested for zero pages on this thread (by the multifd sender under
+multifd detection), then goes to the multifd channels, through xbzrle, or onto
+the main stream, and max-bandwidth paces what was written. A pass ends early
+when postcopy is due: what it had not sent yet is kept for postcopy.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mig_core.memory.ram import RAMBlock
+from mig_core.memory.zeropage import zero_mask
+
+if TYPE_CHECKING:
+    from mig_core.engine.outgoing import OutgoingMigration
+
+#: Pages handed to one write (4 MiB of 4 KiB pages): small enough for prompt cancel and rate limiting.
+BATCH_PAGES = 1024
+
+
+def account_and_pace(m: OutgoingMigration, pages: int, running: bool) -> None:
+    """Count what the channel sent since the last call, then wait as max-bandwidth asks for those bytes."""
+    before = m._accounted
+    m._account(pages, running)
+    delay = m.limiter.wait_time(m._accounted - before)
+    if delay:
+        m.cancel_requested.wait(delay)
+
+
+def send_pages(m: OutgoingMigration, pages: dict[str, np.ndarray], running: bool) -> None:
+    """Send ``pages`` (per block, sorted) in batches; ``running``: the machine runs (a pass, not the last)."""
+    for bi, b in enumerate(m.machine.blocks):
+        idx = pages[b.name]
+        for i in range(0, len(idx), BATCH_PAGES):
+            m._check_cancel()
+            if running and m._postcopy_due():  # what this pass has not sent yet goes in postcopy
+                m._unsent = {x.name: (pages[x.name][i:] if x is b else pages[x.name][len(pages[x.name]):]
+                                      if xi < bi else pages[x.name])
+                             for xi, x in enumerate(m.machine.blocks)}
+                return
+            m.limiter.set_limit(m.ctx.parameter("max-bandwidth") if running else 0)
+            _send_batch(m, b, idx[i:i + BATCH_PAGES], running)
+            m.counters.remaining = max(0, m.counters.remaining - min(BATCH_PAGES, len(idx) - i) * b.page_size)
+
+
+def _send_batch(m: OutgoingMigration, b: RAMBlock, pages: np.ndarray, running: bool) -> None:
+    """One batch: zero pages as markers (when this thread tests), the rest by multifd, xbzrle or the stream."""
+    c = m.counters
+    if m._main_thread_zero:
+        is_zero = zero_mask(b.words, pages)
+        if is_zero.any():
+            zero = pages[is_zero]
+            pages = pages[~is_zero]
+            c.duplicate += len(zero)
+            if m.xbzrle.active and running:
+                m.xbzrle.zeroed(m._block_index[b.name], zero, m.counters.dirty_sync_count)
+            stale = zero[m._sent_nonzero[b.name][zero]]
+            if m.mapped is not None:
+                m.mapped.zero(b, zero)
+            elif len(stale):
+                m.writer.write_zero_pages(b, stale)
+                m._sent_nonzero[b.name][stale] = False
+                m._account(len(stale), running)
+                m._dirty.sent(b, stale, np.zeros((len(stale), b.page_size), dtype=np.uint8))
+    if not len(pages):
+        return
+    if m.multifd is not None:
+        _send_multifd(m, b, pages, running)
+        return
+    if m.xbzrle.active:
+        _send_xbzrle(m, b, pages, running)
+        return
+    data = None
+    if m._dirty.wants_copies:
+        data = b.pages[pages]  # the copy that is both sent and recorded
+        m._dirty.sent(b, pages, data)
+    if m.mapped is not None:
+        nbytes = m.mapped.write(m._ch, b, pages, data)
+    else:
+        nbytes = m.writer.write_pages(b, pages, data)
+    m._sent_nonzero[b.name][pages] = True
+    c.normal += len(pages)
+    m._account(len(pages), running)
+    delay = m.limiter.wait_time(nbytes)
+    if delay:
+        m.cancel_requested.wait(delay)
+
+
+def _send_multifd(m: OutgoingMigration, b: RAMBlock, pages: np.ndarray, running: bool) -> None:
+    """Queue the batch for the multifd channels, which write it (the sender tests it for zeros first)."""
+    data = None
+    if m._dirty.wants_copies:
+        data = b.pages[pages]  # the copy that is both sent and recorded
+        m._dirty.sent(b, pages, data)
+    m._sent_nonzero[b.name][pages] = True
+    assert m.multifd is not None
+    m.multifd.send(m._block_index[b.name], b, pages, data, m.counters.dirty_sync_count, m._check_cancel)
+    m._account(0, running)  # the main channel's share (zero-page markers under legacy detection)
+    delay = m.limiter.wait_time(len(pages) * b.page_size)
+    if delay:
+        m.cancel_requested.wait(delay)
+
+
+def _send_xbzrle(m: OutgoingMigration, b: RAMBlock, pages: np.ndarray, running: bool) -> None:
+    """Encode the batch against the xbzrle cache: deltas where they pay, the pages themselves elsewhere."""
+    m.xbzrle.resize_if_changed(m.ctx.parameter("xbzrle-cache-size"))  # resizable while migrating
+    data = b.pages[pages]  # a snapshot: what is encoded, sent and cached is the same
+    plain, encoded, enc_idx = m.xbzrle.encode(m._block_index[b.name], pages, data, m.counters.dirty_sync_count,
+                                              running)
+    if plain:
+        idx = np.array(plain)
+        m.writer.write_pages(b, pages[idx], data[idx])
+        m.counters.normal += len(idx)
+    if encoded:
+        m.writer.write_xbzrle_pages(b, pages[np.array(enc_idx)], encoded)
+    m._sent_nonzero[b.name][pages] = True
+    m._dirty.sent(b, pages, data)
+    account_and_pace(m, len(plain) + len(encoded), running)
