@@ -275,3 +275,30 @@ def test_abort_unblocks_a_stuck_send_and_receive():
     assert not t.is_alive() and got == ["cancel"]
     a.close()
     chan.close()
+
+
+def _queued(sock: socket.socket) -> int:
+    """Bytes the kernel still holds for ``sock`` (peeked, not consumed)."""
+    try:
+        return len(sock.recv(1 << 20, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return 0
+
+
+def test_a_socket_channel_reads_ahead_for_small_reads_and_exactly_once_reading_in_bulk():
+    a, b = socket.socketpair()
+    with a, b:
+        rx = SocketChannel(b)
+        a.sendall(bytes(range(200)))
+        head = bytearray(10)
+        rx.recv_into(head)  # small: one kernel read takes everything queued, the rest waits in the channel
+        assert bytes(head) == bytes(range(10))
+        assert _queued(b) == 0
+        rx.read_in_bulk()  # what was read ahead is still served first, in order
+        rest = bytearray(190)
+        rx.recv_into(rest)
+        assert bytes(rest) == bytes(range(10, 200))
+        a.sendall(bytes(1000))
+        rx.recv_into(head)  # now the kernel gives exactly the 10 bytes asked for
+        assert _queued(b) == 990
+        assert rx.bytes_received == 210

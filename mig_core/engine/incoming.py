@@ -164,6 +164,7 @@ class IncomingMigration:
                 self._probes.append(ch)
                 link_probe.serve(ch)
                 continue
+            ch.read_in_bulk()  # the main stream's pages or a multifd channel's packets
             if not multifd:
                 self.channel = ch
                 self.reader = StreamReader(ch, self.machine.blocks, self.placer)

@@ -122,8 +122,17 @@ class Channel(ABC):
         """Receive up to ``len(view)`` bytes; 0 means end of stream."""
 
     #: a read smaller than this is served from one kernel read of up to this many bytes (0 = never):
-    #: a packet's header, offsets and the start of its data then cost one receive call instead of three
+    #: a run of small records (return-path messages, device state) then costs one receive call
     readahead: int = 0
+
+    def read_in_bulk(self) -> None:
+        """Read exactly what is asked from now on: for channels that carry page data in large reads.
+
+        Reading ahead there pulls the start of each page payload into the side buffer, to be copied
+        again. Measured for issue 21 on the destination of 1 GiB over loopback: one channel 0.32 s
+        against 0.41 s with it, two multifd channels 0.26 s against 0.28 s (medians of 6). Bytes
+        already read ahead are still served first, so this may be called at any point of a stream."""
+        self.readahead = 0
 
     def recv_into(self, buf: Buffer) -> None:
         """Fill ``buf`` completely or raise ChannelEOF / ChannelAborted."""
