@@ -9,21 +9,63 @@ when postcopy is due: what it had not sent yet is kept for postcopy.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import threading
+from typing import Protocol
 
 import numpy as np
 
+from mig_core.engine.context import EngineContext
+from mig_core.engine.multifd_send import MultifdSender
+from mig_core.engine.stats import MigrationCounters, RateLimiter
+from mig_core.engine.xbzrle_send import XbzrleSender
+from mig_core.ext.channel import Channel
+from mig_core.ext.dirty_tracker import DirtyConsumer
+from mig_core.machine.machine import Machine
 from mig_core.memory.ram import RAMBlock
 from mig_core.memory.zeropage import zero_mask
-
-if TYPE_CHECKING:
-    from mig_core.engine.outgoing import OutgoingMigration
+from mig_core.stream.mapped_ram import MappedRamWriter
+from mig_core.stream.writer import StreamWriter
 
 #: Pages handed to one write (4 MiB of 4 KiB pages): small enough for prompt cancel and rate limiting.
 BATCH_PAGES = 1024
 
 
-def account_and_pace(m: OutgoingMigration, pages: int, running: bool) -> None:
+class PassSender(Protocol):
+    """What sending a pass uses of the outgoing migration."""
+
+    ctx: EngineContext
+    machine: Machine
+    counters: MigrationCounters
+    limiter: RateLimiter
+    cancel_requested: threading.Event
+    writer: StreamWriter
+    multifd: MultifdSender | None
+    mapped: MappedRamWriter | None
+    xbzrle: XbzrleSender
+    #: per block: which pages the destination holds as non-zero (a zero page there needs a marker)
+    _sent_nonzero: dict[str, np.ndarray]
+    _block_index: dict[str, int]
+    #: the zero test runs on the migration thread (legacy detection, or multifd detection without multifd)
+    _main_thread_zero: bool
+    #: bytes of the main channel counted so far
+    _accounted: int
+    #: what a pass cut short by postcopy had not sent yet
+    _unsent: dict[str, np.ndarray] | None
+
+    @property
+    def _ch(self) -> Channel: ...
+
+    @property
+    def _dirty(self) -> DirtyConsumer: ...
+
+    def _account(self, pages: int, running: bool) -> None: ...
+
+    def _check_cancel(self) -> None: ...
+
+    def _postcopy_due(self) -> bool: ...
+
+
+def account_and_pace(m: PassSender, pages: int, running: bool) -> None:
     """Count what the channel sent since the last call, then wait as max-bandwidth asks for those bytes."""
     before = m._accounted
     m._account(pages, running)
@@ -32,7 +74,7 @@ def account_and_pace(m: OutgoingMigration, pages: int, running: bool) -> None:
         m.cancel_requested.wait(delay)
 
 
-def send_pages(m: OutgoingMigration, pages: dict[str, np.ndarray], running: bool) -> None:
+def send_pages(m: PassSender, pages: dict[str, np.ndarray], running: bool) -> None:
     """Send ``pages`` (per block, sorted) in batches; ``running``: the machine runs (a pass, not the last)."""
     for bi, b in enumerate(m.machine.blocks):
         idx = pages[b.name]
@@ -48,7 +90,7 @@ def send_pages(m: OutgoingMigration, pages: dict[str, np.ndarray], running: bool
             m.counters.remaining = max(0, m.counters.remaining - min(BATCH_PAGES, len(idx) - i) * b.page_size)
 
 
-def _send_batch(m: OutgoingMigration, b: RAMBlock, pages: np.ndarray, running: bool) -> None:
+def _send_batch(m: PassSender, b: RAMBlock, pages: np.ndarray, running: bool) -> None:
     """One batch: zero pages as markers (when this thread tests), the rest by multifd, xbzrle or the stream."""
     c = m.counters
     if m._main_thread_zero:
@@ -91,7 +133,7 @@ def _send_batch(m: OutgoingMigration, b: RAMBlock, pages: np.ndarray, running: b
         m.cancel_requested.wait(delay)
 
 
-def _send_multifd(m: OutgoingMigration, b: RAMBlock, pages: np.ndarray, running: bool) -> None:
+def _send_multifd(m: PassSender, b: RAMBlock, pages: np.ndarray, running: bool) -> None:
     """Queue the batch for the multifd channels, which write it (the sender tests it for zeros first)."""
     data = None
     if m._dirty.wants_copies:
@@ -106,7 +148,7 @@ def _send_multifd(m: OutgoingMigration, b: RAMBlock, pages: np.ndarray, running:
         m.cancel_requested.wait(delay)
 
 
-def _send_xbzrle(m: OutgoingMigration, b: RAMBlock, pages: np.ndarray, running: bool) -> None:
+def _send_xbzrle(m: PassSender, b: RAMBlock, pages: np.ndarray, running: bool) -> None:
     """Encode the batch against the xbzrle cache: deltas where they pay, the pages themselves elsewhere."""
     m.xbzrle.resize_if_changed(m.ctx.parameter("xbzrle-cache-size"))  # resizable while migrating
     data = b.pages[pages]  # a snapshot: what is encoded, sent and cached is the same
