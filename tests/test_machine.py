@@ -303,3 +303,59 @@ def test_uffd_modes_on_memfd_and_anonymous():
     finally:
         a.close()
         n.close()
+
+
+def _maps_huge(path, size: int) -> bool:
+    """Whether the kernel maps the first 2 MiB of ``path`` with a huge page in a fresh read-only mapping
+    (asked independently of mig_core's own probe)."""
+    import os
+
+    import numpy as np
+
+    from mig_core.memory import pagemap
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    view = memoryview(mm)
+    try:
+        address = int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+        mm.madvise(22, 0, 2 << 20)  # MADV_POPULATE_READ
+        return len(pagemap.scanner().scan(address, 2 << 20, 2 << 20, anyof_mask=pagemap.PAGE_IS_HUGE,
+                                          return_mask=pagemap.PAGE_IS_HUGE)) > 0
+    finally:
+        view.release()
+        mm.close()
+
+
+def test_a_file_block_is_read_through_a_huge_read_only_mapping_where_the_kernel_makes_one(tmp_path):
+    import numpy as np
+
+    size = 8 << 20
+    path = tmp_path / "pc.ram"
+    data = np.random.default_rng(3).integers(0, 256, size, dtype=np.uint8)
+    path.write_bytes(data.tobytes())  # written, not faulted in: large folios where the file system has them
+    b = allocate("pc.ram", size, backing=Backing.FILE, path=str(path))
+    try:
+        b.map_resident()  # what a tracker does first: the writable mapping, page by page
+        rv = b.read_view
+        # a separate mapping exactly where the kernel maps the file huge (ext4 and others), else the view
+        assert (rv is not b.view) == _maps_huge(path, size)
+        assert rv.readonly and not b.read_words.flags.writeable
+        assert bytes(rv[:4096]) == data[:4096].tobytes()
+        b.view[4096:8192] = bytes(4096)  # a write through the tracked mapping is seen by the reads
+        b.view[size - 1:size] = b"\x01"
+        assert not b.read_words[1].any() and b.read_pages[-1, -1] == 1
+        assert b.read_view is rv  # made once
+    finally:
+        b.close()
+
+
+def test_an_anonymous_block_is_read_through_its_own_view():
+    b = allocate("pc.ram", 4 << 20)
+    try:
+        assert b.read_view is b.view
+    finally:
+        b.close()

@@ -288,3 +288,31 @@ async def test_destination_killed_during_multifd(start_host, tmp_path):
         await dst2.disconnect()
     finally:
         await src.disconnect()
+
+
+@pytest.mark.parametrize("channels,compression", [(1, "none"), (2, "zstd")])
+async def test_a_file_backed_source_under_writes_arrives_whole(start_host, tmp_path, channels, compression):
+    """The source reads its file-backed RAM through a second, huge, read-only mapping where the kernel
+    makes one (RAMBlock.read_view) while the vCPUs write through the tracked one: every write still
+    arrives."""
+    ram = tmp_path / "src.ram"
+    ram.write_bytes(np.random.default_rng(5).integers(0, 256, RAM, dtype=np.uint8).tobytes())
+    args = ("--ram", f"32M,backing=file,path={ram}", "--ram-fill", "half", "--vcpus", "2", "--dirty-rate", "8M")
+    s = start_host(*args, name="src")
+    d = start_host(*workload("half"), "--incoming", "defer", "-S", name="dst")
+    src, dst = await connect(s.sock, "src"), await connect(d.sock, "dst")
+    try:
+        for c in (src, dst):
+            await c.execute("migrate-set-capabilities", {"capabilities": [
+                {"capability": x, "state": True} for x in ("multifd", "return-path")]})
+            await c.execute("migrate-set-parameters", {"multifd-channels": channels,
+                                                       "multifd-compression": compression})
+        await src.execute("migrate-set-parameters", {"max-bandwidth": 64 << 20, "downtime-limit": 300})
+        await src.execute("migrate", {"uri": await listen_tcp(dst)})
+        info = await finish_and_compare(src, dst, tmp_path)
+        assert info["ram"]["dirty-sync-count"] >= 2  # pages written while they were being sent went again
+        mapped = [e for e in s.log_events() if e.get("event") == "ram_block_read_mapping"]
+        assert len(mapped) == 1 and mapped[0]["block"] == "pc.ram"  # probed once, on the first pass
+    finally:
+        await src.disconnect()
+        await dst.disconnect()

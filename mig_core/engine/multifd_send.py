@@ -211,7 +211,7 @@ class MultifdSender:
         if not self.detect_zero:
             return None
         if data is None:
-            return zero_mask(block.words, pages)
+            return zero_mask(block.read_words, pages)
         return zero_rows(data.reshape(len(pages), -1).view(np.uint64))
 
     def sync(self, pass_number: int, should_stop: Callable[[], None]) -> None:
@@ -331,7 +331,7 @@ class MultifdSender:
         ratio = 1.0
         if encoder.independent:
             ratio = (_probe(encoder, data, np.arange(len(pages))) if data is not None
-                     else _probe(encoder, b.pages, pages))
+                     else _probe(encoder, b.read_pages, pages))
             if ratio > 1 - PROBE_GAIN:
                 self.compression.compressed(len(pages), self._send_raw(ch, job, pages, data, zero))
                 return

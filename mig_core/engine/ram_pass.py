@@ -94,7 +94,7 @@ def _send_batch(m: PassSender, b: RAMBlock, pages: np.ndarray, running: bool) ->
     """One batch: zero pages as markers (when this thread tests), the rest by multifd, xbzrle or the stream."""
     c = m.counters
     if m._main_thread_zero:
-        is_zero = zero_mask(b.words, pages)
+        is_zero = zero_mask(b.read_words, pages)
         if is_zero.any():
             zero = pages[is_zero]
             pages = pages[~is_zero]
@@ -119,7 +119,7 @@ def _send_batch(m: PassSender, b: RAMBlock, pages: np.ndarray, running: bool) ->
         return
     data = None
     if m._dirty.wants_copies:
-        data = b.pages[pages]  # the copy that is both sent and recorded
+        data = b.read_pages[pages]  # the copy that is both sent and recorded
         m._dirty.sent(b, pages, data)
     if m.mapped is not None:
         nbytes = m.mapped.write(m._ch, b, pages, data)
@@ -137,7 +137,7 @@ def _send_multifd(m: PassSender, b: RAMBlock, pages: np.ndarray, running: bool) 
     """Queue the batch for the multifd channels, which write it (the sender tests it for zeros first)."""
     data = None
     if m._dirty.wants_copies:
-        data = b.pages[pages]  # the copy that is both sent and recorded
+        data = b.read_pages[pages]  # the copy that is both sent and recorded
         m._dirty.sent(b, pages, data)
     m._sent_nonzero[b.name][pages] = True
     assert m.multifd is not None
@@ -151,7 +151,7 @@ def _send_multifd(m: PassSender, b: RAMBlock, pages: np.ndarray, running: bool) 
 def _send_xbzrle(m: PassSender, b: RAMBlock, pages: np.ndarray, running: bool) -> None:
     """Encode the batch against the xbzrle cache: deltas where they pay, the pages themselves elsewhere."""
     m.xbzrle.resize_if_changed(m.ctx.parameter("xbzrle-cache-size"))  # resizable while migrating
-    data = b.pages[pages]  # a snapshot: what is encoded, sent and cached is the same
+    data = b.read_pages[pages]  # a snapshot: what is encoded, sent and cached is the same
     plain, encoded, enc_idx = m.xbzrle.encode(m._block_index[b.name], pages, data, m.counters.dirty_sync_count,
                                               running)
     if plain:

@@ -57,6 +57,9 @@ class RAMBlock:
     kept_by_host: bool = False
     _mmap: mmap.mmap | None = field(default=None, repr=False)
     _owner: Any = field(default=None, repr=False)
+    #: the read-only second mapping behind ``read_view`` (None: not made yet, or ``view`` serves)
+    _read_mmap: mmap.mmap | None = field(default=None, repr=False)
+    _read_view: memoryview | None = field(default=None, repr=False)
 
     @classmethod
     def geometry(cls, name: str, size: int, page_size: int) -> RAMBlock:
@@ -81,6 +84,61 @@ class RAMBlock:
     def words(self) -> np.ndarray:
         """The block as a (npages, page_size // 8) uint64 array (no copy): zero tests scan words."""
         return self.array.view(np.uint64).reshape(self.npages, self.page_size // 8)
+
+    @property
+    def read_view(self) -> memoryview:
+        """The block's bytes for reading it whole (sending, saving): ``view``, or a read-only second
+        mapping of the same file where the kernel maps that one with huge pages.
+
+        A tracker maps a file or memfd block page by page (``map_resident``), so that a write to one page
+        is not reported as a write to the 512 around it; reading through 4 KiB mappings then costs a TLB
+        miss per page. A second shared mapping of the file, never tracked and never written, gets the page
+        cache's large folios as 2 MiB mappings where the file system has them, and reads the same bytes
+        (measured for issue 21: a file-backed GiB over one channel in 0.26-0.33 s against 0.33-0.45 s).
+        Whether it does is probed once on 2 MiB of the file's data; where not, ``view`` serves."""
+        if self._read_view is None:
+            self._read_view = self._huge_alias() or self.view
+        return self._read_view
+
+    @property
+    def read_pages(self) -> np.ndarray:
+        """``read_view`` as a read-only (npages, page_size) uint8 array."""
+        return np.frombuffer(self.read_view, dtype=np.uint8).reshape(self.npages, self.page_size)
+
+    @property
+    def read_words(self) -> np.ndarray:
+        """``read_view`` as a read-only (npages, page_size // 8) uint64 array: zero tests scan words."""
+        return np.frombuffer(self.read_view, dtype=np.uint64).reshape(self.npages, self.page_size // 8)
+
+    def _huge_alias(self) -> memoryview | None:
+        """A read-only shared mapping of this block's file, if its data is mapped with huge pages there."""
+        if self.fd < 0 or self.backing not in (Backing.FILE, Backing.MEMFD) or self._mmap is None:
+            return None
+        huge = 2 << 20
+        window = None  # the first 2 MiB-aligned 2 MiB of the file that hold data
+        for s, e in zip(*self._file_data_runs(), strict=True):
+            first = -(-(s * self.page_size) // huge) * huge
+            if first + huge <= e * self.page_size:
+                window = first
+                break
+        if window is None:
+            return None  # no 2 MiB of data: nothing a huge mapping would speed up
+        alias = mmap.mmap(self.fd, self.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        view = memoryview(alias)
+        address = int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+        try:
+            alias.madvise(_MADV_POPULATE_READ, window, huge)
+            is_huge = len(pagemap.scanner().scan(address + window, huge, huge, anyof_mask=pagemap.PAGE_IS_HUGE,
+                                                 return_mask=pagemap.PAGE_IS_HUGE)) > 0
+        except OSError:  # before Linux 6.7 (PAGEMAP_SCAN) or 5.14 (MADV_POPULATE_READ): no way to know
+            is_huge = False
+        log.info("ram_block_read_mapping", block=self.name, huge_pages=is_huge)
+        if not is_huge:
+            view.release()
+            alias.close()
+            return None
+        self._read_mmap = alias
+        return view
 
     @property
     def address(self) -> int:
@@ -246,13 +304,18 @@ class RAMBlock:
         _LIBC.munlock(ctypes.c_void_p(self.address), ctypes.c_size_t(self.size))
 
     def close(self) -> None:
-        """Release the mapping; views handed out before must no longer be used."""
+        """Release the mappings; views handed out before must no longer be used."""
         self.view.release()
-        if self._mmap is not None:
+        for mm, view in ((self._read_mmap, self._read_view), (self._mmap, None)):
+            if mm is None:
+                continue
+            if view is not None:
+                view.release()
             try:
-                self._mmap.close()
+                mm.close()
             except BufferError:
                 log.warning("ram_block_still_exported", block=self.name)
+        self._read_mmap = self._read_view = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

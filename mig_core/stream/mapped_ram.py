@@ -136,7 +136,7 @@ class MappedRamWriter:
             if data is not None:  # copied to a page-aligned buffer: O_DIRECT (direct-io) needs one
                 buf = _aligned(data[pos:pos + e - s], ps)
             else:
-                buf = block.view[s * ps:e * ps]
+                buf = block.read_view[s * ps:e * ps]
             channel.pwritev([buf], r.pages_offset + s * ps)
             pos += e - s
         self.present[block.name][pages] = True

@@ -39,12 +39,12 @@ def page_buffers(block: RAMBlock, pages: np.ndarray, max_runs: int = _MAX_RUNS) 
     when there are more runs than one sendmsg takes."""
     ps = block.page_size
     if len(pages) and int(pages[-1]) - int(pages[0]) + 1 == len(pages):  # one run: no run search
-        return [block.view[int(pages[0]) * ps:(int(pages[-1]) + 1) * ps]]
+        return [block.read_view[int(pages[0]) * ps:(int(pages[-1]) + 1) * ps]]
     starts, ends = pages_to_runs(pages)
     if len(starts) <= max_runs:
-        view = block.view
+        view = block.read_view
         return [view[s * ps:e * ps] for s, e in zip(starts.tolist(), ends.tolist(), strict=True)]
-    return [block.pages[pages]]  # numpy gather: one copy, no per-page work
+    return [block.read_pages[pages]]  # numpy gather: one copy, no per-page work
 
 
 class ByteSink(Protocol):

@@ -281,12 +281,12 @@ class ColoPrimary:
             idx = report.pages[b.name]
             for i in range(0, len(idx), BATCH_PAGES):
                 batch = idx[i:i + BATCH_PAGES]
-                zero = zero_mask(b.words, batch)
+                zero = zero_mask(b.read_words, batch)
                 if zero.any():
                     e.writer.write_zero_pages(b, batch[zero])
                     batch = batch[~zero]
                 if len(batch):
-                    data = b.pages[batch] if consumer.wants_copies else None
+                    data = b.read_pages[batch] if consumer.wants_copies else None
                     if data is not None:
                         consumer.sent(b, batch, data)
                     e.writer.write_pages(b, batch, data)

@@ -328,7 +328,7 @@ class PostcopySender:
             else:
                 nbytes, zero, pages = out.write_zero_pages(block, pages), pages, pages[:0]
         else:
-            is_zero = zero_mask(block.words, pages)
+            is_zero = zero_mask(block.read_words, pages)
             zero = pages[is_zero]
             if len(zero):
                 nbytes += out.write_zero_pages(block, zero)
