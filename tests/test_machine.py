@@ -306,8 +306,8 @@ def test_uffd_modes_on_memfd_and_anonymous():
 
 
 def _maps_huge(path, size: int) -> bool:
-    """Whether the kernel maps the first 2 MiB of ``path`` with a huge page in a fresh read-only mapping
-    (asked independently of mig_core's own probe)."""
+    """Whether the kernel maps most of ``path`` with huge pages in a fresh read-only mapping (asked over the
+    whole file, independently of mig_core's sampling probe)."""
     import os
 
     import numpy as np
@@ -322,9 +322,10 @@ def _maps_huge(path, size: int) -> bool:
     view = memoryview(mm)
     try:
         address = int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
-        mm.madvise(22, 0, 2 << 20)  # MADV_POPULATE_READ
-        return len(pagemap.scanner().scan(address, 2 << 20, 2 << 20, anyof_mask=pagemap.PAGE_IS_HUGE,
-                                          return_mask=pagemap.PAGE_IS_HUGE)) > 0
+        mm.madvise(22)  # MADV_POPULATE_READ
+        starts, ends = pagemap.scanner().scan_runs(address, size, 2 << 20, anyof_mask=pagemap.PAGE_IS_HUGE,
+                                                   return_mask=pagemap.PAGE_IS_HUGE)
+        return 2 * int((ends - starts).sum()) > size // (2 << 20)
     finally:
         view.release()
         mm.close()
