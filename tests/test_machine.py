@@ -350,8 +350,24 @@ def test_a_file_block_is_read_through_a_huge_read_only_mapping_where_the_kernel_
         b.view[size - 1:size] = b"\x01"
         assert not b.read_words[1].any() and b.read_pages[-1, -1] == 1
         assert b.read_view is rv  # made once
+        separate = rv is not b.view
+        del rv
+        held = b.read_words  # an array of it still in use: it stays mapped, and goes on serving
+        b.release_read_view()
+        assert _mappings(path) == 1 + separate
+        assert int(b.read_words[2, 0]) == int(held[2, 0]) == int(data[8192:8200].view(np.uint64)[0])
+        del held
+        b.release_read_view()  # the end of a migration: unmapped
+        assert _mappings(path) == 1
+        assert bytes(b.read_view[:4096]) == data[:4096].tobytes()  # the next migration maps it again
+        assert _mappings(path) == 1 + separate
     finally:
         b.close()
+
+
+def _mappings(path) -> int:
+    """How many mappings of ``path`` this process has (/proc/self/maps)."""
+    return sum(line.rstrip().endswith(str(path)) for line in open("/proc/self/maps"))
 
 
 def test_an_anonymous_block_is_read_through_its_own_view():

@@ -8,7 +8,14 @@ import socket
 import numpy as np
 import pytest
 
-from mig_core.testing import connect, ram_digest, vcpu_records, wait_for_status, wait_records_advance
+from mig_core.testing import (
+    connect,
+    ram_digest,
+    vcpu_records,
+    wait_for_status,
+    wait_records_advance,
+    wait_until_async,
+)
 
 RAM = 32 << 20
 
@@ -313,6 +320,13 @@ async def test_a_file_backed_source_under_writes_arrives_whole(start_host, tmp_p
         assert info["ram"]["dirty-sync-count"] >= 2  # pages written while they were being sent went again
         mapped = [e for e in s.log_events() if e.get("event") == "ram_block_read_mapping"]
         assert len(mapped) == 1 and mapped[0]["block"] == "pc.ram"  # probed once, on the first pass
+        # and unmapped when the migration's clean-up ran (just after `completed`): the source maps its RAM
+        # file once again, so its RSS counts it once
+        def mapped_once() -> bool:
+            with open(f"/proc/{s.proc.pid}/maps") as maps:
+                return sum(line.rstrip().endswith(str(ram)) for line in maps) == 1
+
+        await wait_until_async(mapped_once)
     finally:
         await src.disconnect()
         await dst.disconnect()

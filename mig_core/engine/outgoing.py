@@ -292,6 +292,8 @@ class OutgoingMigration:
             self.multifd.close()
         if self.return_path is not None:
             self.return_path.join(5)
+        for b in self.machine.blocks:  # the channels are closed: nothing reads through these any more
+            b.release_read_view()
 
     # -- setup -------------------------------------------------------------------------
 

@@ -114,6 +114,25 @@ class RAMBlock:
         """``read_view`` as a read-only (npages, page_size // 8) uint64 array: zero tests scan words."""
         return np.frombuffer(self.read_view, dtype=np.uint64).reshape(self.npages, self.page_size // 8)
 
+    def release_read_view(self) -> None:
+        """Unmap ``read_view``'s second mapping, if there is one (at the end of a migration): while it
+        exists the process's RSS counts the block's mapped pages twice (shared pages: PSS does not)."""
+        if self._read_mmap is None or self._read_view is None:
+            self._read_view = None  # ``view`` served: nothing of its own to unmap
+            return
+        try:
+            self._read_view.release()
+        except BufferError:  # a reader still holds an array of it: it stays mapped until the block closes
+            log.warning("ram_block_read_mapping_still_exported", block=self.name)
+            return
+        try:
+            self._read_mmap.close()
+        except BufferError:
+            self._read_view = memoryview(self._read_mmap)  # still mapped: it goes on serving
+            log.warning("ram_block_read_mapping_still_exported", block=self.name)
+            return
+        self._read_mmap = self._read_view = None
+
     def _huge_alias(self) -> memoryview | None:
         """A read-only shared mapping of this block's file, if most of its data is mapped with huge pages
         there: probed on up to ``_PROBES`` 2 MiB windows spread over the data (a file's first megabytes
