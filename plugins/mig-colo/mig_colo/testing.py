@@ -94,3 +94,15 @@ async def wait_event(client: QMPClient, name: str, timeout: float = 30) -> dict[
                 return dict(ev)
         raise AssertionError(f"the event stream ended before {name}")
     return await asyncio.wait_for(seen(), timeout)
+
+
+async def status_after_failover(client: QMPClient, timeout: float = 10.0) -> dict[str, Any]:
+    """query-colo-status once the failover has finished. The failover, like QEMU's, marks the migration
+    completed first and its own state completed after releasing what was held, so for a moment after
+    `completed` the status still shows the failover under way (CI under load saw reason "error" there)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        status: dict[str, Any] = await client.execute("query-colo-status")  # type: ignore[assignment]
+        if status["last-mode"] != "none" or asyncio.get_running_loop().time() > deadline:
+            return status
+        await asyncio.sleep(0.02)

@@ -21,6 +21,7 @@ from mig_colo.testing import (
     colo_pair,
     disconnect,
     released,
+    status_after_failover,
     wait_event,
 )
 
@@ -66,7 +67,7 @@ async def test_lost_heartbeat_on_either_side(start_host, tmp_path, side, command
         ev = await wait_event(me, "COLO_EXIT")
         assert ev["data"] == {"mode": side, "reason": "request"}
         await wait_for_status(me, {"completed"})
-        status = await me.execute("query-colo-status")
+        status = await status_after_failover(me)
         assert status == {"mode": "none", "last-mode": side, "reason": "request"}
         assert await qmp_error(me.execute("x-colo-lost-heartbeat")) == "VM is not in COLO mode"
         assert (await me.execute("query-status"))["status"] == "running"
@@ -84,7 +85,7 @@ async def test_kill_primary_secondary_takes_over_with_nothing_lost(start_host, t
         src_h.proc.send_signal(signal.SIGKILL)
         src_h.proc.wait(10)
         await wait_for_status(dst, {"completed"}, timeout=30)
-        status = await dst.execute("query-colo-status")
+        status = await status_after_failover(dst)
         assert status["last-mode"] == "secondary" and status["mode"] == "none"
         assert (await dst.execute("query-status"))["status"] == "running"
         # the survivor goes on releasing: wait for messages beyond those the primary released
@@ -103,7 +104,7 @@ async def test_kill_secondary_primary_continues_alone(start_host, tmp_path):
         ev = await wait_event(src, "COLO_EXIT")
         assert ev["data"]["mode"] == "primary"
         await wait_for_status(src, {"completed"}, timeout=30)
-        assert (await src.execute("query-colo-status"))["last-mode"] == "primary"
+        assert (await status_after_failover(src))["last-mode"] == "primary"
         assert (await src.execute("query-status"))["status"] == "running"
         before = max(released(tmp_path / "p.out"))
         await wait_until_async(lambda: max(released(tmp_path / "p.out")) > before + 50)

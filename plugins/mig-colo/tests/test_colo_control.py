@@ -8,7 +8,16 @@ import asyncio
 import signal
 
 import pytest
-from mig_colo.testing import WORKLOAD, assert_one_sequence, checkpoints, colo_pair, disconnect, released, wait_event
+from mig_colo.testing import (
+    WORKLOAD,
+    assert_one_sequence,
+    checkpoints,
+    colo_pair,
+    disconnect,
+    released,
+    status_after_failover,
+    wait_event,
+)
 
 from mig_core.testing import connect, qmp_error, wait_for_status
 
@@ -122,8 +131,7 @@ async def test_without_automatic_failover_the_operator_decides(start_host, tmp_p
         assert (await src.execute("query-colo-status"))["reason"] == "none"
         await src.execute("x-colo-lost-heartbeat")
         await wait_for_status(src, {"completed"})
-        assert await src.execute("query-colo-status") == {"mode": "none", "last-mode": "primary",
-                                                          "reason": "request"}
+        assert await status_after_failover(src) == {"mode": "none", "last-mode": "primary", "reason": "request"}
         assert (await src.execute("query-status"))["status"] == "running"
     finally:
         await disconnect(src, dst)
