@@ -81,12 +81,16 @@ class RAMBlock:
     @property
     def pages(self) -> np.ndarray:
         """The block as a (npages, page_size) uint8 array (no copy)."""
-        return self.array.reshape(self.npages, self.page_size)
+        return self._rows(self.view, np.uint8)
 
     @property
     def words(self) -> np.ndarray:
         """The block as a (npages, page_size // 8) uint64 array (no copy): zero tests scan words."""
-        return self.array.view(np.uint64).reshape(self.npages, self.page_size // 8)
+        return self._rows(self.view, np.uint64)
+
+    def _rows(self, view: memoryview, dtype: type[np.unsignedinteger]) -> np.ndarray:
+        """``view`` as one row per page of ``dtype`` items (no copy)."""
+        return np.frombuffer(view, dtype=dtype).reshape(self.npages, -1)
 
     @property
     def read_view(self) -> memoryview:
@@ -107,12 +111,12 @@ class RAMBlock:
     @property
     def read_pages(self) -> np.ndarray:
         """``read_view`` as a read-only (npages, page_size) uint8 array."""
-        return np.frombuffer(self.read_view, dtype=np.uint8).reshape(self.npages, self.page_size)
+        return self._rows(self.read_view, np.uint8)
 
     @property
     def read_words(self) -> np.ndarray:
         """``read_view`` as a read-only (npages, page_size // 8) uint64 array: zero tests scan words."""
-        return np.frombuffer(self.read_view, dtype=np.uint64).reshape(self.npages, self.page_size // 8)
+        return self._rows(self.read_view, np.uint64)
 
     def release_read_view(self) -> None:
         """Unmap ``read_view``'s second mapping, if there is one (at the end of a migration): while it
@@ -337,17 +341,13 @@ class RAMBlock:
 
     def close(self) -> None:
         """Release the mappings; views handed out before must no longer be used."""
+        self.release_read_view()
         self.view.release()
-        for mm, view in ((self._read_mmap, self._read_view), (self._mmap, None)):
-            if mm is None:
-                continue
-            if view is not None:
-                view.release()
+        if self._mmap is not None:
             try:
-                mm.close()
+                self._mmap.close()
             except BufferError:
                 log.warning("ram_block_still_exported", block=self.name)
-        self._read_mmap = self._read_view = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
