@@ -97,7 +97,9 @@ def test_a_relayed_session_continues_in_another_process(creds):
     data = os.urandom(8 << 20)
     try:
         _answers.clear()
-        sent = threading.Thread(target=lambda: _send_and_read_back(client, listener.inner.port, data))  # type: ignore[attr-defined]
+        ended = threading.Event()
+        sent = threading.Thread(target=lambda: _send_and_read_back(client, listener.inner.port, data,  # type: ignore[attr-defined]
+                                                                   read_after=ended))
         sent.start()
         plain = listener.accept()
         assert plain.fileno() >= 0  # a descriptor another process can carry on with
@@ -105,8 +107,15 @@ def test_a_relayed_session_continues_in_another_process(creds):
                                   pass_fds=[plain.fileno()])
         plain.close()  # the helper holds the connection now
         assert helper.wait(60) == 0
+        # the helper's end closed, so the relay's session ends: the source reads only after that, when the
+        # answer and everything the relay sent after it wait together (an alert there once broke the answer)
+        deadline = time.monotonic() + 30
+        while _relay_children(listener):
+            assert time.monotonic() < deadline, "the relay's session outlived both ends"
+            time.sleep(0.02)
+        ended.set()
         sent.join(60)
-        assert _answers == [hashlib.sha256(data).hexdigest().encode()]
+        assert _answers == [hashlib.sha256(data).hexdigest().encode(), b""]  # the answer, then a clean end
     finally:
         listener.close()
 
@@ -179,8 +188,16 @@ def test_a_relay_that_died_is_started_again_for_the_next_connection(creds):
         listener.close()
 
 
-def _send_and_read_back(client: X509Credentials, port: int, data: bytes) -> None:
+def _send_and_read_back(client: X509Credentials, port: int, data: bytes,
+                        read_after: threading.Event | None = None) -> None:
+    """Send ``data`` over TLS and keep the 64-byte answer in ``_answers``; with ``read_after``, read only once it
+    is set, and then also what follows the answer (b"": the session ended cleanly)."""
     ch = client.wrap_client(SocketChannel(socket.create_connection(("127.0.0.1", port))), "127.0.0.1")
     ch.send(data)
+    if read_after is not None:
+        assert read_after.wait(60)
     _answers.append(ch.recv_exact(64))
+    if read_after is not None:
+        rest = bytearray(1)
+        _answers.append(bytes(rest[:ch.recv_some(rest)]))
     ch.close()

@@ -117,7 +117,10 @@ class _Session:
         except OSError:
             pass
         log.debug("tls_relay_outbound_ended", bytes=tls.bytes_sent)
-        # the host is done: stop reading from the peer (this wakes the inbound pump), keep sending for the goodbye
+        # the host is done: say goodbye first, then stop reading from the peer (this wakes the inbound pump).
+        # In that order: OpenSSL takes the end of stream we cause for the peer's fault and queues an alert,
+        # which would reach the peer with the last data it has still to read.
+        tls.close_write()
         self._shut(self.raw.sock, socket.SHUT_RD)
 
     @staticmethod

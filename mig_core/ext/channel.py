@@ -115,6 +115,9 @@ class Channel(ABC):
     def finish(self) -> None:
         """Everything is written: make sure it was delivered (e.g. a child's exit status); raise if not."""
 
+    def close_write(self) -> None:
+        """Tell the peer nothing more will be sent (TLS: close_notify) while still receiving; else nothing."""
+
     # -- receiving -----------------------------------------------------------------
 
     @abstractmethod

@@ -40,6 +40,8 @@ class TlsChannel(Channel):
         self._ssl_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._recv_buf = bytearray(RECV_CHUNK)
+        self._write_closed = False  # close_notify sent: nothing more leaves (an alert about our own EOF included)
+        self._failed: str | None = None  # a receive error held back until the bytes before it were delivered
 
     # -- the handshake ------------------------------------------------------------------------
 
@@ -88,7 +90,7 @@ class TlsChannel(Channel):
         with self._send_lock:
             with self._ssl_lock:
                 data = self._out.read()
-            if data:
+            if data and not self._write_closed:
                 self.inner.send(data)
 
     def _flush_quietly(self) -> None:
@@ -114,6 +116,8 @@ class TlsChannel(Channel):
     def _sendv(self, buffers: Sequence[Buffer]) -> int:
         total = 0
         with self._send_lock:
+            if self._write_closed:
+                raise ChannelError("TLS send failed: this end already closed the session for sending")
             for buf in buffers:
                 view = memoryview(buf).cast("B")
                 for start in range(0, view.nbytes, SEND_CHUNK):
@@ -129,6 +133,8 @@ class TlsChannel(Channel):
         return total
 
     def _recv_into(self, view: memoryview) -> int:
+        if self._failed is not None:
+            raise ChannelError(self._failed)
         # OpenSSL hands out one record (at most 16 KiB) per read: take every record already decrypted-ready
         # under one lock, so a large read costs one Python round per record, not one per call
         while True:
@@ -153,9 +159,13 @@ class TlsChannel(Channel):
             except ssl.SSLError as e:
                 self._check_abort()
                 if e.reason in _ALTERED:
-                    raise ChannelError("TLS receive failed: a record failed its authentication (bad record MAC): "
-                                       "the data were altered on the way") from None
-                raise ChannelError(f"TLS receive failed: {e.reason or e}") from None
+                    reason = ("TLS receive failed: a record failed its authentication (bad record MAC): "
+                              "the data were altered on the way")
+                else:
+                    reason = f"TLS receive failed: {e.reason or e}"
+                if not got:
+                    raise ChannelError(reason) from None
+                self._failed = reason  # the records before the error are the peer's data: deliver them first
             if pending:  # a post-handshake message wants an answer (a key update)
                 self._flush()
             return got
@@ -166,15 +176,32 @@ class TlsChannel(Channel):
     def _unblock(self) -> None:
         self.inner.abort(self.abort_reason or "aborted")
 
+    def close_write(self) -> None:
+        """Say goodbye (close_notify) and send nothing after it, while still receiving what the peer sends.
+
+        Whatever OpenSSL queues later stays here: an end of stream that this side caused by shutting its
+        own receive side would otherwise go out as a ``decode_error`` alert, after data the peer is still reading.
+        """
+        with self._send_lock:
+            if self._write_closed:
+                return
+            self._write_closed = True
+            with self._ssl_lock:
+                try:
+                    self._ssl.unwrap()
+                except (ssl.SSLError, ValueError):
+                    pass  # close_notify is queued; the peer's answer is not awaited
+                data = self._out.read()
+            try:
+                if data:
+                    self.inner.send(data)
+            except (ChannelError, OSError):
+                pass  # the peer is gone: nobody to say goodbye to
+
     def close(self) -> None:
         """Say goodbye (close_notify) where the peer still listens, then close the wrapped channel."""
         if self.abort_reason is None:
-            try:
-                with self._ssl_lock:
-                    self._ssl.unwrap()
-            except (ssl.SSLError, ValueError):
-                pass
-            self._flush_quietly()
+            self.close_write()
         self.inner.close()
 
 
