@@ -3,13 +3,22 @@ pages that compression would not shrink sent as they are, and the packet checks 
 
 from __future__ import annotations
 
+import socket
+import threading
+import uuid
+
 import numpy as np
 import pytest
 
-from mig_core.engine.multifd_send import PROBE_GAIN, CompressionCounters, packet_pages
+from mig_core.engine.multifd_send import PROBE_GAIN, PROBE_PAGES, CompressionCounters, MultifdSender, packet_pages
+from mig_core.engine.stats import MigrationCounters
 from mig_core.errors import MultifdError
-from mig_core.ext.channel import BytesChannel
-from mig_core.stream.multifd import PacketFlag, pack_header, read_packet
+from mig_core.ext import compressor
+from mig_core.ext.channel import BytesChannel, SocketChannel
+from mig_core.machine.machine import Machine
+from mig_core.machine.reference_host import fill
+from mig_core.plugin.registry import PluginRegistry
+from mig_core.stream.multifd import PacketFlag, pack_header, read_init, read_packet
 from mig_core.testing import connect, migrate_and_wait, ram_digest, wait_for_status
 
 RAM = 16 << 20
@@ -116,3 +125,72 @@ def test_unknown_packet_flags_are_refused(flags):
 def test_offset_past_the_block_is_refused():
     with pytest.raises(MultifdError, match=r"offset too long 16 \(max 15\)"):
         read_packet(BytesChannel(_packet(0, [2, 16])), 0, 1, [16], compressed=False)
+
+
+class _Watched:
+    """The real zstd encoder, recording the size of every input it is given (a probe's is PROBE_PAGES pages)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.independent, self.sizes = inner, inner.independent, []
+
+    def compress_parts(self, data):
+        self.sizes.append(memoryview(data).nbytes)
+        return self.inner.compress_parts(data)
+
+
+def test_a_channel_probes_until_its_jobs_compress_and_again_once_one_did_not():
+    """A probe gathers pages from across a job and compresses them as a frame of its own, so a channel whose
+    last job compressed well skips it. A job that then does not compress still goes out as it is (packet by
+    packet), the channel probes the next one, and every page arrives as it was (issue 21)."""
+    job = 1024
+    kinds = ["text", "text", "text", "random", "random", "text", "text"]
+    m = Machine()
+    m.add_ram("pc.ram", len(kinds) * job * 4096)
+    fill(m, "text")
+    block = m.blocks[0]
+    rng = np.random.default_rng(5)
+    for j, kind in enumerate(kinds):
+        if kind == "random":
+            block.array[j * job * 4096:(j + 1) * job * 4096] = rng.integers(0, 256, job * 4096, dtype=np.uint8)
+    comp = compressor.load(PluginRegistry.from_environment(), "zstd", 4096)
+    encoders: list[_Watched] = []
+    a, b = socket.socketpair()
+    sender = MultifdSender([SocketChannel(a)], str(uuid.uuid4()), MigrationCounters(),
+                           lambda: encoders.append(_Watched(comp.encoder(1))) or encoders[-1],
+                           detect_zero=True, zero_copy=False)
+    landed = np.zeros_like(block.array)
+    flags: list[int] = []
+
+    def receive() -> None:
+        ch, decoder = SocketChannel(b), comp.decoder()
+        read_init(ch, ch.recv_exact(8), 1, set())
+        while not (pkt := read_packet(ch, 0, 1, [block.npages], compressed=True)).flags & PacketFlag.FIN:
+            if len(pkt.normal):
+                flags.append(int(pkt.flags))
+                start, n = int(pkt.normal[0]), len(pkt.normal)
+                assert list(pkt.normal) == list(range(start, start + n))
+                out = landed[start * 4096:(start + n) * 4096].data
+                if pkt.flags & PacketFlag.COMPRESSED:
+                    decoder.decompress_into(ch.recv_exact(pkt.payload_size), out)
+                else:
+                    ch.recv_into(out)
+
+    receiver = threading.Thread(target=receive)
+    receiver.start()
+    sender.start()
+    for j in range(len(kinds)):
+        sender.send(0, block, np.arange(j * job, (j + 1) * job), None, 1, lambda: None)
+        sender.sync(1, lambda: None)  # one job at a time: the channel's history is the jobs' order
+    sender.finish()
+    receiver.join(30)
+    sender.close()
+    b.close()
+
+    # what the encoder was given: a probe, jobs 0-3 each in one packet (job 3 trusted on job 2's ratio, then sent
+    # as it is), probes of jobs 4 (no gain: sent as it is) and 5, then jobs 5 and 6 in full
+    sizes = encoders[0].sizes
+    probe = PROBE_PAGES * 4096
+    assert [i for i, size in enumerate(sizes) if size == probe] == [0, 5, 6], sizes
+    assert len(sizes) == 9 and all(size >= (job - 1) * 4096 for i, size in enumerate(sizes) if i not in (0, 5, 6))
+    assert 0 in flags and PacketFlag.COMPRESSED in flags
+    assert np.array_equal(landed, block.array)  # nothing lost: the pages of every job arrived as they were
