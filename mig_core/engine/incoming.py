@@ -351,7 +351,7 @@ class IncomingMigration:
             stale = held[~placer.received[b.name][held]]
             if len(stale):
                 # only pages that hold data need dropping: zero ones (a preallocated host) stay allocated
-                stale = nonzero_pages(b.words, stale)
+                stale = nonzero_pages(b.words, stale, expect_zero=True)
             if len(stale):
                 placer.place_zero(b, stale)
 

@@ -7,9 +7,18 @@ import functools
 import numpy as np
 
 
-def nonzero_pages(words: np.ndarray, pages: np.ndarray, chunk: int = 16384) -> np.ndarray:
-    """The entries of ``pages`` (sorted) that hold data, tested ``chunk`` pages at a time (bounded memory)."""
-    out = [part[~zero_mask(words, part)] for part in (pages[i:i + chunk] for i in range(0, len(pages), chunk))]
+def nonzero_pages(words: np.ndarray, pages: np.ndarray, chunk: int = 16384, expect_zero: bool = False) -> np.ndarray:
+    """The entries of ``pages`` (sorted) that hold data, tested ``chunk`` pages at a time (bounded memory).
+
+    ``expect_zero``: the pages are most likely zero (a preallocated destination's): a chunk that is one run
+    is OR-ed flat first, one streaming read, before any page's first word is fetched on its own (a cache miss
+    per page: 10 % of the test on a preallocated gigabyte, issue 21)."""
+    out = []
+    for part in (pages[i:i + chunk] for i in range(0, len(pages), chunk)):
+        first, last = int(part[0]), int(part[-1])
+        if expect_zero and last - first + 1 == len(part) and not np.bitwise_or.reduce(words[first:last + 1], axis=None):
+            continue
+        out.append(part[~zero_mask(words, part)])
     return np.concatenate(out) if out else pages[:0]
 
 

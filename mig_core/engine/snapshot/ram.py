@@ -107,7 +107,7 @@ def load_ram(machine: Machine, reader: SnapshotReader, threads: int, checkpoint:
             mask[got] = True
             stale = held[~mask[held]]
             if len(stale):
-                stale = nonzero_pages(b.words, stale)
+                stale = nonzero_pages(b.words, stale, expect_zero=True)
             if len(stale):
                 b.zero_pages(stale)
             loaded += len(got)
