@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.hosts import cpu_seconds, qmp_clients
-from benchmarks.multifd import CORES, ENV, GIB, UNPACED, codec_speeds, raw_loopback_measured, sample
+from benchmarks.multifd import CORES, ENV, GIB, UNPACED, codec_seconds_on_ram, raw_loopback_measured
 from mig_core.testing import Host, connect, migrate_and_wait, wait_for_status
 
 #: (multifd channels (0: the main channel only), multifd-compression)
@@ -160,15 +160,13 @@ def table(binary: str, reps: int = 3, configs: list[tuple[int, str]] | None = No
         tmp = Path(tmpdir)
         for fill in data:
             ram = ram_file(tmp, fill)
-            codec = sample(fill) if fill != "zero" else None
             for channels, comp in configs or CONFIGS:
                 q, m, raw, floor = [], [], [], []
                 for _ in range(reps):
                     conns = max(channels, 1)
                     raw.append(min(raw_loopback_measured(conns), raw_loopback_measured(conns, congestion=UNPACED)))
-                    if comp != "none" and codec is not None:
-                        c_speed, d_speed = codec_speeds(comp, LEVEL[comp][1], codec)
-                        floor.append((GIB / c_speed + GIB / d_speed) / CORES)
+                    if comp != "none" and fill != "zero":
+                        floor.append(sum(codec_seconds_on_ram(comp, LEVEL[comp][1], ram)) / CORES)
                     q.append(asyncio.run(run_qemu(binary, tmp, ram, channels, comp)))
                     m.append(asyncio.run(run_mig(tmp, ram, channels, comp)))
                 rows.append({"data": fill, "channels": channels, "compression": comp,
@@ -209,7 +207,8 @@ def main(args: list[str] | None = None) -> None:
     print(f"### mig beside QEMU ({qemu_version(binary)}), 1 GiB, tcp loopback (median of {reps}, alternating)\n")
     print("Both sources map the same RAM file and start paused; destinations preallocate. Limit: raw loopback "
           "with the same connections (the faster congestion control), or with a compressor the codec floor "
-          "(compress + decompress time of one thread each on the same data, over the cores). The last column: "
+          "(compress + decompress time of one thread each on the same data: the RAM file compressed from its "
+          "mapping, the packets decompressed into a preallocated GiB; over the cores). The last column: "
           "the CPU-seconds mig's two processes used against those the limit's copying threads used (raw) or "
           "the codec's two threads (floor); on these cores a run cannot take less than its CPU-seconds over "
           "the cores.\n")
