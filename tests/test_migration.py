@@ -11,6 +11,7 @@ import pytest
 
 from mig_core.testing import (
     connect,
+    freeze,
     migrate_and_wait,
     qmp_error,
     ram_digest,
@@ -148,7 +149,7 @@ async def test_cont_refused_from_the_final_stop_to_completion(start_host, tmp_pa
         assert (await src.execute("query-status"))["status"] == "finish-migrate"
         task = asyncio.create_task(spam())
         # the destination is frozen: with a return path the source then waits in device for its answer
-        os.kill(dst_h.proc.pid, signal.SIGSTOP)
+        freeze(dst_h.proc.pid)
         try:
             await src.execute("migrate-continue", {"state": "pre-switchover"})
             await wait_for_status(src, {"device"})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -155,6 +156,24 @@ def wait_until(pred: Callable[[], Any], timeout: float = 10.0, interval: float =
             return v
         time.sleep(interval)
     raise AssertionError("condition not met in time")
+
+
+def freeze(pid: int, timeout: float = 10.0) -> None:
+    """SIGSTOP ``pid`` and return once every one of its threads has stopped. kill() only queues the signal:
+    until one of the threads takes it, the others run on (a frozen destination once loaded the source's
+    last data in that window, and the migration completed under a test that expected it to wait)."""
+    os.kill(pid, signal.SIGSTOP)
+
+    def stopped() -> bool:
+        states = []
+        for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+            try:
+                states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+            except OSError:
+                continue  # the thread ended meanwhile
+        return bool(states) and all(state in "TtZX" for state in states)
+
+    wait_until(stopped, timeout, interval=0.002)
 
 
 async def wait_for_status(client: QMPClient, states: set[str] | tuple[str, ...],
