@@ -280,14 +280,14 @@ class MultifdSender:
     def _thread(self, i: int) -> None:
         ch = self.channels[i]
         encoder = self.encoder_factory() if self.encoder_factory is not None else None
-        ratio = [1.0]  # what this channel's last compressed job came to (1.0: none yet, or it did not compress)
+        ratio = 1.0  # what this channel's last compressed job came to (1.0: none yet, or it did not compress)
         while True:
             job = self._jobs.get()
             if job is None:
                 return
             try:
                 if self.error is None:
-                    self._send_job(ch, encoder, job, ratio)
+                    ratio = self._send_job(ch, encoder, job, ratio)
             except (ChannelError, OSError, ValueError) as e:
                 with self._cond:
                     if self.error is None:
@@ -298,7 +298,8 @@ class MultifdSender:
                     self._outstanding -= 1
                     self._cond.notify_all()
 
-    def _send_job(self, ch: Channel, encoder: Encoder | None, job: _Job, last_ratio: list[float]) -> None:
+    def _send_job(self, ch: Channel, encoder: Encoder | None, job: _Job, last_ratio: float) -> float:
+        """Send one job; returns what a compressed job came to (``last_ratio`` as it was otherwise)."""
         b, pages, data = job.block, job.pages, job.data
         zero = pages[:0]
         is_zero = job.is_zero
@@ -313,14 +314,14 @@ class MultifdSender:
                 self.mapped.zero(b, zero)
             n = self.mapped.write(ch, b, pages, data) if len(pages) else 0
             self.counters.multifd_sent(n, len(pages), len(zero))
-            return
+            return last_ratio
         if encoder is not None and len(pages):
-            last_ratio[0] = self._send_compressed(ch, encoder, job, pages, data, zero, last_ratio[0])
-            return
+            return self._send_compressed(ch, encoder, job, pages, data, zero, last_ratio)
         if len(pages):
             self._send_raw(ch, job, pages, data, zero)
         else:
             self._send_packet(ch, job, 0, pages, zero, [])
+        return last_ratio
 
     def _send_compressed(self, ch: Channel, encoder: Encoder, job: _Job, pages: np.ndarray,
                          data: np.ndarray | None, zero: np.ndarray, last_ratio: float = 1.0) -> float:
