@@ -8,6 +8,7 @@ import socket
 import numpy as np
 import pytest
 
+from mig_core.engine.ram_pass import BATCH_PAGES, batch_pages
 from mig_core.testing import (
     connect,
     ram_digest,
@@ -330,3 +331,28 @@ async def test_a_file_backed_source_under_writes_arrives_whole(start_host, tmp_p
     finally:
         await src.disconnect()
         await dst.disconnect()
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd", "zlib"])
+async def test_unpaced_jobs_arrive_whole_under_writes(start_host, tmp_path, compression):
+    """max-bandwidth 0: the channels get 16 MiB jobs (``batch_pages``), several packets each when compressed,
+    while two vCPUs write; every page arrives as the source last had it."""
+    s, d, src, dst = await setup_pair(start_host, tmp_path, channels=2, compression=compression, fill="text",
+                                      src_params={"max-bandwidth": 0})
+    try:
+        await src.execute("migrate", {"uri": await listen_tcp(dst)})
+        info = await finish_and_compare(src, dst, tmp_path)
+        assert info["ram"]["normal"] > 0
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
+
+
+def test_multifd_jobs_grow_only_where_pacing_allows():
+    """16 MiB multifd jobs where max-bandwidth is off or lets one 100 ms window carry one (QEMU paces by
+    limit/10 bytes per window); 4 MiB batches otherwise, and on the main stream."""
+    assert batch_pages(4096, 0, multifd=True) == 4096
+    assert batch_pages(4096, 0, multifd=False) == BATCH_PAGES
+    assert batch_pages(4096, 128 << 20, multifd=True) == BATCH_PAGES  # QEMU's default: 12.8 MiB a window
+    assert batch_pages(4096, 160 << 20, multifd=True) == 4096
+    assert batch_pages(64 << 10, 0, multifd=True) == BATCH_PAGES  # never fewer pages than a batch
