@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import zlib
 
-from isal import isal_zlib
+import numpy as np
+from isal import igzip_lib, isal_zlib
 
 from mig_core.ext.compressor import Compressor, Decoder, Encoder, IntoDecoder, PiecewiseEncoder
 
@@ -30,18 +31,20 @@ class _ZlibEncoder(PiecewiseEncoder):
     def __init__(self, level: int) -> None:
         self._level = level
         self._codec = isal_zlib if level in ISAL_LEVELS else zlib
-        self._stable = memoryview(bytearray(PIECE))
+        self._stable = np.empty(PIECE, dtype=np.uint8)
 
     def compress_parts(self, data: bytes | memoryview) -> list[bytes | memoryview]:
         """One zlib stream over ``data``, deflated piece by piece from a copy of each piece: a vCPU may
         write the pages meanwhile, and the stream's checksum is computed in a read of its own (QEMU, too,
-        copies every page before deflating it). The copy stays in cache until deflate reads it."""
-        src = memoryview(data).cast("B")
+        copies every page before deflating it). The copy stays in cache until deflate reads it, and numpy
+        makes it without the GIL: a memoryview copy holds it, and two channels then took longer than one
+        (issue 21: 0.28 s against 0.25 s for a text-like GiB; 0.15 s with numpy's copy)."""
+        src = np.frombuffer(data, dtype=np.uint8)
         stream = self._codec.compressobj(self._level)
         out: list[bytes | memoryview] = []
         for off in range(0, src.nbytes, PIECE):
             piece = self._stable[:min(PIECE, src.nbytes - off)]
-            piece[:] = src[off:off + piece.nbytes]
+            np.copyto(piece, src[off:off + piece.nbytes])
             if chunk := stream.compress(piece):
                 out.append(chunk)
         out.append(stream.flush())
@@ -50,28 +53,33 @@ class _ZlibEncoder(PiecewiseEncoder):
 
 class _ZlibDecoder(IntoDecoder):
     def decompress_into(self, data: bytes | memoryview, out: memoryview) -> None:
-        """Inflate ``PIECE`` bytes at a time, each copied into ``out`` while it is still in cache."""
-        inflate = isal_zlib.decompressobj()
-        rest: bytes | memoryview = data
-        pos = 0
+        """Inflate ``PIECE`` bytes at a time, each copied into ``out`` while it is still in cache.
+
+        ISA-L's ``IgzipDecompressor`` keeps the input it has not read yet itself; a ``decompressobj`` hands
+        it back as a new ``unconsumed_tail`` after every piece, a copy of the rest of the packet each time
+        and with the GIL held (issue 21: 0.34 against 0.19 s for a GiB of text at a ratio of 3, 2 threads).
+        """
+        inflate = igzip_lib.IgzipDecompressor(flag=igzip_lib.DECOMP_ZLIB)
+        dst = np.frombuffer(out, dtype=np.uint8)
+        size, pos = dst.nbytes, 0
         try:
-            while pos < out.nbytes:
-                chunk = inflate.decompress(rest, min(PIECE, out.nbytes - pos))
-                if not chunk:
-                    break
-                out[pos:pos + len(chunk)] = chunk
+            chunk = inflate.decompress(data, min(PIECE, size)) if size else b""
+            while chunk:
+                np.copyto(dst[pos:pos + len(chunk)], np.frombuffer(chunk, dtype=np.uint8))
                 pos += len(chunk)
-                rest = inflate.unconsumed_tail
+                if inflate.eof or pos == size:
+                    break
+                chunk = inflate.decompress(b"", min(PIECE, size - pos))
             # the stream's end (and checksum) may follow the last byte; anything decoded past it is too much
-            extra = inflate.decompress(rest, 1) if pos == out.nbytes and not inflate.eof else b""
-        except (isal_zlib.error, zlib.error) as e:  # type: ignore[misc]  # isal's stub: an instance, not a class
+            extra = inflate.decompress(b"", 1) if pos == size and not inflate.eof else b""
+        except (igzip_lib.IsalError, EOFError) as e:  # type: ignore[misc]  # isal's stub: an instance, not a class
             raise ValueError(f"corrupt zlib packet: {e}") from None
         if extra:
-            raise ValueError(f"zlib packet decompresses to more than the {out.nbytes} bytes expected")
-        if pos != out.nbytes or not inflate.eof or inflate.unconsumed_tail or inflate.unused_data:
+            raise ValueError(f"zlib packet decompresses to more than the {size} bytes expected")
+        if pos != size or not inflate.eof or inflate.unused_data:
             raise ValueError(f"zlib packet decompressed to {pos} bytes"
-                             f"{'' if inflate.eof else ' without its end'}, expected {out.nbytes}"
-                             f"{' and nothing after it' if inflate.unused_data or inflate.unconsumed_tail else ''}")
+                             f"{'' if inflate.eof else ' without its end'}, expected {size}"
+                             f"{' and nothing after it' if inflate.unused_data else ''}")
 
 
 class ZlibCompressor(Compressor):

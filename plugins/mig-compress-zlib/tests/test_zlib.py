@@ -1,6 +1,7 @@
 """The zlib plugin is installed, discovered through its entry point, and round-trips packets."""
 
 import os
+import random
 
 import pytest
 
@@ -51,3 +52,40 @@ class TestContract(CompressorContract):
     name = "zlib"
     distribution = "mig-compress-zlib"
     levels = (0, 1, 9)
+
+
+def _packet(n: int) -> bytes:
+    """``n`` bytes of mixed text and random data (seeded: the same every run): several ``PIECE``s of output, a
+    stream of many blocks."""
+    rng = random.Random(21)
+    words = [rng.randbytes(7).hex().encode() for _ in range(64)]
+    text = b" ".join(words[i % 61] for i in range(n // 8))[:n // 2]
+    return text + rng.randbytes(n - len(text))
+
+
+def test_a_packet_of_many_pieces_lands_whole_in_place():
+    comp = PluginRegistry().load("mig_core.compressors", "zlib")()
+    data = _packet(3 << 20)  # 12 pieces of output, written straight into the target
+    wire = comp.encoder(1).compress(memoryview(data))
+    target = bytearray(len(data) + 8)
+    comp.decoder().decompress_into(wire, memoryview(target)[4:-4])
+    assert target[4:-4] == data and target[:4] == bytes(4) and target[-4:] == bytes(4)
+
+
+@pytest.mark.parametrize("damage", ["checksum", "truncated", "trailing", "body"])
+def test_damaged_packets_are_refused(damage):
+    """A wrong adler-32, a stream cut short, bytes after its end, a flipped bit inside: ValueError, no
+    partial success."""
+    comp = PluginRegistry().load("mig_core.compressors", "zlib")()
+    data = _packet(1 << 20)
+    wire = bytearray(comp.encoder(1).compress(memoryview(data)))
+    if damage == "checksum":
+        wire[-1] ^= 0xFF
+    elif damage == "truncated":
+        wire = wire[:len(wire) // 2]
+    elif damage == "trailing":
+        wire += b"\x00"
+    else:
+        wire[len(wire) // 3] ^= 0x10
+    with pytest.raises(ValueError):
+        comp.decoder().decompress_into(bytes(wire), memoryview(bytearray(len(data))))
