@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.hosts import cpu_seconds, qmp_clients
-from benchmarks.multifd import CORES, ENV, GIB, UNPACED, codec_seconds_on_ram, raw_loopback_measured
+from benchmarks.multifd import (
+    CORES,
+    ENV,
+    GIB,
+    UNPACED,
+    codec_seconds_on_all_cores,
+    codec_seconds_on_ram,
+    raw_loopback_measured,
+)
 from mig_core.testing import Host, connect, migrate_and_wait, wait_for_status
 
 #: (multifd channels (0: the main channel only), multifd-compression)
@@ -161,12 +169,13 @@ def table(binary: str, reps: int = 3, configs: list[tuple[int, str]] | None = No
         for fill in data:
             ram = ram_file(tmp, fill)
             for channels, comp in configs or CONFIGS:
-                q, m, raw, floor = [], [], [], []
+                q, m, raw, floor, parallel = [], [], [], [], []
                 for _ in range(reps):
                     conns = max(channels, 1)
                     raw.append(min(raw_loopback_measured(conns), raw_loopback_measured(conns, congestion=UNPACED)))
                     if comp != "none" and fill != "zero":
                         floor.append(sum(codec_seconds_on_ram(comp, LEVEL[comp][1], ram)) / CORES)
+                        parallel.append(codec_seconds_on_all_cores(comp, LEVEL[comp][1], ram))
                     q.append(asyncio.run(run_qemu(binary, tmp, ram, channels, comp)))
                     m.append(asyncio.run(run_mig(tmp, ram, channels, comp)))
                 rows.append({"data": fill, "channels": channels, "compression": comp,
@@ -177,6 +186,7 @@ def table(binary: str, reps: int = 3, configs: list[tuple[int, str]] | None = No
                              "raw_s": statistics.median(r[0] for r in raw),
                              "raw_cpu": statistics.median(r[1] for r in raw),
                              "floor_s": statistics.median(floor) if floor else None,
+                             "parallel_s": statistics.median(parallel) if parallel else None,
                              "mig_compression": m[-1]["info"].get("compression")})
                 print(_line(rows[-1]), flush=True)
             ram.unlink()
@@ -184,8 +194,9 @@ def table(binary: str, reps: int = 3, configs: list[tuple[int, str]] | None = No
 
 
 HEADER = ("| data | channels | compression | QEMU s | mig s | QEMU / mig | limit s | mig vs limit | downtime ms "
-          "QEMU / mig | CPU s src QEMU / mig | CPU s dst QEMU / mig | CPU s both sides: mig / limit |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "QEMU / mig | CPU s src QEMU / mig | CPU s dst QEMU / mig | CPU s both sides: mig / limit | "
+          "codec on all cores s | mig vs it |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _line(r: dict) -> str:
@@ -195,7 +206,8 @@ def _line(r: dict) -> str:
             f"{r['mig_s']:.2f} | {r['qemu_s'] / r['mig_s']:.2f} | {limit:.2f} ({kind}) | {limit / r['mig_s']:.2f} | "
             f"{r['qemu_down']:.0f} / {r['mig_down']:.0f} | {r['qemu_cpu_src']:.2f} / {r['mig_cpu_src']:.2f} | "
             f"{r['qemu_cpu_dst']:.2f} / {r['mig_cpu_dst']:.2f} | {r['mig_cpu_src'] + r['mig_cpu_dst']:.2f} / "
-            f"{limit * CORES if kind == 'floor' else r['raw_cpu']:.2f} |")
+            f"{limit * CORES if kind == 'floor' else r['raw_cpu']:.2f} | "
+            + (f"{r['parallel_s']:.2f} | {r['parallel_s'] / r['mig_s']:.2f} |" if r.get("parallel_s") else "– | – |"))
 
 
 def main(args: list[str] | None = None) -> None:
@@ -211,7 +223,9 @@ def main(args: list[str] | None = None) -> None:
           "mapping, the packets decompressed into a preallocated GiB; over the cores). The last column: "
           "the CPU-seconds mig's two processes used against those the limit's copying threads used (raw) or "
           "the codec's two threads (floor); on these cores a run cannot take less than its CPU-seconds over "
-          "the cores.\n")
+          "the cores. Codec on all cores: the floor's work done by one thread per core at once (each its share "
+          "compressed, then each its share decompressed), nothing else running: what the cores give when they "
+          "all run the codec, as a migration's channels do.\n")
     print(HEADER, flush=True)
     only = set(args or [])
     table(binary, reps, data=tuple(d for d in DATA if not only or d in only))
