@@ -14,7 +14,8 @@ from mig_core.engine.multifd_send import PROBE_GAIN, PROBE_PAGES, CompressionCou
 from mig_core.engine.stats import MigrationCounters
 from mig_core.errors import MultifdError
 from mig_core.ext import compressor
-from mig_core.ext.channel import BytesChannel, SocketChannel
+from mig_core.ext.channel import SocketChannel
+from mig_core.ext.memory_channel import BytesChannel
 from mig_core.machine.machine import Machine
 from mig_core.machine.reference_host import fill
 from mig_core.plugin.registry import PluginRegistry

@@ -20,7 +20,7 @@ from mig_core.engine.return_path import (
     encode,
 )
 from mig_core.errors import MigrationFailed, StreamError
-from mig_core.ext.channel import loopback_pair
+from mig_core.ext.memory_channel import loopback_pair
 from mig_core.stream.format import Command
 from mig_core.stream.reader import CommandReceived
 

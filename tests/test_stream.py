@@ -12,7 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mig_core.ext.channel import ChannelAborted, SocketChannel, loopback_pair
+from mig_core.ext.channel import ChannelAborted, SocketChannel
+from mig_core.ext.memory_channel import loopback_pair
 from mig_core.machine.device import DeviceSection
 from mig_core.memory.ram import Backing, allocate
 from mig_core.stream.format import HEADER, PAGES_HEADER, Command, PageEncoding, Section

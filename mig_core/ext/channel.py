@@ -4,8 +4,8 @@ A channel moves bytes in order. It may support several channels per migration
 (multifd), a return path, zero-copy sends (then ``flush_zero_copy`` must be
 called before reusing buffers), positioned writes (files). Every channel can
 be aborted from another thread, which unblocks a stuck send or receive at
-once. ``SocketChannel`` wraps any connected stream socket; ``loopback_pair``
-is an in-memory pair for unit tests.
+once. ``SocketChannel`` wraps any connected stream socket, ``FdChannel`` a
+pair of file descriptors; channels over memory are in ``memory_channel``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import os
 import select
 import socket
 import struct
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import Any
 from mig_core.errors import ChannelAborted, ChannelEOF, ChannelError
 
 __all__ = ["Buffer", "Channel", "ChannelAbilities", "ChannelAborted", "ChannelEOF", "ChannelError", "FdChannel",
-           "LoopbackChannel", "SocketChannel", "loopback_pair"]
+           "SocketChannel"]
 
 Buffer = Any  # bytes, bytearray, memoryview or a contiguous numpy array
 
@@ -492,110 +491,3 @@ class FdChannel(Channel):
                 except OSError:
                     pass
         self.write_fd = self.read_fd = self._wake_r = self._wake_w = -1
-
-
-class _Pipe:
-    """One direction of an in-memory channel: a bounded byte buffer."""
-
-    def __init__(self, capacity: int) -> None:
-        self.buf = bytearray()
-        self.capacity = capacity
-        self.closed = False
-        self.cond = threading.Condition()
-
-
-class LoopbackChannel(Channel):
-    """One end of an in-memory channel pair (see ``loopback_pair``)."""
-
-    abilities = ChannelAbilities(multiple_channels=True, return_path=True)
-
-    def __init__(self, out: _Pipe, inp: _Pipe) -> None:
-        super().__init__()
-        self._out, self._in = out, inp
-
-    def _sendv(self, buffers: Sequence[Buffer]) -> int:
-        p = self._out
-        with p.cond:
-            while len(p.buf) >= p.capacity and not p.closed and self.abort_reason is None:
-                p.cond.wait()
-            self._check_abort()
-            if p.closed:
-                raise ChannelError("send failed: the peer closed the channel")
-            room = p.capacity - len(p.buf)
-            n = 0
-            for b in buffers:
-                take = memoryview(b)[: room - n]
-                p.buf += take
-                n += take.nbytes
-                if n == room:
-                    break
-            p.cond.notify_all()
-            return n
-
-    def _recv_into(self, view: memoryview) -> int:
-        p = self._in
-        with p.cond:
-            while not p.buf and not p.closed and self.abort_reason is None:
-                p.cond.wait()
-            self._check_abort()
-            n = min(len(p.buf), view.nbytes)
-            view[:n] = p.buf[:n]
-            del p.buf[:n]
-            p.cond.notify_all()
-            return n
-
-    def _unblock(self) -> None:
-        for p in (self._out, self._in):
-            with p.cond:
-                p.cond.notify_all()
-
-    def close(self) -> None:
-        for p in (self._out, self._in):
-            with p.cond:
-                p.closed = True
-                p.cond.notify_all()
-
-
-def loopback_pair(capacity: int = 4 << 20) -> tuple[LoopbackChannel, LoopbackChannel]:
-    """Two connected in-memory channels; each direction buffers at most ``capacity`` bytes."""
-    a, b = _Pipe(capacity), _Pipe(capacity)
-    return LoopbackChannel(a, b), LoopbackChannel(b, a)
-
-
-class BytesChannel(Channel):
-    """A channel over memory: reads what it was given, collects what is written (``data``).
-
-    Device-state streams that live beside RAM rather than in a migration (snapshots, xen-save-devices-state)
-    are written and read through one.
-    """
-
-    def __init__(self, data: bytes = b"") -> None:
-        super().__init__()
-        self._in = memoryview(data)
-        self._pos = 0
-        self._out = bytearray()
-
-    @property
-    def data(self) -> bytes:
-        """Everything written so far."""
-        return bytes(self._out)
-
-    def _sendv(self, buffers: Sequence[Buffer]) -> int:
-        n = 0
-        for b in buffers:
-            view = memoryview(b).cast("B")
-            self._out += view
-            n += view.nbytes
-        return n
-
-    def _recv_into(self, view: memoryview) -> int:
-        n = min(view.nbytes, self._in.nbytes - self._pos)
-        view[:n] = self._in[self._pos:self._pos + n]
-        self._pos += n
-        return n
-
-    def _unblock(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self._in.release()

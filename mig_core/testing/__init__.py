@@ -26,7 +26,8 @@ from typing import Any, cast
 from qemu.qmp import QMPClient
 
 from mig_core.control.manager import MigrationManager
-from mig_core.ext.channel import Channel, ChannelAbilities, loopback_pair
+from mig_core.ext.channel import Channel, ChannelAbilities
+from mig_core.ext.memory_channel import loopback_pair
 from mig_core.ext.transport import Listener, SingleChannelListener, Transport, TransportContext
 from mig_core.schema.migration import MigrationAddress, MigrationStatus
 from mig_core.schema.sockets import SocketAddress, String

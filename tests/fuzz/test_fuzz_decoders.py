@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mig_core.errors import ChannelError, QMPError, StreamError
-from mig_core.ext.channel import loopback_pair
+from mig_core.ext.memory_channel import loopback_pair
 from mig_core.machine.device import Device, DeviceRegistry, DeviceSection, DeviceStateError
 from mig_core.memory import xbzrle
 from mig_core.memory.ram import allocate

@@ -14,7 +14,7 @@ import structlog
 
 from mig_core.engine.device_iteration import DeviceIteration
 from mig_core.errors import StreamError
-from mig_core.ext.channel import BytesChannel
+from mig_core.ext.memory_channel import BytesChannel
 from mig_core.machine.device import DeviceSection, PendingStates
 from mig_core.machine.machine import Machine
 from mig_core.memory.ram import RAMBlock
