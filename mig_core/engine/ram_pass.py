@@ -4,8 +4,8 @@ The migration thread walks the pass's pages in batches of ``BATCH_PAGES`` (large
 multifd jobs where max-bandwidth allows, ``batch_pages``): each batch is tested
 for zero pages on this thread (by the multifd sender under multifd detection),
 then goes to the multifd channels, through xbzrle, or onto the main stream, and
-max-bandwidth paces what was written. A pass ends early
-when postcopy is due: what it had not sent yet is kept for postcopy.
+max-bandwidth paces what was written. A pass ends early when postcopy is due:
+what it had not sent yet is kept for postcopy.
 """
 
 from __future__ import annotations
