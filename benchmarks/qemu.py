@@ -16,6 +16,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -137,23 +139,35 @@ async def _pair(src: Any, dst: Any, pids: tuple[int, int], channels: int, compre
             "cpu_src": cpu[0], "cpu_dst": cpu[1], "info": info}
 
 
-async def run_qemu(binary: str, tmp: Path, ram: Path, channels: int, compression: str) -> dict:
+#: Wraps one migration, given the (source, destination) pids: e.g. a profiler attached to both
+#: (``benchmarks.single``).
+Profile = Callable[[tuple[int, int]], AbstractContextManager[object]]
+
+
+async def run_qemu(binary: str, tmp: Path, ram: Path, channels: int, compression: str,
+                   profile: Profile | None = None) -> dict:
     s = QemuHost(binary, tmp, "qsrc", ["memory-backend-file", "id=pc.ram", "size=1G", f"mem-path={ram}",
                                        "share=on"], incoming=False)
     d = QemuHost(binary, tmp, "qdst", ["memory-backend-ram", "id=pc.ram", "size=1G", "prealloc=on"], incoming=True)
-    return await _measured(s, d, channels, compression)
+    return await _measured(s, d, channels, compression, profile)
 
 
-async def run_mig(tmp: Path, ram: Path, channels: int, compression: str) -> dict:
+async def run_mig(tmp: Path, ram: Path, channels: int, compression: str, profile: Profile | None = None) -> dict:
     s = Host(tmp, "--ram", f"1G,backing=file,path={ram}", "-S", name="src", env=ENV)
     d = Host(tmp, "--ram", "1G", "--mem-prealloc", "-S", "--incoming", "defer", name="dst", env=ENV)
-    return await _measured(s, d, channels, compression)
+    return await _measured(s, d, channels, compression, profile)
 
 
-async def _measured(s: QemuHost | Host, d: QemuHost | Host, channels: int, compression: str) -> dict:
+async def _measured(s: QemuHost | Host, d: QemuHost | Host, channels: int, compression: str,
+                    profile: Profile | None = None) -> dict:
     """One migration between two started hosts (QEMU's or mig's), which are stopped afterwards."""
     async with qmp_clients(s, d) as (src, dst):
-        return await _pair(src, dst, (s.proc.pid, d.proc.pid), channels, compression)
+        with (profile or _unprofiled)((s.proc.pid, d.proc.pid)):
+            return await _pair(src, dst, (s.proc.pid, d.proc.pid), channels, compression)
+
+
+def _unprofiled(pids: tuple[int, int]) -> AbstractContextManager[object]:
+    return nullcontext()
 
 
 def _median(runs: list[dict], key: str) -> float:
