@@ -11,6 +11,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -162,41 +163,23 @@ def codec_seconds_on_ram(name: str, level: int, ram: Path) -> tuple[float, float
     destination decodes into its RAM): the codec's part of the job itself, with its data coming from and
     going to memory. (``codec_speeds`` measures the codec on a sample that stays in the caches and decodes
     into one reused buffer: 25-40 % quicker than the same codec doing the migration's work, issue 21.)"""
-    import mmap
-
-    from mig_core.plugin.registry import PluginRegistry
-
-    comp = PluginRegistry.from_environment().load("mig_core.compressors", name)()
-    with open(ram, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        mapped = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED)
-    try:
-        mv = memoryview(mapped)
-        enc, packets, t_c = comp.encoder(level), [], 0.0
-        for off in range(0, size, 4 << 20):
-            t = time.perf_counter()
-            parts = enc.compress_parts(mv[off:off + (4 << 20)])
-            t_c += time.perf_counter() - t
-            packets.append(b"".join(parts))  # kept for the decoder, outside the timing
-        mv.release()
-    finally:
-        mapped.close()
-    out = np.ones(size, dtype=np.uint8)  # faulted in, as a preallocated destination's RAM
-    dec = comp.decoder()
-    t = time.perf_counter()
-    for i, packet in enumerate(packets):
-        dec.decompress_into(packet, memoryview(out)[i << 22:(i + 1) << 22])
-    return t_c, time.perf_counter() - t
+    return _codec_seconds(name, level, ram, 1)
 
 
 def codec_seconds_on_all_cores(name: str, level: int, ram: Path, cores: int = CORES) -> float:
-    """Seconds the codec's own work on ``ram`` takes spread over ``cores`` threads, nothing else running: each
-    thread compresses its share of the RAM file from the mapping (4 MiB packets, as ``codec_seconds_on_ram``),
-    then each decompresses its share into a preallocated GiB; the two phases' wall times added.
+    """Seconds the same work takes spread over ``cores`` threads at once, nothing else running: each thread
+    compresses its share of the packets, then each decompresses its share (the two phases added).
 
     ``codec_seconds_on_ram``'s floor assumes the codec runs as fast on every core at once as on one. This
     measures what these cores give when they all run it, sharing caches and memory bandwidth, as a
     migration's channels do (issue 21: 5-35 % over the floor on 2 cores, text-like zstd)."""
+    return sum(_codec_seconds(name, level, ram, cores))
+
+
+def _codec_seconds(name: str, level: int, ram: Path, threads: int) -> tuple[float, float]:
+    """(compress, decompress) seconds of ``ram``'s 4 MiB packets over ``threads`` threads (packets dealt out
+    in turn), each phase the longest any thread spent inside the codec's calls: copying a packet's output
+    aside for the decoder is not the codec's work and stays outside the timing."""
     import mmap
 
     from mig_core.plugin.registry import PluginRegistry
@@ -206,35 +189,40 @@ def codec_seconds_on_all_cores(name: str, level: int, ram: Path, cores: int = CO
     with open(ram, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         mapped = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED)
-    offsets = list(range(0, size, step))
-    shares = [offsets[i::cores] for i in range(cores)]  # interleaved: each thread reads the whole file's span
+    shares = [range(i * step, size, threads * step) for i in range(threads)]
     packets: dict[int, bytes] = {}
     out = np.ones(size, dtype=np.uint8)  # faulted in, as a preallocated destination's RAM
+    spent = [0.0] * threads
 
-    def compress(share: list[int]) -> None:
+    def compress(i: int) -> None:
         enc, mv = comp.encoder(level), memoryview(mapped)
         try:
-            for off in share:
-                packets[off] = b"".join(enc.compress_parts(mv[off:off + step]))
+            for off in shares[i]:
+                t = time.perf_counter()
+                parts = enc.compress_parts(mv[off:off + step])
+                spent[i] += time.perf_counter() - t
+                packets[off] = b"".join(parts)  # the parts may be the encoder's buffer, reused by its next call
         finally:
             mv.release()
 
-    def decompress(share: list[int]) -> None:
+    def decompress(i: int) -> None:
         dec = comp.decoder()
-        for off in share:
+        for off in shares[i]:
+            t = time.perf_counter()
             dec.decompress_into(packets[off], memoryview(out)[off:off + step])
+            spent[i] += time.perf_counter() - t
 
-    def on_all_cores(work) -> float:  # type: ignore[no-untyped-def]
-        threads = [threading.Thread(target=work, args=(share,)) for share in shares]
-        t = time.perf_counter()
-        for th in threads:
+    def phase(work: Callable[[int], None]) -> float:
+        spent[:] = [0.0] * threads
+        pool = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+        for th in pool:
             th.start()
-        for th in threads:
+        for th in pool:
             th.join()
-        return time.perf_counter() - t
+        return max(spent)
 
     try:
-        return on_all_cores(compress) + on_all_cores(decompress)
+        return phase(compress), phase(decompress)
     finally:
         mapped.close()
 

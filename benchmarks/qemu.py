@@ -162,12 +162,9 @@ async def _measured(s: QemuHost | Host, d: QemuHost | Host, channels: int, compr
                     profile: Profile | None = None) -> dict:
     """One migration between two started hosts (QEMU's or mig's), which are stopped afterwards."""
     async with qmp_clients(s, d) as (src, dst):
-        with (profile or _unprofiled)((s.proc.pid, d.proc.pid)):
-            return await _pair(src, dst, (s.proc.pid, d.proc.pid), channels, compression)
-
-
-def _unprofiled(pids: tuple[int, int]) -> AbstractContextManager[object]:
-    return nullcontext()
+        pids = (s.proc.pid, d.proc.pid)
+        with profile(pids) if profile else nullcontext():
+            return await _pair(src, dst, pids, channels, compression)
 
 
 def _median(runs: list[dict], key: str) -> float:

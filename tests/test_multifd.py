@@ -335,8 +335,8 @@ async def test_a_file_backed_source_under_writes_arrives_whole(start_host, tmp_p
 
 @pytest.mark.parametrize("compression", ["none", "zstd", "zlib"])
 async def test_unpaced_jobs_arrive_whole_under_writes(start_host, tmp_path, compression):
-    """max-bandwidth 0: the channels get 16 MiB jobs (``batch_pages``), several packets each when compressed,
-    while two vCPUs write; every page arrives as the source last had it."""
+    """max-bandwidth 0: the channels get 16 MiB jobs (``batch_pages``), a text-like one compressed as one
+    packet, while two vCPUs write; every page arrives as the source last had it."""
     s, d, src, dst = await setup_pair(start_host, tmp_path, channels=2, compression=compression, fill="text",
                                       src_params={"max-bandwidth": 0})
     try:
