@@ -46,6 +46,39 @@ def test_prealloc_populates_every_page():
         b.close()
 
 
+@pytest.mark.parametrize("backing", [Backing.MEMFD, Backing.ANONYMOUS, Backing.FILE])
+@pytest.mark.parametrize("touched", [0, 1, 64, 65, 120])
+def test_populated_runs_expand_and_mask_alike(backing, touched, tmp_path):
+    """populated_pages and a destination's held-pages mask agree with the pages written, on both sides of
+    the few-runs shortcut (one slice or range per run up to pagemap.FEW_RUNS runs, vectorised beyond)."""
+    import numpy as np
+
+    from mig_core.memory import pagemap
+
+    kw = {"path": tmp_path / "ram.img"} if backing is Backing.FILE else {}
+    b = allocate("ram", 1 << 20, backing=backing, **kw)
+    try:
+        written = np.sort(np.random.default_rng(touched).choice(b.npages, size=touched, replace=False))
+        written[written % 2 == 1] -= 1  # even pages only: every written page is a run of its own
+        written = np.unique(written)
+        for p in written.tolist():
+            b.pages[p] = 1
+        starts, ends = b.populated_runs()
+        assert len(starts) == len(written)
+        assert b.populated_pages().tolist() == written.tolist()
+        assert pagemap.runs_to_pages(starts, ends).dtype == np.int64
+        mask = pagemap.runs_mask(starts, ends, b.npages)
+        assert np.flatnonzero(mask).tolist() == written.tolist()
+        # adjacent runs and a run that ends at the block's end stay one span
+        whole = pagemap.runs_mask(np.array([0, 5, 9]), np.array([5, 9, b.npages]), b.npages)
+        assert whole.all()
+        many = np.arange(0, 2 * (pagemap.FEW_RUNS + 1), 2)
+        assert np.flatnonzero(pagemap.runs_mask(many, many + 1, b.npages)).tolist() == many.tolist()
+        assert pagemap.runs_to_pages(many, many + 1).tolist() == many.tolist()
+    finally:
+        b.close()
+
+
 def test_never_touched_gib_costs_nothing_to_scan():
     b = allocate("big", 1 << 30)
     try:

@@ -13,6 +13,7 @@ import threading
 import uuid as uuid_mod
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import structlog
 
 from mig_core.engine import dirty_bitmaps, link_probe
@@ -28,6 +29,7 @@ from mig_core.errors import MigError
 from mig_core.ext import compressor, replication
 from mig_core.ext.channel import Channel, ChannelAborted, ChannelEOF, ChannelError
 from mig_core.machine.device import DeviceSection, PendingStates
+from mig_core.memory.pagemap import runs_mask
 from mig_core.memory.ram import RAMBlock
 from mig_core.memory.zeropage import nonzero_pages
 from mig_core.schema.common import RunState
@@ -104,7 +106,7 @@ class IncomingMigration:
             # pages this host holds before loading (those the source does not send are dropped at the end);
             # read now, while waiting, not on the loading path -- except for shared files, which the kernel
             # answers for page by page (~10 ms per GiB) and which x-ignore-shared may leave out entirely
-            self._held = {b.name: b.populated_pages() for b in self.machine.blocks if not b.shared_file}
+            self._held = {b.name: b.populated_runs() for b in self.machine.blocks if not b.shared_file}
             self._connect()
             if not ctx.capability(C.POSTCOPY_PREEMPT):  # else the preempt connection comes at the switch
                 self.listener.close()
@@ -347,8 +349,10 @@ class IncomingMigration:
         for b in self.machine.blocks:
             if b.name in self.ignored:  # the same file as the source's: its contents are the data
                 continue
-            held = self._held[b.name] if b.name in self._held else b.populated_pages()
-            stale = held[~placer.received[b.name][held]]
+            runs = self._held[b.name] if b.name in self._held else b.populated_runs()
+            # as a mask against the received bitmap: no index array of every held page (this runs after
+            # the last page arrived, before this side completes)
+            stale = np.flatnonzero(runs_mask(*runs, b.npages) & ~placer.received[b.name])
             if len(stale):
                 # only pages that hold data need dropping: zero ones (a preallocated host) stay allocated
                 stale = nonzero_pages(b.words, stale, expect_zero=True)

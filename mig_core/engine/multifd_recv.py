@@ -114,7 +114,7 @@ class MultifdReceiver:
         nblocks = len(self.blocks)
         block_pages = [b.npages for b in self.blocks]
         staging = np.empty(0, dtype=np.uint8)
-        wire = bytearray()
+        wire = np.empty(0, dtype=np.uint8)
 
         suspects = self.suspects
 
@@ -157,9 +157,10 @@ class MultifdReceiver:
                 try:
                     if decoder is not None and pkt.flags & PacketFlag.COMPRESSED:
                         # a reused buffer: a fresh packet-sized one per packet costs page faults each time
+                        # (np.empty: a zeroed bytearray would also write all of it once)
                         if len(wire) < pkt.payload_size:
-                            wire = bytearray(pkt.payload_size)
-                        packet = memoryview(wire)[:pkt.payload_size]
+                            wire = np.empty(pkt.payload_size, dtype=np.uint8)
+                        packet = wire.data[:pkt.payload_size]
                         ch.recv_into(packet)
                         land(block, pkt.normal, functools.partial(decoder.decompress_into, packet))
                     else:

@@ -88,8 +88,19 @@ class PagemapScanner:
                 ((regions[:, 1] - start) // page_size).astype(np.int64))
 
 
+#: up to this many runs are expanded one slice or range each; more go through one vectorised pass
+FEW_RUNS = 64
+
+
 def runs_to_pages(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Expand half-open page runs [start, end) into sorted page indices, without a Python loop."""
+    """Expand half-open page runs [start, end) into sorted page indices, without a Python loop per page.
+
+    A few runs (a preallocated or file-backed block is usually one) are one ``arange`` each: the
+    vectorised pass builds four temporaries as long as the result (5-9 ms and 2000 page faults for a
+    preallocated GiB, measured for issue 21)."""
+    if len(starts) <= FEW_RUNS:
+        parts = [np.arange(s, e, dtype=np.int64) for s, e in zip(starts.tolist(), ends.tolist())]
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
     starts = starts.astype(np.int64)
     lengths = ends.astype(np.int64) - starts
     total = int(lengths.sum())
@@ -99,6 +110,20 @@ def runs_to_pages(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     run_of = np.repeat(np.arange(len(starts)), lengths)
     first = np.cumsum(lengths) - lengths
     return starts[run_of] + (np.arange(total) - first[run_of])
+
+
+def runs_mask(starts: np.ndarray, ends: np.ndarray, npages: int) -> np.ndarray:
+    """A bool per page of a block of ``npages``: True inside the half-open runs [start, end)."""
+    mask = np.zeros(npages, dtype=bool)
+    if len(starts) <= FEW_RUNS:
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            mask[s:e] = True
+        return mask
+    edges = np.zeros(npages + 1, dtype=np.int32)  # +1 where a run starts, -1 where it ends
+    np.add.at(edges, starts, 1)
+    np.add.at(edges, ends, -1)
+    np.cumsum(edges[:-1], out=edges[:-1])
+    return np.greater(edges[:-1], 0, out=mask)
 
 
 def union_pages(a: np.ndarray, b: np.ndarray, npages: int) -> np.ndarray:
