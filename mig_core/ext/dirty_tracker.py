@@ -19,6 +19,7 @@ from typing import ClassVar
 import numpy as np
 import structlog
 
+from mig_core.memory.pagemap import runs_mask
 from mig_core.memory.ram import RAMBlock
 from mig_core.plugin.registry import PluginNotFound, PluginRegistry
 
@@ -117,14 +118,9 @@ class DirtyTracker(ABC):
 class _BitmapConsumer(DirtyConsumer):
     def __init__(self, tracker: HarvestingTracker, name: str, skip: Collection[str] = ()) -> None:
         super().__init__(tracker, name)
-        self.bitmaps = {b.name: np.zeros(b.npages, dtype=bool) for b in tracker.blocks}
-        for b in tracker.blocks:  # the first call reports everything that may not be zero
-            if b.name in skip:
-                continue
-            bm = self.bitmaps[b.name]
-            starts, ends = b.populated_runs()
-            for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
-                bm[s:e] = True
+        # the first call reports everything that may not be zero
+        self.bitmaps = {b.name: np.zeros(b.npages, dtype=bool) if b.name in skip
+                        else runs_mask(*b.populated_runs(), b.npages) for b in tracker.blocks}
         self.vcpu_pages: dict[int, int] = {}
 
     def collect(self) -> DirtyReport:
