@@ -3,6 +3,7 @@ pages that compression would not shrink sent as they are, and the packet checks 
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import uuid
@@ -26,8 +27,9 @@ RAM = 16 << 20
 PAGES = RAM // 4096
 
 
-async def _migrate_stopped(start_host, tmp_path, fill: str, method: str) -> dict:
-    """A paused source (nothing is written again, so every page goes exactly once) to a paused destination."""
+async def _migrate_stopped(start_host, tmp_path, fill: str, method: str, in_place: list | None = None) -> dict:
+    """A paused source (nothing is written again, so every page goes exactly once) to a paused destination;
+    ``in_place`` receives the source's ``multifd_in_place`` event."""
     s = start_host("--ram", "16M", "--ram-fill", fill, "-S", name="src")
     d = start_host("--ram", "16M", "--incoming", "defer", "-S", name="dst")
     src, dst = await connect(s.sock, "src"), await connect(d.sock, "dst")
@@ -40,6 +42,12 @@ async def _migrate_stopped(start_host, tmp_path, fill: str, method: str) -> dict
         assert info["status"] == "completed", info
         await wait_for_status(dst, {"completed"})
         assert await ram_digest(src, RAM, tmp_path / "s") == await ram_digest(dst, RAM, tmp_path / "d")
+        if in_place is not None:
+            for _ in range(600):  # logged as the channels end, which may follow the status by a moment
+                in_place += [e for e in s.log_events() if e["event"] == "multifd_in_place"]
+                if in_place:
+                    break
+                await asyncio.sleep(0.05)
         return info
     finally:
         await src.disconnect()
@@ -65,12 +73,15 @@ async def test_incompressible_pages_travel_as_they_are(start_host, tmp_path, met
 async def test_text_like_pages_compress_and_rate_is_qemus(start_host, tmp_path, method):
     """Text-like pages compress; with every page sent in the first period, compression-rate is that
     period's pages × page size / compressed bytes, as QEMU computes it, and the wire carries the latter."""
-    info = await _migrate_stopped(start_host, tmp_path, "text", method)
+    in_place: list[dict] = []
+    info = await _migrate_stopped(start_host, tmp_path, "text", method, in_place)
     comp, ram = info["compression"], info["ram"]
     assert comp["pages"] == ram["normal"] >= PAGES - 64
     assert comp["compressed-size"] < comp["pages"] * 4096 / 20
     assert comp["compression-rate"] == round(comp["pages"] * 4096 / comp["compressed-size"], 4)
     assert ram["multifd-bytes"] < comp["compressed-size"] + ram["normal"] * 8 + (64 << 10)
+    # nothing writes a paused source's RAM: uffd-wp proves it, so every packet was compressed in place
+    assert in_place and in_place[0]["kept"] > 0 and in_place[0]["redone"] == in_place[0]["copied"] == 0, in_place
 
 
 def test_counters_follow_qemus_periods():
@@ -137,6 +148,10 @@ class _Watched:
     def compress_parts(self, data):
         self.sizes.append(memoryview(data).nbytes)
         return self.inner.compress_parts(data)
+
+    def compress_parts_stable(self, data):  # a probe's gathered copy, or live RAM a tracker proved unwritten
+        self.sizes.append(memoryview(data).nbytes)
+        return self.inner.compress_parts_stable(data)
 
 
 def test_a_channel_probes_until_its_jobs_compress_and_again_once_one_did_not():

@@ -35,6 +35,7 @@ from mig_core.stream.multifd import PacketFlag, init_packet, pack_header
 from mig_core.stream.writer import page_buffers
 
 if TYPE_CHECKING:
+    from mig_core.ext.dirty_tracker import DirtyTracker
     from mig_core.ext.transport import Transport
     from mig_core.plugin.registry import PluginRegistry
     from mig_core.schema.migration import MigrationAddress
@@ -144,6 +145,22 @@ class CompressionCounters:
                                     compression_rate=round(self.compression_rate, 4))
 
 
+@dataclass
+class InPlaceCounts:
+    """What became of the compressed packets of live RAM (``MultifdSender._compress``)."""
+
+    kept: int = 0
+    redone: int = 0
+    copied: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, kept: int = 0, redone: int = 0, copied: int = 0) -> None:
+        with self._lock:
+            self.kept += kept
+            self.redone += redone
+            self.copied += copied
+
+
 class MultifdSender:
     """N channel threads writing page packets; the migration thread queues jobs and syncs."""
 
@@ -162,6 +179,12 @@ class MultifdSender:
         #: mapped-ram: pages go to their fixed file offsets; no packets, and syncs are local
         self.mapped = mapped
         self.error: str | None = None
+        #: the dirty tracker whose proof that a packet's pages went unwritten lets a channel compress live RAM
+        #: in place (``Encoder.compress_parts_stable``); None: live RAM is always compressed from a copy
+        self.witness: DirtyTracker | None = None
+        #: packets of live RAM compressed in place and kept; compressed in place, then again from a copy
+        #: because a page was written meanwhile; compressed from a copy at once (written since the harvest)
+        self.in_place = InPlaceCounts()
         # two jobs per channel: a thread finishing one finds the next waiting (no hand-off bubble)
         self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=2 * len(self.channels))
         self._outstanding = 0
@@ -250,6 +273,9 @@ class MultifdSender:
             ch.finish()
             self.counters.multifd_sent(ch.bytes_sent - before, 0, 0)
         self.stop()
+        if self.encoder_factory is not None:
+            c = self.in_place
+            log.info("multifd_in_place", kept=c.kept, redone=c.redone, copied=c.copied)
 
     def stop(self) -> None:
         """End the channel threads (they finish or fail their current job first)."""
@@ -354,7 +380,8 @@ class MultifdSender:
             part_zero = zero if i == 0 else zero[:0]
             # one contiguous buffer: a view of RAM for a single run, else one gathered copy
             raw = part_data if part_data is not None else page_buffers(b, part, max_runs=1)[0]
-            payload = encoder.compress_parts(np.ascontiguousarray(raw).data.cast("B"))
+            live = part_data is None and int(part[-1]) - int(part[0]) + 1 == len(part)  # a view of RAM
+            payload = self._compress(encoder, b, part, np.ascontiguousarray(raw).data.cast("B"), live)
             if encoder.independent and _nbytes(payload) >= len(part) * ps:
                 size = self._send_raw(ch, job, part, part_data, part_zero)
             else:
@@ -363,6 +390,30 @@ class MultifdSender:
             self.compression.compressed(len(part), size)
             total += size
         return total / (len(pages) * ps)
+
+    def _compress(self, encoder: Encoder, block: RAMBlock, part: np.ndarray, buf: memoryview,
+                  live: bool) -> list[bytes | memoryview]:
+        """``buf`` compressed in place where nothing can have written it meanwhile, else from a copy.
+
+        A private copy (``live`` False) is always compressed in place. Live RAM is, only if the tracker
+        shows no page of it written since its last harvest, both before and after the call; where a page was
+        written meanwhile the in-place result may rebuild pages nobody wrote from bytes that changed under
+        the codec, so it is discarded and the packet compressed again through ``compress_parts``."""
+        if not live:
+            return encoder.compress_parts_stable(buf)
+        witness = self.witness
+        epoch = witness.write_epoch() if witness is not None else None
+        first, n = int(part[0]), len(part)
+        if witness is None or epoch is None or not witness.unwritten_since(epoch, block, first, n):
+            self.in_place.add(copied=1)
+            return encoder.compress_parts(buf)
+        payload = encoder.compress_parts_stable(buf)
+        if witness.unwritten_since(epoch, block, first, n):
+            self.in_place.add(kept=1)
+            return payload
+        self.in_place.add(redone=1)
+        log.debug("multifd_in_place_redone", block=block.name, first=first, pages=n)
+        return encoder.compress_parts(buf)
 
     def _send_raw(self, ch: Channel, job: _Job, pages: np.ndarray, data: np.ndarray | None,
                   zero: np.ndarray) -> int:
@@ -408,8 +459,8 @@ def _probe(encoder: Encoder, source: np.ndarray, rows: np.ndarray) -> float:
     probe)."""
     if len(rows) < 4 * PROBE_PAGES:
         return 0.0
-    sample = source[rows[np.linspace(0, len(rows) - 1, PROBE_PAGES).astype(np.intp)]]
-    return _nbytes(encoder.compress_parts(sample.data.cast("B"))) / sample.nbytes
+    sample = source[rows[np.linspace(0, len(rows) - 1, PROBE_PAGES).astype(np.intp)]]  # a private copy
+    return _nbytes(encoder.compress_parts_stable(sample.data.cast("B"))) / sample.nbytes
 
 
 def connect_sender(params: Mapping[str, Any], registry: PluginRegistry, transport: Transport, addr: MigrationAddress,

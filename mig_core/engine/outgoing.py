@@ -350,6 +350,8 @@ class OutgoingMigration:
         if self.caps[C.DIRTY_BITMAPS]:
             self.device_state.bitmaps = dirty_bitmaps.plan(self.machine, self.ctx.parameter("block-bitmap-mapping"))
         self._consumer = self.machine.tracker().consumer("migration", sends=True, skip=self.ignored)
+        if self.multifd is not None:  # its proof that pages went unwritten lets channels compress in place
+            self.multifd.witness = self._consumer.tracker
         self.pending = self._sync()
         self._device_pending = self.device_state.sync()
         if self.caps[C.RDMA_PIN_ALL] and self.addr.tag.value == "rdma":

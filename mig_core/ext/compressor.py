@@ -49,6 +49,15 @@ class Encoder(ABC):
         """
         return [self.compress(data)]
 
+    def compress_parts_stable(self, data: bytes | memoryview) -> list[bytes | memoryview]:
+        """``compress_parts`` for ``data`` that nothing writes during the call, so the codec may read it in
+        place (zstd's one-shot call, without the window copy that streaming makes).
+
+        The multifd sender calls it for a private copy, and for live RAM only where the dirty tracker can
+        prove afterwards that no page of ``data`` was written meanwhile (``DirtyTracker.unwritten_since``);
+        it discards the result and calls ``compress_parts`` where it cannot. Default: ``compress_parts``."""
+        return self.compress_parts(data)
+
 
 class PiecewiseEncoder(Encoder):
     """An encoder whose output comes in pieces: it implements ``compress_parts``; ``compress`` joins them."""

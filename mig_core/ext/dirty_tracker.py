@@ -99,6 +99,19 @@ class DirtyTracker(ABC):
             if c in self._consumers:
                 self._consumers.remove(c)
 
+    def write_epoch(self) -> int | None:
+        """A mark to check ``unwritten_since`` against later; None where this tracker cannot prove that memory
+        went unwritten (the default: trackers that learn of writes only at a harvest, or from the host)."""
+        return None
+
+    def unwritten_since(self, epoch: int, block: RAMBlock, first: int, npages: int) -> bool:
+        """True only if no page ``first`` to ``first + npages - 1`` of ``block`` has been written since
+        ``write_epoch`` returned ``epoch``; False whenever that cannot be shown. Safe from any thread.
+
+        What lets a multifd channel compress live RAM in place and keep the result
+        (``Encoder.compress_parts_stable``): the proof is as strong as the tracker's own contract."""
+        return False
+
     def release(self) -> None:
         """Let go of what this tracker holds on the blocks' memory (a userfaultfd registration), so another
         user of it can take it (a background snapshot). Until ``reacquire`` writes may go unseen; after it,

@@ -61,6 +61,15 @@ class PagemapScanner:
                                              category_inverted=category_inverted, category_mask=category_mask,
                                              anyof_mask=anyof_mask, return_mask=return_mask))
 
+    def any_match(self, start: int, length: int, *, flags: int = 0, category_mask: int = 0) -> bool:
+        """True if a page of the range has every category of ``category_mask``: the walk stops at the first
+        (``max_pages`` = 1), and nothing is expanded or copied (a question a channel asks per packet)."""
+        with self._lock:
+            arg = _ScanArg(size=ctypes.sizeof(_ScanArg), flags=flags, start=start, end=start + length,
+                           vec=ctypes.addressof(self._vec), vec_len=_VEC_LEN, max_pages=1,
+                           category_mask=category_mask, return_mask=category_mask)
+            return bool(fcntl.ioctl(self._fd, PAGEMAP_SCAN, arg, True))
+
     def scan_runs(self, start: int, length: int, page_size: int, *, flags: int = 0, category_inverted: int = 0,
                   category_mask: int = 0, anyof_mask: int = 0,
                   return_mask: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -50,6 +50,12 @@ class _ZlibEncoder(PiecewiseEncoder):
         out.append(stream.flush())
         return out
 
+    def compress_parts_stable(self, data: bytes | memoryview) -> list[bytes | memoryview]:
+        """The same zlib stream in one call over ``data``, which nothing writes meanwhile: no piece copies
+        (ISA-L deflates and sums the caller's buffer in place; 0.20 against 0.26-0.29 s per text-like GiB on
+        one thread, issue 21). ``isal_zlib`` and ``zlib`` release the GIL for the call."""
+        return [self._codec.compress(data, self._level)]
+
 
 class _ZlibDecoder(IntoDecoder):
     def decompress_into(self, data: bytes | memoryview, out: memoryview) -> None:

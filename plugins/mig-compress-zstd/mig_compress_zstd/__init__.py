@@ -84,6 +84,20 @@ class _ZstdEncoder(PiecewiseEncoder):
             raise
         return [self._out.data[:out.pos]]
 
+    def compress_parts_stable(self, data: bytes | memoryview) -> list[bytes | memoryview]:
+        """The frame of ``data`` that nothing writes during the call: one ``ZSTD_compress2``, which matches
+        against ``data`` in place and skips the window copy (20 % of a sender's time on text-like data,
+        issue 21). The same frame format; the decoder cannot tell the two apart."""
+        src = ffi.from_buffer(data)
+        bound = lib.ZSTD_compressBound(len(src))
+        if len(self._out) < bound:
+            self._out = np.empty(bound, dtype=np.uint8)
+        n = lib.ZSTD_compress2(self._cctx, ffi.from_buffer(self._out), bound, src, len(src))
+        if lib.ZSTD_isError(n):
+            lib.ZSTD_CCtx_reset(self._cctx, lib.ZSTD_reset_session_only)
+            raise ValueError(f"zstd compression failed: {_error_text(n)}")
+        return [self._out.data[:n]]
+
     @staticmethod
     def _check(code: int) -> int:
         if lib.ZSTD_isError(code):

@@ -50,6 +50,9 @@ class UffdWpTracker(HarvestingTracker):
         #: then everything once
         self._released = False
         self._report_all = False
+        #: bumped before and after everything that re-arms or lets go of the memory (a harvest, release,
+        #: reacquire, close): odd while one runs. ``unwritten_since`` holds only if it did not move.
+        self._epoch = 0
         try:
             for b in self.blocks:
                 self._arm(b)
@@ -70,25 +73,66 @@ class UffdWpTracker(HarvestingTracker):
         pagemap.scanner().scan(b.address, b.size, b.page_size, **_SCAN)
         log.debug("uffd_wp_armed", block=b.name, mapped_resident=mapped)
 
+    def write_epoch(self) -> int | None:
+        epoch = self._epoch
+        return None if epoch & 1 or self._released else epoch
+
+    def unwritten_since(self, epoch: int, block: RAMBlock, first: int, npages: int) -> bool:
+        """No page of the range reads as written (its write-protection is intact), and nothing re-armed the
+        memory since ``epoch``: a harvest in between would have re-protected a page written before it.
+
+        A write breaks the protection before its bytes land (the fault is resolved first), so bytes that a
+        reader saw changed are seen by a scan that follows the read."""
+        if epoch != self._epoch or self._released or block.name not in self._regs:
+            return False
+        if not any(b is block for b in self.blocks) or first < 0 or npages <= 0 or first + npages > block.npages:
+            return False
+        ps = block.page_size
+        try:
+            written = pagemap.scanner().any_match(block.address + first * ps, npages * ps,
+                                                  flags=pagemap.PM_SCAN_CHECK_WPASYNC,
+                                                  category_mask=pagemap.PAGE_IS_WRITTEN)
+        except OSError:  # the registration went away (closed, remapped): no proof
+            return False
+        return not written and epoch == self._epoch
+
+    def _bump(self) -> None:
+        self._epoch += 1
+
     def release(self) -> None:
         with self._lock:
-            for reg in self._regs.values():
-                uffd.REGISTRY.unregister(reg)
-            self._regs.clear()
-            self._released = True
+            self._bump()
+            try:
+                for reg in self._regs.values():
+                    uffd.REGISTRY.unregister(reg)
+                self._regs.clear()
+                self._released = True
+            finally:
+                self._bump()
         log.info("uffd_wp_released")
 
     def reacquire(self) -> None:
         with self._lock:
             if not self._released:
                 return
-            for b in self.blocks:
-                self._arm(b)
-            self._released = False
-            self._report_all = True  # writes while released went unseen
+            self._bump()
+            try:
+                for b in self.blocks:
+                    self._arm(b)
+                self._released = False
+                self._report_all = True  # writes while released went unseen
+            finally:
+                self._bump()
         log.info("uffd_wp_reacquired")
 
     def harvest(self) -> tuple[dict[str, np.ndarray], dict[int, int]]:
+        self._bump()
+        try:
+            return self._harvest()
+        finally:
+            self._bump()
+
+    def _harvest(self) -> tuple[dict[str, np.ndarray], dict[int, int]]:
         if self._released or self._report_all:
             # released: nothing can be read now, and it is reported as everything once reacquired
             if self._released:
@@ -112,6 +156,7 @@ class UffdWpTracker(HarvestingTracker):
         return out, {}
 
     def close(self) -> None:
+        self._bump()  # and it stays odd: no proof from here on
         for reg in self._regs.values():
             uffd.REGISTRY.unregister(reg)
         self._regs.clear()

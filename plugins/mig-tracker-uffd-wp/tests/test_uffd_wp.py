@@ -120,3 +120,41 @@ def test_map_resident_maps_only_what_memory_holds(tmp_path):
         anon.close()
     finally:
         b.close()
+
+
+def test_unwritten_since_proves_only_what_no_write_or_harvest_touched():
+    """The proof a multifd channel needs to keep a packet compressed in place: no page of the range written
+    since the epoch, and nothing re-armed since (a harvest hides a write made before it); refused after
+    release and close, and for ranges or blocks the tracker does not hold."""
+    cls = PluginRegistry().load("mig_core.dirty_trackers", "uffd-wp")
+    for backing in (Backing.MEMFD, Backing.ANONYMOUS):
+        b, other = allocate("ram", 4 << 20, backing=backing), allocate("other", 1 << 20, backing=backing)
+        b.pages[:, 0] = 1
+        t = cls([b])
+        c = t.consumer("c")
+        c.collect()
+        epoch = t.write_epoch()
+        assert epoch is not None
+        assert t.unwritten_since(epoch, b, 0, b.npages)
+        assert not t.unwritten_since(epoch, other, 0, other.npages)  # not tracked here
+        assert not t.unwritten_since(epoch, b, b.npages - 1, 2)  # past the block's end
+        b.pages[300, 5] = 2  # one byte of one page
+        assert not t.unwritten_since(epoch, b, 300, 1)
+        assert not t.unwritten_since(epoch, b, 256, 256)
+        assert t.unwritten_since(epoch, b, 0, 300) and t.unwritten_since(epoch, b, 301, b.npages - 301)
+        c.collect()  # re-arms page 300: the old epoch proves nothing any more, a new one does
+        assert not t.unwritten_since(epoch, b, 0, 300)
+        epoch = t.write_epoch()
+        assert epoch is not None and t.unwritten_since(epoch, b, 256, 256)
+        b.view[400 * 4096 + 17] = 3  # through a memoryview too
+        assert not t.unwritten_since(epoch, b, 400, 1)
+        t.release()
+        assert t.write_epoch() is None and not t.unwritten_since(epoch, b, 0, 1)
+        t.reacquire()
+        c.collect()
+        epoch = t.write_epoch()
+        assert epoch is not None and t.unwritten_since(epoch, b, 0, b.npages)
+        t.close()
+        assert t.write_epoch() is None and not t.unwritten_since(epoch, b, 0, 1)
+        b.close()
+        other.close()
