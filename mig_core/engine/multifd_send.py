@@ -378,9 +378,14 @@ class MultifdSender:
         for i in range(0, len(pages), step):
             part, part_data = pages[i:i + step], data[i:i + step] if data is not None else None
             part_zero = zero if i == 0 else zero[:0]
-            # one contiguous buffer: a view of RAM for a single run, else one gathered copy
-            raw = part_data if part_data is not None else page_buffers(b, part, max_runs=1)[0]
-            live = part_data is None and int(part[-1]) - int(part[0]) + 1 == len(part)  # a view of RAM
+            # one contiguous buffer: a view of live RAM for a single run, else a private copy
+            live = part_data is None and int(part[-1]) - int(part[0]) + 1 == len(part)
+            if part_data is not None:
+                raw: np.ndarray | memoryview = part_data
+            elif live:
+                raw = b.read_view[int(part[0]) * ps:(int(part[-1]) + 1) * ps]
+            else:
+                raw = b.read_pages[part]  # numpy's gather: one copy, no per-page work
             payload = self._compress(encoder, b, part, np.ascontiguousarray(raw).data.cast("B"), live)
             if encoder.independent and _nbytes(payload) >= len(part) * ps:
                 size = self._send_raw(ch, job, part, part_data, part_zero)
