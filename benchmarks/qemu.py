@@ -230,8 +230,8 @@ def main(args: list[str] | None = None) -> None:
     print(f"### mig beside QEMU ({qemu_version(binary)}), 1 GiB, tcp loopback (median of {reps}, alternating)\n")
     print("Both sources map the same RAM file and start paused; destinations preallocate. Limit: raw loopback "
           "with the same connections (the faster congestion control), or with a compressor the codec floor "
-          "(compress + decompress time of one thread each on the same data: the RAM file compressed from its "
-          "mapping, the packets decompressed into a preallocated GiB; over the cores). The last column: "
+          "(compress + decompress time of one thread each on the same data: the RAM file compressed in place from "
+          "its mapping, as mig's channels compress RAM the dirty tracker shows unwritten, the packets decompressed into a preallocated GiB; over the cores). The last column: "
           "the CPU-seconds mig's two processes used against those the limit's copying threads used (raw) or "
           "the codec's two threads (floor); on these cores a run cannot take less than its CPU-seconds over "
           "the cores. Codec on all cores: the floor's work done by one thread per core at once (each its share "
