@@ -20,8 +20,9 @@ from mig_core.ext.memory_channel import BytesChannel
 from mig_core.machine.machine import Machine
 from mig_core.machine.reference_host import fill
 from mig_core.plugin.registry import PluginRegistry
-from mig_core.stream.multifd import PacketFlag, pack_header, read_init, read_packet
+from mig_core.stream.multifd import PacketFlag, pack_header, read_packet
 from mig_core.testing import connect, migrate_and_wait, ram_digest, wait_for_status
+from mig_core.testing.multifd_sink import receive_channel
 
 RAM = 16 << 20
 PAGES = RAM // 4096
@@ -175,21 +176,10 @@ def test_a_channel_probes_until_its_jobs_compress_and_again_once_one_did_not():
                            lambda: encoders.append(_Watched(comp.encoder(1))) or encoders[-1],
                            detect_zero=True, zero_copy=False)
     landed = np.zeros_like(block.array)
-    flags: list[int] = []
+    packets: list[tuple[int, np.ndarray]] = []
 
     def receive() -> None:
-        ch, decoder = SocketChannel(b), comp.decoder()
-        read_init(ch, ch.recv_exact(8), 1, set())
-        while not (pkt := read_packet(ch, 0, 1, [block.npages], compressed=True)).flags & PacketFlag.FIN:
-            if len(pkt.normal):
-                flags.append(int(pkt.flags))
-                start, n = int(pkt.normal[0]), len(pkt.normal)
-                assert list(pkt.normal) == list(range(start, start + n))
-                out = landed[start * 4096:(start + n) * 4096].data
-                if pkt.flags & PacketFlag.COMPRESSED:
-                    decoder.decompress_into(ch.recv_exact(pkt.payload_size), out)
-                else:
-                    ch.recv_into(out)
+        packets.extend(receive_channel(b, comp.decoder(), block.npages, landed))
 
     receiver = threading.Thread(target=receive)
     receiver.start()
@@ -208,5 +198,6 @@ def test_a_channel_probes_until_its_jobs_compress_and_again_once_one_did_not():
     probe = PROBE_PAGES * 4096
     assert [i for i, size in enumerate(sizes) if size == probe] == [0, 5, 6], sizes
     assert len(sizes) == 9 and all(size >= (job - 1) * 4096 for i, size in enumerate(sizes) if i not in (0, 5, 6))
+    flags = [f for f, _ in packets]
     assert 0 in flags and PacketFlag.COMPRESSED in flags
     assert np.array_equal(landed, block.array)  # nothing lost: the pages of every job arrived as they were

@@ -24,7 +24,7 @@ from mig_core.ext.compressor import Encoder
 from mig_core.machine.machine import Machine
 from mig_core.machine.reference_host import fill
 from mig_core.plugin.registry import PluginRegistry
-from mig_core.stream.multifd import PacketFlag, read_init, read_packet
+from mig_core.testing.multifd_sink import receive_channel
 
 JOB = 1024  # pages per job (4 MiB): one run, so the channel is given a view of live RAM
 JOBS = 4
@@ -92,20 +92,7 @@ def _send_jobs(witness: str, marked: set[int], written_first: set[int] = frozens
                            detect_zero=True, zero_copy=False)
     sender.witness = _BlindWitness() if witness == "blind" else tracker  # type: ignore[assignment]
     landed = np.zeros_like(block.array)
-
-    def receive() -> None:
-        ch, decoder = SocketChannel(b), comp.decoder()
-        read_init(ch, ch.recv_exact(8), 1, set())
-        while not (pkt := read_packet(ch, 0, 1, [block.npages], compressed=True)).flags & PacketFlag.FIN:
-            if len(pkt.normal):
-                start, n = int(pkt.normal[0]), len(pkt.normal)
-                out = landed[start * 4096:(start + n) * 4096].data
-                if pkt.flags & PacketFlag.COMPRESSED:
-                    decoder.decompress_into(ch.recv_exact(pkt.payload_size), out)
-                else:
-                    ch.recv_into(out)
-
-    receiver = threading.Thread(target=receive)
+    receiver = threading.Thread(target=receive_channel, args=(b, comp.decoder(), block.npages, landed))
     receiver.start()
     try:
         sender.start()
