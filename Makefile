@@ -28,8 +28,9 @@ test: check
 	@command -v tmux >/dev/null || (apt-get update -qq && apt-get install -y -qq tmux) >/dev/null || \
 		echo "tmux could not be installed: mig top's terminal test will fail"
 	@# two workers: most tests wait on real processes and sockets, so the suite takes half the time; each
-	@# test is also run beside another, which a test that depends on an idle machine does not survive
-	$(BIN)/python -m pytest -q -n 2
+	@# test is also run beside another, which a test that depends on an idle machine does not survive;
+	@# the 20 slowest are listed at the end, to keep the suite under its 15 minutes
+	$(BIN)/python -m pytest -q -n 2 --durations=20
 
 # Lint (with import order) and type check; part of make test.
 check: $(STAMP)
