@@ -65,9 +65,7 @@ class _ZstdEncoder(PiecewiseEncoder):
     def compress_parts(self, data: bytes | memoryview) -> list[bytes | memoryview]:
         """The frame, as a view of this encoder's buffer (valid until the next call)."""
         src = ffi.from_buffer(data)
-        bound = lib.ZSTD_compressBound(len(src))
-        if len(self._out) < bound:
-            self._out = np.empty(bound, dtype=np.uint8)
+        bound = self._reserve(len(src))
         # the size known up front: tables and window sized to the packet, and the frame records it
         self._check(lib.ZSTD_CCtx_setPledgedSrcSize(self._cctx, len(src)))
         out, inp = self._outbuf, self._in
@@ -89,14 +87,19 @@ class _ZstdEncoder(PiecewiseEncoder):
         against ``data`` in place and skips the window copy (20 % of a sender's time on text-like data,
         issue 21). The same frame format; the decoder cannot tell the two apart."""
         src = ffi.from_buffer(data)
-        bound = lib.ZSTD_compressBound(len(src))
-        if len(self._out) < bound:
-            self._out = np.empty(bound, dtype=np.uint8)
+        bound = self._reserve(len(src))
         n = lib.ZSTD_compress2(self._cctx, ffi.from_buffer(self._out), bound, src, len(src))
         if lib.ZSTD_isError(n):
             lib.ZSTD_CCtx_reset(self._cctx, lib.ZSTD_reset_session_only)
             raise ValueError(f"zstd compression failed: {_error_text(n)}")
         return [self._out.data[:n]]
+
+    def _reserve(self, size: int) -> int:
+        """The compress bound of ``size`` input bytes, the output buffer grown to hold it."""
+        bound = lib.ZSTD_compressBound(size)
+        if len(self._out) < bound:
+            self._out = np.empty(bound, dtype=np.uint8)
+        return int(bound)
 
     @staticmethod
     def _check(code: int) -> int:

@@ -6,7 +6,8 @@ in each round; it cannot tell which vCPU wrote.
 from __future__ import annotations
 
 import errno
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import structlog
@@ -83,9 +84,10 @@ class UffdWpTracker(HarvestingTracker):
 
         A write breaks the protection before its bytes land (the fault is resolved first), so bytes that a
         reader saw changed are seen by a scan that follows the read."""
-        if epoch != self._epoch or self._released or block.name not in self._regs:
+        # released, closed or re-armed since: the epoch moved (and none is handed out while released)
+        if epoch != self._epoch or not any(b is block for b in self.blocks):
             return False
-        if not any(b is block for b in self.blocks) or first < 0 or npages <= 0 or first + npages > block.npages:
+        if first < 0 or npages <= 0 or first + npages > block.npages:
             return False
         ps = block.page_size
         try:
@@ -96,41 +98,38 @@ class UffdWpTracker(HarvestingTracker):
             return False
         return not written and epoch == self._epoch
 
-    def _bump(self) -> None:
+    @contextmanager
+    def _moving_epoch(self) -> Iterator[None]:
+        """Around what re-arms or lets go of the memory: the epoch is odd meanwhile and moved afterwards."""
         self._epoch += 1
+        try:
+            yield
+        finally:
+            self._epoch += 1
 
     def release(self) -> None:
         with self._lock:
-            self._bump()
-            try:
+            with self._moving_epoch():
                 for reg in self._regs.values():
                     uffd.REGISTRY.unregister(reg)
                 self._regs.clear()
                 self._released = True
-            finally:
-                self._bump()
         log.info("uffd_wp_released")
 
     def reacquire(self) -> None:
         with self._lock:
             if not self._released:
                 return
-            self._bump()
-            try:
+            with self._moving_epoch():
                 for b in self.blocks:
                     self._arm(b)
                 self._released = False
                 self._report_all = True  # writes while released went unseen
-            finally:
-                self._bump()
         log.info("uffd_wp_reacquired")
 
     def harvest(self) -> tuple[dict[str, np.ndarray], dict[int, int]]:
-        self._bump()
-        try:
+        with self._moving_epoch():
             return self._harvest()
-        finally:
-            self._bump()
 
     def _harvest(self) -> tuple[dict[str, np.ndarray], dict[int, int]]:
         if self._released or self._report_all:
@@ -156,7 +155,7 @@ class UffdWpTracker(HarvestingTracker):
         return out, {}
 
     def close(self) -> None:
-        self._bump()  # and it stays odd: no proof from here on
+        self._epoch += 1  # and it stays odd: no proof from here on
         for reg in self._regs.values():
             uffd.REGISTRY.unregister(reg)
         self._regs.clear()
