@@ -144,6 +144,45 @@ def test_first_collect_reports_populated_pages_only(tracker):
         m.close()
 
 
+@pytest.mark.parametrize("tracker", ["uffd-wp", "host"])
+def test_a_first_consumer_costs_no_harvest_and_misses_no_write(tracker):
+    """The first consumer of a harvesting tracker starts without a harvest (its first collect reports every
+    populated page anyway: one page-table walk of all RAM saved per migration); a later one harvests into
+    the older consumers first, so they keep what was written before it came."""
+    m = make_machine(tracker)
+
+    def write(block: str, page: int) -> None:
+        m.block(block).pages[page] = 7
+        if tracker == "host":
+            m.mark_dirty(block, page * 4096, 4096)
+
+    try:
+        t = m.tracker()
+        harvests = 0
+        harvest = t.harvest
+
+        def counted() -> tuple[dict[str, np.ndarray], dict[int, int]]:
+            nonlocal harvests
+            harvests += 1
+            return harvest()
+
+        t.harvest = counted  # type: ignore[method-assign]
+        write("ram1", 3)  # before any consumer: never-populated memory written
+        first = t.consumer("migration", sends=True)
+        assert harvests == 0
+        write("ram1", 5)  # between the consumer's creation and its first collect
+        r = first.collect()
+        assert harvests == 1
+        assert {3, 5} <= set(r.pages["ram1"].tolist()) and list(r.pages["ram0"]) == list(range(64))
+        write("ram1", 9)
+        second = t.consumer("dirty-rate")
+        assert harvests == 2  # the older consumer's share of the write above is kept
+        assert list(first.collect().pages["ram1"]) == [9]
+        assert 9 in second.collect().pages["ram1"].tolist()
+    finally:
+        m.close()
+
+
 def test_page_changed_and_changed_back_is_not_missed_by_hash():
     m = make_machine("hash")
     try:

@@ -158,7 +158,11 @@ class HarvestingTracker(DirtyTracker):
 
     def _make_consumer(self, name: str, sends: bool, skip: Collection[str] = ()) -> DirtyConsumer:
         with self._lock:
-            self._harvest_into_consumers()  # older consumers keep what was written before this one
+            # older consumers keep what was written before this one. With none, a harvest here would be
+            # thrown away: the new consumer's first collect reports every populated page, which includes
+            # every page written so far, and harvests then (one page-table walk of all RAM saved)
+            if self._consumers:
+                self._harvest_into_consumers()
         return _BitmapConsumer(self, name, skip)
 
     def _harvest_into_consumers(self) -> None:
