@@ -31,5 +31,19 @@ def test_expecting_zero_finds_the_same_pages(data_pages, word, pages):
     assert np.array_equal(idx[~zero_mask(w, idx)], want)
 
 
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_threads_find_the_same_pages_in_order(threads):
+    """A scan split over threads (a destination waiting to resume) answers exactly as one thread does:
+    data in the first, a middle and the last chunk, in a run and in a set with gaps."""
+    rng = np.random.default_rng(7)
+    data = sorted({0, 4095, 2 * 4096 + 17, 5 * 4096 - 1, *rng.choice(5 * 4096, 40, replace=False).tolist()})
+    w = _words(5 * 4096, data, word=511)
+    for idx in (np.arange(5 * 4096), np.flatnonzero(rng.random(5 * 4096) < 0.7)):
+        want = idx[np.isin(idx, data)]
+        got = nonzero_pages(w, idx, 1024, expect_zero=True, threads=threads)
+        assert np.array_equal(got, want) and len(want) > 10
+        assert np.array_equal(nonzero_pages(w, idx, 1024, threads=threads), want)
+
+
 def test_no_pages_no_data():
     assert len(nonzero_pages(_words(8, [3]), np.arange(0), expect_zero=True)) == 0

@@ -31,7 +31,7 @@ from mig_core.ext.channel import Channel, ChannelAborted, ChannelEOF, ChannelErr
 from mig_core.machine.device import DeviceSection, PendingStates
 from mig_core.memory.pagemap import runs_mask
 from mig_core.memory.ram import RAMBlock
-from mig_core.memory.zeropage import nonzero_pages
+from mig_core.memory.zeropage import nonzero_pages, scan_threads
 from mig_core.schema.common import RunState
 from mig_core.schema.migration import MigrationCapability as C
 from mig_core.schema.migration import MigrationStatus as S
@@ -355,7 +355,7 @@ class IncomingMigration:
             stale = np.flatnonzero(runs_mask(*runs, b.npages) & ~placer.received[b.name])
             if len(stale):
                 # only pages that hold data need dropping: zero ones (a preallocated host) stay allocated
-                stale = nonzero_pages(b.words, stale, expect_zero=True)
+                stale = nonzero_pages(b.words, stale, expect_zero=True, threads=scan_threads())
             if len(stale):
                 placer.place_zero(b, stale)
 

@@ -14,7 +14,7 @@ from mig_core.errors import StreamError
 from mig_core.ext.snapshot_backend import BlockShape, SnapshotReader, SnapshotWriter
 from mig_core.machine.machine import Machine
 from mig_core.memory.ram import RAMBlock
-from mig_core.memory.zeropage import nonzero_pages
+from mig_core.memory.zeropage import nonzero_pages, scan_threads
 
 log = structlog.get_logger("mig.snapshot")
 
@@ -107,7 +107,7 @@ def load_ram(machine: Machine, reader: SnapshotReader, threads: int, checkpoint:
             mask[got] = True
             stale = held[~mask[held]]
             if len(stale):
-                stale = nonzero_pages(b.words, stale, expect_zero=True)
+                stale = nonzero_pages(b.words, stale, expect_zero=True, threads=scan_threads())
             if len(stale):
                 b.zero_pages(stale)
             loaded += len(got)
