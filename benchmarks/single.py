@@ -43,7 +43,7 @@ def perf_record(path: str, pids: tuple[int, int]) -> Iterator[None]:
 def _line(who: str, r: dict) -> str:
     setup = r["info"].get("setup-time", "-")
     return (f"{who} total {r['total_s']:.3f} s  setup {setup} ms  downtime {r['downtime_ms']} ms  "
-            f"cpu src {r['cpu_src']:.2f} s dst {r['cpu_dst']:.2f} s")
+            f"cpu src {r['cpu_src']:.2f} s dst {r['cpu_dst']:.2f} s  dst done +{r['dst_lag_ms']:.1f} ms")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -50,6 +50,12 @@ async def test_destination_with_stale_contents_ends_exact(start_host, tmp_path):
         await wait_for_status(dst, {"completed"})
         moved = await ram_digest(dst, 16 << 20, tmp_path / "d")
         assert moved != stale and moved == await ram_digest(src, 16 << 20, tmp_path / "s")
+        # the source named its never-touched half (UNPOPULATED): all of it held random data here and went,
+        # read while the stream loaded or at the end; nothing else was read
+        ev = next(e for e in d.log_events() if e.get("event") == "held_pages_dropped")
+        assert ev["dropped"] == ev["read_while_loading"] + ev["read_at_end"] == 2048, ev
+        assert any(e.get("event") == "held_pages_scan_started" and e.get("pages") == 2048
+                   for e in d.log_events())
     finally:
         await src.disconnect()
         await dst.disconnect()

@@ -13,13 +13,13 @@ import threading
 import uuid as uuid_mod
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import structlog
 
 from mig_core.engine import dirty_bitmaps, link_probe
 from mig_core.engine.announce import start_announce
 from mig_core.engine.colo.secondary import ColoSecondary
 from mig_core.engine.context import EngineContext
+from mig_core.engine.held_pages import HeldPages, decode_runs
 from mig_core.engine.link_probe import PROBE_MAGIC
 from mig_core.engine.multifd_recv import MultifdReceiver
 from mig_core.engine.postcopy.destination import PostcopyIncoming
@@ -29,9 +29,7 @@ from mig_core.errors import MigError
 from mig_core.ext import compressor, replication
 from mig_core.ext.channel import Channel, ChannelAborted, ChannelEOF, ChannelError
 from mig_core.machine.device import DeviceSection, PendingStates
-from mig_core.memory.pagemap import runs_mask
 from mig_core.memory.ram import RAMBlock
-from mig_core.memory.zeropage import nonzero_pages, scan_threads
 from mig_core.schema.common import RunState
 from mig_core.schema.migration import MigrationCapability as C
 from mig_core.schema.migration import MigrationStatus as S
@@ -80,6 +78,8 @@ class IncomingMigration:
         self.ignored: set[str] = set()
         #: the source's CONFIG asked for COLO (x-colo): after the load this side becomes the secondary
         self.colo = False
+        #: what this host's RAM held before loading (the data of pages the source never sends is dropped)
+        self.held: HeldPages | None = None
         self.thread = threading.Thread(target=self._run, name="mig/dst/main", daemon=True)
 
     def start(self) -> None:
@@ -106,7 +106,8 @@ class IncomingMigration:
             # pages this host holds before loading (those the source does not send are dropped at the end);
             # read now, while waiting, not on the loading path -- except for shared files, which the kernel
             # answers for page by page (~10 ms per GiB) and which x-ignore-shared may leave out entirely
-            self._held = {b.name: b.populated_runs() for b in self.machine.blocks if not b.shared_file}
+            self.held = HeldPages(self.machine.blocks, {b.name: b.populated_runs() for b in self.machine.blocks
+                                                        if not b.shared_file})
             self._connect()
             if not ctx.capability(C.POSTCOPY_PREEMPT):  # else the preempt connection comes at the switch
                 self.listener.close()
@@ -122,6 +123,8 @@ class IncomingMigration:
             log.exception("incoming_thread_crashed")
             self._fail(f"load of migration failed: internal error: {type(e).__name__}: {e}")
         finally:
+            if self.held is not None:
+                self.held.stop()
             self.listener.close()  # connections still queued (e.g. multifd channels) are refused now
             if self.multifd is not None:
                 self.multifd.abort("incoming migration ended")
@@ -341,23 +344,14 @@ class IncomingMigration:
         dirty_bitmaps.load(section, self.machine, self.ctx.parameter("block-bitmap-mapping"))
 
     def _drop_unsent(self, placer: CopyPlacer) -> None:
-        """Pages the source never sent are zero there: drop whatever this host held in them.
+        """Pages the source never sent are zero there: drop whatever this host held in them (``HeldPages``).
 
         Done at the end rather than by discarding all RAM first, so a preallocated destination keeps
         its pages for what does arrive (no page faults while loading).
         """
-        for b in self.machine.blocks:
-            if b.name in self.ignored:  # the same file as the source's: its contents are the data
-                continue
-            runs = self._held[b.name] if b.name in self._held else b.populated_runs()
-            # as a mask against the received bitmap: no index array of every held page (this runs after
-            # the last page arrived, before this side completes)
-            stale = np.flatnonzero(runs_mask(*runs, b.npages) & ~placer.received[b.name])
-            if len(stale):
-                # only pages that hold data need dropping: zero ones (a preallocated host) stay allocated
-                stale = nonzero_pages(b.words, stale, expect_zero=True, threads=scan_threads())
-            if len(stale):
-                placer.place_zero(b, stale)
+        held = self.held if self.held is not None else HeldPages(self.machine.blocks, {})
+        early, late, dropped = held.drop_unsent(placer, self.ignored)
+        log.info("held_pages_dropped", read_while_loading=early, read_at_end=late, dropped=dropped)
 
     def _command(self, item: CommandReceived, source_uuid: str) -> None:
         if item.command is Command.OPEN_RETURN_PATH:
@@ -415,6 +409,13 @@ class IncomingMigration:
                 raise StreamError("CMD_POSTCOPY_RAM_DISCARD in wrong postcopy state (0)")
             block, starts, ends = postcopy_wire.parse_discard(item.argument, {b.name: b for b in self.machine.blocks})
             self.postcopy.discard(block, starts, ends)
+        elif item.command is Command.UNPOPULATED:
+            runs = decode_runs(item.argument, {b.name: b for b in self.machine.blocks})
+            # with postcopy advised, RAM was dropped and may be registered for missing pages: a read there
+            # would wait for the page server, so everything waits for the end (after postcopy closed)
+            if self.held is not None and self.postcopy is None:
+                self.held.scan_unpopulated({k: v for k, v in runs.items() if k not in self.ignored},
+                                           self.placer.received)
         elif item.command is Command.PING:
             if self.return_path is not None:
                 token = item.argument

@@ -23,6 +23,7 @@ from mig_core.engine.colo.primary import CancelRequested, ColoPrimary
 from mig_core.engine.context import EngineContext
 from mig_core.engine.convergence import ConvergenceTrigger
 from mig_core.engine.device_iteration import DeviceIteration
+from mig_core.engine.held_pages import encode_runs, unpopulated
 from mig_core.engine.multifd_send import MultifdSender, connect_sender
 from mig_core.engine.postcopy.source import PostcopySender
 from mig_core.engine.postcopy.switch import run_postcopy
@@ -353,6 +354,12 @@ class OutgoingMigration:
         if self.multifd is not None:  # its proof that pages went unwritten lets channels compress in place
             self.multifd.witness = self._consumer.tracker
         self.pending = self._sync()
+        if not (self.caps[C.MAPPED_RAM] or self.caps[C.POSTCOPY_RAM] or self.caps[C.BACKGROUND_SNAPSHOT]):
+            # the destination reads what it holds in these while the stream loads, not after the last page
+            holes = unpopulated(self.machine.blocks, self.pending, self.ignored)
+            if holes:
+                self.writer.write_command(Command.UNPOPULATED, encode_runs(holes))
+                self._flush()  # now, not with the pass: multifd carries the pages and the main stream idles
         self._device_pending = self.device_state.sync()
         if self.caps[C.RDMA_PIN_ALL] and self.addr.tag.value == "rdma":
             self._pin_all()

@@ -49,6 +49,7 @@ class Command(enum.IntEnum):
     PING = 2
     SWITCHOVER_START = 3
     CONFIG = 4  # capabilities both ends must agree on (mapped-ram, x-ignore-shared)
+    UNPOPULATED = 5  # argument: {block: [starts, ends]} page runs the source holds no data in (u64 LE bytes)
     POSTCOPY_ADVISE = 16  # reserved: the advise travels in CONFIG (postcopy-advise)
     POSTCOPY_LISTEN = 17
     POSTCOPY_RUN = 18
