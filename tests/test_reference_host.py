@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,6 +57,34 @@ async def test_destination_with_stale_contents_ends_exact(start_host, tmp_path):
         assert ev["dropped"] == ev["read_while_loading"] + ev["read_at_end"] == 2048, ev
         assert any(e.get("event") == "held_pages_scan_started" and e.get("pages") == 2048
                    for e in d.log_events())
+    finally:
+        await src.disconnect()
+        await dst.disconnect()
+
+
+@pytest.mark.parametrize("dst_fill", ["zero", "random"])
+async def test_a_preallocated_destination_reads_only_what_was_written_in_it(start_host, tmp_path, dst_fill):
+    """--mem-prealloc --incoming: a write witness watches the fresh RAM, so the load knows which pages may
+    hold data without reading them: none when nothing wrote them, every page after --ram-fill."""
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not thp.exists() or "[never]" in thp.read_text():
+        pytest.skip("transparent huge pages are off here: the witness watches huge mappings only")
+    s = start_host("--ram", "64M", "--ram-fill", "half", name="src")
+    d = start_host("--ram", "64M", "--mem-prealloc", "--ram-fill", dst_fill, "--incoming", "defer", "-S",
+                   name="dst")
+    src, dst = await connect(s.sock), await connect(d.sock)
+    try:
+        await dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/m.sock"})
+        await src.execute("migrate", {"uri": f"unix:{tmp_path}/m.sock"})
+        assert (await wait_for_status(src, {"completed", "failed"}))["status"] == "completed"
+        await wait_for_status(dst, {"completed"})
+        assert await ram_digest(dst, 64 << 20, tmp_path / "d") == await ram_digest(src, 64 << 20, tmp_path / "s")
+        events = d.log_events()
+        assert any(e.get("event") == "write_witness" and e.get("watched") for e in events)
+        ev = next(e for e in events if e.get("event") == "held_pages_dropped")
+        never_sent = 64 << 20 >> 13  # the source's untouched half, in 4 KiB pages
+        expect = 0 if dst_fill == "zero" else never_sent
+        assert ev["read_while_loading"] + ev["read_at_end"] == ev["dropped"] == expect, ev
     finally:
         await src.disconnect()
         await dst.disconnect()

@@ -201,6 +201,9 @@ def run(qmp: list[object], rams: list[RamSpec], ram_fill: str, mem_prealloc: boo
             raise click.BadParameter(str(e), param_hint="--dirty-tracker") from None
         log.warning("no_dirty_tracker", error=str(e))
     manager.transports.classes()  # load transport plugins now, not inside a migration's setup
+    if incoming is not None:
+        # before anything writes RAM: the load then knows which preallocated pages are still zero unread
+        machine.watch_for_writes()
     # a destination may start with stale contents too: what the source does not send is dropped
     fill(machine, ram_fill)
     if incoming is None:

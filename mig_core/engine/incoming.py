@@ -106,8 +106,7 @@ class IncomingMigration:
             # pages this host holds before loading (those the source does not send are dropped at the end);
             # read now, while waiting, not on the loading path -- except for shared files, which the kernel
             # answers for page by page (~10 ms per GiB) and which x-ignore-shared may leave out entirely
-            self.held = HeldPages(self.machine.blocks, {b.name: b.populated_runs() for b in self.machine.blocks
-                                                        if not b.shared_file})
+            self.held = HeldPages(self.machine.blocks, self.machine.held_runs())
             self._connect()
             if not ctx.capability(C.POSTCOPY_PREEMPT):  # else the preempt connection comes at the switch
                 self.listener.close()

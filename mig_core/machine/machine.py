@@ -8,6 +8,7 @@ import uuid as uuid_mod
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import structlog
 
 from mig_core.block.node import BlockNode
@@ -21,6 +22,7 @@ from mig_core.machine.device import Device, DeviceRegistry
 from mig_core.machine.output import OutputPort
 from mig_core.machine.runstate import RunStateMachine
 from mig_core.machine.vcpu import VcpuController
+from mig_core.machine.write_witness import WriteWitness
 from mig_core.memory.ram import Backing, RAMBlock, allocate, from_buffer
 from mig_core.plugin.registry import PluginRegistry
 from mig_core.schema.common import RunState
@@ -56,6 +58,8 @@ class Machine:
         #: How an operator gets per-vCPU dirty attribution on this host (added to dirty-limit's refusals).
         self.attribution_hint = ""
         self._tracker: DirtyTracker | None = None
+        #: watches fresh preallocated RAM for writes until an incoming load asks (``watch_for_writes``)
+        self._witness: WriteWitness | None = None
         #: the blocker mig registered because no dirty tracker can serve this machine (``start_tracking``)
         self._tracking_blocker: Blocker | None = None
         #: Storage nodes by node name (snapshot-save's ``devices`` and ``vmstate`` name them).
@@ -118,8 +122,10 @@ class Machine:
         return choice.cls
 
     def tracker(self) -> DirtyTracker:
-        """The machine's dirty tracker, chosen and started on first use."""
+        """The machine's dirty tracker, chosen and started on first use (the write witness ends first: both
+        need the blocks' userfaultfd registration)."""
         if self._tracker is None:
+            self.release_write_witness()
             self._tracker = self.tracker_class()(self.blocks)
         return self._tracker
 
@@ -148,6 +154,29 @@ class Machine:
         """Undo ``release_tracker``: the tracker takes RAM back and reports every page once."""
         if self._tracker is not None:
             self._tracker.reacquire()
+
+    # -- what a destination holds ---------------------------------------------------------
+
+    def watch_for_writes(self) -> list[str]:
+        """Watch this machine's fresh preallocated blocks for writes (``WriteWitness``): for a host that will
+        receive a migration, right after allocating RAM and before writing any. ``held_runs`` then knows which
+        pages may hold data without reading them. Returns the names of the blocks watched."""
+        if self._witness is None and self._tracker is None:
+            self._witness = WriteWitness(self.blocks)
+        return self._witness.watched if self._witness is not None else []
+
+    def release_write_witness(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """End the write witness (before RAM is written in bulk or registered otherwise); the pages it saw
+        written, per watched block, as half-open runs."""
+        witness, self._witness = self._witness, None
+        return witness.written_runs() if witness is not None else {}
+
+    def held_runs(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per block but shared files: the pages that may hold data, as half-open runs. Those written since
+        the write witness started where it watched the block, else every populated page; ends the witness."""
+        written = self.release_write_witness()
+        return {b.name: written[b.name] if b.name in written else b.populated_runs()
+                for b in self.blocks if not b.shared_file}
 
     def mark_dirty(self, block: str, offset: int, length: int) -> None:
         """The host wrote ``length`` bytes at ``offset`` of ``block`` (needed by the ``host`` tracker)."""
@@ -210,6 +239,7 @@ class Machine:
             self.vcpus.stop_all()
 
     def close(self) -> None:
+        self.release_write_witness()
         if self._tracker is not None:
             self._tracker.close()
             self._tracker = None

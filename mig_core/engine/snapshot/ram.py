@@ -13,6 +13,7 @@ import structlog
 from mig_core.errors import StreamError
 from mig_core.ext.snapshot_backend import BlockShape, SnapshotReader, SnapshotWriter
 from mig_core.machine.machine import Machine
+from mig_core.memory.pagemap import runs_to_pages
 from mig_core.memory.ram import RAMBlock
 from mig_core.memory.zeropage import nonzero_pages, scan_threads
 
@@ -91,11 +92,12 @@ def load_ram(machine: Machine, reader: SnapshotReader, threads: int, checkpoint:
     returns the pages loaded."""
     saved = {s.name: s for s in reader.blocks()}
     total = sum(b.npages for b in machine.blocks)
+    may_hold = machine.held_runs()  # before the pages land: a write witness ends first
     done = loaded = 0
     with ThreadPoolExecutor(max(1, threads), thread_name_prefix="mig/snapshot/load") as pool:
         for b in machine.blocks:
             shape = saved[b.name]
-            held = b.populated_pages()
+            held = runs_to_pages(*may_hold[b.name]) if b.name in may_hold else b.populated_pages()
             got = reader.stored_pages(shape)
             futures = []
             for i in range(0, len(got), CHUNK_PAGES):
