@@ -79,6 +79,19 @@ def test_populated_runs_expand_and_mask_alike(backing, touched, tmp_path):
         b.close()
 
 
+def test_union_of_page_sets_with_and_without_an_empty_side():
+    """A switchover merges what the pass left with what the last sync found: the same answer whether either
+    side is empty (then no bitmap is built) or both hold pages, overlapping ones included."""
+    import numpy as np
+
+    from mig_core.memory.pagemap import union_pages
+
+    a, b, none = np.array([1, 5, 9]), np.array([0, 5, 12]), np.empty(0, dtype=np.int64)
+    assert union_pages(a, b, 16).tolist() == [0, 1, 5, 9, 12]
+    assert union_pages(a, none, 16).tolist() == [1, 5, 9] and union_pages(none, b, 16).tolist() == [0, 5, 12]
+    assert len(union_pages(none, none, 16)) == 0
+
+
 def test_never_touched_gib_costs_nothing_to_scan():
     b = allocate("big", 1 << 30)
     try:

@@ -136,7 +136,13 @@ def runs_mask(starts: np.ndarray, ends: np.ndarray, npages: int) -> np.ndarray:
 
 
 def union_pages(a: np.ndarray, b: np.ndarray, npages: int) -> np.ndarray:
-    """Sorted union of two page-index arrays (a bitmap: no sort, no lazily initialised numpy paths)."""
+    """Sorted union of two sorted page-index arrays without repeats, as ``collect()`` returns them (a bitmap:
+    no sort, no lazily initialised numpy paths). With one side empty, the other as it is: the last sync of a
+    switchover usually finds nothing, and a bitmap of every page cost 0.5 ms of the downtime per GiB."""
+    if not len(b):
+        return a
+    if not len(a):
+        return b
     mask = np.zeros(npages, dtype=bool)
     mask[a] = True
     mask[b] = True
