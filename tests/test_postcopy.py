@@ -67,9 +67,12 @@ async def _start_postcopy(src, dst, tmp_path, bandwidth=8 << 20):
     await src.execute("migrate-start-postcopy")
 
 
+@pytest.mark.parametrize("prealloc", [False, True])
 @pytest.mark.parametrize("switch", ["at once", "after a pass"])
-async def test_postcopy_paused_destination_is_exact(start_host, tmp_path, switch):
-    src_h, dst_h, src, dst = await _pair(start_host, dst_extra=("-S",))
+async def test_postcopy_paused_destination_is_exact(start_host, tmp_path, switch, prealloc):
+    """Preallocated, the destination's fresh RAM is first watched by a write witness, which must have let go
+    before postcopy registers the RAM for missing pages."""
+    src_h, dst_h, src, dst = await _pair(start_host, dst_extra=("-S",) + (("--mem-prealloc",) if prealloc else ()))
     try:
         if switch == "at once":  # most pages are still to come: the destination swaps in fresh memory
             await _start_postcopy(src, dst, tmp_path)
@@ -99,6 +102,8 @@ async def test_postcopy_paused_destination_is_exact(start_host, tmp_path, switch
         assert await src.execute("query-status") == {"running": False, "status": "postmigrate"}
         assert await dst.execute("query-status") == {"running": False, "status": "paused"}
         assert await ram_digest(src, RAM, tmp_path / "s.mem") == await ram_digest(dst, RAM, tmp_path / "d.mem")
+        watched = [e for e in dst_h.log_events() if e.get("event") == "write_witness"]
+        assert bool(watched and watched[0]["watched"]) == prealloc, watched
     finally:
         await _disconnect(src, dst)
 
