@@ -80,7 +80,10 @@ async def test_a_preallocated_destination_reads_only_what_was_written_in_it(star
         await wait_for_status(dst, {"completed"})
         assert await ram_digest(dst, 64 << 20, tmp_path / "d") == await ram_digest(src, 64 << 20, tmp_path / "s")
         events = d.log_events()
-        assert any(e.get("event") == "write_witness" and e.get("watched") for e in events)
+        witness = next(e for e in events if e.get("event") == "write_witness")
+        if not witness["watched"] and witness.get("why_not") == "not mapped with huge pages":
+            pytest.skip("the kernel gave the destination few huge pages (memory fragmented): nothing watched")
+        assert witness["watched"], witness
         ev = next(e for e in events if e.get("event") == "held_pages_dropped")
         never_sent = 64 << 20 >> 13  # the source's untouched half, in 4 KiB pages
         expect = 0 if dst_fill == "zero" else never_sent
