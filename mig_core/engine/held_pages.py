@@ -44,7 +44,7 @@ def unpopulated(blocks: Sequence[RAMBlock], pending: Mapping[str, np.ndarray],
         gap_starts = np.concatenate(([0], ends))
         gap_ends = np.concatenate((starts, [b.npages]))
         keep = gap_starts < gap_ends
-        out[b.name] = (gap_starts[keep].astype(np.int64), gap_ends[keep].astype(np.int64))
+        out[b.name] = (gap_starts[keep], gap_ends[keep])
     return out
 
 
@@ -82,8 +82,8 @@ class HeldPages:
         self._held = dict(held)
         #: per block: pages read in the background (mask) and which of them held data
         self._scanned: dict[str, np.ndarray] = {}
+        #: written by the background thread only, read after it has stopped (``stop`` joins it)
         self._found: dict[str, list[np.ndarray]] = {}
-        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -115,10 +115,8 @@ class HeldPages:
                     if self._stop.is_set():
                         return
                     part = pages[i:i + CHUNK_PAGES]
-                    found = nonzero_pages(b.words, part, expect_zero=True)
-                    with self._lock:
-                        self._found[b.name].append(found)
-                        self._scanned[b.name][part] = True
+                    self._found[b.name].append(nonzero_pages(b.words, part, expect_zero=True))
+                    self._scanned[b.name][part] = True
         except Exception:  # noqa: BLE001 - what it did not mark as read is read again at the end
             log.exception("held_pages_scan_failed")
 

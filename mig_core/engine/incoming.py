@@ -348,8 +348,8 @@ class IncomingMigration:
         Done at the end rather than by discarding all RAM first, so a preallocated destination keeps
         its pages for what does arrive (no page faults while loading).
         """
-        held = self.held if self.held is not None else HeldPages(self.machine.blocks, {})
-        early, late, dropped = held.drop_unsent(placer, self.ignored)
+        assert self.held is not None  # made before anything is loaded
+        early, late, dropped = self.held.drop_unsent(placer, self.ignored)
         log.info("held_pages_dropped", read_while_loading=early, read_at_end=late, dropped=dropped)
 
     def _command(self, item: CommandReceived, source_uuid: str) -> None:

@@ -59,9 +59,7 @@ class WriteWitness:
         except (OSError, MigError) as e:  # no userfaultfd here, or the block is taken
             return str(e)
         try:
-            pagemap.scanner().scan(b.address, b.size, b.page_size, flags=pagemap.PM_SCAN_WP_MATCHING
-                                   | pagemap.PM_SCAN_CHECK_WPASYNC, category_mask=pagemap.PAGE_IS_WRITTEN,
-                                   return_mask=pagemap.PAGE_IS_WRITTEN)
+            pagemap.scanner().protect_written(b.address, b.size, b.page_size)
         except OSError as e:
             uffd.REGISTRY.unregister(reg)
             return f"write-protect: {e.strerror}"
@@ -80,10 +78,7 @@ class WriteWitness:
         for name, reg in self._regs.items():
             b = reg.block
             try:
-                out[name] = pagemap.scanner().scan_runs(b.address, b.size, b.page_size,
-                                                        flags=pagemap.PM_SCAN_CHECK_WPASYNC,
-                                                        category_mask=pagemap.PAGE_IS_WRITTEN,
-                                                        return_mask=pagemap.PAGE_IS_WRITTEN)
+                out[name] = pagemap.scanner().written_runs(b.address, b.size, b.page_size)
             except OSError as e:  # the registration went away (remapped): no answer, the block is read
                 log.warning("write_witness_lost", block=name, error=e.strerror)
         self.release()

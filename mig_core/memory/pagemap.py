@@ -61,6 +61,18 @@ class PagemapScanner:
                                              category_inverted=category_inverted, category_mask=category_mask,
                                              anyof_mask=anyof_mask, return_mask=return_mask))
 
+    def written_runs(self, start: int, length: int, page_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Runs of pages written since userfaultfd (async write-protect) last protected them; EPERM where the
+        range is not so registered, so a lost registration is never read as "nothing written"."""
+        return self.scan_runs(start, length, page_size, flags=PM_SCAN_CHECK_WPASYNC,
+                              category_mask=PAGE_IS_WRITTEN, return_mask=PAGE_IS_WRITTEN)
+
+    def protect_written(self, start: int, length: int, page_size: int) -> np.ndarray:
+        """The pages written since they were last protected, protected again by the same walk (get-and-reset;
+        never-populated pages get markers): how an async write-protect registration is armed and harvested."""
+        return self.scan(start, length, page_size, flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                         category_mask=PAGE_IS_WRITTEN, return_mask=PAGE_IS_WRITTEN)
+
     def any_match(self, start: int, length: int, *, flags: int = 0, category_mask: int = 0) -> bool:
         """True if a page of the range has every category of ``category_mask``: the walk stops at the first
         (``max_pages`` = 1), and nothing is expanded or copied (a question a channel asks per packet)."""

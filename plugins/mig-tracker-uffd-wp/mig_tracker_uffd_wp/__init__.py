@@ -22,10 +22,6 @@ __all__ = ["UffdWpTracker"]
 
 log = structlog.get_logger("mig.tracker.uffd-wp")
 
-_SCAN = dict(flags=pagemap.PM_SCAN_WP_MATCHING | pagemap.PM_SCAN_CHECK_WPASYNC,
-             category_mask=pagemap.PAGE_IS_WRITTEN, return_mask=pagemap.PAGE_IS_WRITTEN)
-
-
 class UffdWpTracker(HarvestingTracker):
     name = "uffd-wp"
     exact = True
@@ -71,7 +67,7 @@ class UffdWpTracker(HarvestingTracker):
         # One write-protecting scan arms the whole block: it protects present pages and puts markers on
         # never-populated ones (2-3x cheaper than UFFDIO_WRITEPROTECT over the range). What it reports
         # is everything populated so far, which consumers take from populated_pages() instead.
-        pagemap.scanner().scan(b.address, b.size, b.page_size, **_SCAN)
+        pagemap.scanner().protect_written(b.address, b.size, b.page_size)
         log.debug("uffd_wp_armed", block=b.name, mapped_resident=mapped)
 
     def write_epoch(self) -> int | None:
@@ -138,12 +134,12 @@ class UffdWpTracker(HarvestingTracker):
                 return {b.name: np.empty(0, dtype=np.int64) for b in self.blocks}, {}
             self._report_all = False
             for b in self.blocks:
-                pagemap.scanner().scan(b.address, b.size, b.page_size, **_SCAN)  # re-protect what was written
+                pagemap.scanner().protect_written(b.address, b.size, b.page_size)  # re-protect what was written
             return {b.name: np.arange(b.npages, dtype=np.int64) for b in self.blocks}, {}
         out = {}
         for b in self.blocks:
             try:
-                out[b.name] = pagemap.scanner().scan(b.address, b.size, b.page_size, **_SCAN)
+                out[b.name] = pagemap.scanner().protect_written(b.address, b.size, b.page_size)
             except OSError as e:
                 if e.errno != errno.EPERM:
                     raise
