@@ -204,7 +204,10 @@ def table(binary: str, reps: int = 3, configs: list[tuple[int, str]] | None = No
                         parallel.append(codec_seconds_on_all_cores(comp, LEVEL[comp][1], ram))
                     q.append(asyncio.run(run_qemu(binary, tmp, ram, channels, comp)))
                     m.append(asyncio.run(run_mig(tmp, ram, channels, comp)))
-                rows.append({"data": fill, "channels": channels, "compression": comp,
+                # each repetition's limit against the mig run right after it: how far one run's ratio strays
+                limits = floor if comp != "none" and floor else [r[0] for r in raw]
+                ratios = sorted(lim / run["total_s"] for lim, run in zip(limits, m, strict=True))
+                rows.append({"data": fill, "channels": channels, "compression": comp, "ratios": ratios,
                              "qemu_s": _median(q, "total_s"), "mig_s": _median(m, "total_s"),
                              "qemu_down": _median(q, "downtime_ms"), "mig_down": _median(m, "downtime_ms"),
                              "qemu_lag": _median(q, "dst_lag_ms"), "mig_lag": _median(m, "dst_lag_ms"),
@@ -226,11 +229,18 @@ HEADER = ("| data | channels | compression | QEMU s | mig s | QEMU / mig | limit
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
+def _spread(ratios: list[float]) -> str:
+    """`` (lowest–highest)`` of the repetitions' own limit / mig ratios (each repetition measures its limit
+    right before its mig run), so a row's miss or pass can be told from the machine's run-to-run noise."""
+    return f" ({min(ratios):.2f}–{max(ratios):.2f})" if len(ratios) > 1 else ""
+
+
 def _line(r: dict) -> str:
     limit = r["floor_s"] if r["compression"] != "none" and r["floor_s"] else r["raw_s"]
     kind = "floor" if r["compression"] != "none" and r["floor_s"] else "raw"
     return (f"| {r['data']} | {r['channels'] or '1 (no multifd)'} | {r['compression']} | {r['qemu_s']:.2f} | "
-            f"{r['mig_s']:.2f} | {r['qemu_s'] / r['mig_s']:.2f} | {limit:.2f} ({kind}) | {limit / r['mig_s']:.2f} | "
+            f"{r['mig_s']:.2f} | {r['qemu_s'] / r['mig_s']:.2f} | {limit:.2f} ({kind}) | {limit / r['mig_s']:.2f}"
+            f"{_spread(r.get('ratios', []))} | "
             f"{r['qemu_down']:.0f} / {r['mig_down']:.0f} | {r['qemu_cpu_src']:.2f} / {r['mig_cpu_src']:.2f} | "
             f"{r['qemu_cpu_dst']:.2f} / {r['mig_cpu_dst']:.2f} | {r['mig_cpu_src'] + r['mig_cpu_dst']:.2f} / "
             f"{limit * CORES if kind == 'floor' else r['raw_cpu']:.2f} | "
@@ -249,7 +259,9 @@ def main(args: list[str] | None = None) -> None:
           "with the same connections (the faster congestion control), or with a compressor the codec floor "
           "(compress + decompress time of one thread each on the same data: the RAM file compressed in place from "
           "its mapping, as mig's channels compress RAM the dirty tracker shows unwritten, the packets "
-          "decompressed into a preallocated GiB; over the cores). The last column: "
+          "decompressed into a preallocated GiB; over the cores). Mig vs limit: the limit's median over mig's, "
+          "and in brackets the lowest and highest of the repetitions' own ratios (each repetition measures its "
+          "limit right before its mig run): how far one run strays on this machine. CPU s both sides: "
           "the CPU-seconds mig's two processes used against those the limit's copying threads used (raw) or "
           "the codec's two threads (floor); on these cores a run cannot take less than its CPU-seconds over "
           "the cores. Codec on all cores: the floor's work done by one thread per core at once (each its share "
