@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mig_core.engine.held_pages import HeldPages, decode_runs, encode_runs, unpopulated
 from mig_core.errors import StreamError
@@ -52,11 +54,31 @@ def test_unpopulated_runs_are_the_gaps_between_reported_pages(blocks):
      "UNPOPULATED: page runs out of order or past the end of RAM block 'ram1'"),
     ({"ram1": encode_runs({"x": (np.array([60]), np.array([65]))})["x"]},
      "UNPOPULATED: page runs out of order or past the end of RAM block 'ram1'"),
+    # a start of 2**64 - 5: read as int64 it would be -5, a run that seemed to end inside the block
+    ({"ram1": [(2**64 - 5).to_bytes(8, "little"), (3).to_bytes(8, "little")]},
+     "UNPOPULATED: page runs out of order or past the end of RAM block 'ram1'"),
 ])
 def test_bad_unpopulated_runs_are_refused(blocks, argument, error):
     with pytest.raises(StreamError) as e:
         decode_runs(argument, {b.name: b for b in blocks})
     assert str(e.value) == error
+
+
+_U64 = st.one_of(st.integers(0, 80), st.integers(2**63 - 2, 2**63 + 2), st.integers(2**64 - 80, 2**64 - 1),
+                 st.integers(0, 2**64 - 1))  # the block's size, int64's sign bit, the top, anything
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pairs=st.lists(st.tuples(_U64, _U64), max_size=6))
+def test_unpopulated_runs_lie_inside_the_block_in_order_or_are_refused(blocks, pairs):
+    """Whatever u64 runs arrive, those handed on are ordered and inside the block, or the command is refused."""
+    argument = {"ram1": [b"".join(s.to_bytes(8, "little") for s, _ in pairs),
+                         b"".join(e.to_bytes(8, "little") for _, e in pairs)]}
+    try:
+        starts, ends = decode_runs(argument, {b.name: b for b in blocks})["ram1"]
+    except StreamError:
+        return
+    assert ((starts >= 0) & (starts < ends) & (ends <= 64)).all() and (starts[1:] >= ends[:-1]).all()
 
 
 def _scenario(blocks):

@@ -303,3 +303,41 @@ def test_a_socket_channel_reads_ahead_for_small_reads_and_exactly_once_reading_i
         rx.recv_into(head)  # now the kernel gives exactly the 10 bytes asked for
         assert _queued(b) == 990
         assert rx.bytes_received == 210
+
+
+def test_postcopy_discard_runs_round_trip_and_wrong_ones_are_refused():
+    """POSTCOPY_RAM_DISCARD's runs are read back as sent; a run outside the block is refused, including one
+    whose start is 2**63 or more (as int64 it turns negative and would name pages counted from the end)."""
+    from mig_core.stream import postcopy as wire
+
+    b = allocate("ram0", 64 * 4096)
+    pages = np.array([1, 2, 3, 10, 63])
+    (argument,) = wire.discard_commands(b, pages)
+    block, starts, ends = wire.parse_discard(argument, {"ram0": b})
+    assert block is b and starts.tolist() == [1, 10, 63] and ends.tolist() == [4, 11, 64]
+
+    def runs(*pairs: tuple[int, int]) -> bytes:
+        return b"".join(s.to_bytes(8, "little") + e.to_bytes(8, "little") for s, e in pairs)
+
+    for bad in (runs((5, 5)), runs((60, 65)), runs((2**64 - 5, 3)), runs((2**63, 2**63 + 1))):
+        with pytest.raises(StreamError, match="CMD_POSTCOPY_RAM_DISCARD for 'ram0': a range outside its 64 pages"):
+            wire.parse_discard(["ram0", bad], {"ram0": b})
+
+
+_U64 = st.one_of(st.integers(0, 80), st.integers(2**63 - 2, 2**63 + 2), st.integers(2**64 - 80, 2**64 - 1),
+                 st.integers(0, 2**64 - 1))  # the block's size, int64's sign bit, the top, anything
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pairs=st.lists(st.tuples(_U64, _U64), max_size=6))
+def test_postcopy_discard_runs_are_inside_the_block_or_refused(pairs):
+    """Whatever u64 pairs arrive, the runs handed on lie inside the block, or the command is refused."""
+    from mig_core.stream import postcopy as wire
+
+    b = allocate("ram0", 64 * 4096)
+    raw = b"".join(s.to_bytes(8, "little") + e.to_bytes(8, "little") for s, e in pairs)
+    try:
+        _, starts, ends = wire.parse_discard(["ram0", raw], {"ram0": b})
+    except StreamError:
+        return
+    assert ((starts >= 0) & (starts < ends) & (ends <= b.npages)).all()

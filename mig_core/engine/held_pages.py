@@ -65,12 +65,13 @@ def decode_runs(argument: object, blocks: Mapping[str, RAMBlock]) -> dict[str, R
         if (not isinstance(pair, list | tuple) or len(pair) != 2 or not all(isinstance(x, bytes) for x in pair)
                 or len(pair[0]) != len(pair[1]) or len(pair[0]) % 8):
             raise StreamError(f"UNPOPULATED: malformed page runs for RAM block '{name}'")
-        starts = np.frombuffer(pair[0], dtype="<u8").astype(np.int64)
-        ends = np.frombuffer(pair[1], dtype="<u8").astype(np.int64)
+        # checked as the unsigned numbers they are: a start of 2**63 or more would turn negative as int64
+        starts = np.frombuffer(pair[0], dtype="<u8")
+        ends = np.frombuffer(pair[1], dtype="<u8")
         if len(starts) and (not (starts < ends).all() or not (starts[1:] >= ends[:-1]).all()
                             or int(ends[-1]) > b.npages):
             raise StreamError(f"UNPOPULATED: page runs out of order or past the end of RAM block '{name}'")
-        out[name] = (starts, ends)
+        out[name] = (starts.astype(np.int64), ends.astype(np.int64))
     return out
 
 

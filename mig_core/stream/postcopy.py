@@ -73,11 +73,13 @@ def parse_discard(argument: object, blocks: dict[str, RAMBlock]) -> tuple[RAMBlo
         raise StreamError(f"CMD_POSTCOPY_RAM_DISCARD names RAM block '{name}', which this host does not have")
     if len(raw) % 16:
         raise StreamError(f"CMD_POSTCOPY_RAM_DISCARD for '{name}': invalid length {len(raw)}")
-    runs = np.frombuffer(raw, dtype="<u8").reshape(-1, 2).astype(np.int64)
+    # checked as the unsigned numbers they are: a start of 2**63 or more would turn negative as int64 and
+    # name pages counted from the block's end
+    runs = np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
     starts, ends = runs[:, 0], runs[:, 1]
     if len(runs) and not (bool((starts < ends).all()) and int(ends.max()) <= block.npages):
         raise StreamError(f"CMD_POSTCOPY_RAM_DISCARD for '{name}': a range outside its {block.npages} pages")
-    return block, starts, ends
+    return block, starts.astype(np.int64), ends.astype(np.int64)
 
 
 def package(argument: object) -> tuple[int, int]:
