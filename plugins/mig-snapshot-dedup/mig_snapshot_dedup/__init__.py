@@ -54,16 +54,26 @@ def _punch(fd: int, offset: int, length: int) -> None:
 
 
 def _encode_slots(slots: np.ndarray) -> bytes:
-    """Slot numbers (−1: a zero page), delta-coded (runs of new pages become runs of 1s) and compressed."""
-    return zstandard.ZstdCompressor(level=3).compress(np.diff(slots, prepend=0).astype("<i8").tobytes())
+    """Slot numbers (−1: a zero page), delta-coded (runs of new pages become runs of 1s) and compressed, with
+    zstd's checksum of the content: a damaged list is refused when read, not loaded as other pages."""
+    return zstandard.ZstdCompressor(level=3, write_checksum=True).compress(
+        np.diff(slots, prepend=0).astype("<i8").tobytes())
 
 
-def _decode_slots(data: bytes, npages: int) -> np.ndarray:
-    raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=npages * 8)
+def _decode_slots(data: bytes, npages: int, where: Path) -> np.ndarray:
+    """The slot numbers of ``where`` (a tag's slot list); OSError naming the file if it is damaged."""
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=npages * 8)
+    except zstandard.ZstdError as e:
+        raise OSError(f"{where}: the slot list is damaged ({e})") from None
     deltas = np.frombuffer(raw, dtype="<i8")
     if len(deltas) != npages:
-        raise OSError(f"a slot list holds {len(deltas)} pages, the block has {npages}")
-    return np.cumsum(deltas)
+        raise OSError(f"{where}: the slot list holds {len(deltas)} pages, the block has {npages}")
+    slots = np.cumsum(deltas)
+    if len(slots) and int(slots.min()) < -1:
+        raise OSError(f"{where}: the slot list names slot {int(slots.min())} (-1 is a zero page, the rest count "
+                      "from 0)")
+    return slots
 
 
 class _Store:
@@ -247,13 +257,28 @@ class DedupBackend(SnapshotBackend):
         self._lock = threading.Lock()
         self.manifests: dict[str, dict] = {}
         self.slots: dict[str, dict[str, np.ndarray]] = {}
+        try:
+            self._open()
+        except BaseException as e:  # the directory's lock and the stores' descriptors go with the failed open
+            self.close()
+            if isinstance(e, OSError):  # a damaged store: the node cannot be used, as with a bad option
+                raise ValueError(f"snapshot directory '{self.root}': {e}") from None
+            raise
+
+    def _open(self) -> None:
+        """Open the page stores and read every committed tag's slot list (OSError naming a damaged one)."""
         for path in self.root.glob("pages-*.pack"):
             self.store(int(path.name.split("-")[1].split(".")[0]))
         for m in self.tags.manifests():
             tag = m["tag"]
             d = self.tags.path(tag)
-            slots = {name: _decode_slots((d / f"slots-{i}.zst").read_bytes(), size // ps)
+            slots = {name: _decode_slots((d / f"slots-{i}.zst").read_bytes(), size // ps, d / f"slots-{i}.zst")
                      for i, (name, size, ps) in enumerate(m["blocks"])}
+            for i, (name, _size, ps) in enumerate(m["blocks"]):
+                top, held = int(slots[name].max(initial=-1)), self.store(ps).nslots
+                if top >= held:  # a slot no save ever wrote: its page would read as another's, or as zeros
+                    raise OSError(f"{d / f'slots-{i}.zst'}: the slot list names slot {top}, but "
+                                  f"pages-{ps}.pack holds {held}")
             self._count(m, slots)
             self.manifests[tag], self.slots[tag] = m, slots
         for store in self._stores.values():

@@ -55,3 +55,53 @@ def test_identical_pages_are_stored_once(tmp_path):
     loaded, _ = contract._load(backend, "same", 2)
     assert all(bytes(a.view) == bytes(b.view) for a, b in zip(blocks, loaded, strict=True))
     backend.close()
+
+
+def _rewrite_slots(path, slots: np.ndarray, checksum: bool = True) -> None:
+    import zstandard
+
+    data = np.diff(slots, prepend=0).astype("<i8").tobytes()
+    path.write_bytes(zstandard.ZstdCompressor(level=3, write_checksum=checksum).compress(data))
+
+
+def test_a_damaged_slot_list_is_refused_not_loaded_as_other_pages(tmp_path):
+    """A tag's slot list that was damaged on disk, or names slots outside the store, makes the store refuse to
+    open (ValueError, as for a bad option) with the file's name; it is never read as other pages or as zeros,
+    and the failed open leaves the directory unlocked. The repaired store loads."""
+    import pytest
+
+    contract = TestContract()
+    blocks = contract.machine(1)
+    backend = contract.backend(tmp_path)
+    contract._save(backend, "t", blocks, b"")
+    backend.close()
+    (slots_file,) = (tmp_path / "store").rglob("slots-0.zst")
+    good = slots_file.read_bytes()
+    from mig_snapshot_dedup import _decode_slots
+
+    npages = blocks[0].npages
+    slots = _decode_slots(good, npages, slots_file)
+    cases = [
+        (good[:-6] + bytes(b ^ 0xFF for b in good[-6:]), "the slot list is damaged"),  # zstd's checksum
+        (None, f"the slot list names slot {int(slots.max()) + 1000}, but pages-4096.pack holds"),
+        (None, "the slot list names slot -5"),
+    ]
+    for data, error in cases:
+        if data is not None:
+            slots_file.write_bytes(data)
+        elif "-5" in error:
+            bad = slots.copy()
+            bad[3] = -5
+            _rewrite_slots(slots_file, bad)
+        else:
+            bad = slots.copy()
+            bad[7] = int(slots.max()) + 1000
+            _rewrite_slots(slots_file, bad)
+        with pytest.raises(ValueError, match=error) as e:
+            contract.backend(tmp_path)
+        assert str(slots_file) in str(e.value)
+    slots_file.write_bytes(good)
+    backend = contract.backend(tmp_path)
+    loaded, _ = contract._load(backend, "t", 2)
+    assert bytes(loaded[0].view) == bytes(blocks[0].view)
+    backend.close()
