@@ -48,6 +48,8 @@ TARGETS: dict[str, tuple[bytes, Callable[[bytes], None]]] = {
     "multifd_packet": (d.PACKET_OK, lambda b: _body(d.test_multifd_packet)(data=b)),
     "xbzrle_decode": (d.XBZRLE, lambda b: _body(d.test_xbzrle_decode)(data=b)),
     "mapped_ram_header": (d.MAPPED_RAM, lambda b: _body(d.test_mapped_ram_header)(data=b)),
+    "unpopulated_runs": (d.UNPOPULATED, lambda b: _body(d.test_unpopulated_runs)(data=b)),
+    "postcopy_discard": (d.DISCARD, lambda b: _body(d.test_postcopy_discard)(data=b)),
     "device_state_section": (b"\2" + d.DEVICE_STATE,
                              lambda b: _body(d.test_device_state_section)(data=b[1:], version=b[0] % 4 if b else 0)),
     "device_state_buffer": (d._DEVICES.save_to_buffer(), lambda b: _body(d.test_device_state_buffer)(data=b)),

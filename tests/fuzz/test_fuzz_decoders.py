@@ -25,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mig_core.engine.held_pages import decode_runs, encode_runs
 from mig_core.errors import ChannelError, QMPError, StreamError
 from mig_core.ext.memory_channel import loopback_pair
 from mig_core.machine.device import Device, DeviceRegistry, DeviceSection, DeviceStateError
@@ -35,6 +36,7 @@ from mig_core.qmp.dispatch import check_request, visit_arguments
 from mig_core.qmp.framing import JsonInputError, JsonStreamer
 from mig_core.schema.commands import COMMANDS
 from mig_core.stream import mapped_ram
+from mig_core.stream import postcopy as postcopy_wire
 from mig_core.stream.format import META_HEADER
 from mig_core.stream.multifd import PACKET, PACKET_MAGIC, pack_header, read_packet
 from mig_core.stream.placement import CopyPlacer
@@ -267,6 +269,61 @@ def test_mapped_ram_header(data: bytes) -> None:
     for r, b in zip(layout.regions, _MR_BLOCKS, strict=True):  # accepted: regions in order, aligned, apart
         assert r.pages_offset % 4096 == 0 and r.pages_offset >= r.bitmap_offset + r.bitmap_bytes
         assert r.npages == b.npages
+
+
+# -- page runs: UNPOPULATED and POSTCOPY_RAM_DISCARD ---------------------------------------------
+
+_RUN_BLOCKS = {b.name: b for b in _blocks()}  # ram0: 16 pages of 4 KiB, ram1: 4 of 8 KiB
+UNPOPULATED = msgpack.packb(encode_runs({"ram0": (np.array([0, 5]), np.array([3, 16])),
+                                         "ram1": (np.array([1]), np.array([4]))}))
+DISCARD = msgpack.packb(postcopy_wire.discard_commands(_RUN_BLOCKS["ram0"], np.array([1, 2, 3, 9]))[0])
+
+
+def _unpacked(data: bytes) -> object:
+    """``data`` as the stream reader unpacks a command's argument; ``_REFUSED`` where it refuses it."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except (ValueError, TypeError, msgpack.UnpackException):  # what the reader refuses (test_stream.py)
+        return _REFUSED
+
+
+_REFUSED = object()
+
+
+@FUZZ
+@given(data=mutated(UNPOPULATED))
+def test_unpopulated_runs(data: bytes) -> None:
+    with no_hang("unpopulated_runs"):
+        argument = _unpacked(data)
+        if argument is _REFUSED:
+            return
+        try:
+            runs = decode_runs(argument, _RUN_BLOCKS)
+        except StreamError:
+            return
+    for name, (starts, ends) in runs.items():  # accepted: ordered runs inside the block
+        n = _RUN_BLOCKS[name].npages
+        assert ((starts >= 0) & (starts < ends) & (ends <= n)).all() and (starts[1:] >= ends[:-1]).all()
+
+
+@FUZZ
+@given(data=mutated(DISCARD))
+def test_postcopy_discard(data: bytes) -> None:
+    with no_hang("postcopy_discard"):
+        argument = _unpacked(data)
+        if argument is _REFUSED:
+            return
+        try:
+            block, starts, ends = postcopy_wire.parse_discard(argument, _RUN_BLOCKS)
+        except StreamError:
+            return
+    assert ((starts >= 0) & (starts < ends) & (ends <= block.npages)).all()  # accepted: runs inside the block
+
+
+def test_the_valid_runs_are_valid() -> None:
+    assert [x.tolist() for x in decode_runs(_unpacked(UNPOPULATED), _RUN_BLOCKS)["ram0"]] == [[0, 5], [3, 16]]
+    _, starts, ends = postcopy_wire.parse_discard(_unpacked(DISCARD), _RUN_BLOCKS)
+    assert starts.tolist() == [1, 9] and ends.tolist() == [4, 10]
 
 
 # -- device state --------------------------------------------------------------------------------
