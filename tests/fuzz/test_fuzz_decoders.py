@@ -15,8 +15,9 @@ import json
 import os
 import signal
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import msgpack
 import msgspec
@@ -43,6 +44,7 @@ from mig_core.stream.placement import CopyPlacer
 from mig_core.stream.reader import StreamReader
 from mig_core.stream.writer import StreamWriter
 
+T = TypeVar("T")
 EXAMPLES = int(os.environ.get("MIG_FUZZ_EXAMPLES", "300"))
 HANG_SECONDS = 10
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,
@@ -290,18 +292,23 @@ def _unpacked(data: bytes) -> object:
 _REFUSED = object()
 
 
+def _accepted(data: bytes, target: str, decode: Callable[[object], T]) -> T | None:
+    """What ``decode`` makes of ``data`` unpacked as the reader does; None where either refuses it."""
+    with no_hang(target):
+        argument = _unpacked(data)
+        if argument is _REFUSED:
+            return None
+        try:
+            return decode(argument)
+        except StreamError:
+            return None
+
+
 @FUZZ
 @given(data=mutated(UNPOPULATED))
 def test_unpopulated_runs(data: bytes) -> None:
-    with no_hang("unpopulated_runs"):
-        argument = _unpacked(data)
-        if argument is _REFUSED:
-            return
-        try:
-            runs = decode_runs(argument, _RUN_BLOCKS)
-        except StreamError:
-            return
-    for name, (starts, ends) in runs.items():  # accepted: ordered runs inside the block
+    runs = _accepted(data, "unpopulated_runs", lambda a: decode_runs(a, _RUN_BLOCKS))
+    for name, (starts, ends) in (runs or {}).items():  # accepted: ordered runs inside the block
         n = _RUN_BLOCKS[name].npages
         assert ((starts >= 0) & (starts < ends) & (ends <= n)).all() and (starts[1:] >= ends[:-1]).all()
 
@@ -309,15 +316,10 @@ def test_unpopulated_runs(data: bytes) -> None:
 @FUZZ
 @given(data=mutated(DISCARD))
 def test_postcopy_discard(data: bytes) -> None:
-    with no_hang("postcopy_discard"):
-        argument = _unpacked(data)
-        if argument is _REFUSED:
-            return
-        try:
-            block, starts, ends = postcopy_wire.parse_discard(argument, _RUN_BLOCKS)
-        except StreamError:
-            return
-    assert ((starts >= 0) & (starts < ends) & (ends <= block.npages)).all()  # accepted: runs inside the block
+    got = _accepted(data, "postcopy_discard", lambda a: postcopy_wire.parse_discard(a, _RUN_BLOCKS))
+    if got is not None:  # accepted: runs inside the block
+        block, starts, ends = got
+        assert ((starts >= 0) & (starts < ends) & (ends <= block.npages)).all()
 
 
 def test_the_valid_runs_are_valid() -> None:
