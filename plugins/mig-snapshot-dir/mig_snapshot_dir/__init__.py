@@ -98,7 +98,6 @@ class _Reader(SnapshotReader):
     def __init__(self, path: Path, manifest: dict) -> None:
         self.shapes = [BlockShape(n, s, ps) for n, s, ps, _ in manifest["blocks"]]
         self.offsets = {n: off for n, _, _, off in manifest["blocks"]}
-        self.fd = os.open(path / "ram.img", os.O_RDONLY | os.O_CLOEXEC)
         bits = np.frombuffer((path / "stored.bits").read_bytes(), dtype=np.uint8)
         self.stored: dict[str, np.ndarray] = {}
         pos = 0
@@ -109,6 +108,8 @@ class _Reader(SnapshotReader):
             self.stored[b.name] = np.flatnonzero(np.unpackbits(bits[pos:pos + nbytes], count=b.npages))
             pos += nbytes
         self._vmstate = (path / "vmstate.bin").read_bytes()
+        # opened last: a tag whose other files are damaged leaves no descriptor behind
+        self.fd = os.open(path / "ram.img", os.O_RDONLY | os.O_CLOEXEC)
 
     def blocks(self) -> list[BlockShape]:
         return list(self.shapes)

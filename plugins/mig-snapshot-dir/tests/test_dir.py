@@ -24,3 +24,30 @@ def test_image_is_sparse_with_pages_at_fixed_offsets(tmp_path):
     # zero pages are holes: the image takes about the non-zero half of RAM
     assert os.stat(image).st_blocks * 512 < (5 << 20) * 0.6
     backend.close()
+
+
+def test_a_tag_cut_short_is_refused_and_leaves_no_descriptor_open(tmp_path):
+    """A tag whose stored-pages bitmap was cut short is refused with the file's name, and the refusal leaves no
+    descriptor of the image behind; the tag loads again once the bitmap is whole."""
+    import pytest
+
+    contract = TestContract()
+    blocks = contract.machine(1)
+    backend = contract.backend(tmp_path)
+    contract._save(backend, "t", blocks, b"")
+    bits = next((tmp_path / "store" / "tags").glob("t-*")) / "stored.bits"
+    whole = bits.read_bytes()
+    bits.write_bytes(whole[:1])
+    image = os.path.realpath(bits.parent / "ram.img")
+
+    def image_descriptors() -> int:
+        fds = "/proc/self/fd"
+        return sum(1 for fd in os.listdir(fds) if os.path.realpath(os.path.join(fds, fd)) == image)
+
+    with pytest.raises(OSError, match="stored.bits: cut short"):
+        backend.open("t")
+    assert image_descriptors() == 0
+    bits.write_bytes(whole)
+    loaded, _ = contract._load(backend, "t", 2)
+    assert bytes(loaded[0].view) == bytes(blocks[0].view)
+    backend.close()
