@@ -12,12 +12,19 @@ class TestContract(SnapshotBackendContract):
     distribution = "mig-snapshot-dir"
 
 
-def test_image_is_sparse_with_pages_at_fixed_offsets(tmp_path):
+def _saved(tmp_path):
+    """A backend in ``tmp_path`` holding the tag ``t`` of the contract's machine: (contract, blocks, backend, the
+    tag's directory)."""
     contract = TestContract()
     blocks = contract.machine(1)
     backend = contract.backend(tmp_path)
     contract._save(backend, "t", blocks, b"")
-    image = next((tmp_path / "store" / "tags").glob("t-*")) / "ram.img"
+    return contract, blocks, backend, next((tmp_path / "store" / "tags").glob("t-*"))
+
+
+def test_image_is_sparse_with_pages_at_fixed_offsets(tmp_path):
+    _, blocks, backend, tag = _saved(tmp_path)
+    image = tag / "ram.img"
     data = image.read_bytes()
     assert data[:len(blocks[0].view)] == bytes(blocks[0].view)
     assert data[4 << 20:(4 << 20) + len(blocks[1].view)] == bytes(blocks[1].view)  # 1 MiB-aligned region
@@ -31,11 +38,8 @@ def test_a_tag_cut_short_is_refused_and_leaves_no_descriptor_open(tmp_path):
     descriptor of the image behind; the tag loads again once the bitmap is whole."""
     import pytest
 
-    contract = TestContract()
-    blocks = contract.machine(1)
-    backend = contract.backend(tmp_path)
-    contract._save(backend, "t", blocks, b"")
-    bits = next((tmp_path / "store" / "tags").glob("t-*")) / "stored.bits"
+    contract, blocks, backend, tag = _saved(tmp_path)
+    bits = tag / "stored.bits"
     whole = bits.read_bytes()
     bits.write_bytes(whole[:1])
     image = os.path.realpath(bits.parent / "ram.img")
