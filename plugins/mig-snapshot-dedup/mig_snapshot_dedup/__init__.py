@@ -60,8 +60,9 @@ def _encode_slots(slots: np.ndarray) -> bytes:
         np.diff(slots, prepend=0).astype("<i8").tobytes())
 
 
-def _decode_slots(data: bytes, npages: int, where: Path) -> np.ndarray:
-    """The slot numbers of ``where`` (a tag's slot list); OSError naming the file if it is damaged."""
+def _decode_slots(data: bytes, npages: int, store: _Store, where: Path) -> np.ndarray:
+    """The slot numbers of ``where`` (a tag's slot list into ``store``); OSError naming the file if it is
+    damaged or names a slot no save wrote (its page would read as another's, or as zeros)."""
     try:
         raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=npages * 8)
     except zstandard.ZstdError as e:
@@ -73,6 +74,9 @@ def _decode_slots(data: bytes, npages: int, where: Path) -> np.ndarray:
     if len(slots) and int(slots.min()) < -1:
         raise OSError(f"{where}: the slot list names slot {int(slots.min())} (-1 is a zero page, the rest count "
                       "from 0)")
+    if len(slots) and int(slots.max()) >= store.nslots:
+        raise OSError(f"{where}: the slot list names slot {int(slots.max())}, but pages-{store.ps}.pack holds "
+                      f"{store.nslots}")
     return slots
 
 
@@ -257,12 +261,14 @@ class DedupBackend(SnapshotBackend):
         self._lock = threading.Lock()
         self.manifests: dict[str, dict] = {}
         self.slots: dict[str, dict[str, np.ndarray]] = {}
+        # a failed open releases the directory's lock and the stores' descriptors
         try:
             self._open()
-        except BaseException as e:  # the directory's lock and the stores' descriptors go with the failed open
+        except OSError as e:  # a damaged store: the node cannot be used, as with a bad option
             self.close()
-            if isinstance(e, OSError):  # a damaged store: the node cannot be used, as with a bad option
-                raise ValueError(f"snapshot directory '{self.root}': {e}") from None
+            raise ValueError(f"snapshot directory '{self.root}': {e}") from None
+        except BaseException:
+            self.close()
             raise
 
     def _open(self) -> None:
@@ -272,13 +278,10 @@ class DedupBackend(SnapshotBackend):
         for m in self.tags.manifests():
             tag = m["tag"]
             d = self.tags.path(tag)
-            slots = {name: _decode_slots((d / f"slots-{i}.zst").read_bytes(), size // ps, d / f"slots-{i}.zst")
-                     for i, (name, size, ps) in enumerate(m["blocks"])}
-            for i, (name, _size, ps) in enumerate(m["blocks"]):
-                top, held = int(slots[name].max(initial=-1)), self.store(ps).nslots
-                if top >= held:  # a slot no save ever wrote: its page would read as another's, or as zeros
-                    raise OSError(f"{d / f'slots-{i}.zst'}: the slot list names slot {top}, but "
-                                  f"pages-{ps}.pack holds {held}")
+            slots = {}
+            for i, (name, size, ps) in enumerate(m["blocks"]):
+                path = d / f"slots-{i}.zst"
+                slots[name] = _decode_slots(path.read_bytes(), size // ps, self.store(ps), path)
             self._count(m, slots)
             self.manifests[tag], self.slots[tag] = m, slots
         for store in self._stores.values():

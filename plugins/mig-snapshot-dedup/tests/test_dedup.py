@@ -77,10 +77,9 @@ def test_a_damaged_slot_list_is_refused_not_loaded_as_other_pages(tmp_path):
     backend.close()
     (slots_file,) = (tmp_path / "store").rglob("slots-0.zst")
     good = slots_file.read_bytes()
-    from mig_snapshot_dedup import _decode_slots
+    import zstandard
 
-    npages = blocks[0].npages
-    slots = _decode_slots(good, npages, slots_file)
+    slots = np.cumsum(np.frombuffer(zstandard.ZstdDecompressor().decompress(good), dtype="<i8"))
     cases = [
         (good[:-6] + bytes(b ^ 0xFF for b in good[-6:]), "the slot list is damaged"),  # zstd's checksum
         (None, f"the slot list names slot {int(slots.max()) + 1000}, but pages-4096.pack holds"),
