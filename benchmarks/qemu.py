@@ -240,7 +240,7 @@ def _line(r: dict) -> str:
     kind = "floor" if r["compression"] != "none" and r["floor_s"] else "raw"
     return (f"| {r['data']} | {r['channels'] or '1 (no multifd)'} | {r['compression']} | {r['qemu_s']:.2f} | "
             f"{r['mig_s']:.2f} | {r['qemu_s'] / r['mig_s']:.2f} | {limit:.2f} ({kind}) | {limit / r['mig_s']:.2f}"
-            f"{_spread(r.get('ratios', []))} | "
+            f"{_spread(r['ratios'])} | "
             f"{r['qemu_down']:.0f} / {r['mig_down']:.0f} | {r['qemu_cpu_src']:.2f} / {r['mig_cpu_src']:.2f} | "
             f"{r['qemu_cpu_dst']:.2f} / {r['mig_cpu_dst']:.2f} | {r['mig_cpu_src'] + r['mig_cpu_dst']:.2f} / "
             f"{limit * CORES if kind == 'floor' else r['raw_cpu']:.2f} | "

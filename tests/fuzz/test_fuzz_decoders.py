@@ -250,6 +250,19 @@ def test_xbzrle_decode(data: bytes) -> None:
     assert page.shape == (4096,)
 
 
+# -- msgpack arguments, unpacked as the stream reader unpacks them -----------------------------------
+
+_REFUSED = object()
+
+
+def _unpacked(data: bytes) -> object:
+    """``data`` as the stream reader unpacks a command's argument; ``_REFUSED`` where it refuses it."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except (ValueError, TypeError, msgpack.UnpackException):  # what the reader refuses (test_stream.py)
+        return _REFUSED
+
+
 # -- mapped-ram headers --------------------------------------------------------------------------
 
 _MR_BLOCKS = _blocks()
@@ -260,9 +273,8 @@ MAPPED_RAM = mapped_ram.plan(_MR_BLOCKS, 4096)[1][META_HEADER.size:]  # the sect
 @given(data=mutated(MAPPED_RAM))
 def test_mapped_ram_header(data: bytes) -> None:
     with no_hang("mapped_ram_header"):
-        try:
-            obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
-        except (ValueError, TypeError, msgpack.UnpackException):  # what the reader refuses (test_stream.py)
+        obj = _unpacked(data)
+        if obj is _REFUSED:
             return
         try:
             layout = mapped_ram.parse(obj, _MR_BLOCKS, 4096)
@@ -281,15 +293,6 @@ UNPOPULATED = msgpack.packb(encode_runs({"ram0": (np.array([0, 5]), np.array([3,
 DISCARD = msgpack.packb(postcopy_wire.discard_commands(_RUN_BLOCKS["ram0"], np.array([1, 2, 3, 9]))[0])
 
 
-def _unpacked(data: bytes) -> object:
-    """``data`` as the stream reader unpacks a command's argument; ``_REFUSED`` where it refuses it."""
-    try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except (ValueError, TypeError, msgpack.UnpackException):  # what the reader refuses (test_stream.py)
-        return _REFUSED
-
-
-_REFUSED = object()
 
 
 def _accepted(data: bytes, target: str, decode: Callable[[object], T]) -> T | None:
