@@ -10,6 +10,17 @@ import numpy as np
 MAX_NAME = 1023
 #: Granularity of a bitmap added without one (QEMU's default for a raw file).
 DEFAULT_GRANULARITY = 64 << 10
+#: QEMU's bounds: at least a sector, at most what its 32-bit argument holds (a power of 2 in between).
+MIN_GRANULARITY = 512
+MAX_GRANULARITY = 1 << 31
+
+
+def granularity_error(granularity: int) -> str | None:
+    """Why ``granularity`` cannot be a bitmap's (QEMU's text); None if it can."""
+    if (isinstance(granularity, bool) or not isinstance(granularity, int)
+            or not MIN_GRANULARITY <= granularity <= MAX_GRANULARITY or granularity & (granularity - 1)):
+        return "Granularity must be power of 2 and at least 512"
+    return None
 
 
 class DirtyBitmap:
@@ -22,6 +33,9 @@ class DirtyBitmap:
 
     def __init__(self, name: str, size: int, granularity: int = DEFAULT_GRANULARITY, *, enabled: bool = True,
                  persistent: bool = False) -> None:
+        why = granularity_error(granularity)
+        if why is not None:  # read from a stream or a sidecar as well as from a command: checked here, once
+            raise ValueError(f"bitmap '{name}': {why} (got {granularity!r})")
         self.name = name
         self.size = size
         self.granularity = granularity
@@ -67,7 +81,13 @@ class DirtyBitmap:
             return np.packbits(self.bits).tobytes()
 
     def load_packed(self, data: bytes) -> None:
-        """Replace the bits with ``packed()`` output of a bitmap of the same size and granularity."""
+        """Replace the bits with ``packed()`` output of a bitmap of the same size and granularity.
+
+        ValueError unless ``data`` holds exactly that many bytes: unpacking fewer would take the missing
+        granules as clean, and a backup built on the bitmap would leave their writes out."""
+        expected = (len(self.bits) + 7) // 8
+        if len(data) != expected:
+            raise ValueError(f"bitmap '{self.name}' carries {len(data)} bytes of bits, {expected} expected")
         bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=len(self.bits)).astype(bool)
         with self._lock:
             self.bits[:] = bits

@@ -148,6 +148,7 @@ class BlockNode:
             raw = self.sidecar.read_bytes()
         except FileNotFoundError:
             return
+        loaded: dict[str, DirtyBitmap] = {}
         try:
             doc = msgpack.unpackb(raw, raw=False)
             crashed = bool(doc["in-use"])
@@ -155,10 +156,15 @@ class BlockNode:
                 bm = DirtyBitmap(name, self.size, b["granularity"], enabled=b["enabled"], persistent=True)
                 bm.load_packed(b["bits"])
                 bm.inconsistent = crashed or bool(b.get("inconsistent", False))
-                self.bitmaps[name] = bm
-        except (ValueError, KeyError, TypeError, msgpack.UnpackException) as e:
-            log.warning("block_bitmaps_unreadable", node=self.name, sidecar=str(self.sidecar), error=str(e))
+                loaded[name] = bm
+        except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException) as e:
+            # none of it is trusted, and the file is kept aside: storing the bitmaps would replace it
+            kept = self.sidecar.with_name(self.sidecar.name + ".unreadable")
+            os.replace(self.sidecar, kept)
+            log.warning("block_bitmaps_unreadable", node=self.name, sidecar=str(self.sidecar), kept_as=str(kept),
+                        error=str(e) or repr(e))
             return
+        self.bitmaps.update(loaded)
         log.info("block_bitmaps_loaded", node=self.name, bitmaps=sorted(self.bitmaps),
                  inconsistent=[n for n, b in self.bitmaps.items() if b.inconsistent])
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import structlog
 
-from mig_core.block.bitmap import DEFAULT_GRANULARITY, MAX_NAME, DirtyBitmap
+from mig_core.block.bitmap import DEFAULT_GRANULARITY, MAX_NAME, DirtyBitmap, granularity_error
 from mig_core.block.node import BlockNode
 from mig_core.errors import QMPError
 from mig_core.machine.machine import Machine
@@ -54,8 +54,9 @@ class BlockNodeCommands:
         if bs is None:
             raise QMPError(f"Cannot find device='{args.node}' nor node-name='{args.node}'")
         granularity = DEFAULT_GRANULARITY if args.granularity is UNSET else args.granularity
-        if granularity < 512 or granularity & (granularity - 1):
-            raise QMPError("Granularity must be power of 2 and at least 512")
+        why = granularity_error(granularity)
+        if why is not None:
+            raise QMPError(why)
         if args.name in bs.bitmaps:
             raise QMPError(f"Bitmap already exists: {args.name}")
         if len(args.name.encode()) > MAX_NAME:

@@ -127,7 +127,7 @@ def load(sec: DeviceSection, machine: Machine, mapping: object) -> list[str]:
             node, name, persistent = _place(e, machine, by_alias)
             if name in node.bitmaps:
                 raise StreamError(f"Bitmap with the same name ('{name}') already exists on destination")
-            bm = DirtyBitmap(name, node.size, int(e["granularity"]), enabled=bool(e["enabled"]),
+            bm = DirtyBitmap(name, node.size, e["granularity"], enabled=bool(e["enabled"]),
                              persistent=persistent)
             if int(e["size"]) != node.size:
                 raise _Cancelled(f"Migrated bitmap granularity doesn't match the destination bitmap '{name}' "
@@ -142,7 +142,9 @@ def load(sec: DeviceSection, machine: Machine, mapping: object) -> list[str]:
             log.error("dirty_bitmaps_cancelled", error=str(err))
             return []
         if isinstance(err, (KeyError, TypeError, ValueError)) and not isinstance(err, StreamError):
-            raise StreamError(f"corrupt dirty-bitmap section: {err!r}") from None
+            # a ValueError says what is wrong in words (a granularity, bits cut short); the others name a field
+            detail = str(err) if type(err) is ValueError else repr(err)
+            raise StreamError(f"corrupt dirty-bitmap section: {detail}") from None
         raise
     names = [f"{node.name}/{bm.name}" for node, bm in created]
     log.info("dirty_bitmaps_loaded", bitmaps=names)

@@ -53,6 +53,7 @@ TARGETS: dict[str, tuple[bytes, Callable[[bytes], None]]] = {
     "device_state_section": (b"\2" + d.DEVICE_STATE,
                              lambda b: _body(d.test_device_state_section)(data=b[1:], version=b[0] % 4 if b else 0)),
     "device_state_buffer": (d._DEVICES.save_to_buffer(), lambda b: _body(d.test_device_state_buffer)(data=b)),
+    "dirty_bitmap_section": (d.DIRTY_BITMAPS, lambda b: _body(d.test_dirty_bitmap_section)(data=b)),
     "qmp_framing": (b"\7" + d.QMP_TEXT * 3,
                     lambda b: _body(d.test_qmp_framing)(data=b[1:], split=1 + (b[0] % 64) if b else 1)),
 }

@@ -14,9 +14,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TypeVar
 
 import msgpack
@@ -26,10 +28,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mig_core.block.bitmap import DirtyBitmap, granularity_error
+from mig_core.block.node import BlockNode
+from mig_core.engine import dirty_bitmaps
 from mig_core.engine.held_pages import decode_runs, encode_runs
 from mig_core.errors import ChannelError, QMPError, StreamError
 from mig_core.ext.memory_channel import loopback_pair
 from mig_core.machine.device import Device, DeviceRegistry, DeviceSection, DeviceStateError
+from mig_core.machine.machine import Machine
 from mig_core.memory import xbzrle
 from mig_core.memory.ram import allocate
 from mig_core.qapi.visitor import QapiInputError
@@ -293,8 +299,6 @@ UNPOPULATED = msgpack.packb(encode_runs({"ram0": (np.array([0, 5]), np.array([3,
 DISCARD = msgpack.packb(postcopy_wire.discard_commands(_RUN_BLOCKS["ram0"], np.array([1, 2, 3, 9]))[0])
 
 
-
-
 def _accepted(data: bytes, target: str, decode: Callable[[object], T]) -> T | None:
     """What ``decode`` makes of ``data`` unpacked as the reader does; None where either refuses it."""
     with no_hang(target):
@@ -356,6 +360,41 @@ def test_device_state_buffer(data: bytes) -> None:
             _DEVICES.load_from_buffer(data)
         except DeviceStateError:
             pass
+
+
+# -- dirty-bitmap sections -----------------------------------------------------------------------
+
+#: the nodes' files live as long as the process
+_BITMAP_DIR = tempfile.TemporaryDirectory(prefix="mig-fuzz-bitmaps-")
+
+
+def _bitmap_machine(side: str) -> Machine:
+    m = Machine()
+    m.add_block_node(BlockNode("disk0", Path(_BITMAP_DIR.name) / f"{side}.img", 1 << 20))
+    return m
+
+
+_BITMAP_SRC, _BITMAP_DST = _bitmap_machine("src"), _bitmap_machine("dst")
+_BITMAP_SRC.block_nodes["disk0"].add_bitmap(DirtyBitmap("b0", 1 << 20, 4096))
+_BITMAP_SRC.block_nodes["disk0"].write(5000, b"x" * 9000)
+DIRTY_BITMAPS = dirty_bitmaps.section(dirty_bitmaps.plan(_BITMAP_SRC, None)).payload
+
+
+@FUZZ
+@given(data=mutated(DIRTY_BITMAPS))
+def test_dirty_bitmap_section(data: bytes) -> None:
+    node = _BITMAP_DST.block_nodes["disk0"]
+    with no_hang("dirty_bitmap_section"):
+        try:
+            dirty_bitmaps.load(DeviceSection(dirty_bitmaps.SECTION_ID, 0, 1, data), _BITMAP_DST, None)
+        except StreamError:
+            assert node.bitmaps == {}  # refused: none of the section's bitmaps stays
+            return
+    sent = {str(e["bitmap"]): e for e in msgpack.unpackb(data, raw=False)}
+    for name in list(node.bitmaps):  # accepted: a granularity QEMU allows, and exactly the bits sent
+        bm = node.remove_bitmap(name)
+        assert granularity_error(bm.granularity) is None
+        assert np.array_equal(np.unpackbits(np.frombuffer(sent[name]["bits"], np.uint8))[:len(bm.bits)], bm.bits)
 
 
 # -- QMP framing and arguments -------------------------------------------------------------------
