@@ -27,6 +27,7 @@ from mig_core.machine.device import Device, PendingState
 BLOCK = 4096
 _DATA, _ZERO, _HEADER = b"D", b"Z", b"H"
 _REC = struct.Struct("<cQI")  # kind, first block, block count
+_NODE = struct.Struct("<QQQ")  # after _HEADER: the node's size, and its file's device and inode
 
 
 class BlockDataDevice(Device):
@@ -59,7 +60,7 @@ class BlockDataDevice(Device):
 
     def _header(self) -> bytes:
         st = os.stat(self.node.path)
-        return _HEADER + struct.pack("<QQQ", self.node.size, st.st_dev, st.st_ino)
+        return _HEADER + _NODE.pack(self.node.size, st.st_dev, st.st_ino)
 
     def _records(self, max_bytes: int) -> bytes | None:
         """Runs of dirty blocks as records, about ``max_bytes`` at most; None when none is dirty."""
@@ -138,14 +139,16 @@ class BlockDataDevice(Device):
         while pos < len(view):
             kind = bytes(view[pos:pos + 1])
             if kind == _HEADER:
-                size, dev, ino = struct.unpack_from("<QQQ", view, pos + 1)
-                pos += 25
+                self._need(view, pos, 1 + _NODE.size, "header")
+                size, dev, ino = _NODE.unpack_from(view, pos + 1)
+                pos += 1 + _NODE.size
                 if size != self.node.size:
                     raise DeviceStateError(f"device '{self.id}': the source's node has {size} bytes, this one "
                                            f"{self.node.size}")
                 st = os.stat(self.node.path)
                 self._same_file = (st.st_dev, st.st_ino) == (dev, ino)
                 continue
+            self._need(view, pos, _REC.size, "record")
             _k, first, count = _REC.unpack_from(view, pos)
             pos += _REC.size
             at = first * BLOCK
@@ -164,3 +167,9 @@ class BlockDataDevice(Device):
                 raise DeviceStateError(f"device '{self.id}': unknown record {kind!r}")
             if not self._same_file:
                 self.node.write_untracked(at, data)
+
+    def _need(self, view: memoryview, pos: int, size: int, what: str) -> None:
+        """DeviceStateError unless ``size`` bytes of a ``what`` are left at ``pos``."""
+        if len(view) - pos < size:
+            raise DeviceStateError(f"device '{self.id}': a {what} of {size} bytes is cut short at byte {pos} of "
+                                   f"{len(view)}")

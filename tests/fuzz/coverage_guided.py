@@ -54,6 +54,7 @@ TARGETS: dict[str, tuple[bytes, Callable[[bytes], None]]] = {
                              lambda b: _body(d.test_device_state_section)(data=b[1:], version=b[0] % 4 if b else 0)),
     "device_state_buffer": (d._DEVICES.save_to_buffer(), lambda b: _body(d.test_device_state_buffer)(data=b)),
     "dirty_bitmap_section": (d.DIRTY_BITMAPS, lambda b: _body(d.test_dirty_bitmap_section)(data=b)),
+    "block_data_records": (d.BLOCK_RECORDS, lambda b: _body(d.test_block_data_records)(data=b)),
     "qmp_framing": (b"\7" + d.QMP_TEXT * 3,
                     lambda b: _body(d.test_qmp_framing)(data=b[1:], split=1 + (b[0] % 64) if b else 1)),
 }

@@ -34,6 +34,7 @@ from mig_core.engine import dirty_bitmaps
 from mig_core.engine.held_pages import decode_runs, encode_runs
 from mig_core.errors import ChannelError, QMPError, StreamError
 from mig_core.ext.memory_channel import loopback_pair
+from mig_core.machine.block_data import BlockDataDevice
 from mig_core.machine.device import Device, DeviceRegistry, DeviceSection, DeviceStateError
 from mig_core.machine.machine import Machine
 from mig_core.memory import xbzrle
@@ -364,13 +365,13 @@ def test_device_state_buffer(data: bytes) -> None:
 
 # -- dirty-bitmap sections -----------------------------------------------------------------------
 
-#: the nodes' files live as long as the process
-_BITMAP_DIR = tempfile.TemporaryDirectory(prefix="mig-fuzz-bitmaps-")
+#: the block nodes' files live as long as the process
+_NODE_DIR = tempfile.TemporaryDirectory(prefix="mig-fuzz-nodes-")
 
 
 def _bitmap_machine(side: str) -> Machine:
     m = Machine()
-    m.add_block_node(BlockNode("disk0", Path(_BITMAP_DIR.name) / f"{side}.img", 1 << 20))
+    m.add_block_node(BlockNode("disk0", Path(_NODE_DIR.name) / f"{side}.img", 1 << 20))
     return m
 
 
@@ -395,6 +396,36 @@ def test_dirty_bitmap_section(data: bytes) -> None:
         bm = node.remove_bitmap(name)
         assert granularity_error(bm.granularity) is None
         assert np.array_equal(np.unpackbits(np.frombuffer(sent[name]["bits"], np.uint8))[:len(bm.bits)], bm.bits)
+
+
+# -- block node contents (block data migration) --------------------------------------------------
+
+def _block_records() -> tuple[bytes, BlockDataDevice]:
+    """Records of a 64 KiB node with data and zero blocks (zero-blocks on); a destination device to read them."""
+    src, dst = (BlockNode("disk0", Path(_NODE_DIR.name) / f"blocks-{side}.img", 64 << 10) for side in ("src", "dst"))
+    src.write(4096, bytes(range(256)) * 48)
+    tx = BlockDataDevice(src)
+    tx.zero_blocks = True
+    tx.save_setup()
+    records = tx.save_state()
+    tx.save_cleanup()
+    rx = BlockDataDevice(dst)
+    rx.load_setup()
+    return records, rx
+
+
+BLOCK_RECORDS, _BLOCK_RX = _block_records()
+
+
+@FUZZ
+@given(data=mutated(BLOCK_RECORDS))
+def test_block_data_records(data: bytes) -> None:
+    with no_hang("block_data_records"):
+        try:
+            _BLOCK_RX.load_iterate(data)
+        except DeviceStateError:
+            pass
+    assert os.path.getsize(_BLOCK_RX.node.path) == _BLOCK_RX.node.size  # what is written stays inside the node
 
 
 # -- QMP framing and arguments -------------------------------------------------------------------
