@@ -11,7 +11,7 @@ from mig_core.control.manager import MigrationManager
 from mig_core.machine.machine import Machine
 from mig_core.qapi.visitor import from_qmp
 from mig_core.schema.commands import XenSetGlobalDirtyLogArgs
-from mig_core.testing import connect, qmp_error
+from mig_core.testing import connect, qmp_error, wait_for_status
 
 WL = ("--ram", "16M", "--vcpus", "2", "--dirty-rate", "1M")
 
@@ -61,8 +61,7 @@ async def test_bad_files_are_refused_before_anything_changes(start_host, tmp_pat
         f"loading Xen device state failed: {tmp_path}/fifo is not a mig device-state file (it starts with b'')")
     # a migration stream (with RAM pages) is not a device-state file: refused, RAM untouched
     await h.execute("migrate", {"uri": f"file:{tmp_path}/full.img"})
-    while (await h.execute("query-migrate"))["status"] != "completed":
-        pass
+    assert (await wait_for_status(h, {"completed", "failed"}))["status"] == "completed"
     before = await h.execute("pmemsave", {"val": 0, "size": 16 << 20, "filename": str(tmp_path / "m0")})
     error = await qmp_error(h.execute("xen-load-devices-state", {"filename": str(tmp_path / "full.img")}))
     assert error.startswith("loading Xen device state failed: "), error

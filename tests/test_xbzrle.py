@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -77,7 +79,7 @@ async def test_migration_with_xbzrle(start_host, tmp_path):
             cache = info.get("xbzrle-cache", {})
             if resized and cache.get("pages", 0) > 100 and cache.get("cache-miss", 0) > 0:
                 break
-            await __import__("asyncio").sleep(0.05)
+            await asyncio.sleep(0.05)
         await src.execute("migrate-set-parameters", {"downtime-limit": 2000, "max-bandwidth": 0})
         info = await wait_for_status(src, {"completed", "failed"}, timeout=60)
         assert info["status"] == "completed", info
