@@ -108,6 +108,15 @@ async def test_report_of_one_and_of_several_records(start_host, tmp_path):
     assert any(r.get("cpu-throttle-percentage") for r in throttled)
     assert "auto-converge" in page
 
+    # a writer that died mid-line: the whole records before the cut are reported, with a warning
+    text = plain_rec.read_text()
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text(text[:text.rstrip("\n").rindex("\n") + 20])
+    out = mig("report", str(cut), "-o", str(tmp_path / "cut.html"))
+    assert out.returncode == 0, out.stderr
+    assert "flight_record_cut_short" in out.stderr and f"records={len(records) - 1}" in out.stderr
+    assert "r0-plot-passes" in ids(svgs((tmp_path / "cut.html").read_text()))
+
 
 def test_report_refuses_what_is_not_a_record(tmp_path):
     junk = tmp_path / "junk.jsonl"
@@ -116,7 +125,17 @@ def test_report_refuses_what_is_not_a_record(tmp_path):
     assert out.returncode == 1 and "not a flight record (each record needs 'kind' and 'ms')" in out.stderr
     junk.write_text("not json\n")
     out = mig("report", str(junk), "-o", str(tmp_path / "x.html"))
-    assert out.returncode == 1 and "not JSON lines nor a JSON list" in out.stderr
+    assert out.returncode == 1 and "not JSON lines nor a JSON list: line 1: " in out.stderr
+    # only a last line without its newline counts as cut short: a bad line before it refuses the file
+    junk.write_text('{"kind": "start", "ms": 0}\n{"kind": "sta\n{"kind": "end", "ms": 5}\n')
+    out = mig("report", str(junk), "-o", str(tmp_path / "x.html"))
+    assert out.returncode == 1 and "not JSON lines nor a JSON list: line 2: " in out.stderr
+    junk.write_text('{"kind": "start", "ms": "0"}\n')
+    out = mig("report", str(junk), "-o", str(tmp_path / "x.html"))
+    assert out.returncode == 1 and "not a flight record (each record needs 'kind' and 'ms')" in out.stderr
+    junk.write_text('{"kind": "start", "ms": 0}\n{"kind": "status", "ms": 3}\n')
+    out = mig("report", str(junk), "-o", str(tmp_path / "x.html"))
+    assert out.returncode == 1 and "record 2 (status) has no 'status'" in out.stderr
     out = mig("report", str(tmp_path / "missing.jsonl"))
     assert out.returncode == 2 and "does not exist" in out.stderr
     assert not (tmp_path / "x.html").exists()

@@ -9,6 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
+
+log = structlog.get_logger("mig.report")
+
 _MB = 1e6
 #: ``<migration id>-<side>.jsonl``, the recorder's file name
 _RECORDER_NAME = re.compile(r"[0-9a-f]{32}-(source|destination)")
@@ -66,21 +70,50 @@ class FlightSeries:
 
 
 def load(path: Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file or of a JSON list (as x-query-migration-record returns it)."""
+    """The records of a JSON-lines file or of a JSON list (as x-query-migration-record returns it).
+
+    A JSON-lines file whose last line is cut short (its writer died mid-line) gives the records before
+    it, with a warning: that is when the record is wanted most."""
     try:
         text = path.read_text()
     except OSError as e:
         raise RecordError(f"{path}: {e.strerror}") from None
     try:
-        if text.lstrip().startswith("["):
-            records = json.loads(text)
-        else:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = json.loads(text) if text.lstrip().startswith("[") else _lines(path, text)
     except ValueError as e:
         raise RecordError(f"{path}: not JSON lines nor a JSON list: {e}") from None
-    if not records or not all(isinstance(r, dict) and "kind" in r and "ms" in r for r in records):
+    if not isinstance(records, list) or not records or not all(_is_record(r) for r in records):
         raise RecordError(f"{path}: not a flight record (each record needs 'kind' and 'ms')")
+    for i, r in enumerate(records, 1):
+        need = _NEEDS.get(r["kind"])
+        if need is not None and need not in r:
+            raise RecordError(f"{path}: record {i} ({r['kind']}) has no '{need}'")
     return records
+
+
+#: what ``series`` reads of a record of each kind besides 'kind' and 'ms'
+_NEEDS = {"status": "status", "pass": "pass"}
+
+
+def _is_record(r: object) -> bool:
+    ms = r.get("ms") if isinstance(r, dict) else None
+    return (isinstance(r, dict) and isinstance(r.get("kind"), str) and isinstance(ms, int | float)
+            and not isinstance(ms, bool))
+
+
+def _lines(path: Path, text: str) -> list[Any]:
+    lines = text.splitlines()
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError as e:
+            if i < len(lines) or text.endswith("\n"):
+                raise ValueError(f"line {i}: {e}") from None
+            log.warning("flight_record_cut_short", path=str(path), line=i, records=len(out))
+    return out
 
 
 def label_for(path: Path) -> str:
