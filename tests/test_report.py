@@ -9,6 +9,8 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
+import pytest
+
 from mig_core.testing import connect, wait_for_status
 
 WL = ("--ram", "32M", "--ram-fill", "random", "--vcpus", "2")
@@ -118,24 +120,26 @@ async def test_report_of_one_and_of_several_records(start_host, tmp_path):
     assert "r0-plot-passes" in ids(svgs((tmp_path / "cut.html").read_text()))
 
 
-def test_report_refuses_what_is_not_a_record(tmp_path):
-    junk = tmp_path / "junk.jsonl"
-    junk.write_text('{"a": 1}\n')
-    out = mig("report", str(junk), "-o", str(tmp_path / "x.html"))
-    assert out.returncode == 1 and "not a flight record (each record needs 'kind' and 'ms')" in out.stderr
-    junk.write_text("not json\n")
-    out = mig("report", str(junk), "-o", str(tmp_path / "x.html"))
-    assert out.returncode == 1 and "not JSON lines nor a JSON list: line 1: " in out.stderr
+NOT_A_RECORD = "not a flight record (each record needs 'kind' and 'ms')"
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ('{"a": 1}\n', NOT_A_RECORD),
+    ("not json\n", "not JSON lines nor a JSON list: line 1: "),
     # only a last line without its newline counts as cut short: a bad line before it refuses the file
-    junk.write_text('{"kind": "start", "ms": 0}\n{"kind": "sta\n{"kind": "end", "ms": 5}\n')
+    ('{"kind": "start", "ms": 0}\n{"kind": "sta\n{"kind": "end", "ms": 5}\n',
+     "not JSON lines nor a JSON list: line 2: "),
+    ('{"kind": "start", "ms": "0"}\n', NOT_A_RECORD),
+    ('{"kind": "start", "ms": 0}\n{"kind": "status", "ms": 3}\n', "record 2 (status) has no 'status'"),
+])
+def test_report_refuses_what_is_not_a_record(tmp_path, text: str, error: str):
+    junk = tmp_path / "junk.jsonl"
+    junk.write_text(text)
     out = mig("report", str(junk), "-o", str(tmp_path / "x.html"))
-    assert out.returncode == 1 and "not JSON lines nor a JSON list: line 2: " in out.stderr
-    junk.write_text('{"kind": "start", "ms": "0"}\n')
-    out = mig("report", str(junk), "-o", str(tmp_path / "x.html"))
-    assert out.returncode == 1 and "not a flight record (each record needs 'kind' and 'ms')" in out.stderr
-    junk.write_text('{"kind": "start", "ms": 0}\n{"kind": "status", "ms": 3}\n')
-    out = mig("report", str(junk), "-o", str(tmp_path / "x.html"))
-    assert out.returncode == 1 and "record 2 (status) has no 'status'" in out.stderr
+    assert out.returncode == 1 and error in out.stderr
+    assert not (tmp_path / "x.html").exists()
+
+
+def test_report_of_a_missing_file_is_a_usage_error(tmp_path):
     out = mig("report", str(tmp_path / "missing.jsonl"))
     assert out.returncode == 2 and "does not exist" in out.stderr
-    assert not (tmp_path / "x.html").exists()
