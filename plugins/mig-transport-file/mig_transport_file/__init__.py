@@ -18,6 +18,8 @@ __all__ = ["FileTransport", "parse_offset"]
 log = structlog.get_logger("mig.transport.file")
 
 _SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+#: the largest offset a file can have (off_t): the schema's uint64 goes further
+MAX_OFFSET = (1 << 63) - 1
 
 
 def parse_offset(text: str) -> int:
@@ -55,6 +57,9 @@ class FileTransport(Transport):
     def check_address(self, addr: MigrationAddress, incoming: bool) -> None:
         if not addr.value.filename:
             raise TransportError("file: the file name is empty")
+        if addr.value.offset > MAX_OFFSET:
+            raise TransportError(f"file: offset {addr.value.offset} is beyond the largest a file can have "
+                                 f"({MAX_OFFSET})")
 
     def _open(self, args: FileMigrationArgs, incoming: bool, extra: bool = False,
               direct_io: bool = False) -> _FileChannel:
@@ -73,9 +78,11 @@ class FileTransport(Transport):
                     os.ftruncate(fd, args.offset)
             if not extra:
                 os.lseek(fd, args.offset, os.SEEK_SET)
-        except OSError as e:
+        except BaseException as e:
             if fd >= 0:
                 os.close(fd)
+            if not isinstance(e, OSError):
+                raise
             if direct_io and e.errno == errno.EINVAL:
                 raise TransportError(f"Could not open '{args.filename}' with O_DIRECT (direct-io): its file system "
                                      "does not support direct I/O") from None

@@ -59,6 +59,10 @@ async def test_truncated_foreign_and_missing_files(start_host, tmp_path):
         f"Could not open '{tmp_path}/none.img': No such file or directory")
     assert await qmp_error(src.execute("migrate", {"uri": "file:/x,offset=12Q"})) == "file URI has bad offset 12Q"
     await src.execute("cont")  # out of postmigrate, so migrate may run again
+    # as uint64 the schema takes offsets no file can have: refused before anything is opened
+    for c, command in ((src, "migrate"), (dst, "migrate-incoming")):
+        assert await qmp_error(c.execute(command, {"uri": f"file:{tmp_path}/vm.img,offset={1 << 63}"})) == (
+            f"file: offset {1 << 63} is beyond the largest a file can have ({(1 << 63) - 1})")
     assert await qmp_error(src.execute("migrate", {"uri": f"file:{tmp_path}/no/such/dir/vm.img"})) == (
         f"Could not open '{tmp_path}/no/such/dir/vm.img': No such file or directory")
     assert (await src.execute("query-migrate"))["status"] == "failed"
