@@ -273,6 +273,14 @@ async def test_argument_and_state_errors(start_host, tmp_path):
         ({"uri": "unix:"}, "invalid Unix socket address"),
         ({"uri": "vsock:3"}, "error parsing address '3'"),
         ({"uri": "vsock:3:1024x"}, "trailing characters in address '3:1024x'"),
+        # numbers wider than the C calls take are refused, not cut to another port or peer
+        ({"uri": "tcp:127.0.0.1:70000"}, "error parsing address '127.0.0.1:70000': port '70000' is not a number "
+                                         "from 0 to 65535"),
+        ({"uri": "vsock:3:4294967296"}, "error parsing address '3:4294967296': port '4294967296' is not a number "
+                                        "from 0 to 4294967295"),
+        ({"channels": [{"channel-type": "main", "addr": {"transport": "socket", "type": "vsock", "cid": "x",
+                                                         "port": "1"}}]},
+         "error parsing address 'x:1': CID 'x' is not a number from 0 to 4294967295"),
         ({"uri": "fd:"}, "invalid file descriptor address"),
         ({"uri": "fd:nope"}, "File descriptor named 'nope' has not been found"),
         ({"uri": "tcp:127.0.0.1:1", "resume": True}, "Cannot resume if there is no paused migration"),
@@ -296,6 +304,8 @@ async def test_argument_and_state_errors(start_host, tmp_path):
     assert await qmp_error(dst.execute("migrate-incoming", {"channels": []})) == (
         "Channel list must have only one entry, for type 'main'")
     assert await qmp_error(dst.execute("migrate-incoming", {"uri": "bogus"})) == "unknown migration protocol: bogus"
+    assert await qmp_error(dst.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:70000"})) == (
+        "error parsing address '127.0.0.1:70000': port '70000' is not a number from 0 to 65535")
     await dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/x.sock"})
     assert await qmp_error(dst.execute("migrate-incoming", {"uri": f"unix:{tmp_path}/y.sock"})) == (
         "The incoming migration has already been started")

@@ -249,6 +249,15 @@ class SocketTransport(Transport):
         sa: SocketAddress = addr.value
         if sa.tag is SocketAddressType.FD and not incoming and sa.value.str not in self.ctx.named_fds:
             raise TransportError(f"File descriptor named '{sa.value.str}' has not been found")
+        # numbers the C calls would cut to their width without a word (getaddrinfo takes port 70000 as
+        # 4464, a vsock address keeps the low 32 bits): another port, or another peer, than the one named
+        numbers = {"port": (sa.value.port, 0xFFFF)} if sa.tag is SocketAddressType.INET else (
+            {"CID": (sa.value.cid, 0xFFFFFFFF), "port": (sa.value.port, 0xFFFFFFFF)}
+            if sa.tag is SocketAddressType.VSOCK else {})
+        for what, (value, top) in numbers.items():
+            if value.isdigit() and int(value) > top or sa.tag is SocketAddressType.VSOCK and not value.isdigit():
+                raise TransportError(f"error parsing address '{_describe(sa)}': {what} {value!r} is not a number "
+                                     f"from 0 to {top}")
         if sa.tag is SocketAddressType.INET:
             # options the kernel refuses (an MPTCP socket where MPTCP is off, a keep-alive count over
             # 127) are refused now, to the caller, on a scratch socket: not later in a migration thread
