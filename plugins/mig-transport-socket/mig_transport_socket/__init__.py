@@ -158,6 +158,8 @@ _KEEPALIVE_OPTIONS = {
     "keep_alive_idle": (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, "keep-alive-idle"),
     "keep_alive_interval": (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, "keep-alive-interval"),
 }
+#: the largest value a socket option takes (the schema's keep-alive members are uint32)
+_C_INT_MAX = (1 << 31) - 1
 #: mig's keep-alive where the address gives none: a vanished peer is noticed within about 25 s.
 _KEEPALIVE_DEFAULTS = {"keep_alive": True, "keep_alive_count": 3, "keep_alive_idle": 10, "keep_alive_interval": 5}
 
@@ -285,6 +287,8 @@ class SocketTransport(Transport):
             level, opt, name = _KEEPALIVE_OPTIONS[member]
             if value == 0 and opt != socket.SO_KEEPALIVE:
                 continue  # QEMU: a count, idle or interval of 0 leaves the system's value
+            if int(value) > _C_INT_MAX:  # the kernel takes a C int: wrapped negative, which it refuses
+                raise TransportError(f"Unable to set {name} option on socket: {os.strerror(errno.EINVAL)}")
             try:
                 sock.setsockopt(level, opt, int(value))
             except OSError as e:

@@ -161,9 +161,13 @@ def test_keep_alive_options_reach_both_ends():
         dst.close()
 
 
-def test_keep_alive_values_the_kernel_refuses_are_refused_at_once():
-    t, addr = _inet("tcp:127.0.0.1:1,keep-alive=on,keep-alive-count=1000")
-    with pytest.raises(TransportError, match="Unable to set keep-alive-count option on socket: Invalid argument"):
+@pytest.mark.parametrize("option", ["keep-alive-count=1000", "keep-alive-count=4294967295",
+                                    "keep-alive-idle=2147483648", "keep-alive-interval=3000000000"])
+def test_keep_alive_values_the_kernel_refuses_are_refused_at_once(option: str):
+    """What the kernel refuses, and uint32 values beyond a C int (the kernel would get them negative)."""
+    t, addr = _inet(f"tcp:127.0.0.1:1,keep-alive=on,{option}")
+    name = option.partition("=")[0]
+    with pytest.raises(TransportError, match=f"^Unable to set {name} option on socket: Invalid argument$"):
         t.check_address(addr, incoming=False)
 
 
