@@ -99,6 +99,23 @@ def _describe(sa: SocketAddress) -> str:
     return v.str
 
 
+def _out_of_range(sa: SocketAddress) -> str | None:
+    """Why a number of ``sa`` would reach the C calls cut to their width without a word (getaddrinfo takes
+    port 70000 as 4464, a vsock address keeps the low 32 bits): another port or peer than the one named.
+    None if none would. A tcp port may also be a service name ("http"), which getaddrinfo looks up."""
+    v = sa.value
+    if sa.tag is SocketAddressType.INET:
+        fields, top, names = [("port", v.port)], 0xFFFF, True
+    elif sa.tag is SocketAddressType.VSOCK:
+        fields, top, names = [("CID", v.cid), ("port", v.port)], 0xFFFFFFFF, False
+    else:
+        return None
+    for what, value in fields:
+        if int(value) > top if value.isdigit() else not names:
+            return f"error parsing address '{_describe(sa)}': {what} {value!r} is not a number from 0 to {top}"
+    return None
+
+
 def _inet_family(v: InetSocketAddress) -> int:
     if v.ipv4 is True and v.ipv6 is not True:
         return socket.AF_INET
@@ -251,15 +268,9 @@ class SocketTransport(Transport):
         sa: SocketAddress = addr.value
         if sa.tag is SocketAddressType.FD and not incoming and sa.value.str not in self.ctx.named_fds:
             raise TransportError(f"File descriptor named '{sa.value.str}' has not been found")
-        # numbers the C calls would cut to their width without a word (getaddrinfo takes port 70000 as
-        # 4464, a vsock address keeps the low 32 bits): another port, or another peer, than the one named
-        numbers = {"port": (sa.value.port, 0xFFFF)} if sa.tag is SocketAddressType.INET else (
-            {"CID": (sa.value.cid, 0xFFFFFFFF), "port": (sa.value.port, 0xFFFFFFFF)}
-            if sa.tag is SocketAddressType.VSOCK else {})
-        for what, (value, top) in numbers.items():
-            if value.isdigit() and int(value) > top or sa.tag is SocketAddressType.VSOCK and not value.isdigit():
-                raise TransportError(f"error parsing address '{_describe(sa)}': {what} {value!r} is not a number "
-                                     f"from 0 to {top}")
+        wide = _out_of_range(sa)
+        if wide is not None:
+            raise TransportError(wide)
         if sa.tag is SocketAddressType.INET:
             # options the kernel refuses (an MPTCP socket where MPTCP is off, a keep-alive count over
             # 127) are refused now, to the caller, on a scratch socket: not later in a migration thread
